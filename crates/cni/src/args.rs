@@ -43,9 +43,7 @@ impl Command {
     /// The variables this command cannot run without.
     fn required(self) -> &'static [&'static str] {
         match self {
-            Command::Add | Command::Check => {
-                &["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"]
-            }
+            Command::Add | Command::Check => &["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"],
             Command::Del => &["CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH"],
             Command::Version | Command::Status | Command::Gc => &[],
         }
@@ -67,17 +65,9 @@ pub struct CmdArgs {
 
 impl CmdArgs {
     /// Reads and validates the environment for `command`; `get` looks a variable up.
-    pub fn from_env(
-        command: Command,
-        get: &dyn Fn(&str) -> Option<String>,
-        stdin: Vec<u8>,
-    ) -> Result<CmdArgs> {
-        let missing: Vec<&str> = command
-            .required()
-            .iter()
-            .copied()
-            .filter(|v| get(v).is_none_or(|s| s.is_empty()))
-            .collect();
+    pub fn from_env(command: Command, get: &dyn Fn(&str) -> Option<String>, stdin: Vec<u8>) -> Result<CmdArgs> {
+        let missing: Vec<&str> =
+            command.required().iter().copied().filter(|v| get(v).is_none_or(|s| s.is_empty())).collect();
         if !missing.is_empty() {
             return Err(CniError::new(
                 ErrorCode::InvalidEnvironment,
@@ -103,19 +93,12 @@ impl CmdArgs {
 
     /// The value of `key` in `CNI_ARGS`, if present.
     pub fn arg(&self, key: &str) -> Option<String> {
-        parse_cni_args(&self.args)
-            .ok()?
-            .into_iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v)
+        parse_cni_args(&self.args).ok()?.into_iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 }
 
 pub fn split_path(path: &str) -> Vec<PathBuf> {
-    path.split(':')
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .collect()
+    path.split(':').filter(|p| !p.is_empty()).map(PathBuf::from).collect()
 }
 
 /// `^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$`, as the spec requires.
@@ -123,11 +106,8 @@ pub fn validate_container_id(id: &str) -> Result<()> {
     let mut chars = id.chars();
     let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
     if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
-        return Err(CniError::new(
-            ErrorCode::InvalidEnvironment,
-            "invalid characters in containerID",
-        )
-        .with_details(id.to_string()));
+        return Err(CniError::new(ErrorCode::InvalidEnvironment, "invalid characters in containerID")
+            .with_details(id.to_string()));
     }
     Ok(())
 }
@@ -145,13 +125,8 @@ pub fn validate_ifname(name: &str) -> Result<()> {
     if name == "." || name == ".." {
         return Err(err("interface name is . or .."));
     }
-    if name
-        .chars()
-        .any(|c| c == '/' || c == ':' || c.is_whitespace())
-    {
-        return Err(err(
-            "interface name contains / or : or whitespace characters",
-        ));
+    if name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
+        return Err(err("interface name contains / or : or whitespace characters"));
     }
     Ok(())
 }
@@ -163,12 +138,7 @@ pub fn parse_cni_args(args: &str) -> Result<Vec<(String, String)>> {
         .map(|item| {
             item.split_once('=')
                 .map(|(k, v)| (k.to_string(), v.to_string()))
-                .ok_or_else(|| {
-                    CniError::new(
-                        ErrorCode::InvalidEnvironment,
-                        format!("ARGS: invalid pair {item:?}"),
-                    )
-                })
+                .ok_or_else(|| CniError::new(ErrorCode::InvalidEnvironment, format!("ARGS: invalid pair {item:?}")))
         })
         .collect()
 }
@@ -198,11 +168,7 @@ mod tests {
         let env = |k: &str| (k == "CNI_PATH").then(|| "/x".to_string());
         let err = CmdArgs::from_env(Command::Add, &env, vec![]).unwrap_err();
         assert_eq!(err.code, 4);
-        assert!(
-            err.msg.contains("CNI_CONTAINERID,CNI_NETNS,CNI_IFNAME"),
-            "{}",
-            err.msg
-        );
+        assert!(err.msg.contains("CNI_CONTAINERID,CNI_NETNS,CNI_IFNAME"), "{}", err.msg);
     }
 
     #[test]

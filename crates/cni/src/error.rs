@@ -24,11 +24,7 @@ pub enum ErrorCode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{msg}{}", if details.is_empty() { String::new() } else { format!(": {details}") })]
 pub struct CniError {
-    #[serde(
-        rename = "cniVersion",
-        default,
-        skip_serializing_if = "String::is_empty"
-    )]
+    #[serde(rename = "cniVersion", default, skip_serializing_if = "String::is_empty")]
     pub cni_version: String,
     pub code: u32,
     pub msg: String,
@@ -38,12 +34,7 @@ pub struct CniError {
 
 impl CniError {
     pub fn new(code: ErrorCode, msg: impl Into<String>) -> Self {
-        Self {
-            cni_version: String::new(),
-            code: code as u32,
-            msg: msg.into(),
-            details: String::new(),
-        }
+        Self { cni_version: String::new(), code: code as u32, msg: msg.into(), details: String::new() }
     }
 
     pub fn with_details(mut self, details: impl Into<String>) -> Self {

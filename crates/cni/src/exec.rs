@@ -14,30 +14,17 @@ use crate::types::CniResult;
 /// Finds `plugin` (a plugin's `type`) in the directories of `path`.
 pub fn find_in_path(plugin: &str, path: &[PathBuf]) -> Result<PathBuf> {
     if plugin.is_empty() || plugin.contains('/') {
-        return Err(CniError::invalid_config(format!(
-            "invalid plugin type {plugin:?}"
-        )));
+        return Err(CniError::invalid_config(format!("invalid plugin type {plugin:?}")));
     }
-    path.iter()
-        .map(|dir| dir.join(plugin))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            let dirs: Vec<String> = path.iter().map(|p| p.display().to_string()).collect();
-            CniError::internal(format!(
-                "failed to find plugin {plugin:?} in path [{}]",
-                dirs.join(" ")
-            ))
-        })
+    path.iter().map(|dir| dir.join(plugin)).find(|p| p.is_file()).ok_or_else(|| {
+        let dirs: Vec<String> = path.iter().map(|p| p.display().to_string()).collect();
+        CniError::internal(format!("failed to find plugin {plugin:?} in path [{}]", dirs.join(" ")))
+    })
 }
 
 /// Runs `binary` for `command` with `stdin` as its config. `env` is added to (and overrides) the
 /// current environment; the result is the plugin's stdout parsed as JSON (None when empty).
-pub fn exec_plugin(
-    binary: &Path,
-    command: Command,
-    env: &[(&str, &str)],
-    stdin: &[u8],
-) -> Result<Option<Value>> {
+pub fn exec_plugin(binary: &Path, command: Command, env: &[(&str, &str)], stdin: &[u8]) -> Result<Option<Value>> {
     let mut child = Process::new(binary)
         .env("CNI_COMMAND", command.as_str())
         .envs(env.iter().copied())
@@ -50,20 +37,16 @@ pub fn exec_plugin(
         // A plugin that exits without reading stdin closes the pipe; its exit status tells.
         let _ = input.write_all(stdin);
     }
-    let output = child
-        .wait_with_output()
-        .map_err(|e| CniError::internal(format!("waiting for plugin: {e}")))?;
+    let output = child.wait_with_output().map_err(|e| CniError::internal(format!("waiting for plugin: {e}")))?;
     if !output.status.success() {
-        return Err(
-            serde_json::from_slice::<CniError>(&output.stdout).unwrap_or_else(|_| {
-                CniError::internal(format!(
-                    "plugin {} failed ({}): {}",
-                    binary.display(),
-                    output.status,
-                    String::from_utf8_lossy(&output.stdout).trim()
-                ))
-            }),
-        );
+        return Err(serde_json::from_slice::<CniError>(&output.stdout).unwrap_or_else(|_| {
+            CniError::internal(format!(
+                "plugin {} failed ({}): {}",
+                binary.display(),
+                output.status,
+                String::from_utf8_lossy(&output.stdout).trim()
+            ))
+        }));
     }
     if output.stdout.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
@@ -75,12 +58,7 @@ pub fn exec_plugin(
 
 /// A plugin delegating to another (bridge to its IPAM, the meta plugin to bridge): the same
 /// environment with `CNI_COMMAND` set, the delegate found in `CNI_PATH`.
-pub fn delegate(
-    plugin: &str,
-    command: Command,
-    path: &[PathBuf],
-    stdin: &[u8],
-) -> Result<Option<CniResult>> {
+pub fn delegate(plugin: &str, command: Command, path: &[PathBuf], stdin: &[u8]) -> Result<Option<CniResult>> {
     let binary = find_in_path(plugin, path)?;
     match exec_plugin(&binary, command, &[], stdin)? {
         Some(value) if command == Command::Add => CniResult::from_value(&value).map(Some),

@@ -43,16 +43,12 @@ impl ConfList {
     }
 
     pub fn load(path: &Path) -> Result<ConfList> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| CniError::io(format!("reading {}: {e}", path.display())))?;
+        let bytes = std::fs::read(path).map_err(|e| CniError::io(format!("reading {}: {e}", path.display())))?;
         Self::from_bytes(&bytes)
     }
 
     fn plugin_type(plugin: &Value) -> Result<&str> {
-        plugin
-            .get("type")
-            .and_then(Value::as_str)
-            .ok_or_else(|| CniError::invalid_config("plugin without a type"))
+        plugin.get("type").and_then(Value::as_str).ok_or_else(|| CniError::invalid_config("plugin without a type"))
     }
 }
 
@@ -91,10 +87,7 @@ struct CacheEntry {
 
 impl Runner {
     pub fn new(path: Vec<PathBuf>, cache_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            path,
-            cache_dir: cache_dir.into(),
-        }
+        Self { path, cache_dir: cache_dir.into() }
     }
 
     /// ADD through the whole chain; the final result is cached and returned. As with libcni, a
@@ -104,8 +97,7 @@ impl Runner {
         for plugin in &list.plugins {
             let stdin = self.build_config(list, plugin, prev.as_ref(), rt)?;
             let out = self.exec(plugin, Command::Add, rt, &stdin)?;
-            let value =
-                out.ok_or_else(|| CniError::internal("plugin returned no result on ADD"))?;
+            let value = out.ok_or_else(|| CniError::internal("plugin returned no result on ADD"))?;
             let result = CniResult::from_value(&value)?;
             prev = Some(result.to_json_value(&list.cni_version));
         }
@@ -123,9 +115,7 @@ impl Runner {
             self.exec(plugin, Command::Del, rt, &stdin)?;
         }
         match std::fs::remove_file(self.cache_path(&list.name, rt)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(CniError::io(format!("removing cache: {e}")))
-            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(CniError::io(format!("removing cache: {e}"))),
             _ => Ok(()),
         }
     }
@@ -154,10 +144,7 @@ impl Runner {
         let rt = RuntimeConf::default();
         for plugin in &list.plugins {
             let mut conf = self.base_config(list, plugin)?;
-            conf.insert(
-                "cni.dev/valid-attachments".into(),
-                serde_json::to_value(valid).unwrap_or_default(),
-            );
+            conf.insert("cni.dev/valid-attachments".into(), serde_json::to_value(valid).unwrap_or_default());
             let stdin = serde_json::to_vec(&conf).map_err(|e| CniError::internal(e.to_string()))?;
             self.exec(plugin, Command::Gc, &rt, &stdin)?;
         }
@@ -182,9 +169,7 @@ impl Runner {
     }
 
     fn cache_path(&self, network: &str, rt: &RuntimeConf) -> PathBuf {
-        self.cache_dir
-            .join("results")
-            .join(format!("{network}-{}-{}", rt.container_id, rt.ifname))
+        self.cache_dir.join("results").join(format!("{network}-{}-{}", rt.container_id, rt.ifname))
     }
 
     fn write_cache(&self, list: &ConfList, rt: &RuntimeConf, result: &CniResult) -> Result<()> {
@@ -205,10 +190,8 @@ impl Runner {
     }
 
     fn base_config(&self, list: &ConfList, plugin: &Value) -> Result<Map<String, Value>> {
-        let mut conf = plugin
-            .as_object()
-            .cloned()
-            .ok_or_else(|| CniError::invalid_config("plugin is not an object"))?;
+        let mut conf =
+            plugin.as_object().cloned().ok_or_else(|| CniError::invalid_config("plugin is not an object"))?;
         conf.insert("cniVersion".into(), json!(list.cni_version));
         conf.insert("name".into(), json!(list.name));
         Ok(conf)
@@ -216,13 +199,7 @@ impl Runner {
 
     /// The config a plugin gets: its own keys, the list's name and version, `prevResult`, and
     /// `runtimeConfig` with the capabilities it declares.
-    fn build_config(
-        &self,
-        list: &ConfList,
-        plugin: &Value,
-        prev: Option<&Value>,
-        rt: &RuntimeConf,
-    ) -> Result<Vec<u8>> {
+    fn build_config(&self, list: &ConfList, plugin: &Value, prev: Option<&Value>, rt: &RuntimeConf) -> Result<Vec<u8>> {
         let mut conf = self.base_config(list, plugin)?;
         if let Some(prev) = prev {
             conf.insert("prevResult".into(), prev.clone());
@@ -231,11 +208,7 @@ impl Runner {
         let runtime: Map<String, Value> = rt
             .capability_args
             .iter()
-            .filter(|(k, _)| {
-                caps.and_then(|c| c.get(*k))
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false)
-            })
+            .filter(|(k, _)| caps.and_then(|c| c.get(*k)).and_then(Value::as_bool).unwrap_or(false))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         if !runtime.is_empty() {
@@ -244,18 +217,11 @@ impl Runner {
         serde_json::to_vec(&conf).map_err(|e| CniError::internal(e.to_string()))
     }
 
-    fn exec(
-        &self,
-        plugin: &Value,
-        command: Command,
-        rt: &RuntimeConf,
-        stdin: &[u8],
-    ) -> Result<Option<Value>> {
+    fn exec(&self, plugin: &Value, command: Command, rt: &RuntimeConf, stdin: &[u8]) -> Result<Option<Value>> {
         let binary = find_in_path(ConfList::plugin_type(plugin)?, &self.path)?;
         let args: Vec<String> = rt.args.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let args = args.join(";");
-        let path =
-            std::env::join_paths(&self.path).map_err(|e| CniError::internal(e.to_string()))?;
+        let path = std::env::join_paths(&self.path).map_err(|e| CniError::internal(e.to_string()))?;
         let path = path.to_string_lossy();
         let env = [
             ("CNI_CONTAINERID", rt.container_id.as_str()),

@@ -47,12 +47,7 @@ pub struct Io<'a> {
 
 /// Runs one plugin invocation and returns the process exit code.
 pub fn run(plugin: &dyn Plugin, io: Io<'_>) -> i32 {
-    let Io {
-        env,
-        stdin,
-        stdout,
-        stderr,
-    } = io;
+    let Io { env, stdin, stdout, stderr } = io;
     let Some(command) = env("CNI_COMMAND").filter(|c| !c.is_empty()) else {
         let _ = writeln!(stderr, "{}", about(plugin.name()));
         return 0;
@@ -60,11 +55,7 @@ pub fn run(plugin: &dyn Plugin, io: Io<'_>) -> i32 {
     match dispatch(plugin, &command, env, stdin) {
         Ok(out) => {
             if let Some(value) = out {
-                let _ = writeln!(
-                    stdout,
-                    "{}",
-                    serde_json::to_string_pretty(&value).unwrap_or_default()
-                );
+                let _ = writeln!(stdout, "{}", serde_json::to_string_pretty(&value).unwrap_or_default());
             }
             0
         }
@@ -91,28 +82,14 @@ fn dispatch(
     env: &dyn Fn(&str) -> Option<String>,
     stdin: &mut dyn Read,
 ) -> Result<Option<Value>> {
-    let command = Command::parse(command).ok_or_else(|| {
-        CniError::new(
-            ErrorCode::InvalidEnvironment,
-            format!("unknown CNI_COMMAND: {command}"),
-        )
-    })?;
+    let command = Command::parse(command)
+        .ok_or_else(|| CniError::new(ErrorCode::InvalidEnvironment, format!("unknown CNI_COMMAND: {command}")))?;
     let mut input = Vec::new();
-    stdin
-        .read_to_end(&mut input)
-        .map_err(|e| CniError::io(format!("reading stdin: {e}")))?;
+    stdin.read_to_end(&mut input).map_err(|e| CniError::io(format!("reading stdin: {e}")))?;
     if command == Command::Version {
-        let requested = serde_json::from_slice::<NetConf>(&input)
-            .map(|c| c.cni_version)
-            .unwrap_or_default();
-        let version = if requested.is_empty() {
-            version::LATEST_VERSION.to_string()
-        } else {
-            requested
-        };
-        return Ok(Some(
-            json!({"cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS}),
-        ));
+        let requested = serde_json::from_slice::<NetConf>(&input).map(|c| c.cni_version).unwrap_or_default();
+        let version = if requested.is_empty() { version::LATEST_VERSION.to_string() } else { requested };
+        return Ok(Some(json!({"cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS})));
     }
     let args = CmdArgs::from_env(command, env, input)?;
     let conf = decode_conf(&args.stdin)?;
@@ -151,18 +128,13 @@ fn dispatch(
 
 /// Parses the shared keys of the config on stdin (code 6 when it is not JSON).
 pub fn decode_conf(stdin: &[u8]) -> Result<NetConf> {
-    serde_json::from_slice(stdin).map_err(|e| {
-        CniError::new(
-            ErrorCode::Decoding,
-            format!("error unmarshall network config: {e}"),
-        )
-    })
+    serde_json::from_slice(stdin)
+        .map_err(|e| CniError::new(ErrorCode::Decoding, format!("error unmarshall network config: {e}")))
 }
 
 /// Parses a plugin's own config type from stdin (code 7 when a key has the wrong type).
 pub fn parse_plugin_conf<T: serde::de::DeserializeOwned>(stdin: &[u8]) -> Result<T> {
-    serde_json::from_slice(stdin)
-        .map_err(|e| CniError::invalid_config(format!("failed to load netconf: {e}")))
+    serde_json::from_slice(stdin).map_err(|e| CniError::invalid_config(format!("failed to load netconf: {e}")))
 }
 
 fn valid_attachments(stdin: &[u8]) -> Result<Vec<Attachment>> {
@@ -187,10 +159,7 @@ mod tests {
         }
         fn add(&self, args: &CmdArgs, _conf: &NetConf) -> Result<CniResult> {
             Ok(CniResult {
-                interfaces: vec![crate::Interface {
-                    name: args.ifname.clone(),
-                    ..Default::default()
-                }],
+                interfaces: vec![crate::Interface { name: args.ifname.clone(), ..Default::default() }],
                 ..Default::default()
             })
         }
@@ -203,26 +172,11 @@ mod tests {
     }
 
     fn invoke(vars: &[(&str, &str)], stdin: &str) -> (i32, String, String) {
-        let map: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let env = move |k: &str| map.get(k).cloned();
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        let code = run(
-            &Echo,
-            Io {
-                env: &env,
-                stdin: &mut stdin.as_bytes(),
-                stdout: &mut out,
-                stderr: &mut err,
-            },
-        );
-        (
-            code,
-            String::from_utf8(out).unwrap(),
-            String::from_utf8(err).unwrap(),
-        )
+        let code = run(&Echo, Io { env: &env, stdin: &mut stdin.as_bytes(), stdout: &mut out, stderr: &mut err });
+        (code, String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap())
     }
 
     const FULL: &[(&str, &str)] = &[
@@ -234,9 +188,7 @@ mod tests {
     ];
 
     fn code_of(out: &str) -> u64 {
-        serde_json::from_str::<Value>(out).unwrap()["code"]
-            .as_u64()
-            .unwrap()
+        serde_json::from_str::<Value>(out).unwrap()["code"].as_u64().unwrap()
     }
 
     #[test]
@@ -252,19 +204,13 @@ mod tests {
     fn error_codes() {
         assert_eq!(code_of(&invoke(FULL, "{bad").1), 6);
         assert_eq!(code_of(&invoke(FULL, r#"{"cniVersion":"9.9.9"}"#).1), 1);
-        assert_eq!(
-            code_of(&invoke(&FULL[..2], r#"{"cniVersion":"1.0.0"}"#).1),
-            4
-        );
+        assert_eq!(code_of(&invoke(&FULL[..2], r#"{"cniVersion":"1.0.0"}"#).1), 4);
         let mut bad_cmd = FULL.to_vec();
         bad_cmd[0] = ("CNI_COMMAND", "FOO");
         assert_eq!(code_of(&invoke(&bad_cmd, "{}").1), 4);
         let mut check_old = FULL.to_vec();
         check_old[0] = ("CNI_COMMAND", "CHECK");
-        assert_eq!(
-            code_of(&invoke(&check_old, r#"{"cniVersion":"0.3.1"}"#).1),
-            1
-        );
+        assert_eq!(code_of(&invoke(&check_old, r#"{"cniVersion":"0.3.1"}"#).1), 1);
     }
 
     #[test]
@@ -275,9 +221,6 @@ mod tests {
         let (_, out, _) = invoke(&[("CNI_COMMAND", "VERSION")], r#"{"cniVersion":"1.0.0"}"#);
         let v: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["cniVersion"], "1.0.0");
-        assert_eq!(
-            v["supportedVersions"].as_array().unwrap().len(),
-            SUPPORTED_VERSIONS.len()
-        );
+        assert_eq!(v["supportedVersions"].as_array().unwrap().len(), SUPPORTED_VERSIONS.len());
     }
 }

@@ -23,17 +23,9 @@ pub struct NetConf {
     pub ipam: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<Dns>,
-    #[serde(
-        rename = "prevResult",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "prevResult", default, skip_serializing_if = "Option::is_none")]
     pub prev_result: Option<Value>,
-    #[serde(
-        rename = "runtimeConfig",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "runtimeConfig", default, skip_serializing_if = "Option::is_none")]
     pub runtime_config: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub args: Option<Value>,
@@ -82,10 +74,7 @@ pub struct Dns {
 
 impl Dns {
     pub fn is_empty(&self) -> bool {
-        self.nameservers.is_empty()
-            && self.domain.is_empty()
-            && self.search.is_empty()
-            && self.options.is_empty()
+        self.nameservers.is_empty() && self.domain.is_empty() && self.search.is_empty() && self.options.is_empty()
     }
 }
 
@@ -108,16 +97,11 @@ pub struct CniResult {
 impl CniResult {
     /// The gateway of the first address of the given family that has one.
     pub fn gateway_for(&self, v6: bool) -> Option<IpAddr> {
-        self.ips
-            .iter()
-            .filter(|ip| ip.address.addr().is_ipv6() == v6)
-            .find_map(|ip| ip.gateway)
+        self.ips.iter().filter(|ip| ip.address.addr().is_ipv6() == v6).find_map(|ip| ip.gateway)
     }
 
     /// The index of the interface named `ifname` whose sandbox is set (the container side).
     pub fn container_interface(&self, ifname: &str) -> Option<usize> {
-        self.interfaces
-            .iter()
-            .position(|i| i.name == ifname && !i.sandbox.is_empty())
+        self.interfaces.iter().position(|i| i.name == ifname && !i.sandbox.is_empty())
     }
 }

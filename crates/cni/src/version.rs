@@ -19,14 +19,8 @@ pub fn check(version: &str) -> Result<()> {
     if is_supported(version) {
         return Ok(());
     }
-    Err(
-        CniError::new(ErrorCode::IncompatibleVersion, "incompatible CNI versions").with_details(
-            format!(
-                "config is {version:?}, plugin supports {:?}",
-                SUPPORTED_VERSIONS
-            ),
-        ),
-    )
+    Err(CniError::new(ErrorCode::IncompatibleVersion, "incompatible CNI versions")
+        .with_details(format!("config is {version:?}, plugin supports {:?}", SUPPORTED_VERSIONS)))
 }
 
 /// Whether `version` is a 0.x version, whose results carry `"version"` in every `ips[]` entry.
@@ -36,27 +30,17 @@ fn is_legacy(version: &str) -> bool {
 
 /// Compares two dotted versions numerically (`"0.4.0" < "1.0.0"`).
 pub fn at_least(version: &str, min: &str) -> bool {
-    let parse = |v: &str| {
-        v.split('.')
-            .map(|p| p.parse::<u32>().unwrap_or(0))
-            .collect::<Vec<_>>()
-    };
+    let parse = |v: &str| v.split('.').map(|p| p.parse::<u32>().unwrap_or(0)).collect::<Vec<_>>();
     parse(version) >= parse(min)
 }
 
 impl CniResult {
     /// Parses a result (or `prevResult`) of any supported version into the canonical shape.
     pub fn from_value(value: &Value) -> Result<CniResult> {
-        let version = value
-            .get("cniVersion")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
+        let version = value.get("cniVersion").and_then(Value::as_str).unwrap_or_default();
         if !version.is_empty() && !is_supported(version) {
-            return Err(CniError::new(
-                ErrorCode::IncompatibleVersion,
-                "unsupported prevResult version",
-            )
-            .with_details(version.to_string()));
+            return Err(CniError::new(ErrorCode::IncompatibleVersion, "unsupported prevResult version")
+                .with_details(version.to_string()));
         }
         // 0.3.x/0.4.0 differ from 1.x only by `version` inside ips[], which serde ignores.
         serde_json::from_value(value.clone())
@@ -65,19 +49,12 @@ impl CniResult {
 
     /// The result as printed for a request of `version`.
     pub fn to_json_value(&self, version: &str) -> Value {
-        let out = CniResult {
-            cni_version: version.to_string(),
-            ..self.clone()
-        };
+        let out = CniResult { cni_version: version.to_string(), ..self.clone() };
         let mut value = serde_json::to_value(&out).unwrap_or_else(|_| json!({}));
         if is_legacy(version) {
             if let Some(ips) = value.get_mut("ips").and_then(Value::as_array_mut) {
                 for ip in ips {
-                    let family = if ip["address"].as_str().is_some_and(|a| a.contains(':')) {
-                        "6"
-                    } else {
-                        "4"
-                    };
+                    let family = if ip["address"].as_str().is_some_and(|a| a.contains(':')) { "6" } else { "4" };
                     if let Some(obj) = ip.as_object_mut() {
                         let mut ordered = serde_json::Map::new();
                         ordered.insert("version".into(), json!(family));

@@ -18,18 +18,11 @@ const NSFS_MAGIC: i64 = 0x6e73_6673;
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
     #[error("failed to open netns {path:?}: {source}")]
-    Open {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Open { path: PathBuf, source: std::io::Error },
     #[error("{path:?} is not a network namespace")]
     NotNamespace { path: PathBuf },
     #[error("failed to {op} netns {name:?}: {source}")]
-    Manage {
-        op: &'static str,
-        name: String,
-        source: nix::Error,
-    },
+    Manage { op: &'static str, name: String, source: nix::Error },
     #[error("failed to enter netns: {0}")]
     Enter(nix::Error),
     #[error("the thread running in the netns panicked")]
@@ -49,18 +42,12 @@ impl NetNs {
     /// Opens the namespace at `path` and checks that it is one (nsfs, or a `/proc/PID/ns/net`).
     pub fn open(path: impl AsRef<Path>) -> Result<NetNs> {
         let path = path.as_ref().to_path_buf();
-        let fs = statfs(&path).map_err(|e| NetnsError::Open {
-            path: path.clone(),
-            source: e.into(),
-        })?;
+        let fs = statfs(&path).map_err(|e| NetnsError::Open { path: path.clone(), source: e.into() })?;
         let magic = fs.filesystem_type().0 as i64;
         if magic != NSFS_MAGIC && magic != PROC_SUPER_MAGIC.0 as i64 {
             return Err(NetnsError::NotNamespace { path });
         }
-        let file = File::open(&path).map_err(|source| NetnsError::Open {
-            path: path.clone(),
-            source,
-        })?;
+        let file = File::open(&path).map_err(|source| NetnsError::Open { path: path.clone(), source })?;
         Ok(NetNs { file, path })
     }
 
@@ -91,11 +78,7 @@ impl NetNs {
 
     /// Whether two handles name the same namespace (same inode).
     pub fn same_as(&self, other: &NetNs) -> bool {
-        let ino = |f: &File| {
-            nix::sys::stat::fstat(f.as_fd())
-                .map(|s| (s.st_dev, s.st_ino))
-                .ok()
-        };
+        let ino = |f: &File| nix::sys::stat::fstat(f.as_fd()).map(|s| (s.st_dev, s.st_ino)).ok();
         ino(&self.file).is_some() && ino(&self.file) == ino(&other.file)
     }
 }
@@ -119,36 +102,20 @@ pub fn named_path(name: &str) -> PathBuf {
 
 /// Creates the named namespace `name` (like `ip netns add`); an existing one is an error.
 pub fn create_named(name: &str) -> Result<NetNs> {
-    let err = |op: &'static str| {
-        move |source| NetnsError::Manage {
-            op,
-            name: name.to_string(),
-            source,
-        }
-    };
+    let err = |op: &'static str| move |source| NetnsError::Manage { op, name: name.to_string(), source };
     ensure_run_dir().map_err(err("prepare"))?;
     let path = named_path(name);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(|e| NetnsError::Manage {
-            op: "create",
-            name: name.to_string(),
-            source: io_to_nix(&e),
-        })?;
+    std::fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| NetnsError::Manage {
+        op: "create",
+        name: name.to_string(),
+        source: io_to_nix(&e),
+    })?;
     let bound = std::thread::scope(|scope| {
         scope
             .spawn(|| -> nix::Result<()> {
                 unshare(CloneFlags::CLONE_NEWNET)?;
                 let own = format!("/proc/self/task/{}/ns/net", nix::unistd::gettid());
-                mount(
-                    Some(own.as_str()),
-                    &path,
-                    None::<&str>,
-                    MsFlags::MS_BIND,
-                    None::<&str>,
-                )
+                mount(Some(own.as_str()), &path, None::<&str>, MsFlags::MS_BIND, None::<&str>)
             })
             .join()
             .unwrap_or(Err(nix::Error::EIO))
@@ -166,20 +133,12 @@ pub fn delete_named(name: &str) -> Result<()> {
     let path = named_path(name);
     match umount2(&path, MntFlags::MNT_DETACH) {
         Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
-        Err(e) => {
-            return Err(NetnsError::Manage {
-                op: "unmount",
-                name: name.to_string(),
-                source: e,
-            })
-        }
+        Err(e) => return Err(NetnsError::Manage { op: "unmount", name: name.to_string(), source: e }),
     }
     match std::fs::remove_file(&path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(NetnsError::Manage {
-            op: "remove",
-            name: name.to_string(),
-            source: io_to_nix(&e),
-        }),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(NetnsError::Manage { op: "remove", name: name.to_string(), source: io_to_nix(&e) })
+        }
         _ => Ok(()),
     }
 }
@@ -194,26 +153,12 @@ pub fn exists(name: &str) -> bool {
 fn ensure_run_dir() -> nix::Result<()> {
     let dir = Path::new(NETNS_RUN_DIR);
     std::fs::create_dir_all(dir).map_err(|e| io_to_nix(&e))?;
-    let make_shared = || {
-        mount(
-            None::<&str>,
-            dir,
-            None::<&str>,
-            MsFlags::MS_SHARED | MsFlags::MS_REC,
-            None::<&str>,
-        )
-    };
+    let make_shared = || mount(None::<&str>, dir, None::<&str>, MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>);
     match make_shared() {
         Ok(()) => Ok(()),
         Err(nix::Error::EINVAL) => {
             // Not a mount point yet: bind it onto itself, then share it.
-            mount(
-                Some(dir),
-                dir,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REC,
-                None::<&str>,
-            )?;
+            mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)?;
             make_shared()
         }
         Err(e) => Err(e),
@@ -221,6 +166,5 @@ fn ensure_run_dir() -> nix::Result<()> {
 }
 
 fn io_to_nix(e: &std::io::Error) -> nix::Error {
-    e.raw_os_error()
-        .map_or(nix::Error::EIO, nix::Error::from_raw)
+    e.raw_os_error().map_or(nix::Error::EIO, nix::Error::from_raw)
 }

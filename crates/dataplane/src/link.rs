@@ -1,0 +1,249 @@
+//! Links: bridges, veth pairs, VXLAN devices, their state and bridge-port settings.
+
+use std::os::fd::AsRawFd;
+
+use netlink_packet_route::link::{
+    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo,
+    LinkMessage,
+};
+use netlink_packet_route::RouteNetlinkMessage;
+use weft_netns::NetNs;
+
+use crate::error::{DataplaneError, Result};
+use crate::format_mac;
+use crate::socket::{Mode, Netlink};
+
+/// What kind of link a dump reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkKind {
+    Bridge,
+    Veth,
+    Vxlan,
+    Tun,
+    Other(String),
+    /// No `IFLA_INFO_KIND` (physical devices, loopback).
+    None,
+}
+
+/// A link as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: Vec<u8>,
+    pub mtu: u32,
+    pub up: bool,
+    pub promisc: bool,
+    pub kind: LinkKind,
+    /// The bridge (or other controller) this link is a port of.
+    pub master: Option<u32>,
+    /// For a veth: the peer's index (in the peer's namespace).
+    pub peer_index: Option<u32>,
+    /// For a bridge port: whether hairpin mode is on.
+    pub hairpin: Option<bool>,
+}
+
+impl Link {
+    fn from_message(msg: &LinkMessage) -> Link {
+        let mut link = Link {
+            index: msg.header.index,
+            name: String::new(),
+            mac: Vec::new(),
+            mtu: 0,
+            up: msg.header.flags.contains(LinkFlags::Up),
+            promisc: msg.header.flags.contains(LinkFlags::Promisc),
+            kind: LinkKind::None,
+            master: None,
+            peer_index: None,
+            hairpin: None,
+        };
+        for attr in &msg.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => link.name.clone_from(n),
+                LinkAttribute::Address(a) => link.mac.clone_from(a),
+                LinkAttribute::Mtu(m) => link.mtu = *m,
+                LinkAttribute::Controller(m) => link.master = Some(*m),
+                LinkAttribute::Link(l) => link.peer_index = Some(*l),
+                LinkAttribute::LinkInfo(infos) => {
+                    for info in infos {
+                        match info {
+                            LinkInfo::Kind(kind) => link.kind = kind_of(kind),
+                            LinkInfo::PortData(InfoPortData::BridgePort(port)) => {
+                                link.hairpin = port.iter().find_map(|p| match p {
+                                    InfoBridgePort::HairpinMode(h) => Some(*h),
+                                    _ => None,
+                                });
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        link
+    }
+
+    /// The MAC as `aa:bb:cc:dd:ee:ff`.
+    pub fn mac_string(&self) -> String {
+        format_mac(&self.mac)
+    }
+}
+
+fn kind_of(kind: &InfoKind) -> LinkKind {
+    match kind {
+        InfoKind::Bridge => LinkKind::Bridge,
+        InfoKind::Veth => LinkKind::Veth,
+        InfoKind::Vxlan => LinkKind::Vxlan,
+        InfoKind::Tun => LinkKind::Tun,
+        other => LinkKind::Other(format!("{other:?}").to_lowercase()),
+    }
+}
+
+/// A veth pair to create: `name` here, `peer_name` in `peer_netns` (or here when `None`).
+pub struct VethSpec<'a> {
+    pub name: &'a str,
+    pub peer_name: &'a str,
+    pub peer_netns: Option<&'a NetNs>,
+    pub mtu: Option<u32>,
+    pub mac: Option<[u8; 6]>,
+    pub peer_mac: Option<[u8; 6]>,
+}
+
+fn by_index(index: u32) -> LinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.header.index = index;
+    msg
+}
+
+impl Netlink {
+    /// Every link (`ip link show`).
+    pub fn links(&mut self) -> Result<Vec<Link>> {
+        let msgs = self.dump(RouteNetlinkMessage::GetLink(LinkMessage::default()), "dump links")?;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(Link::from_message(l)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The link named `name` (`ip link show NAME`).
+    pub fn link_by_name(&mut self, name: &str) -> Result<Option<Link>> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        Ok(match self.get(RouteNetlinkMessage::GetLink(msg), "get link", &name)? {
+            Some(RouteNetlinkMessage::NewLink(l)) => Some(Link::from_message(&l)),
+            _ => None,
+        })
+    }
+
+    /// The link with `index`.
+    pub fn link_by_index(&mut self, index: u32) -> Result<Option<Link>> {
+        Ok(match self.get(RouteNetlinkMessage::GetLink(by_index(index)), "get link", &index)? {
+            Some(RouteNetlinkMessage::NewLink(l)) => Some(Link::from_message(&l)),
+            _ => None,
+        })
+    }
+
+    /// Like [`Netlink::link_by_name`], but a missing link is an error.
+    pub fn require_link(&mut self, name: &str) -> Result<Link> {
+        self.link_by_name(name)?.ok_or_else(|| DataplaneError::LinkNotFound(name.to_string()))
+    }
+
+    /// `ip link add NAME [mtu MTU] type bridge`.
+    pub fn create_bridge(&mut self, name: &str, mtu: Option<u32>) -> Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        if let Some(mtu) = mtu {
+            msg.attributes.push(LinkAttribute::Mtu(mtu));
+        }
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]));
+        self.change(RouteNetlinkMessage::NewLink(msg), Mode::Create, "create bridge", &name)
+    }
+
+    /// `ip link add NAME [mtu M] [address MAC] type veth peer name PEER [netns NS] [address MAC]`.
+    pub fn create_veth(&mut self, spec: &VethSpec<'_>) -> Result<()> {
+        let mut peer = LinkMessage::default();
+        peer.attributes.push(LinkAttribute::IfName(spec.peer_name.to_string()));
+        if let Some(ns) = spec.peer_netns {
+            peer.attributes.push(LinkAttribute::NetNsFd(ns.as_raw_fd()));
+        }
+        if let Some(mtu) = spec.mtu {
+            peer.attributes.push(LinkAttribute::Mtu(mtu));
+        }
+        if let Some(mac) = spec.peer_mac {
+            peer.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        }
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(spec.name.to_string()));
+        if let Some(mtu) = spec.mtu {
+            msg.attributes.push(LinkAttribute::Mtu(mtu));
+        }
+        if let Some(mac) = spec.mac {
+            msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        }
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Veth),
+            LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
+        ]));
+        let object = format!("{} peer {}", spec.name, spec.peer_name);
+        self.change(RouteNetlinkMessage::NewLink(msg), Mode::Create, "create veth", &object)
+    }
+
+    /// `ip link set dev INDEX up` / `down`.
+    pub fn set_up(&mut self, index: u32, up: bool) -> Result<()> {
+        self.set_flag(index, LinkFlags::Up, up, "set link up")
+    }
+
+    /// `ip link set dev INDEX promisc on|off`.
+    pub fn set_promisc(&mut self, index: u32, on: bool) -> Result<()> {
+        self.set_flag(index, LinkFlags::Promisc, on, "set promisc")
+    }
+
+    fn set_flag(&mut self, index: u32, flag: LinkFlags, on: bool, op: &'static str) -> Result<()> {
+        let mut msg = by_index(index);
+        msg.header.change_mask = flag;
+        if on {
+            msg.header.flags = flag;
+        }
+        self.change(RouteNetlinkMessage::SetLink(msg), Mode::Modify, op, &index)
+    }
+
+    /// `ip link set dev INDEX master MASTER`.
+    pub fn set_master(&mut self, index: u32, master: u32) -> Result<()> {
+        let mut msg = by_index(index);
+        msg.attributes.push(LinkAttribute::Controller(master));
+        self.change(RouteNetlinkMessage::SetLink(msg), Mode::Modify, "set master", &index)
+    }
+
+    /// `ip link set dev INDEX mtu MTU`.
+    pub fn set_mtu(&mut self, index: u32, mtu: u32) -> Result<()> {
+        let mut msg = by_index(index);
+        msg.attributes.push(LinkAttribute::Mtu(mtu));
+        self.change(RouteNetlinkMessage::SetLink(msg), Mode::Modify, "set mtu", &index)
+    }
+
+    /// `ip link set dev INDEX address MAC`.
+    pub fn set_mac(&mut self, index: u32, mac: [u8; 6]) -> Result<()> {
+        let mut msg = by_index(index);
+        msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        self.change(RouteNetlinkMessage::SetLink(msg), Mode::Modify, "set address", &index)
+    }
+
+    /// `ip link set dev INDEX type bridge_slave hairpin on|off`.
+    pub fn set_hairpin(&mut self, index: u32, on: bool) -> Result<()> {
+        let mut msg = by_index(index);
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::PortKind(InfoPortKind::Bridge),
+            LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::HairpinMode(on)])),
+        ]));
+        self.change(RouteNetlinkMessage::NewLink(msg), Mode::Modify, "set hairpin", &index)
+    }
+
+    /// `ip link del dev INDEX`.
+    pub fn delete_link(&mut self, index: u32) -> Result<()> {
+        self.change(RouteNetlinkMessage::DelLink(by_index(index)), Mode::Modify, "delete link", &index)
+    }
+}

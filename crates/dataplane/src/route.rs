@@ -1,0 +1,185 @@
+//! Routes. Routes weft owns carry a dedicated protocol number so reconcilers list and change only
+//! their own.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+
+use crate::error::Result;
+use crate::socket::{Mode, Netlink};
+
+/// The `proto` number of routes the weft plugins and agent own (`ip route ... proto 0xc8`).
+pub const RTPROT_WEFT: u8 = 200;
+/// `RTPROT_BOOT`, what `ip route add` uses; the reference plugins' routes carry it.
+pub const RTPROT_BOOT: u8 = 3;
+pub const RT_TABLE_MAIN: u8 = 254;
+
+/// A route to add, delete, or as dumped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub dst: IpNet,
+    pub gateway: Option<IpAddr>,
+    pub oif: Option<u32>,
+    pub onlink: bool,
+    /// `scope link` when true (a route to a directly attached destination), else universe.
+    pub link_scope: bool,
+    pub protocol: u8,
+    pub table: u8,
+    pub metric: Option<u32>,
+}
+
+impl RouteSpec {
+    /// A route to `dst` with defaults: main table, protocol boot, universe scope.
+    pub fn new(dst: IpNet) -> RouteSpec {
+        RouteSpec {
+            dst: dst.trunc(),
+            gateway: None,
+            oif: None,
+            onlink: false,
+            link_scope: false,
+            protocol: RTPROT_BOOT,
+            table: RT_TABLE_MAIN,
+            metric: None,
+        }
+    }
+
+    pub fn via(mut self, gateway: IpAddr) -> Self {
+        self.gateway = Some(gateway);
+        self
+    }
+
+    pub fn dev(mut self, oif: u32) -> Self {
+        self.oif = Some(oif);
+        self
+    }
+
+    /// A route with no gateway on `oif`: `scope link`.
+    pub fn link_scope(mut self) -> Self {
+        self.link_scope = true;
+        self
+    }
+
+    pub fn onlink(mut self) -> Self {
+        self.onlink = true;
+        self
+    }
+
+    pub fn protocol(mut self, protocol: u8) -> Self {
+        self.protocol = protocol;
+        self
+    }
+
+    fn message(&self) -> RouteMessage {
+        let family = if self.dst.addr().is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = family;
+        msg.header.destination_prefix_length = self.dst.prefix_len();
+        msg.header.table = self.table;
+        msg.header.protocol = RouteProtocol::from(self.protocol);
+        msg.header.scope = if self.link_scope { RouteScope::Link } else { RouteScope::Universe };
+        msg.header.kind = RouteType::Unicast;
+        if self.onlink {
+            msg.header.flags = RouteFlags::Onlink;
+        }
+        msg.attributes.push(RouteAttribute::Destination(route_address(self.dst.addr())));
+        if let Some(gw) = self.gateway {
+            msg.attributes.push(RouteAttribute::Gateway(route_address(gw)));
+        }
+        if let Some(oif) = self.oif {
+            msg.attributes.push(RouteAttribute::Oif(oif));
+        }
+        if let Some(metric) = self.metric {
+            msg.attributes.push(RouteAttribute::Priority(metric));
+        }
+        msg
+    }
+
+    fn from_message(msg: &RouteMessage) -> Option<RouteSpec> {
+        let mut dst = None;
+        let mut spec = RouteSpec {
+            dst: IpNet::new(unspecified(msg.header.address_family)?, 0).ok()?,
+            gateway: None,
+            oif: None,
+            onlink: msg.header.flags.contains(RouteFlags::Onlink),
+            link_scope: msg.header.scope == RouteScope::Link,
+            protocol: u8::from(msg.header.protocol),
+            table: msg.header.table,
+            metric: None,
+        };
+        for attr in &msg.attributes {
+            match attr {
+                RouteAttribute::Destination(a) => dst = address_of(a),
+                RouteAttribute::Gateway(a) => spec.gateway = address_of(a),
+                RouteAttribute::Oif(i) => spec.oif = Some(*i),
+                RouteAttribute::Priority(p) => spec.metric = Some(*p),
+                RouteAttribute::Table(t) => spec.table = u8::try_from(*t).unwrap_or(u8::MAX),
+                _ => {}
+            }
+        }
+        if let Some(dst) = dst {
+            spec.dst = IpNet::new(dst, msg.header.destination_prefix_length).ok()?;
+        }
+        Some(spec)
+    }
+}
+
+fn unspecified(family: AddressFamily) -> Option<IpAddr> {
+    match family {
+        AddressFamily::Inet => Some(IpAddr::from([0u8; 4])),
+        AddressFamily::Inet6 => Some(IpAddr::from([0u16; 8])),
+        _ => None,
+    }
+}
+
+fn route_address(ip: IpAddr) -> RouteAddress {
+    match ip {
+        IpAddr::V4(v4) => RouteAddress::Inet(v4),
+        IpAddr::V6(v6) => RouteAddress::Inet6(v6),
+    }
+}
+
+fn address_of(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+impl Netlink {
+    /// `ip route add ...`.
+    pub fn add_route(&mut self, route: &RouteSpec) -> Result<()> {
+        self.change(RouteNetlinkMessage::NewRoute(route.message()), Mode::Create, "add route", &route.dst)
+    }
+
+    /// `ip route replace ...`.
+    pub fn replace_route(&mut self, route: &RouteSpec) -> Result<()> {
+        self.change(RouteNetlinkMessage::NewRoute(route.message()), Mode::Replace, "replace route", &route.dst)
+    }
+
+    /// `ip route del ...`.
+    pub fn delete_route(&mut self, route: &RouteSpec) -> Result<()> {
+        self.change(RouteNetlinkMessage::DelRoute(route.message()), Mode::Modify, "delete route", &route.dst)
+    }
+
+    /// The unicast routes of the main table, both families (`ip route show; ip -6 route show`).
+    pub fn routes(&mut self) -> Result<Vec<RouteSpec>> {
+        let mut out = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut req = RouteMessage::default();
+            req.header.address_family = family;
+            for msg in self.dump(RouteNetlinkMessage::GetRoute(req), "dump routes")? {
+                if let RouteNetlinkMessage::NewRoute(r) = msg {
+                    if r.header.kind == RouteType::Unicast && r.header.table == RT_TABLE_MAIN {
+                        out.extend(RouteSpec::from_message(&r));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,152 @@
+//! A synchronous rtnetlink socket: one request at a time, acknowledged or dumped. A socket opened
+//! inside a namespace stays bound to it, so a plugin opens one per namespace it works in and never
+//! moves its own threads around.
+
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE,
+    NLM_F_REQUEST,
+};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use weft_netns::NetNs;
+
+use crate::error::{DataplaneError, Result};
+
+/// How a change request treats an existing object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Fail with EEXIST when it exists (`ip ... add`).
+    Create,
+    /// Create or replace (`ip ... replace`).
+    Replace,
+    /// Change an existing object (`ip link set`, deletions).
+    Modify,
+}
+
+impl Mode {
+    fn flags(self) -> u16 {
+        match self {
+            Mode::Create => NLM_F_CREATE | NLM_F_EXCL,
+            Mode::Replace => NLM_F_CREATE | NLM_F_REPLACE,
+            Mode::Modify => 0,
+        }
+    }
+}
+
+/// An rtnetlink socket in one namespace.
+pub struct Netlink {
+    socket: Socket,
+    seq: u32,
+}
+
+impl Netlink {
+    /// A socket in the calling thread's namespace.
+    pub fn new() -> Result<Netlink> {
+        let mut socket = Socket::new(NETLINK_ROUTE).map_err(DataplaneError::Socket)?;
+        socket.bind_auto().map_err(DataplaneError::Socket)?;
+        socket.connect(&SocketAddr::new(0, 0)).map_err(DataplaneError::Socket)?;
+        // Extended acks give the kernel's reason in errors; older kernels lack it, which is fine.
+        let _ = socket.set_ext_ack(true);
+        Ok(Netlink { socket, seq: 0 })
+    }
+
+    /// A socket bound to `netns`, opened on a short-lived thread inside it.
+    pub fn in_netns(netns: &NetNs) -> Result<Netlink> {
+        netns.run(Netlink::new)?
+    }
+
+    /// Sends a change request and waits for its acknowledgement.
+    pub(crate) fn change(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        mode: Mode,
+        op: &'static str,
+        object: &dyn std::fmt::Display,
+    ) -> Result<()> {
+        self.request(msg, NLM_F_ACK | mode.flags(), op, object).map(drop)
+    }
+
+    /// Sends a get request for one object; `None` when it does not exist.
+    pub(crate) fn get(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        op: &'static str,
+        object: &dyn std::fmt::Display,
+    ) -> Result<Option<RouteNetlinkMessage>> {
+        match self.request(msg, 0, op, object) {
+            Ok(mut msgs) => Ok(msgs.pop()),
+            Err(e) if e.is_not_found() || e.errno() == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Dumps every object of the kind of `msg`.
+    pub(crate) fn dump(&mut self, msg: RouteNetlinkMessage, op: &'static str) -> Result<Vec<RouteNetlinkMessage>> {
+        self.request(msg, NLM_F_DUMP, op, &"")
+    }
+
+    fn request(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+        op: &'static str,
+        object: &dyn std::fmt::Display,
+    ) -> Result<Vec<RouteNetlinkMessage>> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        header.sequence_number = self.seq;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+        packet.finalize();
+        let mut buf = vec![0u8; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        self.socket.send(&buf, 0).map_err(DataplaneError::Socket)?;
+        self.receive(flags, op, object)
+    }
+
+    fn receive(
+        &mut self,
+        flags: u16,
+        op: &'static str,
+        object: &dyn std::fmt::Display,
+    ) -> Result<Vec<RouteNetlinkMessage>> {
+        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        let acked = flags & NLM_F_ACK != 0;
+        let mut out = Vec::new();
+        loop {
+            let (data, _) = self.socket.recv_from_full().map_err(DataplaneError::Socket)?;
+            let mut offset = 0;
+            while offset < data.len() {
+                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..])
+                    .map_err(|e| DataplaneError::Protocol(format!("decoding reply to {op}: {e}")))?;
+                let len = msg.header.length as usize;
+                if msg.header.sequence_number == self.seq {
+                    match msg.payload {
+                        NetlinkPayload::InnerMessage(inner) => {
+                            out.push(inner);
+                            if !dump && !acked {
+                                return Ok(out);
+                            }
+                        }
+                        NetlinkPayload::Error(err) => {
+                            return match err.code {
+                                None => Ok(out),
+                                Some(code) => Err(DataplaneError::Netlink {
+                                    op,
+                                    object: object.to_string(),
+                                    source: std::io::Error::from_raw_os_error(-code.get()),
+                                }),
+                            };
+                        }
+                        NetlinkPayload::Done(_) => return Ok(out),
+                        _ => {}
+                    }
+                }
+                if len == 0 {
+                    break;
+                }
+                offset += len;
+            }
+        }
+    }
+}
