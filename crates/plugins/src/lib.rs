@@ -1,1 +1,31 @@
+//! The CNI plugins weft ships, each taking the same JSON as the reference plugin of its name:
+//! `bridge`, `host-local`, `portmap`, `loopback` and `ptp`. [`by_name`] maps a plugin type (the
+//! name the binary was invoked under) to its implementation.
 
+pub mod bridge;
+pub mod common;
+pub mod container;
+pub mod host_local;
+pub mod ipam;
+pub mod loopback;
+pub mod masq;
+pub mod portmap;
+pub mod ptp;
+pub mod rules;
+
+use weft_cni::skel::Plugin;
+
+/// Every plugin type weft implements.
+pub const PLUGIN_NAMES: &[&str] = &["bridge", "host-local", "portmap", "loopback", "ptp"];
+
+/// The plugin implementing `name`.
+pub fn by_name(name: &str) -> Option<Box<dyn Plugin>> {
+    Some(match name {
+        "bridge" => Box::new(bridge::Bridge),
+        "host-local" => Box::new(host_local::HostLocal),
+        "portmap" => Box::new(portmap::Portmap),
+        "loopback" => Box::new(loopback::Loopback),
+        "ptp" => Box::new(ptp::Ptp),
+        _ => return None,
+    })
+}

@@ -1,0 +1,128 @@
+//! Helpers every plugin shares: error mapping at the CNI boundary, random names, runtime MACs,
+//! and attachment keys.
+
+use serde_json::Value;
+use weft_cni::args::CmdArgs;
+use weft_cni::{CniError, ErrorCode};
+use weft_dataplane::link::VethSpec;
+use weft_dataplane::{DataplaneError, Netlink};
+use weft_netns::{NetNs, NetnsError};
+
+/// Kernel failures are reported as the reference plugins report them: code 999 with the reason.
+pub fn kernel(context: &str) -> impl FnOnce(DataplaneError) -> CniError + '_ {
+    move |e| CniError::internal(format!("{context}: {e}"))
+}
+
+/// Opens the container's namespace, as the reference does (code 999 when it is not one).
+pub fn open_netns(path: &str) -> Result<NetNs, CniError> {
+    NetNs::open(path).map_err(|e| match e {
+        NetnsError::NotNamespace { .. } => {
+            CniError::internal(format!("failed to open netns {path:?}: not a network namespace"))
+        }
+        other => CniError::internal(other.to_string()),
+    })
+}
+
+/// Opens the container's namespace for a teardown: `None` when it is gone or unusable.
+pub fn open_netns_for_teardown(path: &str) -> Option<NetNs> {
+    if path.is_empty() {
+        return None;
+    }
+    NetNs::open(path).ok()
+}
+
+/// Random bytes from the kernel.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    use std::io::Read;
+    let mut buf = [0u8; N];
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)).is_err() {
+        // No /dev/urandom: fall back to time and pid, good enough for a name.
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+            ^ u128::from(std::process::id());
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (seed >> ((i % 16) * 8)) as u8;
+        }
+    }
+    buf
+}
+
+/// A host-side veth name like the reference's: `veth` and 8 hex digits.
+pub fn random_veth_name() -> String {
+    let b: [u8; 4] = random_bytes();
+    format!("veth{:02x}{:02x}{:02x}{:02x}", b[0], b[1], b[2], b[3])
+}
+
+/// The container MAC asked for by the runtime: `runtimeConfig.mac`, `args.cni.mac`, or `MAC=` in
+/// `CNI_ARGS`, in that order.
+pub fn requested_mac(args: &CmdArgs, stdin: &Value) -> Result<Option<[u8; 6]>, CniError> {
+    let from_json =
+        stdin["runtimeConfig"]["mac"].as_str().or_else(|| stdin["args"]["cni"]["mac"].as_str()).map(String::from);
+    let Some(text) = from_json.or_else(|| args.arg("MAC")) else { return Ok(None) };
+    weft_dataplane::parse_mac(&text)
+        .map(Some)
+        .ok_or_else(|| CniError::new(ErrorCode::InvalidConfig, format!("invalid MAC address {text:?}")))
+}
+
+fn fnv64(text: &str) -> String {
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    format!("{hash:016x}")
+}
+
+/// What every key of `kind` in `network` starts with: `masq NETWORK/` (a long network name is
+/// hashed, since nftables comments hold 128 bytes).
+pub fn attachment_prefix(kind: &str, network: &str) -> String {
+    let net = if network.len() <= 40 { network.to_string() } else { fnv64(network) };
+    format!("{kind} {net}/")
+}
+
+/// The key that names one attachment's objects of one kind (`masq`, `hostport`) in nftables
+/// comments: kind, network, container, interface.
+pub fn attachment_key(kind: &str, network: &str, container_id: &str, ifname: &str) -> String {
+    let prefix = attachment_prefix(kind, network);
+    let rest = format!("{container_id}/{ifname}");
+    if prefix.len() + rest.len() <= 120 {
+        format!("{prefix}{rest}")
+    } else {
+        format!("{prefix}{}", fnv64(&rest))
+    }
+}
+
+/// The prevResult of a config, parsed, if present.
+pub fn prev_result(conf: &weft_cni::NetConf) -> Result<Option<weft_cni::CniResult>, CniError> {
+    conf.prev_result.as_ref().map(weft_cni::CniResult::from_value).transpose()
+}
+
+/// The veth pair of an attachment: a random `vethXXXXXXXX` on the host, `ifname` in the
+/// container's namespace. Returns the host end's index.
+pub fn create_veth(
+    nl: &mut Netlink,
+    ifname: &str,
+    mtu: Option<u32>,
+    mac: Option<[u8; 6]>,
+    netns: &NetNs,
+) -> Result<u32, CniError> {
+    for _ in 0..5 {
+        let name = random_veth_name();
+        let spec = VethSpec { name: &name, peer_name: ifname, peer_netns: Some(netns), mtu, mac: None, peer_mac: mac };
+        match nl.create_veth(&spec) {
+            Ok(()) => return Ok(nl.require_link(&name).map_err(kernel("reading the host veth"))?.index),
+            // EEXIST for a free host name means the container name is taken (checked before, so
+            // a concurrent ADD took it); else the random name collided: try another.
+            Err(e) if e.is_exists() => {
+                if nl.link_by_name(&name).map_err(kernel("reading links"))?.is_none() {
+                    return Err(CniError::internal(format!("container veth name provided ({ifname}) already exists")));
+                }
+            }
+            Err(e) => return Err(kernel("creating the veth pair")(e)),
+        }
+    }
+    Err(CniError::internal("failed to find a free host veth name"))
+}
+
+/// Fails when `ifname` exists in the container already (checked before anything is created).
+pub fn ensure_ifname_free(cnl: &mut Netlink, ifname: &str) -> Result<(), CniError> {
+    if cnl.link_by_name(ifname).map_err(kernel("reading container links"))?.is_some() {
+        return Err(CniError::internal(format!("container veth name provided ({ifname}) already exists")));
+    }
+    Ok(())
+}

@@ -1,0 +1,34 @@
+//! Per-attachment masquerade (bridge and ptp `ipMasq`): traffic from the container's address to
+//! anywhere but its own subnet and multicast leaves with the node's address. Rules are tagged
+//! with the attachment key, so DEL removes them even when the netns and addresses are gone.
+
+use ipnet::IpNet;
+use serde_json::json;
+use weft_cni::CniError;
+
+use crate::rules::{self, addr_match, MASQUERADE};
+
+/// Adds masquerade rules for `addresses` (each with its subnet) in one transaction.
+pub fn setup(key: &str, addresses: &[IpNet]) -> Result<(), CniError> {
+    let mut cmds = rules::ensure(&[MASQUERADE]);
+    for net in addresses {
+        let own = IpNet::new(net.addr(), net.max_prefix_len()).unwrap_or(*net);
+        let multicast: IpNet = if net.addr().is_ipv4() { "224.0.0.0/4" } else { "ff00::/8" }.parse().unwrap_or(*net);
+        cmds.push(rules::rule(
+            &MASQUERADE,
+            key,
+            vec![
+                addr_match("saddr", "==", &own),
+                addr_match("daddr", "!=", &net.trunc()),
+                addr_match("daddr", "!=", &multicast),
+                json!({"masquerade": null}),
+            ],
+        ));
+    }
+    rules::apply(cmds)
+}
+
+/// Removes the attachment's masquerade rules (none is success).
+pub fn teardown(key: &str) -> Result<(), CniError> {
+    rules::remove_matching(&|comment| comment == key)
+}

@@ -1,0 +1,193 @@
+//! `ptp`: a veth pair per container and no bridge. The container gets its address, a /32 (/128)
+//! route to the gateway on its link and every other route via that gateway; the host end gets
+//! the gateway address as a /32 (/128) and a host route to the container. Routed mode builds on
+//! this shape.
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use serde_json::Value;
+use weft_cni::args::CmdArgs;
+use weft_cni::skel::{parse_plugin_conf, Attachment, Plugin};
+use weft_cni::{CniError, CniResult, Interface, NetConf};
+use weft_dataplane::{Netlink, RouteSpec};
+
+use crate::bridge::{delete_container_link, enable_forwarding};
+use crate::common::{
+    attachment_key, create_veth, ensure_ifname_free, kernel, open_netns, open_netns_for_teardown, prev_result,
+    requested_mac,
+};
+use crate::{container, ipam, masq, rules};
+
+pub struct Ptp;
+
+#[derive(Debug, Deserialize)]
+struct PtpConf {
+    #[serde(default)]
+    name: String,
+    #[serde(rename = "ipMasq", default)]
+    ip_masq: bool,
+    #[serde(default)]
+    mtu: Option<u32>,
+}
+
+impl PtpConf {
+    fn masq_key(&self, args: &CmdArgs) -> String {
+        attachment_key("masq", &self.name, &args.container_id, &args.ifname)
+    }
+}
+
+fn host_prefix(ip: std::net::IpAddr) -> IpNet {
+    IpNet::from(ip)
+}
+
+impl Plugin for Ptp {
+    fn name(&self) -> &'static str {
+        "ptp"
+    }
+
+    fn add(&self, args: &CmdArgs, conf: &NetConf) -> Result<CniResult, CniError> {
+        let pconf: PtpConf = parse_plugin_conf(&args.stdin)?;
+        let ipam_type = ipam::ipam_type(conf).ok_or_else(|| CniError::invalid_config("ptp needs an IPAM plugin"))?;
+        let stdin: Value = serde_json::from_slice(&args.stdin).unwrap_or_default();
+        let mac = requested_mac(args, &stdin)?;
+        let netns = open_netns(&args.netns)?;
+        let mut cnl = Netlink::in_netns(&netns).map_err(kernel("opening netlink in the container"))?;
+        ensure_ifname_free(&mut cnl, &args.ifname)?;
+        let mut hnl = Netlink::new().map_err(kernel("opening netlink"))?;
+
+        let mut result = ipam::add(&ipam_type, args)?;
+        let mut host_veth = None;
+        let outcome = (|| {
+            if result.ips.is_empty() || result.ips.iter().any(|ip| ip.gateway.is_none()) {
+                return Err(CniError::internal("IPAM plugin returned missing IP config or gateway"));
+            }
+            let index = create_veth(&mut hnl, &args.ifname, pconf.mtu, mac, &netns)?;
+            host_veth = Some(index);
+            setup_container(&mut cnl, &args.ifname, &mut result)?;
+            setup_host(&mut hnl, index, &result)?;
+            enable_forwarding(&result)?;
+            if pconf.ip_masq {
+                let nets: Vec<IpNet> = result.ips.iter().map(|ip| ip.address).collect();
+                masq::setup(&pconf.masq_key(args), &nets)?;
+            }
+            let host = hnl.link_by_index(index).map_err(kernel("reading the host veth"))?;
+            let cont = cnl.require_link(&args.ifname).map_err(kernel("reading the container interface"))?;
+            result.interfaces = vec![
+                Interface {
+                    name: host.as_ref().map(|l| l.name.clone()).unwrap_or_default(),
+                    mac: host.map(|l| l.mac_string()).unwrap_or_default(),
+                    sandbox: String::new(),
+                },
+                Interface { name: args.ifname.clone(), mac: cont.mac_string(), sandbox: args.netns.clone() },
+            ];
+            if let Some(dns) = conf.dns.as_ref().filter(|d| !d.is_empty()) {
+                result.dns = dns.clone();
+            }
+            Ok(())
+        })();
+        if let Err(e) = outcome {
+            if let Some(index) = host_veth {
+                let _ = hnl.delete_link(index);
+            }
+            if pconf.ip_masq {
+                let _ = masq::teardown(&pconf.masq_key(args));
+            }
+            let _ = ipam::del(&ipam_type, args, conf);
+            return Err(e);
+        }
+        Ok(result)
+    }
+
+    fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
+        let pconf: PtpConf = parse_plugin_conf(&args.stdin)?;
+        let mut errors = Vec::new();
+        if let Some(ipam_type) = ipam::ipam_type(conf) {
+            errors.extend(ipam::del(&ipam_type, args, conf).err());
+        }
+        if let Some(netns) = open_netns_for_teardown(&args.netns) {
+            errors.extend(delete_container_link(&netns, &args.ifname).err());
+        }
+        if pconf.ip_masq {
+            errors.extend(masq::teardown(&pconf.masq_key(args)).err());
+        }
+        errors.into_iter().next().map_or(Ok(()), Err)
+    }
+
+    fn check(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
+        let pconf: PtpConf = parse_plugin_conf(&args.stdin)?;
+        let result = prev_result(conf)?.ok_or_else(|| CniError::internal("Required prevResult missing"))?;
+        if let Some(ipam_type) = ipam::ipam_type(conf) {
+            ipam::check(&ipam_type, args)?;
+        }
+        let iface = result
+            .container_interface(&args.ifname)
+            .ok_or_else(|| CniError::internal(format!("prevResult has no container interface {}", args.ifname)))?;
+        let netns = open_netns(&args.netns)?;
+        let mut cnl = Netlink::in_netns(&netns).map_err(kernel("opening netlink in the container"))?;
+        container::verify(&mut cnl, &args.ifname, &result, iface)?;
+        let mut hnl = Netlink::new().map_err(kernel("opening netlink"))?;
+        let routes = hnl.routes().map_err(kernel("reading host routes"))?;
+        for ip in &result.ips {
+            if !routes.iter().any(|r| r.dst == host_prefix(ip.address.addr())) {
+                return Err(CniError::internal(format!("host route to {} missing", ip.address.addr())));
+            }
+        }
+        if pconf.ip_masq && !rules::has_rules(&pconf.masq_key(args))? {
+            return Err(CniError::internal("masquerade rules for this attachment are missing"));
+        }
+        Ok(())
+    }
+
+    fn gc(&self, args: &CmdArgs, conf: &NetConf, valid: &[Attachment]) -> Result<(), CniError> {
+        let pconf: PtpConf = parse_plugin_conf(&args.stdin)?;
+        rules::gc("masq", &pconf.name, valid)?;
+        if let Some(ipam_type) = ipam::ipam_type(conf) {
+            ipam::gc(&ipam_type, args, valid)?;
+        }
+        Ok(())
+    }
+}
+
+/// The container end: addresses, no subnet route, a link route to the gateway and every other
+/// route (the subnet's included) via the gateway.
+fn setup_container(cnl: &mut Netlink, ifname: &str, result: &mut CniResult) -> Result<(), CniError> {
+    let link = cnl.require_link(ifname).map_err(kernel("reading the container interface"))?;
+    for ip in &mut result.ips {
+        ip.interface = Some(1);
+    }
+    cnl.set_up(link.index, true).map_err(kernel("setting the container interface up"))?;
+    for ip in &result.ips {
+        cnl.add_address(link.index, &ip.address).map_err(kernel("adding the container address"))?;
+        let subnet = RouteSpec::new(ip.address.trunc()).dev(link.index).link_scope().protocol(2);
+        let _ = cnl.delete_route(&subnet); // the kernel's prefix route (proto kernel)
+        let Some(gw) = ip.gateway else { continue };
+        let to_gw = RouteSpec::new(host_prefix(gw)).dev(link.index).link_scope();
+        cnl.add_route(&to_gw).map_err(kernel("adding the route to the gateway"))?;
+        let via = RouteSpec::new(ip.address.trunc()).dev(link.index).via(gw);
+        cnl.add_route(&via).map_err(kernel("adding the subnet route"))?;
+    }
+    let extra = CniResult { routes: result.routes.clone(), ips: result.ips.clone(), ..Default::default() };
+    for route in container::routes_for(&extra, link.index) {
+        match cnl.add_route(&route) {
+            Err(e) if e.is_exists() => {}
+            other => other.map_err(kernel("adding a container route"))?,
+        }
+    }
+    Ok(())
+}
+
+/// The host end: the gateway address as a host prefix, a host route to the container.
+fn setup_host(hnl: &mut Netlink, index: u32, result: &CniResult) -> Result<(), CniError> {
+    hnl.set_up(index, true).map_err(kernel("setting the host veth up"))?;
+    for ip in &result.ips {
+        if let Some(gw) = ip.gateway {
+            hnl.add_address(index, &host_prefix(gw)).map_err(kernel("adding the gateway address to the host veth"))?;
+        }
+        let route = RouteSpec::new(host_prefix(ip.address.addr())).dev(index).link_scope();
+        match hnl.add_route(&route) {
+            Err(e) if e.is_exists() => {}
+            other => other.map_err(kernel("adding the host route to the container"))?,
+        }
+    }
+    Ok(())
+}

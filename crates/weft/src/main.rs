@@ -1,0 +1,33 @@
+//! The `weft` binary. Invoked under a CNI plugin's type name (`bridge`, `host-local`, ... through
+//! a symlink or copy) it is that plugin and nothing else runs: no argument parsing, no runtime.
+//! Otherwise it is the command-line interface.
+
+mod cli;
+mod demo;
+mod install;
+
+use std::path::Path;
+
+fn main() {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let name = Path::new(&argv0).file_name().and_then(|n| n.to_str()).unwrap_or("weft").to_string();
+    if let Some(plugin) = weft_plugins::by_name(&name) {
+        std::process::exit(run_plugin(plugin.as_ref()));
+    }
+    std::process::exit(cli::main());
+}
+
+/// Runs a plugin with the process' environment and standard streams.
+pub fn run_plugin(plugin: &dyn weft_cni::skel::Plugin) -> i32 {
+    let env = |key: &str| std::env::var(key).ok();
+    let (stdin, stdout, stderr) = (std::io::stdin(), std::io::stdout(), std::io::stderr());
+    weft_cni::skel::run(
+        plugin,
+        weft_cni::skel::Io {
+            env: &env,
+            stdin: &mut stdin.lock(),
+            stdout: &mut stdout.lock(),
+            stderr: &mut stderr.lock(),
+        },
+    )
+}
