@@ -120,10 +120,11 @@ impl Plugin for Bridge {
                 errors.push(e);
             }
         }
-        if let Some(netns) = open_netns_for_teardown(&args.netns) {
-            if let Err(e) = delete_container_link(&netns, &args.ifname) {
-                errors.push(e);
-            }
+        match open_netns_for_teardown(&args.netns) {
+            Some(netns) => errors.extend(delete_container_link(&netns, &args.ifname).err()),
+            // The sandbox is gone; its veth pair goes with it, but the kernel does that
+            // asynchronously: remove the host end the cached result names right away.
+            None => errors.extend(delete_host_veths(conf, &bconf.bridge).err()),
         }
         if bconf.ip_masq {
             if let Err(e) = masq::teardown(&bconf.masq_key(args)) {
@@ -406,4 +407,21 @@ pub fn delete_container_link(netns: &NetNs, ifname: &str) -> Result<(), CniError
             .map_err(kernel("deleting the container interface")),
         None => Ok(()),
     }
+}
+
+/// Deletes the host-side veths that prevResult names, if they still exist and are ports of
+/// `bridge` (nothing else is touched).
+fn delete_host_veths(conf: &NetConf, bridge: &str) -> Result<(), CniError> {
+    let Some(prev) = prev_result(conf).ok().flatten() else { return Ok(()) };
+    let mut nl = Netlink::new().map_err(kernel("opening netlink"))?;
+    let Some(br) = nl.link_by_name(bridge).map_err(kernel("reading the bridge"))? else { return Ok(()) };
+    for iface in prev.interfaces.iter().filter(|i| i.sandbox.is_empty() && i.name != bridge) {
+        if let Some(link) = nl.link_by_name(&iface.name).map_err(kernel("reading the host veth"))? {
+            if link.kind == LinkKind::Veth && link.master == Some(br.index) {
+                weft_dataplane::error::ignore_not_found(nl.delete_link(link.index))
+                    .map_err(kernel("deleting the host veth"))?;
+            }
+        }
+    }
+    Ok(())
 }
