@@ -260,3 +260,74 @@ pub fn ipam_files(data_dir: &Path, network: &str) -> Vec<String> {
 pub fn reservations(data_dir: &Path, network: &str) -> Vec<String> {
     ipam_files(data_dir, network).into_iter().filter(|n| n.parse::<std::net::IpAddr>().is_ok()).collect()
 }
+
+/// A TCP server in a namespace that answers every connection with `reply` until dropped.
+pub struct TcpServer {
+    pub port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TcpServer {
+    pub fn start(ns: &Ns, addr: &str, port: u16, reply: &str) -> TcpServer {
+        let bind: std::net::SocketAddr = format!("{}:{port}", bracket(addr)).parse().unwrap();
+        let listener = ns.handle.run(|| std::net::TcpListener::bind(bind)).unwrap().expect("bind");
+        listener.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, reply) = (stop.clone(), reply.to_string());
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((mut conn, peer)) => {
+                        let _ = conn.write_all(format!("{reply} to {}", peer.ip()).as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                }
+            }
+        });
+        TcpServer { port, stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn bracket(addr: &str) -> String {
+    if addr.contains(':') {
+        format!("[{addr}]")
+    } else {
+        addr.to_string()
+    }
+}
+
+/// Connects from `ns` to `addr:port` and returns what the server said (Err on failure).
+pub fn tcp_get(ns: &Ns, addr: &str, port: u16) -> Result<String, String> {
+    use std::io::Read;
+    let target: std::net::SocketAddr = format!("{}:{port}", bracket(addr)).parse().unwrap();
+    ns.handle
+        .run(|| {
+            let mut conn = std::net::TcpStream::connect_timeout(&target, std::time::Duration::from_secs(2))
+                .map_err(|e| format!("connect {target}: {e}"))?;
+            conn.set_read_timeout(Some(std::time::Duration::from_secs(2))).map_err(|e| e.to_string())?;
+            let mut text = String::new();
+            conn.read_to_string(&mut text).map_err(|e| format!("read from {target}: {e}"))?;
+            Ok(text)
+        })
+        .unwrap()
+}
+
+/// Connects two namespaces with a veth pair and addresses (test topology, not product code).
+pub fn wire(a: &Ns, a_addr: &str, b: &Ns, b_addr: &str) {
+    let (ea, eb) = (unique("va"), unique("vb"));
+    a.sh(&["ip", "link", "add", &ea, "type", "veth", "peer", "name", &eb, "netns", &b.name]);
+    a.sh(&["ip", "addr", "add", a_addr, "dev", &ea]);
+    a.sh(&["ip", "link", "set", &ea, "up"]);
+    b.sh(&["ip", "addr", "add", b_addr, "dev", &eb]);
+    b.sh(&["ip", "link", "set", &eb, "up"]);
+}
