@@ -108,6 +108,10 @@ pub struct VethSpec<'a> {
     pub mtu: Option<u32>,
     pub mac: Option<[u8; 6]>,
     pub peer_mac: Option<[u8; 6]>,
+    /// The bridge this end joins at creation (`master BRIDGE`).
+    pub master: Option<u32>,
+    /// This end comes up at creation (the peer stays down).
+    pub up: bool,
 }
 
 fn by_index(index: u32) -> LinkMessage {
@@ -163,7 +167,7 @@ impl Netlink {
         self.change(RouteNetlinkMessage::NewLink(msg), Mode::Create, "create bridge", &name)
     }
 
-    /// `ip link add NAME [mtu M] [address MAC] type veth peer name PEER [netns NS] [address MAC]`.
+    /// `ip link add NAME [mtu M] [address MAC] [master BR] [up] type veth peer name PEER [netns NS] [address MAC]`.
     pub fn create_veth(&mut self, spec: &VethSpec<'_>) -> Result<()> {
         let mut peer = LinkMessage::default();
         peer.attributes.push(LinkAttribute::IfName(spec.peer_name.to_string()));
@@ -177,6 +181,15 @@ impl Netlink {
             peer.attributes.push(LinkAttribute::Address(mac.to_vec()));
         }
         let mut msg = LinkMessage::default();
+        if spec.up {
+            // Only this end: the kernel brings the peer up before the pair is joined, which
+            // fails (ENOTCONN); the peer is set up afterwards by its owner.
+            msg.header.flags = LinkFlags::Up;
+            msg.header.change_mask = LinkFlags::Up;
+        }
+        if let Some(master) = spec.master {
+            msg.attributes.push(LinkAttribute::Controller(master));
+        }
         msg.attributes.push(LinkAttribute::IfName(spec.name.to_string()));
         if let Some(mtu) = spec.mtu {
             msg.attributes.push(LinkAttribute::Mtu(mtu));
@@ -245,5 +258,14 @@ impl Netlink {
     /// `ip link del dev INDEX`.
     pub fn delete_link(&mut self, index: u32) -> Result<()> {
         self.change(RouteNetlinkMessage::DelLink(by_index(index)), Mode::Modify, "delete link", &index)
+    }
+}
+
+impl Netlink {
+    /// `ip link set dev INDEX name NAME` (the link must be down).
+    pub fn set_name(&mut self, index: u32, name: &str) -> Result<()> {
+        let mut msg = by_index(index);
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        self.change(RouteNetlinkMessage::SetLink(msg), Mode::Modify, "rename link", &index)
     }
 }

@@ -55,6 +55,12 @@ impl Netlink {
         netns.run(Netlink::new)?
     }
 
+    /// A socket bound to `netns`, opened by entering it on the calling thread and coming back
+    /// (see [`NetNs::run_here`]): for single-threaded plugin processes.
+    pub fn in_netns_here(netns: &NetNs) -> Result<Netlink> {
+        netns.run_here(Netlink::new)?
+    }
+
     /// Sends a change request and waits for its acknowledgement.
     pub(crate) fn change(
         &mut self,

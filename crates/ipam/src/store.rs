@@ -72,8 +72,9 @@ impl Store {
             let _ = std::fs::remove_file(&path);
             return Err(io("write", &path)(e));
         }
+        // Written in place, as the reference does: it is only where round robin resumes.
         let last = self.dir.join(format!("{LAST_RESERVED_PREFIX}{set}"));
-        write_atomic(&last, ip.to_string().as_bytes())?;
+        std::fs::write(&last, ip.to_string()).map_err(io("write", &last))?;
         Ok(true)
     }
 
@@ -123,8 +124,9 @@ impl Store {
         }
         let dir = self.dir.join(INDEX_DIR);
         std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        // A hint, checked against the reservations on every read: written in place.
         let text: String = ips.iter().map(|ip| format!("{ip}\n")).collect();
-        write_atomic(&path, text.as_bytes())
+        std::fs::write(&path, text).map_err(io("write", &path))
     }
 
     /// Every reservation: `(ip, containerID, ifname)`. A full walk, for GC and fallbacks only.
@@ -143,8 +145,7 @@ impl Store {
     /// The attachments the index knows, for GC.
     pub fn indexed_attachments(&self) -> Vec<(String, String)> {
         let Ok(entries) = std::fs::read_dir(self.dir.join(INDEX_DIR)) else { return Vec::new() };
-        let names: BTreeSet<String> =
-            entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| !n.ends_with(".tmp")).collect();
+        let names: BTreeSet<String> = entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
         names.into_iter().filter_map(|n| n.split_once('@').map(|(c, i)| (c.to_string(), i.to_string()))).collect()
     }
 
@@ -157,10 +158,4 @@ fn parse_owner(text: &str) -> Option<(String, String)> {
     let text = text.trim();
     let (c, i) = text.split_once(LINE_BREAK).unwrap_or((text, ""));
     Some((c.trim().to_string(), i.trim().to_string()))
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
-    std::fs::write(&tmp, bytes).map_err(io("write", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io("rename", path))
 }

@@ -21,7 +21,7 @@ use crate::common::{
     attachment_key, create_veth, ensure_ifname_free, kernel, open_netns, open_netns_for_teardown, prev_result,
     requested_mac,
 };
-use crate::{container, ipam, masq, rules};
+use crate::{container, ipam, masq, rules, teardown};
 
 pub struct Bridge;
 
@@ -101,7 +101,7 @@ impl Plugin for Bridge {
         let stdin: Value = serde_json::from_slice(&args.stdin).unwrap_or_default();
         let mac = requested_mac(args, &stdin)?;
         let netns = open_netns(&args.netns)?;
-        let mut cnl = Netlink::in_netns(&netns).map_err(kernel("opening netlink in the container"))?;
+        let mut cnl = Netlink::in_netns_here(&netns).map_err(kernel("opening netlink in the container"))?;
         ensure_ifname_free(&mut cnl, &args.ifname)?;
         let mut hnl = Netlink::new().map_err(kernel("opening netlink"))?;
         let mut created = Created::default();
@@ -121,7 +121,7 @@ impl Plugin for Bridge {
             }
         }
         match open_netns_for_teardown(&args.netns) {
-            Some(netns) => errors.extend(delete_container_link(&netns, &args.ifname).err()),
+            Some(netns) => errors.extend(retire_container_link(&netns, &args.ifname).err()),
             // The sandbox is gone; its veth pair goes with it, but the kernel does that
             // asynchronously: remove the host end the cached result names right away.
             None => errors.extend(delete_host_veths(conf, &bconf.bridge).err()),
@@ -150,7 +150,7 @@ impl Plugin for Bridge {
             .container_interface(&args.ifname)
             .ok_or_else(|| CniError::internal(format!("prevResult has no container interface {}", args.ifname)))?;
         let netns = open_netns(&args.netns)?;
-        let mut cnl = Netlink::in_netns(&netns).map_err(kernel("opening netlink in the container"))?;
+        let mut cnl = Netlink::in_netns_here(&netns).map_err(kernel("opening netlink in the container"))?;
         container::verify(&mut cnl, &args.ifname, &result, iface)?;
         let peer_index = cnl
             .link_by_name(&args.ifname)
@@ -176,6 +176,7 @@ impl Plugin for Bridge {
     fn gc(&self, args: &CmdArgs, conf: &NetConf, valid: &[Attachment]) -> Result<(), CniError> {
         let bconf = BridgeConf::load(&args.stdin)?;
         rules::gc("masq", &bconf.name, valid)?;
+        teardown::sweep(&mut Netlink::new().map_err(kernel("opening netlink"))?)?;
         if let Some(ipam_type) = ipam::ipam_type(conf) {
             ipam::gc(&ipam_type, args, valid)?;
         }
@@ -206,13 +207,11 @@ fn add_steps(
         None => CniResult::default(),
     };
     let bridge = ensure_bridge(hnl, bconf, created)?;
-    let host_veth = create_veth(hnl, &args.ifname, bconf.mtu, mac, netns)?;
-    created.host_veth = Some(host_veth);
-    hnl.set_master(host_veth, bridge).map_err(kernel("attaching the veth to the bridge"))?;
+    let host = create_veth(hnl, &args.ifname, bconf.mtu, mac, netns, Some(bridge))?;
+    created.host_veth = Some(host.index);
     if bconf.hairpin_mode {
-        hnl.set_hairpin(host_veth, true).map_err(kernel("setting hairpin mode"))?;
+        hnl.set_hairpin(host.index, true).map_err(kernel("setting hairpin mode"))?;
     }
-    hnl.set_up(host_veth, true).map_err(kernel("setting the host veth up"))?;
 
     let cont = cnl
         .link_by_name(&args.ifname)
@@ -227,7 +226,7 @@ fn add_steps(
     if bconf.is_default_gateway {
         add_default_routes(&mut result);
     }
-    container::configure(cnl, cont.index, &result, 2)?;
+    container::configure(cnl, &cont, &result, 2)?;
 
     if bconf.is_gateway {
         ensure_gateway_addresses(hnl, bridge, bconf, &result)?;
@@ -243,19 +242,11 @@ fn add_steps(
     if let Some(dns) = conf.dns.as_ref().filter(|d| !d.is_empty()) {
         result.dns = dns.clone();
     }
-    let bridge_link = hnl.link_by_index(bridge).map_err(kernel("reading the bridge"))?;
-    let host_link = hnl.link_by_index(host_veth).map_err(kernel("reading the host veth"))?;
+    // The bridge's MAC can change when its first port joins: read it now.
+    let bridge_mac = hnl.link_by_index(bridge).map_err(kernel("reading the bridge"))?.map(|l| l.mac_string());
     result.interfaces = vec![
-        Interface {
-            name: bconf.bridge.clone(),
-            mac: bridge_link.map(|l| l.mac_string()).unwrap_or_default(),
-            sandbox: String::new(),
-        },
-        Interface {
-            name: host_link.as_ref().map(|l| l.name.clone()).unwrap_or_default(),
-            mac: host_link.map(|l| l.mac_string()).unwrap_or_default(),
-            sandbox: String::new(),
-        },
+        Interface { name: bconf.bridge.clone(), mac: bridge_mac.unwrap_or_default(), sandbox: String::new() },
+        Interface { name: host.name.clone(), mac: host.mac_string(), sandbox: String::new() },
         Interface { name: args.ifname.clone(), mac: cont.mac_string(), sandbox: args.netns.clone() },
     ];
     Ok(result)
@@ -330,49 +321,48 @@ fn add_default_routes(result: &mut CniResult) {
     }
 }
 
-/// Puts each family's gateway on the bridge (`ip addr add GW/PREFIX dev cni0`).
+/// Puts each family's gateway on the bridge (`ip addr add GW/PREFIX dev cni0`). The common case
+/// (already there) costs one request; the bridge's addresses are only listed when one is new.
 fn ensure_gateway_addresses(
     nl: &mut Netlink,
     bridge: u32,
     bconf: &BridgeConf,
     result: &CniResult,
 ) -> Result<(), CniError> {
-    let have = nl.addresses(Some(bridge)).map_err(kernel("reading bridge addresses"))?;
-    let mut done: Vec<IpNet> = Vec::new();
     for ip in &result.ips {
         let Some(gw) = ip.gateway else { continue };
         let want = IpNet::new(gw, ip.address.prefix_len()).map_err(|e| CniError::internal(e.to_string()))?;
-        if done.contains(&want) || have.iter().any(|a| a.net == want) {
-            continue;
+        match nl.add_address(bridge, &want) {
+            Err(e) if e.is_exists() => continue,
+            other => other.map_err(kernel("adding the gateway address to the bridge"))?,
         }
+        let have = nl.addresses(Some(bridge)).map_err(kernel("reading bridge addresses"))?;
         let conflicting: Vec<IpNet> = have
             .iter()
             .map(|a| a.net)
-            .filter(|a| a.addr().is_ipv4() == want.addr().is_ipv4() && !a.addr().is_unicast_link_local_v6())
+            .filter(|a| {
+                *a != want && a.addr().is_ipv4() == want.addr().is_ipv4() && !a.addr().is_unicast_link_local_v6()
+            })
             .filter(|a| a.contains(&want.addr()) || want.contains(&a.addr()))
             .collect();
-        if !conflicting.is_empty() {
-            if !bconf.force_address {
-                return Err(CniError::internal(format!(
-                    "{:?} already has an IP address different from {want}",
-                    bconf.bridge
-                )));
-            }
-            // forceAddress: replace the old gateway only when no other container uses the bridge;
-            // otherwise keep it beside the new one, so running pods keep their gateway.
-            let ports =
-                nl.links().map_err(kernel("reading links"))?.iter().filter(|l| l.master == Some(bridge)).count();
-            if ports <= 1 {
-                for old in conflicting {
-                    nl.delete_address(bridge, &old).map_err(kernel("removing the old gateway address"))?;
-                }
+        if conflicting.is_empty() {
+            continue;
+        }
+        if !bconf.force_address {
+            let _ = nl.delete_address(bridge, &want);
+            return Err(CniError::internal(format!(
+                "{:?} already has an IP address different from {want}",
+                bconf.bridge
+            )));
+        }
+        // forceAddress: replace the old gateway only when no other container uses the bridge;
+        // otherwise keep it beside the new one, so running pods keep their gateway.
+        let ports = nl.links().map_err(kernel("reading links"))?.iter().filter(|l| l.master == Some(bridge)).count();
+        if ports <= 1 {
+            for old in conflicting {
+                nl.delete_address(bridge, &old).map_err(kernel("removing the old gateway address"))?;
             }
         }
-        match nl.add_address(bridge, &want) {
-            Err(e) if e.is_exists() => {}
-            other => other.map_err(kernel("adding the gateway address to the bridge"))?,
-        }
-        done.push(want);
     }
     Ok(())
 }
@@ -399,14 +389,12 @@ pub fn enable_forwarding(result: &CniResult) -> Result<(), CniError> {
     Ok(())
 }
 
-/// Deletes `ifname` in the container (its veth peer goes with it); a missing link is success.
-pub fn delete_container_link(netns: &NetNs, ifname: &str) -> Result<(), CniError> {
-    let mut nl = Netlink::in_netns(netns).map_err(kernel("opening netlink in the container"))?;
-    match nl.link_by_name(ifname).map_err(kernel("reading the container interface"))? {
-        Some(link) => weft_dataplane::error::ignore_not_found(nl.delete_link(link.index))
-            .map_err(kernel("deleting the container interface")),
-        None => Ok(()),
-    }
+/// Retires `ifname` in the container and its host peer (see [`teardown`]); a missing link is
+/// success.
+pub fn retire_container_link(netns: &NetNs, ifname: &str) -> Result<(), CniError> {
+    let mut cnl = Netlink::in_netns_here(netns).map_err(kernel("opening netlink in the container"))?;
+    let mut hnl = Netlink::new().map_err(kernel("opening netlink"))?;
+    teardown::retire_veth(&mut cnl, &mut hnl, ifname)
 }
 
 /// Deletes the host-side veths that prevResult names, if they still exist and are ports of
@@ -418,8 +406,7 @@ fn delete_host_veths(conf: &NetConf, bridge: &str) -> Result<(), CniError> {
     for iface in prev.interfaces.iter().filter(|i| i.sandbox.is_empty() && i.name != bridge) {
         if let Some(link) = nl.link_by_name(&iface.name).map_err(kernel("reading the host veth"))? {
             if link.kind == LinkKind::Veth && link.master == Some(br.index) {
-                weft_dataplane::error::ignore_not_found(nl.delete_link(link.index))
-                    .map_err(kernel("deleting the host veth"))?;
+                teardown::retire_host_link(&mut nl, &link)?;
             }
         }
     }

@@ -92,20 +92,30 @@ pub fn prev_result(conf: &weft_cni::NetConf) -> Result<Option<weft_cni::CniResul
     conf.prev_result.as_ref().map(weft_cni::CniResult::from_value).transpose()
 }
 
-/// The veth pair of an attachment: a random `vethXXXXXXXX` on the host, `ifname` in the
-/// container's namespace. Returns the host end's index.
+/// The veth pair of an attachment: a random `vethXXXXXXXX` on the host (on `master` when given),
+/// up, and `ifname` in the container's namespace (still down). Returns the host end.
 pub fn create_veth(
     nl: &mut Netlink,
     ifname: &str,
     mtu: Option<u32>,
     mac: Option<[u8; 6]>,
     netns: &NetNs,
-) -> Result<u32, CniError> {
+    master: Option<u32>,
+) -> Result<weft_dataplane::Link, CniError> {
     for _ in 0..5 {
         let name = random_veth_name();
-        let spec = VethSpec { name: &name, peer_name: ifname, peer_netns: Some(netns), mtu, mac: None, peer_mac: mac };
+        let spec = VethSpec {
+            name: &name,
+            peer_name: ifname,
+            peer_netns: Some(netns),
+            mtu,
+            mac: None,
+            peer_mac: mac,
+            master,
+            up: true,
+        };
         match nl.create_veth(&spec) {
-            Ok(()) => return Ok(nl.require_link(&name).map_err(kernel("reading the host veth"))?.index),
+            Ok(()) => return nl.require_link(&name).map_err(kernel("reading the host veth")),
             // EEXIST for a free host name means the container name is taken (checked before, so
             // a concurrent ADD took it); else the random name collided: try another.
             Err(e) if e.is_exists() => {

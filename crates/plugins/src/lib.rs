@@ -12,6 +12,7 @@ pub mod masq;
 pub mod portmap;
 pub mod ptp;
 pub mod rules;
+pub mod teardown;
 
 use weft_cni::skel::Plugin;
 

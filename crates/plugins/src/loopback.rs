@@ -21,7 +21,7 @@ impl Plugin for Loopback {
 
     fn add(&self, args: &CmdArgs, conf: &NetConf) -> Result<CniResult, CniError> {
         let netns = open_netns(&args.netns)?;
-        let mut nl = Netlink::in_netns(&netns).map_err(kernel("opening netlink in the container"))?;
+        let mut nl = Netlink::in_netns_here(&netns).map_err(kernel("opening netlink in the container"))?;
         let link = lo(&mut nl)?;
         nl.set_up(link.index, true).map_err(kernel("setting lo up"))?;
         // In a chain, pass the previous result through; alone, report lo like the reference.
@@ -56,14 +56,14 @@ impl Plugin for Loopback {
 
     fn del(&self, args: &CmdArgs, _conf: &NetConf) -> Result<(), CniError> {
         let Some(netns) = open_netns_for_teardown(&args.netns) else { return Ok(()) };
-        let mut nl = Netlink::in_netns(&netns).map_err(kernel("opening netlink in the container"))?;
+        let mut nl = Netlink::in_netns_here(&netns).map_err(kernel("opening netlink in the container"))?;
         let link = lo(&mut nl)?;
         nl.set_up(link.index, false).map_err(kernel("setting lo down"))
     }
 
     fn check(&self, args: &CmdArgs, _conf: &NetConf) -> Result<(), CniError> {
         let netns = open_netns(&args.netns)?;
-        let mut nl = Netlink::in_netns(&netns).map_err(kernel("opening netlink in the container"))?;
+        let mut nl = Netlink::in_netns_here(&netns).map_err(kernel("opening netlink in the container"))?;
         if !lo(&mut nl)?.up {
             return Err(CniError::internal("loopback interface is down"));
         }

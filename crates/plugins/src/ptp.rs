@@ -11,7 +11,7 @@ use weft_cni::skel::{parse_plugin_conf, Attachment, Plugin};
 use weft_cni::{CniError, CniResult, Interface, NetConf};
 use weft_dataplane::{Netlink, RouteSpec};
 
-use crate::bridge::{delete_container_link, enable_forwarding};
+use crate::bridge::{enable_forwarding, retire_container_link};
 use crate::common::{
     attachment_key, create_veth, ensure_ifname_free, kernel, open_netns, open_netns_for_teardown, prev_result,
     requested_mac,
@@ -51,7 +51,7 @@ impl Plugin for Ptp {
         let stdin: Value = serde_json::from_slice(&args.stdin).unwrap_or_default();
         let mac = requested_mac(args, &stdin)?;
         let netns = open_netns(&args.netns)?;
-        let mut cnl = Netlink::in_netns(&netns).map_err(kernel("opening netlink in the container"))?;
+        let mut cnl = Netlink::in_netns_here(&netns).map_err(kernel("opening netlink in the container"))?;
         ensure_ifname_free(&mut cnl, &args.ifname)?;
         let mut hnl = Netlink::new().map_err(kernel("opening netlink"))?;
 
@@ -61,7 +61,8 @@ impl Plugin for Ptp {
             if result.ips.is_empty() || result.ips.iter().any(|ip| ip.gateway.is_none()) {
                 return Err(CniError::internal("IPAM plugin returned missing IP config or gateway"));
             }
-            let index = create_veth(&mut hnl, &args.ifname, pconf.mtu, mac, &netns)?;
+            let host = create_veth(&mut hnl, &args.ifname, pconf.mtu, mac, &netns, None)?;
+            let index = host.index;
             host_veth = Some(index);
             setup_container(&mut cnl, &args.ifname, &mut result)?;
             setup_host(&mut hnl, index, &result)?;
@@ -70,14 +71,9 @@ impl Plugin for Ptp {
                 let nets: Vec<IpNet> = result.ips.iter().map(|ip| ip.address).collect();
                 masq::setup(&pconf.masq_key(args), &nets)?;
             }
-            let host = hnl.link_by_index(index).map_err(kernel("reading the host veth"))?;
             let cont = cnl.require_link(&args.ifname).map_err(kernel("reading the container interface"))?;
             result.interfaces = vec![
-                Interface {
-                    name: host.as_ref().map(|l| l.name.clone()).unwrap_or_default(),
-                    mac: host.map(|l| l.mac_string()).unwrap_or_default(),
-                    sandbox: String::new(),
-                },
+                Interface { name: host.name.clone(), mac: host.mac_string(), sandbox: String::new() },
                 Interface { name: args.ifname.clone(), mac: cont.mac_string(), sandbox: args.netns.clone() },
             ];
             if let Some(dns) = conf.dns.as_ref().filter(|d| !d.is_empty()) {
@@ -105,7 +101,7 @@ impl Plugin for Ptp {
             errors.extend(ipam::del(&ipam_type, args, conf).err());
         }
         if let Some(netns) = open_netns_for_teardown(&args.netns) {
-            errors.extend(delete_container_link(&netns, &args.ifname).err());
+            errors.extend(retire_container_link(&netns, &args.ifname).err());
         }
         if pconf.ip_masq {
             errors.extend(masq::teardown(&pconf.masq_key(args)).err());
@@ -123,7 +119,7 @@ impl Plugin for Ptp {
             .container_interface(&args.ifname)
             .ok_or_else(|| CniError::internal(format!("prevResult has no container interface {}", args.ifname)))?;
         let netns = open_netns(&args.netns)?;
-        let mut cnl = Netlink::in_netns(&netns).map_err(kernel("opening netlink in the container"))?;
+        let mut cnl = Netlink::in_netns_here(&netns).map_err(kernel("opening netlink in the container"))?;
         container::verify(&mut cnl, &args.ifname, &result, iface)?;
         let mut hnl = Netlink::new().map_err(kernel("opening netlink"))?;
         let routes = hnl.routes().map_err(kernel("reading host routes"))?;
@@ -141,6 +137,7 @@ impl Plugin for Ptp {
     fn gc(&self, args: &CmdArgs, conf: &NetConf, valid: &[Attachment]) -> Result<(), CniError> {
         let pconf: PtpConf = parse_plugin_conf(&args.stdin)?;
         rules::gc("masq", &pconf.name, valid)?;
+        crate::teardown::sweep(&mut Netlink::new().map_err(kernel("opening netlink"))?)?;
         if let Some(ipam_type) = ipam::ipam_type(conf) {
             ipam::gc(&ipam_type, args, valid)?;
         }
@@ -178,7 +175,6 @@ fn setup_container(cnl: &mut Netlink, ifname: &str, result: &mut CniResult) -> R
 
 /// The host end: the gateway address as a host prefix, a host route to the container.
 fn setup_host(hnl: &mut Netlink, index: u32, result: &CniResult) -> Result<(), CniError> {
-    hnl.set_up(index, true).map_err(kernel("setting the host veth up"))?;
     for ip in &result.ips {
         if let Some(gw) = ip.gateway {
             hnl.add_address(index, &host_prefix(gw)).map_err(kernel("adding the gateway address to the host veth"))?;

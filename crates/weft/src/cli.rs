@@ -45,6 +45,14 @@ enum CniCommand {
     },
     /// List the plugin types weft provides.
     List,
+    /// Delete a veth retired by a plugin's DEL (started by the plugins themselves).
+    #[command(hide = true)]
+    Reap {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        index: u32,
+    },
 }
 
 pub fn main() -> i32 {
@@ -56,6 +64,9 @@ pub fn main() -> i32 {
                 println!("{name}");
             }
             Ok(())
+        }
+        Command::Cni(CniCommand::Reap { name, index }) => {
+            weft_plugins::teardown::reap(&name, index).map_err(|e| anyhow::anyhow!("reaping {name}: {e}"))
         }
         Command::Plugin { name } => match weft_plugins::by_name(&name) {
             Some(plugin) => return crate::run_plugin(plugin.as_ref()),

@@ -95,6 +95,8 @@ fn add_check_del_dual_stack() {
     call.run(&node, "bridge", "DEL", &with_prev(&cfg, &result)).ok();
     assert!(!cont.links().contains(&"eth0".to_string()));
     assert!(!node.links().contains(&veth.to_string()));
+    assert_reaped(&node);
+    assert_reaped(&cont);
     assert!(reservations(data.path(), "brnet").is_empty());
     assert!(!node.nft().contains("brnet/ctr1"), "rules left: {}", node.nft());
     // DEL again, and DEL without prevResult: still success.
@@ -140,6 +142,7 @@ fn del_with_netns_gone_releases_everything() {
     assert!(reservations(data.path(), "brnet").is_empty());
     assert!(!node.nft().contains("brnet/ctr1"), "masquerade leaked: {}", node.nft());
     assert!(!node.links().contains(&veth), "host veth left behind");
+    assert_reaped(&node);
     // Without it, too (nothing left to do: a repeated DEL).
     call.run(&node, "bridge", "DEL", &cfg.to_string()).ok();
     // Also with CNI_NETNS empty, as runtimes send it after the sandbox is gone.

@@ -79,6 +79,9 @@ fn hundred_parallel_adds_and_dels() {
         o.ok();
     }
     assert!(reservations(data.path(), "conc").is_empty());
-    assert_eq!(node.ip_json(&["link", "show", "master", &br]).as_array().unwrap().len(), 0);
+    eventually("every retired veth deleted", || {
+        node.ip_json(&["link", "show", "master", &br]).as_array().unwrap().is_empty()
+    });
+    assert_reaped(&node);
     assert_eq!(node.nft().matches("masq conc/").count(), 0, "{}", node.nft());
 }

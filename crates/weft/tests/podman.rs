@@ -142,7 +142,8 @@ fn podman_runs_two_containers_on_weft() {
 
     podman.ok(&["rm", "-f", "-t", "0", "web", "client"]);
     assert!(reservations(ipam.path(), "weftnet").is_empty(), "addresses not released");
-    assert!(node.ip_json(&["link", "show", "master", &bridge]).as_array().unwrap().is_empty(), "veths left");
+    eventually("veths removed", || node.ip_json(&["link", "show", "master", &bridge]).as_array().unwrap().is_empty());
+    assert_reaped(&node);
     let rules = node.nft();
     assert!(!rules.contains("weftnet/"), "rules left: {rules}");
 }

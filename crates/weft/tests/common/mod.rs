@@ -331,3 +331,18 @@ pub fn wire(a: &Ns, a_addr: &str, b: &Ns, b_addr: &str) {
     b.sh(&["ip", "addr", "add", b_addr, "dev", &eb]);
     b.sh(&["ip", "link", "set", &eb, "up"]);
 }
+
+/// Polls `cond` for up to 5 s (work the plugins hand to a detached reaper, such as deleting a
+/// retired veth, finishes shortly after the plugin returns).
+pub fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "not within 5 s: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Asserts that no veth retired by a DEL is left in `ns` (within the reaper's time).
+pub fn assert_reaped(ns: &Ns) {
+    eventually(&format!("retired veths deleted in {}", ns.name), || !ns.links().iter().any(|l| l.starts_with("wdel")));
+}
