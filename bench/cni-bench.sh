@@ -12,7 +12,13 @@ host=$(rustc -vV | sed -n 's/^host: //p')
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -q -p weft --bin weft --target "$host"
 cargo build --release -q -p weft --example cni_bench
 bin=$(mktemp -d)
-trap 'rm -rf "$bin"' EXIT
+# The benchmark's own guards remove its namespaces; this catches an aborted run too.
+export WEFT_BENCH_PREFIX="wb$$"
+cleanup() {
+    rm -rf "$bin" /tmp/"$WEFT_BENCH_PREFIX"*
+    for ns in $(ip netns list | awk '{print $1}' | grep "^$WEFT_BENCH_PREFIX" || true); do ip netns delete "$ns"; done
+}
+trap cleanup EXIT
 for p in bridge host-local portmap loopback ptp; do ln -s "$PWD/target/$host/release/weft" "$bin/$p"; done
 echo "weft $(git rev-parse --short HEAD 2>/dev/null || echo '?'), reference: /usr/lib/cni ($(dpkg-query -W -f='${Version}' containernetworking-plugins 2>/dev/null || echo unknown)), $(nproc) cores, median of $runs runs"
 target/release/examples/cni_bench --weft "$bin" --reference /usr/lib/cni --runs "$runs"

@@ -9,11 +9,12 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
-use nix::sys::statfs::{statfs, PROC_SUPER_MAGIC};
+use nix::sys::statfs::{statfs, FsType, PROC_SUPER_MAGIC};
 
 /// Where named namespaces are bind-mounted, as `ip netns add` does.
 pub const NETNS_RUN_DIR: &str = "/var/run/netns";
-const NSFS_MAGIC: i64 = 0x6e73_6673;
+/// `NSFS_MAGIC`: a bind-mounted namespace file (nix does not name it).
+const NSFS_MAGIC: FsType = FsType(0x6e73_6673);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
@@ -43,8 +44,8 @@ impl NetNs {
     pub fn open(path: impl AsRef<Path>) -> Result<NetNs> {
         let path = path.as_ref().to_path_buf();
         let fs = statfs(&path).map_err(|e| NetnsError::Open { path: path.clone(), source: e.into() })?;
-        let magic = fs.filesystem_type().0 as i64;
-        if magic != NSFS_MAGIC && magic != PROC_SUPER_MAGIC.0 as i64 {
+        let kind = fs.filesystem_type();
+        if kind != NSFS_MAGIC && kind != PROC_SUPER_MAGIC {
             return Err(NetnsError::NotNamespace { path });
         }
         let file = File::open(&path).map_err(|source| NetnsError::Open { path: path.clone(), source })?;

@@ -3,6 +3,8 @@
 //! with 3000 existing reservations. Prints medians and the weft/reference ratio.
 //! Run through `bench/cni-bench.sh` (needs root).
 
+#![allow(clippy::unwrap_used)]
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -41,7 +43,8 @@ fn ns(guard: &mut Guard, name: String) -> NetNs {
 }
 
 fn setup(guard: &mut Guard, label: &str, bin: &Path, count: usize) -> Setup {
-    let tag = format!("wb{}{label}", std::process::id() % 10000);
+    let prefix = std::env::var("WEFT_BENCH_PREFIX").unwrap_or_else(|_| format!("wb{}", std::process::id() % 10000));
+    let tag = format!("{prefix}{label}");
     let node = ns(guard, format!("{tag}n"));
     let conts: Vec<String> = (0..count)
         .map(|i| {
@@ -100,6 +103,19 @@ fn sequential(s: &Setup, command: &str, conf: &str) -> Vec<Duration> {
         .expect("entering the node")
 }
 
+/// Waits (untimed) until veths retired by DELs are deleted, so that the reapers' kernel work does
+/// not slow down the next measurement.
+fn wait_reaped(s: &Setup) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let links = s.node.run(|| weft_dataplane::Netlink::new().and_then(|mut nl| nl.links())).expect("node");
+        if !links.expect("listing links").iter().any(|l| l.name.starts_with("wdel")) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Parallel: all at once; returns the wall time for the whole batch.
 fn parallel(s: &Setup, command: &str, conf: &str) -> Duration {
     s.node
@@ -138,37 +154,61 @@ struct Row {
     weft: Duration,
 }
 
-fn measure(weft: &Path, reference: &Path) -> Vec<Row> {
-    let mut rows = Vec::new();
-    let mut results: Vec<(Vec<Duration>, Vec<Duration>, Duration, Duration, Vec<Duration>, Vec<Duration>)> = Vec::new();
-    for (label, bin) in [("r", reference), ("w", weft)] {
-        let mut guard = Guard(Vec::new(), Vec::new());
-        let s = setup(&mut guard, label, bin, SEQ);
-        let c = conf(&s.data, "198.19.0.0/17");
-        let add = sequential(&s, "ADD", &c);
-        let del = sequential(&s, "DEL", &c);
-        let par = Setup { node: s.node, conts: s.conts[..PAR].to_vec(), data: s.data.clone(), bin: s.bin.clone() };
-        let padd = parallel(&par, "ADD", &c);
-        let pdel = parallel(&par, "DEL", &c);
-        // host-local with 3000 reservations already on disk.
-        prefill(&par.data);
-        let c3 = c.clone();
-        let full = Setup { node: par.node, conts: s.conts.clone(), data: par.data.clone(), bin: par.bin.clone() };
-        let add3 = sequential(&full, "ADD", &c3);
-        let del3 = sequential(&full, "DEL", &c3);
-        results.push((add, del, padd, pdel, add3, del3));
-    }
-    let (r, w) = (&results[0], &results[1]);
-    let push = |rows: &mut Vec<Row>, name: &str, reference: Duration, weft: Duration| {
-        rows.push(Row { name: name.into(), reference, weft })
+/// One implementation's timings.
+struct Timings {
+    add: Vec<Duration>,
+    del: Vec<Duration>,
+    par_add: Duration,
+    par_del: Duration,
+    add_full: Vec<Duration>,
+    del_full: Vec<Duration>,
+}
+
+fn time_one(label: &str, bin: &Path) -> Timings {
+    let mut guard = Guard(Vec::new(), Vec::new());
+    let s = setup(&mut guard, label, bin, SEQ);
+    let c = conf(&s.data, "198.19.0.0/17");
+    let add = sequential(&s, "ADD", &c);
+    let del = sequential(&s, "DEL", &c);
+    wait_reaped(&s);
+    let par = Setup { node: s.node, conts: s.conts[..PAR].to_vec(), data: s.data.clone(), bin: s.bin.clone() };
+    let par_add = parallel(&par, "ADD", &c);
+    let par_del = parallel(&par, "DEL", &c);
+    wait_reaped(&par);
+    // host-local with 3000 reservations already on disk.
+    prefill(&par.data);
+    let full = Setup { node: par.node, conts: s.conts.clone(), data: par.data.clone(), bin: par.bin.clone() };
+    let add_full = sequential(&full, "ADD", &c);
+    let del_full = sequential(&full, "DEL", &c);
+    Timings { add, del, par_add, par_del, add_full, del_full }
+}
+
+/// Lets the kernel finish tearing down the namespaces of the previous measurement (it does that
+/// in the background, holding the same locks the plugins need).
+fn settle() {
+    std::thread::sleep(Duration::from_secs(3));
+}
+
+fn measure(weft: &Path, reference: &Path, weft_first: bool) -> Vec<Row> {
+    let (r, w) = if weft_first {
+        let w = time_one("w", weft);
+        settle();
+        (time_one("r", reference), w)
+    } else {
+        let r = time_one("r", reference);
+        settle();
+        (r, time_one("w", weft))
     };
-    push(&mut rows, "ADD, sequential (median per call)", median(r.0.clone()), median(w.0.clone()));
-    push(&mut rows, "DEL, sequential (median per call)", median(r.1.clone()), median(w.1.clone()));
-    push(&mut rows, &format!("ADD, {PAR} in parallel (wall time)"), r.2, w.2);
-    push(&mut rows, &format!("DEL, {PAR} in parallel (wall time)"), r.3, w.3);
-    push(&mut rows, &format!("ADD with {PREFILLED} reservations (median)"), median(r.4.clone()), median(w.4.clone()));
-    push(&mut rows, &format!("DEL with {PREFILLED} reservations (median)"), median(r.5.clone()), median(w.5.clone()));
-    rows
+    settle();
+    let row = |name: String, reference: Duration, weft: Duration| Row { name, reference, weft };
+    vec![
+        row("ADD, sequential (median per call)".into(), median(r.add), median(w.add)),
+        row("DEL, sequential (median per call)".into(), median(r.del), median(w.del)),
+        row(format!("ADD, {PAR} in parallel (wall time)"), r.par_add, w.par_add),
+        row(format!("DEL, {PAR} in parallel (wall time)"), r.par_del, w.par_del),
+        row(format!("ADD with {PREFILLED} reservations (median)"), median(r.add_full), median(w.add_full)),
+        row(format!("DEL with {PREFILLED} reservations (median)"), median(r.del_full), median(w.del_full)),
+    ]
 }
 
 fn main() {
@@ -188,7 +228,8 @@ fn main() {
     let mut all: Vec<Vec<Row>> = Vec::new();
     for run in 0..runs {
         eprintln!("run {}/{runs} ...", run + 1);
-        all.push(measure(&weft, &reference));
+        // Alternate which one goes first, so neither always runs on a warmer (or busier) kernel.
+        all.push(measure(&weft, &reference, run % 2 == 1));
     }
     println!("| measurement | reference (ms) | weft (ms) | weft/reference |");
     println!("|---|---:|---:|---:|");

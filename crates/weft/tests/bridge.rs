@@ -1,6 +1,8 @@
 //! The bridge plugin (with host-local) on the real kernel: ADD / CHECK / DEL, idempotent DEL,
 //! DEL without the netns, rollback of a failed ADD, L2-only mode and MAC requests.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;

@@ -1,6 +1,8 @@
 //! 100 ADDs from separate processes at once get 100 distinct addresses; 100 DELs at once leave
 //! no reservation, veth or rule behind.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::Write;

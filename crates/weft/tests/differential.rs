@@ -4,6 +4,8 @@
 //! routes and links in the container, the same bridge on the node, the same cleanup on DEL, and
 //! the same error codes for the same bad inputs.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::Path;
@@ -262,7 +264,9 @@ fn bad_inputs_same_error_codes_nothing_changed() {
     let weft_dir = weft_plugin_dir();
     let good = bridge_conf("1.0.0", json!({"isGateway": true, "ipMasq": true}));
     let not_ns = Dir::new("notns");
-    let cases: Vec<(&str, String, Vec<(&str, String)>)> = vec![
+    /// A case: its name, the config on stdin, environment overrides (empty value: unset).
+    type Case<'a> = (&'a str, String, Vec<(&'a str, String)>);
+    let cases: Vec<Case> = vec![
         ("malformed JSON", "{\"cniVersion\": ".into(), vec![]),
         ("unsupported version", bridge_conf("9.9.9", json!({})).to_string(), vec![]),
         ("missing CNI_NETNS", good.to_string(), vec![("CNI_NETNS", String::new())]),

@@ -3,6 +3,8 @@
 //! an address, they reach each other, a published port answers, and removing the containers
 //! releases every address, veth and rule.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::Path;

@@ -2,6 +2,8 @@
 //! from the pod itself (hairpin) and from the node's 127.0.0.1; a re-ADD replaces its rules, DEL
 //! and GC remove exactly them.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;

@@ -1,5 +1,7 @@
 //! ptp, loopback and host-local on their own, on the real kernel.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;
