@@ -10,17 +10,13 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde::Deserialize;
-use serde_json::Value;
 use weft_cni::args::CmdArgs;
 use weft_cni::skel::{parse_plugin_conf, Attachment, Plugin};
 use weft_cni::{CniError, CniResult, ErrorCode, Interface, NetConf, Route};
 use weft_dataplane::{sysctl, LinkKind, Netlink};
 use weft_netns::NetNs;
 
-use crate::common::{
-    attachment_key, create_veth, ensure_ifname_free, kernel, open_netns, open_netns_for_teardown, prev_result,
-    requested_mac,
-};
+use crate::common::{attachment_key, create_veth, kernel, open_netns, open_netns_for_teardown, prev_result, Attach};
 use crate::{container, ipam, masq, rules, teardown};
 
 pub struct Bridge;
@@ -98,12 +94,7 @@ impl Plugin for Bridge {
 
     fn add(&self, args: &CmdArgs, conf: &NetConf) -> Result<CniResult, CniError> {
         let bconf = BridgeConf::load(&args.stdin)?;
-        let stdin: Value = serde_json::from_slice(&args.stdin).unwrap_or_default();
-        let mac = requested_mac(args, &stdin)?;
-        let netns = open_netns(&args.netns)?;
-        let mut cnl = Netlink::in_netns_here(&netns).map_err(kernel("opening netlink in the container"))?;
-        ensure_ifname_free(&mut cnl, &args.ifname)?;
-        let mut hnl = Netlink::new().map_err(kernel("opening netlink"))?;
+        let Attach { mac, netns, mut cnl, mut hnl } = Attach::prepare(args)?;
         let mut created = Created::default();
         let outcome = add_steps(args, conf, &bconf, mac, &netns, &mut hnl, &mut cnl, &mut created);
         if outcome.is_err() {

@@ -136,3 +136,25 @@ pub fn ensure_ifname_free(cnl: &mut Netlink, ifname: &str) -> Result<(), CniErro
     }
     Ok(())
 }
+
+/// What an ADD that creates a veth pair checks and opens before it changes anything: the MAC
+/// asked for, the container's namespace with a netlink socket in it (the interface name must be
+/// free), and a netlink socket on the host.
+pub struct Attach {
+    pub mac: Option<[u8; 6]>,
+    pub netns: NetNs,
+    pub cnl: Netlink,
+    pub hnl: Netlink,
+}
+
+impl Attach {
+    pub fn prepare(args: &CmdArgs) -> Result<Attach, CniError> {
+        let stdin: Value = serde_json::from_slice(&args.stdin).unwrap_or_default();
+        let mac = requested_mac(args, &stdin)?;
+        let netns = open_netns(&args.netns)?;
+        let mut cnl = Netlink::in_netns_here(&netns).map_err(kernel("opening netlink in the container"))?;
+        ensure_ifname_free(&mut cnl, &args.ifname)?;
+        let hnl = Netlink::new().map_err(kernel("opening netlink"))?;
+        Ok(Attach { mac, netns, cnl, hnl })
+    }
+}

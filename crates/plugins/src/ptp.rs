@@ -5,17 +5,13 @@
 
 use ipnet::IpNet;
 use serde::Deserialize;
-use serde_json::Value;
 use weft_cni::args::CmdArgs;
 use weft_cni::skel::{parse_plugin_conf, Attachment, Plugin};
 use weft_cni::{CniError, CniResult, Interface, NetConf};
 use weft_dataplane::{Netlink, RouteSpec};
 
 use crate::bridge::{enable_forwarding, retire_container_link};
-use crate::common::{
-    attachment_key, create_veth, ensure_ifname_free, kernel, open_netns, open_netns_for_teardown, prev_result,
-    requested_mac,
-};
+use crate::common::{attachment_key, create_veth, kernel, open_netns, open_netns_for_teardown, prev_result, Attach};
 use crate::{container, ipam, masq, rules};
 
 pub struct Ptp;
@@ -48,12 +44,7 @@ impl Plugin for Ptp {
     fn add(&self, args: &CmdArgs, conf: &NetConf) -> Result<CniResult, CniError> {
         let pconf: PtpConf = parse_plugin_conf(&args.stdin)?;
         let ipam_type = ipam::ipam_type(conf).ok_or_else(|| CniError::invalid_config("ptp needs an IPAM plugin"))?;
-        let stdin: Value = serde_json::from_slice(&args.stdin).unwrap_or_default();
-        let mac = requested_mac(args, &stdin)?;
-        let netns = open_netns(&args.netns)?;
-        let mut cnl = Netlink::in_netns_here(&netns).map_err(kernel("opening netlink in the container"))?;
-        ensure_ifname_free(&mut cnl, &args.ifname)?;
-        let mut hnl = Netlink::new().map_err(kernel("opening netlink"))?;
+        let Attach { mac, netns, mut cnl, mut hnl } = Attach::prepare(args)?;
 
         let mut result = ipam::add(&ipam_type, args)?;
         let mut host_veth = None;
