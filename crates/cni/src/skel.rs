@@ -93,7 +93,15 @@ fn dispatch(
     }
     let args = CmdArgs::from_env(command, env, input)?;
     let conf = decode_conf(&args.stdin)?;
+    Ok(invoke(plugin, &args, &conf)?.map(|result| result.to_json_value(&conf.cni_version)))
+}
+
+/// Runs one command of `plugin` with already validated arguments and decoded config: the
+/// version checks, then the call. ADD returns the result (in canonical form). Delegating
+/// plugins use this to call weft's own plugins in-process.
+pub fn invoke(plugin: &dyn Plugin, args: &CmdArgs, conf: &NetConf) -> Result<Option<CniResult>> {
     version::check(&conf.cni_version)?;
+    let command = args.command;
     let require = |min: &str| -> Result<()> {
         if version::at_least(&conf.cni_version, min) {
             return Ok(());
@@ -104,25 +112,22 @@ fn dispatch(
         ))
     };
     match command {
-        Command::Add => {
-            let result = plugin.add(&args, &conf)?;
-            Ok(Some(result.to_json_value(&conf.cni_version)))
-        }
-        Command::Del => plugin.del(&args, &conf).map(|()| None),
+        Command::Add => plugin.add(args, conf).map(Some),
+        Command::Del => plugin.del(args, conf).map(|()| None),
         Command::Check => {
             require("0.4.0")?;
-            plugin.check(&args, &conf).map(|()| None)
+            plugin.check(args, conf).map(|()| None)
         }
         Command::Status => {
             require("1.1.0")?;
-            plugin.status(&args, &conf).map(|()| None)
+            plugin.status(args, conf).map(|()| None)
         }
         Command::Gc => {
             require("1.1.0")?;
             let valid = valid_attachments(&args.stdin)?;
-            plugin.gc(&args, &conf, &valid).map(|()| None)
+            plugin.gc(args, conf, &valid).map(|()| None)
         }
-        Command::Version => unreachable!("handled above"),
+        Command::Version => Ok(None),
     }
 }
 

@@ -107,7 +107,7 @@ impl Plugin for Bridge {
         let bconf = BridgeConf::load(&args.stdin)?;
         let mut errors = Vec::new();
         if let Some(ipam_type) = ipam::ipam_type(conf) {
-            if let Err(e) = ipam::del(&ipam_type, args, conf) {
+            if let Err(e) = ipam::del(&ipam_type, args) {
                 errors.push(e);
             }
         }
@@ -169,7 +169,7 @@ impl Plugin for Bridge {
         rules::gc("masq", &bconf.name, valid)?;
         teardown::sweep(&mut Netlink::new().map_err(kernel("opening netlink"))?)?;
         if let Some(ipam_type) = ipam::ipam_type(conf) {
-            ipam::gc(&ipam_type, args, valid)?;
+            ipam::gc(&ipam_type, args)?;
         }
         Ok(())
     }
@@ -254,7 +254,7 @@ fn rollback(args: &CmdArgs, conf: &NetConf, bconf: &BridgeConf, hnl: &mut Netlin
     }
     if created.ipam {
         if let Some(ipam_type) = ipam::ipam_type(conf) {
-            let _ = ipam::del(&ipam_type, args, conf);
+            let _ = ipam::del(&ipam_type, args);
         }
     }
     if let Some(bridge) = created.bridge {

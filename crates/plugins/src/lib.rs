@@ -5,6 +5,7 @@
 pub mod bridge;
 pub mod common;
 pub mod container;
+pub mod delegate;
 pub mod host_local;
 pub mod ipam;
 pub mod loopback;

@@ -79,7 +79,7 @@ impl Plugin for Ptp {
             if pconf.ip_masq {
                 let _ = masq::teardown(&pconf.masq_key(args));
             }
-            let _ = ipam::del(&ipam_type, args, conf);
+            let _ = ipam::del(&ipam_type, args);
             return Err(e);
         }
         Ok(result)
@@ -89,7 +89,7 @@ impl Plugin for Ptp {
         let pconf: PtpConf = parse_plugin_conf(&args.stdin)?;
         let mut errors = Vec::new();
         if let Some(ipam_type) = ipam::ipam_type(conf) {
-            errors.extend(ipam::del(&ipam_type, args, conf).err());
+            errors.extend(ipam::del(&ipam_type, args).err());
         }
         if let Some(netns) = open_netns_for_teardown(&args.netns) {
             errors.extend(retire_container_link(&netns, &args.ifname).err());
@@ -130,7 +130,7 @@ impl Plugin for Ptp {
         rules::gc("masq", &pconf.name, valid)?;
         crate::teardown::sweep(&mut Netlink::new().map_err(kernel("opening netlink"))?)?;
         if let Some(ipam_type) = ipam::ipam_type(conf) {
-            ipam::gc(&ipam_type, args, valid)?;
+            ipam::gc(&ipam_type, args)?;
         }
         Ok(())
     }

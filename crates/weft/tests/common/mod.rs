@@ -118,9 +118,10 @@ impl Ns {
         self.sh(&["nft", "list", "ruleset"])
     }
 
-    /// The iptables nat rules of the namespace (text), for the reference plugins.
+    /// The iptables nat rules of the namespace (text without the timestamped comments), for
+    /// the reference plugins.
     pub fn iptables_nat(&self) -> String {
-        self.try_sh(&["iptables-save", "-t", "nat"]).1
+        self.try_sh(&["iptables-save", "-t", "nat"]).1.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n")
     }
 }
 
