@@ -1,5 +1,6 @@
 //! The CNI plugins weft ships, each taking the same JSON as the reference plugin of its name:
-//! `bridge`, `host-local`, `portmap`, `loopback` and `ptp`. [`by_name`] maps a plugin type (the
+//! `bridge`, `host-local`, `portmap`, `loopback` and `ptp`, and `weft`, the meta plugin that
+//! delegates to them with the node's subnet. [`by_name`] maps a plugin type (the
 //! name the binary was invoked under) to its implementation.
 
 pub mod bridge;
@@ -10,6 +11,7 @@ pub mod host_local;
 pub mod ipam;
 pub mod loopback;
 pub mod masq;
+pub mod meta;
 pub mod portmap;
 pub mod ptp;
 pub mod rules;
@@ -18,7 +20,7 @@ pub mod teardown;
 use weft_cni::skel::Plugin;
 
 /// Every plugin type weft implements.
-pub const PLUGIN_NAMES: &[&str] = &["bridge", "host-local", "portmap", "loopback", "ptp"];
+pub const PLUGIN_NAMES: &[&str] = &["bridge", "host-local", "portmap", "loopback", "ptp", "weft"];
 
 /// The plugin implementing `name`.
 pub fn by_name(name: &str) -> Option<Box<dyn Plugin>> {
@@ -28,6 +30,7 @@ pub fn by_name(name: &str) -> Option<Box<dyn Plugin>> {
         "portmap" => Box::new(portmap::Portmap),
         "loopback" => Box::new(loopback::Loopback),
         "ptp" => Box::new(ptp::Ptp),
+        "weft" => Box::new(meta::Meta),
         _ => return None,
     })
 }

@@ -7,8 +7,9 @@ use clap::{Parser, Subcommand};
 /// weft — a container network fabric for Kubernetes-style clusters.
 ///
 /// One binary holds everything. Installed under a CNI plugin's name (bridge, host-local, portmap,
-/// loopback, ptp) it is that plugin, taking the same JSON as the reference plugins. Run as
-/// `weft` it is this command-line tool.
+/// loopback, ptp) it is that plugin, taking the same JSON as the reference plugins. Called by a
+/// container runtime as `weft` (CNI_COMMAND set) it is the meta plugin that gives pods an address
+/// in the node's leased subnet. Run by hand it is this command-line tool.
 #[derive(Parser)]
 #[command(name = "weft", version, propagate_version = true)]
 struct Cli {
@@ -23,7 +24,7 @@ enum Command {
     Cni(CniCommand),
     /// Run one CNI plugin explicitly (as if invoked under its name): `weft plugin bridge`.
     Plugin {
-        /// The plugin type: bridge, host-local, portmap, loopback or ptp.
+        /// The plugin type: bridge, host-local, portmap, loopback, ptp or weft.
         name: String,
     },
     /// Show weft's plugins giving two containers a network, in namespaces made for the demo

@@ -32,14 +32,17 @@ pub fn install(dir: &Path, force: bool) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let binary = dir.join("weft");
     ensure_replaceable(&binary, force)?;
-    for name in weft_plugins::PLUGIN_NAMES {
+    // `weft` itself is the binary (the meta plugin when a runtime calls it): no link for it.
+    let links: Vec<&str> = weft_plugins::PLUGIN_NAMES.iter().copied().filter(|n| *n != "weft").collect();
+    for name in &links {
         ensure_replaceable(&dir.join(name), force)?;
     }
     let exe = std::env::current_exe().context("finding the running binary")?;
     let tmp = dir.join(".weft.tmp");
     std::fs::copy(&exe, &tmp).with_context(|| format!("copying {} to {}", exe.display(), tmp.display()))?;
     std::fs::rename(&tmp, &binary).with_context(|| format!("installing {}", binary.display()))?;
-    for name in weft_plugins::PLUGIN_NAMES {
+    println!("installed {}", binary.display());
+    for name in &links {
         let link = dir.join(name);
         if link.symlink_metadata().is_ok() {
             std::fs::remove_file(&link).with_context(|| format!("replacing {}", link.display()))?;

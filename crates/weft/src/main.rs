@@ -1,6 +1,6 @@
 //! The `weft` binary. Invoked under a CNI plugin's type name (`bridge`, `host-local`, ... through
 //! a symlink or copy) it is that plugin and nothing else runs: no argument parsing, no runtime.
-//! Otherwise it is the command-line interface.
+//! Named `weft` it is the meta plugin when `CNI_COMMAND` is set. Otherwise it is the CLI.
 
 mod cli;
 mod demo;
@@ -11,7 +11,10 @@ use std::path::Path;
 fn main() {
     let argv0 = std::env::args_os().next().unwrap_or_default();
     let name = Path::new(&argv0).file_name().and_then(|n| n.to_str()).unwrap_or("weft").to_string();
-    if let Some(plugin) = weft_plugins::by_name(&name) {
+    // Named `weft`, the binary is the meta plugin when a runtime calls it (CNI_COMMAND set) and
+    // the CLI otherwise.
+    let as_plugin = name != "weft" || std::env::var_os("CNI_COMMAND").is_some();
+    if let Some(plugin) = weft_plugins::by_name(&name).filter(|_| as_plugin) {
         std::process::exit(run_plugin(plugin.as_ref()));
     }
     std::process::exit(cli::main());

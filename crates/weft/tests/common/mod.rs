@@ -121,7 +121,12 @@ impl Ns {
     /// The iptables nat rules of the namespace (text without the timestamped comments), for
     /// the reference plugins.
     pub fn iptables_nat(&self) -> String {
-        self.try_sh(&["iptables-save", "-t", "nat"]).1.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n")
+        self.try_sh(&["iptables-save", "-t", "nat"])
+            .1
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 

@@ -1,0 +1,218 @@
+//! `weft`, the meta plugin (flannel's CNI plugin): reads the subnet file the node agent writes,
+//! renders the delegate config (bridge + host-local in the node's subnet, a route to the cluster
+//! network, the agent's MTU, masquerade only when the agent does not), saves it per
+//! (container, interface) and delegates.
+//!
+//! Compared with flannel's plugin: the saved config is keyed by container *and* interface, so
+//! two interfaces of one container do not collide; DEL without a saved config derives it from the
+//! current subnet file so the address is still released; STATUS answers 50 until the agent is
+//! ready.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use weft_cni::args::{CmdArgs, Command};
+use weft_cni::skel::{parse_plugin_conf, Attachment, Plugin};
+use weft_cni::{CniError, CniResult, ErrorCode, NetConf};
+use weft_netconf::SubnetEnv;
+
+use crate::delegate;
+
+pub const DEFAULT_SUBNET_FILE: &str = "/run/weft/subnet.env";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/weft";
+
+pub struct Meta;
+
+#[derive(Debug, Deserialize)]
+struct MetaConf {
+    #[serde(default)]
+    name: String,
+    #[serde(rename = "cniVersion", default)]
+    cni_version: String,
+    #[serde(rename = "subnetFile", default)]
+    subnet_file: Option<PathBuf>,
+    #[serde(rename = "dataDir", default)]
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    delegate: Option<Map<String, Value>>,
+    #[serde(default)]
+    ipam: Option<Map<String, Value>>,
+    #[serde(rename = "runtimeConfig", default)]
+    runtime_config: Option<Value>,
+    #[serde(default)]
+    args: Option<Value>,
+    #[serde(rename = "prevResult", default)]
+    prev_result: Option<Value>,
+}
+
+impl MetaConf {
+    fn load(stdin: &[u8]) -> Result<MetaConf, CniError> {
+        let conf: MetaConf = parse_plugin_conf(stdin)?;
+        if conf.name.is_empty() {
+            return Err(CniError::invalid_config("the network config has no name"));
+        }
+        Ok(conf)
+    }
+
+    fn subnet_file(&self) -> &Path {
+        self.subnet_file.as_deref().unwrap_or(Path::new(DEFAULT_SUBNET_FILE))
+    }
+
+    fn data_dir(&self) -> &Path {
+        self.data_dir.as_deref().unwrap_or(Path::new(DEFAULT_DATA_DIR))
+    }
+
+    fn saved_path(&self, container_id: &str, ifname: &str) -> PathBuf {
+        self.data_dir().join(format!("{container_id}@{ifname}"))
+    }
+
+    /// The subnet file, or code 11 (try again later): the agent has not leased a subnet yet.
+    fn subnet_env(&self) -> Result<SubnetEnv, CniError> {
+        SubnetEnv::read(self.subnet_file()).map_err(|e| {
+            CniError::new(ErrorCode::TryAgainLater, format!("the weft agent is not ready on this node: {e}"))
+        })
+    }
+
+    /// The delegate config for this node's subnet.
+    fn render(&self, env: &SubnetEnv) -> Value {
+        let mut d = self.delegate.clone().unwrap_or_default();
+        d.entry("type").or_insert_with(|| json!("bridge"));
+        d.insert("name".into(), json!(self.name));
+        d.insert("cniVersion".into(), json!(self.cni_version));
+        if d["type"] == "bridge" {
+            d.entry("isGateway").or_insert(json!(true));
+            d.entry("ipMasq").or_insert(json!(!env.ipmasq));
+            d.entry("mtu").or_insert(json!(env.mtu));
+        }
+        let mut ipam = self.ipam.clone().unwrap_or_default();
+        ipam.entry("type").or_insert_with(|| json!("host-local"));
+        let mut ranges = vec![json!([{"subnet": env.subnet_network().to_string()}])];
+        let mut routes = vec![json!({"dst": env.network.to_string()})];
+        if let (Some(net6), Some(sub6)) = (env.ipv6_network, env.ipv6_subnet) {
+            ranges.push(json!([{"subnet": sub6.trunc().to_string()}]));
+            routes.push(json!({"dst": net6.to_string()}));
+        }
+        ipam.insert("ranges".into(), json!(ranges));
+        if let Some(extra) = ipam.get("routes").and_then(Value::as_array) {
+            routes.extend(extra.iter().filter(|r| !routes.contains(r)).cloned().collect::<Vec<_>>());
+        }
+        ipam.insert("routes".into(), json!(routes));
+        d.insert("ipam".into(), Value::Object(ipam));
+        for (key, value) in [("runtimeConfig", &self.runtime_config), ("args", &self.args)] {
+            if let Some(v) = value {
+                d.insert(key.into(), v.clone());
+            }
+        }
+        Value::Object(d)
+    }
+
+    /// The saved delegate config of the attachment (also flannel's file, keyed by container ID
+    /// only, for nodes that ran flannel before).
+    fn saved(&self, args: &CmdArgs) -> Option<Value> {
+        let paths = [self.saved_path(&args.container_id, &args.ifname), self.data_dir().join(&args.container_id)];
+        paths.iter().find_map(|p| serde_json::from_slice(&std::fs::read(p).ok()?).ok())
+    }
+
+    fn with_prev(&self, mut delegate: Value) -> Value {
+        if let Some(prev) = &self.prev_result {
+            delegate["prevResult"] = prev.clone();
+        }
+        delegate
+    }
+}
+
+fn delegate_type(delegate: &Value) -> Result<String, CniError> {
+    delegate["type"]
+        .as_str()
+        .map(String::from)
+        .ok_or_else(|| CniError::invalid_config("the delegate config has no type"))
+}
+
+fn to_bytes(v: &Value) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn save(path: &Path, delegate: &Value) -> Result<(), CniError> {
+    let io = |e: std::io::Error| CniError::io(format!("saving the delegate config {}: {e}", path.display()));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
+    std::fs::write(&tmp, to_bytes(delegate)).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+fn remove(path: &Path) {
+    let _ = std::fs::remove_file(path);
+}
+
+impl Plugin for Meta {
+    fn name(&self) -> &'static str {
+        "weft"
+    }
+
+    fn add(&self, args: &CmdArgs, _conf: &NetConf) -> Result<CniResult, CniError> {
+        let conf = MetaConf::load(&args.stdin)?;
+        let env = conf.subnet_env()?;
+        let delegate = conf.render(&env);
+        let path = conf.saved_path(&args.container_id, &args.ifname);
+        save(&path, &delegate)?;
+        // A failed ADD is followed by the runtime's DEL, which finds the saved config.
+        delegate::run(&delegate_type(&delegate)?, Command::Add, args, &to_bytes(&delegate))?
+            .ok_or_else(|| CniError::internal("the delegate returned no result"))
+    }
+
+    fn del(&self, args: &CmdArgs, _conf: &NetConf) -> Result<(), CniError> {
+        let conf = MetaConf::load(&args.stdin)?;
+        let delegate = match conf.saved(args) {
+            Some(saved) => saved,
+            // No saved config (lost, or never written): the current subnet file still says which
+            // network and subnet host-local used, so the address is released all the same.
+            None => match conf.subnet_env() {
+                Ok(env) => conf.render(&env),
+                Err(_) => {
+                    eprintln!("weft: no saved config and no subnet file for {}; nothing to release", args.container_id);
+                    return Ok(());
+                }
+            },
+        };
+        let delegate = conf.with_prev(delegate);
+        delegate::run(&delegate_type(&delegate)?, Command::Del, args, &to_bytes(&delegate))?;
+        remove(&conf.saved_path(&args.container_id, &args.ifname));
+        remove(&conf.data_dir().join(&args.container_id));
+        Ok(())
+    }
+
+    fn check(&self, args: &CmdArgs, _conf: &NetConf) -> Result<(), CniError> {
+        let conf = MetaConf::load(&args.stdin)?;
+        let saved =
+            conf.saved(args).ok_or_else(|| CniError::internal("no saved delegate config for this attachment"))?;
+        let delegate = conf.with_prev(saved);
+        delegate::run(&delegate_type(&delegate)?, Command::Check, args, &to_bytes(&delegate)).map(drop)
+    }
+
+    fn status(&self, args: &CmdArgs, _conf: &NetConf) -> Result<(), CniError> {
+        let conf = MetaConf::load(&args.stdin)?;
+        SubnetEnv::read(conf.subnet_file())
+            .map(drop)
+            .map_err(|e| CniError::new(ErrorCode::NotAvailable, format!("the weft agent is not ready: {e}")))
+    }
+
+    fn gc(&self, args: &CmdArgs, _conf: &NetConf, valid: &[Attachment]) -> Result<(), CniError> {
+        let conf = MetaConf::load(&args.stdin)?;
+        let is_valid = |name: &str| valid.iter().any(|a| name == format!("{}@{}", a.container_id, a.ifname));
+        if let Ok(entries) = std::fs::read_dir(conf.data_dir()) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().to_string();
+                if name.contains('@') && !name.ends_with(".tmp") && !is_valid(&name) {
+                    remove(&entry.path());
+                }
+            }
+        }
+        let env = conf.subnet_env()?;
+        let mut delegate = conf.render(&env);
+        delegate["cni.dev/valid-attachments"] = serde_json::to_value(valid).unwrap_or_default();
+        delegate::run(&delegate_type(&delegate)?, Command::Gc, args, &to_bytes(&delegate)).map(drop)
+    }
+}
