@@ -6,13 +6,15 @@
 pub mod addr;
 pub mod error;
 pub mod link;
+pub mod neigh;
 pub mod nft;
 pub mod route;
 pub mod socket;
 pub mod sysctl;
 
 pub use error::{DataplaneError, Result};
-pub use link::{Link, LinkKind};
+pub use link::{Link, LinkKind, VxlanInfo, VxlanSpec};
+pub use neigh::{FdbEntry, Neighbour};
 pub use route::RouteSpec;
 pub use socket::Netlink;
 

@@ -2,9 +2,11 @@
 
 use std::os::fd::AsRawFd;
 
+use std::net::Ipv4Addr;
+
 use netlink_packet_route::link::{
-    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo,
-    LinkMessage,
+    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags,
+    LinkInfo, LinkMessage,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 use weft_netns::NetNs;
@@ -41,6 +43,30 @@ pub struct Link {
     pub peer_index: Option<u32>,
     /// For a bridge port: whether hairpin mode is on.
     pub hairpin: Option<bool>,
+    /// For a VXLAN device: its settings.
+    pub vxlan: Option<VxlanInfo>,
+}
+
+/// What a VXLAN device is set to, as dumped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VxlanInfo {
+    pub vni: u32,
+    pub port: u16,
+    pub local: Option<Ipv4Addr>,
+    pub learning: bool,
+    pub underlay: Option<u32>,
+}
+
+/// A VXLAN device to create (`ip link add NAME type vxlan id VNI local IP dev UPLINK dstport
+/// PORT nolearning`).
+pub struct VxlanSpec<'a> {
+    pub name: &'a str,
+    pub vni: u32,
+    pub port: u16,
+    pub local: Ipv4Addr,
+    pub underlay: u32,
+    pub mtu: Option<u32>,
+    pub mac: Option<[u8; 6]>,
 }
 
 impl Link {
@@ -56,6 +82,7 @@ impl Link {
             master: None,
             peer_index: None,
             hairpin: None,
+            vxlan: None,
         };
         for attr in &msg.attributes {
             match attr {
@@ -68,6 +95,7 @@ impl Link {
                     for info in infos {
                         match info {
                             LinkInfo::Kind(kind) => link.kind = kind_of(kind),
+                            LinkInfo::Data(InfoData::Vxlan(attrs)) => link.vxlan = Some(vxlan_info(attrs)),
                             LinkInfo::PortData(InfoPortData::BridgePort(port)) => {
                                 link.hairpin = port.iter().find_map(|p| match p {
                                     InfoBridgePort::HairpinMode(h) => Some(*h),
@@ -88,6 +116,21 @@ impl Link {
     pub fn mac_string(&self) -> String {
         format_mac(&self.mac)
     }
+}
+
+fn vxlan_info(attrs: &[InfoVxlan]) -> VxlanInfo {
+    let mut info = VxlanInfo::default();
+    for a in attrs {
+        match a {
+            InfoVxlan::Id(v) => info.vni = *v,
+            InfoVxlan::Port(p) => info.port = *p,
+            InfoVxlan::Local(l) => info.local = Some(*l),
+            InfoVxlan::Learning(l) => info.learning = *l,
+            InfoVxlan::Link(l) => info.underlay = Some(*l),
+            _ => {}
+        }
+    }
+    info
 }
 
 fn kind_of(kind: &InfoKind) -> LinkKind {
@@ -267,5 +310,31 @@ impl Netlink {
         let mut msg = by_index(index);
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
         self.change(RouteNetlinkMessage::SetLink(msg), Mode::Modify, "rename link", &index)
+    }
+}
+
+impl Netlink {
+    /// `ip link add NAME [mtu M] [address MAC] type vxlan id VNI local IP dev UNDERLAY dstport PORT
+    /// nolearning`.
+    pub fn create_vxlan(&mut self, spec: &VxlanSpec<'_>) -> Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(spec.name.to_string()));
+        if let Some(mtu) = spec.mtu {
+            msg.attributes.push(LinkAttribute::Mtu(mtu));
+        }
+        if let Some(mac) = spec.mac {
+            msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        }
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Vxlan),
+            LinkInfo::Data(InfoData::Vxlan(vec![
+                InfoVxlan::Id(spec.vni),
+                InfoVxlan::Local(spec.local),
+                InfoVxlan::Link(spec.underlay),
+                InfoVxlan::Port(spec.port),
+                InfoVxlan::Learning(false),
+            ])),
+        ]));
+        self.change(RouteNetlinkMessage::NewLink(msg), Mode::Create, "create vxlan", &spec.name)
     }
 }
