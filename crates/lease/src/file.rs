@@ -1,0 +1,353 @@
+//! The embedded file store: leases as files in a directory, safe across processes on one machine.
+//!
+//! ```text
+//! DIR/config                 net-conf.json
+//! DIR/subnets/10.244.1.0-24  {"PublicIP": ..., "BackendType": ..., "BackendData": ..., "Expires": 1732735000}
+//! DIR/revision               bumped on every change (what watchers poll)
+//! DIR/lock                   flock held by every change
+//! ```
+//!
+//! Every file is replaced atomically (write, then rename), so readers never see half a lease.
+//! Expired leases count as absent; a watcher reports them removed when their time passes.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use weft_netconf::NetworkConfig;
+
+use crate::model::{parse_key, subnet_key};
+use crate::{choose_subnet, Lease, LeaseAttrs, LeaseError, LeaseEvent, Result};
+
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    #[serde(flatten)]
+    attrs: LeaseAttrs,
+    #[serde(rename = "Expires", default, skip_serializing_if = "Option::is_none")]
+    expires: Option<u64>,
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> LeaseError + 'a {
+    move |source| LeaseError::Io { op, path: path.display().to_string(), source }
+}
+
+fn to_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = PathBuf::from(format!("{}.tmp{}", path.display(), std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(io("writing", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io("renaming", path))
+}
+
+/// A lease store in a directory.
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    dir: PathBuf,
+}
+
+/// Holds the store's lock while alive.
+struct Locked(#[allow(dead_code)] File);
+
+impl FileStore {
+    pub fn open(dir: impl Into<PathBuf>) -> Result<FileStore> {
+        let dir = dir.into();
+        let subnets = dir.join("subnets");
+        std::fs::create_dir_all(&subnets).map_err(io("creating", &subnets))?;
+        Ok(FileStore { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn lock(&self) -> Result<Locked> {
+        let path = self.dir.join("lock");
+        let file =
+            OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io("opening", &path))?;
+        file.lock().map_err(io("locking", &path))?;
+        Ok(Locked(file))
+    }
+
+    fn lease_path(&self, subnet: &Ipv4Net) -> PathBuf {
+        self.dir.join("subnets").join(subnet_key(subnet))
+    }
+
+    /// The cluster's `net-conf.json`, if one was stored.
+    pub fn network_config(&self) -> Result<Option<String>> {
+        let path = self.dir.join("config");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io("reading", &path)(e)),
+        }
+    }
+
+    pub fn set_network_config(&self, text: &str) -> Result<()> {
+        let _lock = self.lock()?;
+        write_atomic(&self.dir.join("config"), text.as_bytes())?;
+        self.bump()
+    }
+
+    /// The current revision (changes with every write).
+    pub fn revision(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join("revision")).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0)
+    }
+
+    fn bump(&self) -> Result<()> {
+        write_atomic(&self.dir.join("revision"), (self.revision() + 1).to_string().as_bytes())
+    }
+
+    /// Every lease that has not expired at `now`.
+    pub fn list(&self, now: SystemTime) -> Result<Vec<Lease>> {
+        let dir = self.dir.join("subnets");
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(io("reading", &dir))? {
+            let entry = entry.map_err(io("reading", &dir))?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.contains(".tmp") {
+                continue;
+            }
+            let Ok(subnet) = parse_key(&name) else { continue };
+            let Ok(bytes) = std::fs::read(entry.path()) else { continue }; // deleted meanwhile
+            let stored: Stored = serde_json::from_slice(&bytes)
+                .map_err(|e| LeaseError::Corrupt { key: name.clone(), reason: e.to_string() })?;
+            let lease = Lease {
+                subnet,
+                attrs: stored.attrs,
+                expires: stored.expires.map(|s| UNIX_EPOCH + Duration::from_secs(s)),
+            };
+            if !lease.is_expired(now) {
+                out.push(lease);
+            }
+        }
+        out.sort_by_key(|l| l.subnet);
+        Ok(out)
+    }
+
+    fn put(&self, lease: &Lease) -> Result<()> {
+        let stored = Stored { attrs: lease.attrs.clone(), expires: lease.expires.map(to_secs) };
+        let bytes = serde_json::to_vec(&stored).map_err(|e| LeaseError::Store(e.to_string()))?;
+        write_atomic(&self.lease_path(&lease.subnet), &bytes)?;
+        self.bump()
+    }
+
+    /// Acquires this node's lease: its existing one (same public IP), else `previous` if free,
+    /// else a free subnet chosen at random. The attributes are (re)written and the TTL starts now.
+    pub fn acquire(
+        &self,
+        config: &NetworkConfig,
+        attrs: &LeaseAttrs,
+        previous: Option<Ipv4Net>,
+        ttl: Option<Duration>,
+        now: SystemTime,
+        random: &mut dyn FnMut(usize) -> usize,
+    ) -> Result<Lease> {
+        let _lock = self.lock()?;
+        let leases = self.list(now)?;
+        let subnet = match leases.iter().find(|l| l.attrs.public_ip == attrs.public_ip && config.is_leasable(&l.subnet))
+        {
+            Some(own) => own.subnet,
+            None => {
+                let taken: HashSet<Ipv4Net> = leases.iter().map(|l| l.subnet).collect();
+                choose_subnet(config, &taken, previous, random)
+                    .ok_or_else(|| LeaseError::Exhausted(config.network.to_string()))?
+            }
+        };
+        let lease = Lease { subnet, attrs: attrs.clone(), expires: ttl.map(|t| now + t) };
+        self.put(&lease)?;
+        Ok(lease)
+    }
+
+    /// Extends `lease` by `ttl` from `now`. Fails with `NotFound` when the lease is gone or
+    /// belongs to another node now (the caller acquires again).
+    pub fn renew(&self, lease: &Lease, ttl: Option<Duration>, now: SystemTime) -> Result<Lease> {
+        let _lock = self.lock()?;
+        let current = self.list(now)?.into_iter().find(|l| l.subnet == lease.subnet);
+        match current {
+            Some(c) if c.attrs.public_ip == lease.attrs.public_ip => {
+                let renewed = Lease { expires: ttl.map(|t| now + t), ..lease.clone() };
+                self.put(&renewed)?;
+                Ok(renewed)
+            }
+            _ => Err(LeaseError::NotFound(lease.key())),
+        }
+    }
+
+    /// Removes the lease on `subnet` (a missing one is success).
+    pub fn delete(&self, subnet: &Ipv4Net) -> Result<()> {
+        let _lock = self.lock()?;
+        let path = self.lease_path(subnet);
+        match std::fs::remove_file(&path) {
+            Ok(()) => self.bump(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("removing", &path)(e)),
+        }
+    }
+
+    /// Writes a lease as given (for tests and for reservations, `expires: None`).
+    pub fn put_lease(&self, lease: &Lease) -> Result<()> {
+        let _lock = self.lock()?;
+        self.put(lease)
+    }
+
+    /// A watcher that starts from the current leases (reported as added on its first poll).
+    pub fn watcher(&self) -> Watcher {
+        Watcher { store: self.clone(), known: HashMap::new(), revision: None }
+    }
+}
+
+/// Polls the store and reports what changed since the last poll. Cheap when nothing changed:
+/// one small file read, unless a known lease's expiry time has passed.
+pub struct Watcher {
+    store: FileStore,
+    known: HashMap<Ipv4Net, Lease>,
+    revision: Option<u64>,
+}
+
+impl Watcher {
+    pub fn poll(&mut self, now: SystemTime) -> Result<Vec<LeaseEvent>> {
+        let revision = self.store.revision();
+        let expiring = self.known.values().any(|l| l.is_expired(now));
+        if self.revision == Some(revision) && !expiring {
+            return Ok(Vec::new());
+        }
+        let current: HashMap<Ipv4Net, Lease> = self.store.list(now)?.into_iter().map(|l| (l.subnet, l)).collect();
+        let mut events = Vec::new();
+        for (subnet, old) in &self.known {
+            if !current.contains_key(subnet) {
+                events.push(LeaseEvent::Removed(old.clone()));
+            }
+        }
+        for (subnet, lease) in &current {
+            match self.known.get(subnet) {
+                Some(old) if old.attrs == lease.attrs => {}
+                _ => events.push(LeaseEvent::Added(lease.clone())),
+            }
+        }
+        self.known = current;
+        self.revision = Some(revision);
+        Ok(events)
+    }
+
+    /// The leases as of the last poll.
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.known.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs(ip: &str, mac: &str) -> LeaseAttrs {
+        LeaseAttrs {
+            public_ip: ip.parse().unwrap(),
+            public_ipv6: None,
+            backend_type: "vxlan".into(),
+            backend_data: serde_json::json!({"VNI": 1, "VtepMAC": mac}),
+        }
+    }
+
+    fn config() -> NetworkConfig {
+        NetworkConfig::parse(r#"{"Network": "198.19.0.0/16"}"#).unwrap()
+    }
+
+    #[test]
+    fn acquire_reuses_own_lease_and_renews() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let ttl = Some(Duration::from_secs(3600));
+        let a =
+            store.acquire(&config(), &attrs("198.18.0.1", "0a:00:00:00:00:01"), None, ttl, now, &mut |_| 0).unwrap();
+        assert_eq!(a.subnet.to_string(), "198.19.1.0/24");
+        let text = std::fs::read_to_string(dir.path().join("subnets/198.19.1.0-24")).unwrap();
+        assert!(
+            text.contains(r#""PublicIP":"198.18.0.1""#) && text.contains(r#""VtepMAC":"0a:00:00:00:00:01""#),
+            "{text}"
+        );
+        // The same node again (a restart): the same subnet, new attributes.
+        let again =
+            store.acquire(&config(), &attrs("198.18.0.1", "0a:00:00:00:00:09"), None, ttl, now, &mut |_| 5).unwrap();
+        assert_eq!(again.subnet, a.subnet);
+        assert_eq!(again.vxlan().unwrap().vtep_mac, "0a:00:00:00:00:09");
+        // Another node gets another subnet; its previous one is honored if free.
+        let prev = "198.19.42.0/24".parse().unwrap();
+        let b = store
+            .acquire(&config(), &attrs("198.18.0.2", "0a:00:00:00:00:02"), Some(prev), ttl, now, &mut |_| 0)
+            .unwrap();
+        assert_eq!(b.subnet, prev);
+        let later = now + Duration::from_secs(1800);
+        let renewed = store.renew(&a, ttl, later).unwrap();
+        assert_eq!(renewed.expires, Some(later + Duration::from_secs(3600)));
+        store.delete(&a.subnet).unwrap();
+        assert!(matches!(store.renew(&a, ttl, later), Err(LeaseError::NotFound(_))));
+    }
+
+    #[test]
+    fn watcher_sees_adds_changes_removals_and_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut watcher = store.watcher();
+        assert!(watcher.poll(now).unwrap().is_empty());
+        let a = store
+            .acquire(
+                &config(),
+                &attrs("198.18.0.1", "0a:00:00:00:00:01"),
+                None,
+                Some(Duration::from_secs(60)),
+                now,
+                &mut |_| 0,
+            )
+            .unwrap();
+        assert_eq!(watcher.poll(now).unwrap(), vec![LeaseEvent::Added(a.clone())]);
+        assert!(watcher.poll(now).unwrap().is_empty());
+        let changed = store
+            .acquire(
+                &config(),
+                &attrs("198.18.0.1", "0a:00:00:00:00:02"),
+                None,
+                Some(Duration::from_secs(60)),
+                now,
+                &mut |_| 0,
+            )
+            .unwrap();
+        assert_eq!(watcher.poll(now).unwrap(), vec![LeaseEvent::Added(changed.clone())]);
+        // Nobody renews: at its expiry the lease is reported removed.
+        assert_eq!(watcher.poll(now + Duration::from_secs(61)).unwrap(), vec![LeaseEvent::Removed(changed)]);
+    }
+
+    #[test]
+    fn racing_processes_never_share_a_subnet() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let dir = dir.path().to_path_buf();
+                std::thread::spawn(move || {
+                    let store = FileStore::open(dir).unwrap();
+                    // Every node's random choice is the same: the lock must still keep them apart.
+                    store
+                        .acquire(
+                            &config(),
+                            &attrs(&format!("198.18.0.{}", i + 1), "0a:00:00:00:00:01"),
+                            None,
+                            None,
+                            now,
+                            &mut |_| 0,
+                        )
+                        .unwrap()
+                        .subnet
+                })
+            })
+            .collect();
+        let subnets: HashSet<Ipv4Net> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(subnets.len(), 8);
+    }
+}
