@@ -1,0 +1,365 @@
+//! The agent's loop: acquire the lease, set up the backend and rules, write the subnet file,
+//! then follow the store (a watch polled every 50 ms), renew the lease, check the VTEP on every
+//! tick and resync everything periodically. The dataplane is never flushed, on start or stop.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use ipnet::{IpNet, Ipv4Net};
+use serde_json::json;
+use weft_dataplane::{Link, Netlink};
+use weft_lease::file::FileStore;
+use weft_lease::{Lease, LeaseAttrs, LeaseError};
+use weft_netconf::{BackendType, NetworkConfig, SubnetEnv};
+
+use crate::backend::{self, Context};
+use crate::http::{self, Status};
+use crate::{firewall, kernel, reconcile, vtep, AgentError, Result};
+
+/// How the agent is run (`weft agent --help`).
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub store_dir: PathBuf,
+    pub net_conf: Option<PathBuf>,
+    pub iface: Option<String>,
+    pub public_ip: Option<Ipv4Addr>,
+    pub subnet_file: PathBuf,
+    pub state_dir: PathBuf,
+    pub ip_masq: bool,
+    pub lease_ttl: Duration,
+    pub resync: Duration,
+    pub health: Option<SocketAddr>,
+}
+
+/// The uplink: the interface peers are reached through.
+struct Uplink {
+    link: Link,
+    ip: Ipv4Addr,
+    nets: Vec<Ipv4Net>,
+}
+
+fn find_uplink(nl: &mut Netlink, cfg: &AgentConfig) -> Result<Uplink> {
+    let links = nl.links().map_err(kernel("listing links"))?;
+    let addrs = nl.addresses(None).map_err(kernel("listing addresses"))?;
+    let v4 = |index: u32| -> Vec<Ipv4Net> {
+        addrs
+            .iter()
+            .filter(|a| a.index == index)
+            .filter_map(|a| match a.net {
+                IpNet::V4(n) => Some(n),
+                IpNet::V6(_) => None,
+            })
+            .collect()
+    };
+    let link = match (&cfg.iface, cfg.public_ip) {
+        (Some(name), _) => links
+            .into_iter()
+            .find(|l| &l.name == name)
+            .ok_or_else(|| AgentError::Config(format!("interface {name} not found")))?,
+        (None, Some(ip)) => links
+            .into_iter()
+            .find(|l| v4(l.index).iter().any(|n| n.addr() == ip))
+            .ok_or_else(|| AgentError::Config(format!("no interface has the address {ip}; pass --iface")))?,
+        (None, None) => {
+            let default = nl
+                .routes()
+                .map_err(kernel("listing routes"))?
+                .into_iter()
+                .find(|r| r.dst.prefix_len() == 0 && r.dst.addr().is_ipv4());
+            let index = default
+                .and_then(|r| r.oif)
+                .ok_or_else(|| AgentError::Config("no default route to find the uplink by; pass --iface".into()))?;
+            links
+                .into_iter()
+                .find(|l| l.index == index)
+                .ok_or_else(|| AgentError::Config("default route interface vanished".into()))?
+        }
+    };
+    let nets = v4(link.index);
+    let ip = match cfg.public_ip {
+        Some(ip) => ip,
+        None => nets
+            .first()
+            .map(|n| n.addr())
+            .ok_or_else(|| AgentError::Config(format!("{} has no IPv4 address", link.name)))?,
+    };
+    Ok(Uplink { link, ip, nets: nets.iter().map(|n| n.trunc()).collect() })
+}
+
+fn load_network(cfg: &AgentConfig, store: &FileStore) -> Result<NetworkConfig> {
+    let text = match &cfg.net_conf {
+        Some(path) => {
+            std::fs::read_to_string(path).map_err(|e| AgentError::Config(format!("reading {}: {e}", path.display())))?
+        }
+        None => store.network_config()?.ok_or_else(|| {
+            AgentError::Config(format!(
+                "no network config: pass --net-conf or store one in {}/config",
+                store.dir().display()
+            ))
+        })?,
+    };
+    Ok(NetworkConfig::parse(&text)?)
+}
+
+fn random_index(n: usize) -> usize {
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() as usize);
+    (nanos ^ std::process::id() as usize) % n.max(1)
+}
+
+fn random_mac() -> [u8; 6] {
+    let mut b = [0u8; 6];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
+    b
+}
+
+/// The running agent's state.
+struct Node {
+    cfg: AgentConfig,
+    network: NetworkConfig,
+    store: FileStore,
+    nl: Netlink,
+    uplink: Uplink,
+    vtep_mac: Option<[u8; 6]>,
+    vtep: Option<u32>,
+    lease: Lease,
+    status: Arc<Mutex<Status>>,
+}
+
+impl Node {
+    fn attrs(&self) -> LeaseAttrs {
+        let data = match (self.network.backend.kind, self.vtep_mac) {
+            (BackendType::Vxlan, Some(mac)) => {
+                json!({"VNI": self.network.backend.vni, "VtepMAC": weft_dataplane::format_mac(&mac)})
+            }
+            _ => json!(null),
+        };
+        LeaseAttrs {
+            public_ip: self.uplink.ip,
+            public_ipv6: None,
+            backend_type: self.network.backend.kind.as_str().into(),
+            backend_data: data,
+        }
+    }
+
+    fn pod_mtu(&self) -> u32 {
+        backend::pod_mtu(self.network.backend.kind, self.uplink.link.mtu)
+    }
+
+    fn ensure_vtep(&mut self) -> Result<bool> {
+        let Some(mac) = self.vtep_mac else { return Ok(false) };
+        let cfg = vtep::VtepConfig {
+            vni: self.network.backend.vni,
+            port: self.network.backend.port,
+            local: self.uplink.ip,
+            uplink: self.uplink.link.index,
+            mtu: self.pod_mtu(),
+            subnet: self.lease.subnet,
+            state_dir: &self.cfg.state_dir,
+        };
+        let (index, created) = vtep::ensure(&mut self.nl, &cfg, mac)?;
+        self.vtep = Some(index);
+        Ok(created)
+    }
+
+    fn reconcile(&mut self, peers: &[Lease]) -> Result<usize> {
+        let started = Instant::now();
+        let ctx = Context {
+            kind: self.network.backend.kind,
+            network: self.network.network,
+            own_subnet: self.lease.subnet,
+            own_ip: self.uplink.ip,
+            uplink: self.uplink.link.index,
+            uplink_nets: &self.uplink.nets,
+            vtep: self.vtep,
+            direct_routing: self.network.backend.direct_routing,
+        };
+        let (desired, warnings) = backend::desired(&ctx, peers);
+        for w in warnings {
+            eprintln!("weft agent: {w}");
+        }
+        let outcome = reconcile::apply(&mut self.nl, &desired, self.vtep);
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        s.reconciles += 1;
+        s.reconcile_seconds_sum += started.elapsed().as_secs_f64();
+        s.peers = desired.routes.len();
+        s.leases = peers.len();
+        if outcome.is_err() {
+            s.reconcile_errors += 1;
+        }
+        outcome.map(|_| desired.routes.len())
+    }
+
+    fn write_subnet_file(&self) -> Result<()> {
+        let first = Ipv4Addr::from(u32::from(self.lease.subnet.network()) + 1);
+        let env = SubnetEnv {
+            network: IpNet::V4(self.network.network),
+            subnet: IpNet::new(IpAddr::V4(first), self.lease.subnet.prefix_len())
+                .map_err(|e| AgentError::Config(e.to_string()))?,
+            mtu: self.pod_mtu(),
+            ipmasq: self.cfg.ip_masq,
+            ipv6_network: None,
+            ipv6_subnet: None,
+        };
+        if SubnetEnv::read(&self.cfg.subnet_file).ok().as_ref() != Some(&env) {
+            env.write(&self.cfg.subnet_file)?;
+        }
+        Ok(())
+    }
+
+    /// Renews the lease when less than an hour (or half the TTL) is left. A lease that is gone
+    /// from the store (`present` false: deleted, expired, taken over) is acquired again,
+    /// preferring the same subnet, without touching the dataplane. Returns whether the lease
+    /// changed hands (then every peer is replayed).
+    fn renew(&mut self, now: SystemTime, present: bool) -> Result<bool> {
+        let ttl = self.cfg.lease_ttl;
+        let margin = Duration::from_secs(3600).min(ttl / 2);
+        let due = self.lease.expires.is_some_and(|e| e.duration_since(now).unwrap_or_default() <= margin);
+        if present && !due {
+            return Ok(false);
+        }
+        if present {
+            match self.store.renew(&self.lease, Some(ttl), now) {
+                Ok(lease) => {
+                    self.lease = lease;
+                    return Ok(false);
+                }
+                Err(LeaseError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        eprintln!("weft agent: lease {} was lost; acquiring it again", self.lease.subnet);
+        let attrs = self.attrs();
+        let before = self.lease.subnet;
+        self.lease = self.store.acquire(&self.network, &attrs, Some(before), Some(ttl), now, &mut random_index)?;
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).lease_reacquired += 1;
+        if self.lease.subnet != before {
+            eprintln!("weft agent: now leasing {} (was {before})", self.lease.subnet);
+            self.ensure_vtep()?;
+            self.write_subnet_file()?;
+        }
+        Ok(true)
+    }
+}
+
+/// Runs the agent until the process is stopped. Start-up errors are returned; errors in the
+/// loop are logged and retried.
+pub fn run(cfg: AgentConfig) -> Result<()> {
+    let store = FileStore::open(&cfg.store_dir)?;
+    let network = load_network(&cfg, &store)?;
+    let mut nl = Netlink::new().map_err(kernel("opening netlink"))?;
+    let uplink = find_uplink(&mut nl, &cfg)?;
+    let status = Arc::new(Mutex::new(Status::default()));
+    if let Some(addr) = cfg.health {
+        let bound = http::serve(addr, status.clone())
+            .map_err(|e| AgentError::Config(format!("health listener on {addr}: {e}")))?;
+        eprintln!("weft agent: health and metrics on http://{bound}");
+    }
+    let vtep_mac = match network.backend.kind {
+        BackendType::Vxlan => Some(vtep::stable_mac(&cfg.state_dir, random_mac())?),
+        BackendType::HostGw => None,
+    };
+    let previous = SubnetEnv::read(&cfg.subnet_file).ok().and_then(|e| match e.subnet.trunc() {
+        IpNet::V4(n) if e.network == IpNet::V4(network.network) => Some(n),
+        _ => None,
+    });
+    let placeholder = Lease {
+        subnet: network.subnets().next().ok_or_else(|| AgentError::Config("the network has no subnets".into()))?,
+        attrs: LeaseAttrs {
+            public_ip: uplink.ip,
+            public_ipv6: None,
+            backend_type: String::new(),
+            backend_data: json!(null),
+        },
+        expires: None,
+    };
+    let mut node = Node { cfg, network, store, nl, uplink, vtep_mac, vtep: None, lease: placeholder, status };
+    let attrs = node.attrs();
+    node.lease = node.store.acquire(
+        &node.network,
+        &attrs,
+        previous,
+        Some(node.cfg.lease_ttl),
+        SystemTime::now(),
+        &mut random_index,
+    )?;
+    eprintln!(
+        "weft agent: {} leased {} ({} backend, uplink {} {})",
+        node.uplink.ip,
+        node.lease.subnet,
+        node.network.backend.kind.as_str(),
+        node.uplink.link.name,
+        node.uplink.ip
+    );
+    node.ensure_vtep()?;
+    firewall::apply(&node.network.network, node.cfg.ip_masq)?;
+    let mut watcher = node.store.watcher();
+    watcher.poll(SystemTime::now())?;
+    let peers: Vec<Lease> = watcher.leases().cloned().collect();
+    node.reconcile(&peers)?;
+    node.write_subnet_file()?;
+    {
+        let mut s = node.status.lock().unwrap_or_else(|e| e.into_inner());
+        s.ready = true;
+        s.lease = Some(node.lease.subnet.to_string());
+    }
+    eprintln!("weft agent: ready; subnet file {}", node.cfg.subnet_file.display());
+
+    let mut last_resync = Instant::now();
+    let mut last_renew = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        if let Err(e) = tick(&mut node, &mut watcher, &mut last_resync, &mut last_renew) {
+            eprintln!("weft agent: {e}");
+            node.status.lock().unwrap_or_else(|e| e.into_inner()).reconcile_errors += 1;
+        }
+    }
+}
+
+fn tick(
+    node: &mut Node,
+    watcher: &mut weft_lease::file::Watcher,
+    last_resync: &mut Instant,
+    last_renew: &mut Instant,
+) -> Result<()> {
+    let now = SystemTime::now();
+    let seen = Instant::now();
+    let events = watcher.poll(now)?;
+    let mut replay = !events.is_empty();
+    // The VTEP deleted by hand (or by another program): recreate it and replay every peer.
+    if node.vtep_mac.is_some() {
+        let name = vtep::name(node.network.backend.vni);
+        if node.nl.link_by_name(&name).map_err(kernel("reading the VTEP"))?.is_none() {
+            eprintln!("weft agent: {name} is gone; recreating it and replaying every peer");
+            node.ensure_vtep()?;
+            node.status.lock().unwrap_or_else(|e| e.into_inner()).vtep_recreated += 1;
+            replay = true;
+        }
+    }
+    let present = watcher.leases().any(|l| l.subnet == node.lease.subnet && l.attrs.public_ip == node.uplink.ip);
+    if !present || last_renew.elapsed() >= Duration::from_secs(1) {
+        *last_renew = Instant::now();
+        if node.renew(now, present)? {
+            replay = true;
+        }
+    }
+    if last_resync.elapsed() >= node.cfg.resync {
+        *last_resync = Instant::now();
+        if node.ensure_vtep()? {
+            eprintln!("weft agent: VTEP recreated at resync");
+        }
+        firewall::apply(&node.network.network, node.cfg.ip_masq)?;
+        node.write_subnet_file()?;
+        replay = true;
+    }
+    if replay {
+        let peers: Vec<Lease> = watcher.leases().cloned().collect();
+        node.reconcile(&peers)?;
+        if !events.is_empty() {
+            node.status.lock().unwrap_or_else(|e| e.into_inner()).last_event_to_kernel_seconds =
+                seen.elapsed().as_secs_f64();
+        }
+    }
+    Ok(())
+}
