@@ -30,6 +30,115 @@ enum Command {
     /// Show weft's plugins giving two containers a network, in namespaces made for the demo
     /// and removed afterwards. Needs root.
     Demo,
+    /// Run the node agent (flanneld's job): lease this node's pod subnet, program the VXLAN or
+    /// host-gw dataplane toward every peer, write the subnet file, keep the masquerade and
+    /// forward rules. Runs until stopped; never flushes the dataplane.
+    Agent(AgentArgs),
+    /// A whole cluster on this machine: nodes and pods as network namespaces, real agents and
+    /// plugins. Needs root; nothing touches the machine's own network.
+    #[command(subcommand)]
+    Lab(LabCommand),
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// The lease store: a directory shared by every agent on this machine (the embedded store).
+    #[arg(long, default_value = "/var/lib/weft/store")]
+    store: PathBuf,
+    /// net-conf.json (flannel's format); without it, the config stored in the store is used.
+    #[arg(long)]
+    net_conf: Option<PathBuf>,
+    /// The uplink peers are reached through (default: the interface of the default route).
+    #[arg(long)]
+    iface: Option<String>,
+    /// The address peers reach this node at (default: the uplink's first IPv4 address).
+    #[arg(long)]
+    public_ip: Option<std::net::Ipv4Addr>,
+    /// Where the subnet file is written for the `weft` CNI plugin.
+    #[arg(long, default_value = "/run/weft/subnet.env")]
+    subnet_file: PathBuf,
+    /// Where the agent keeps its own state (the VTEP MAC, stable across restarts).
+    #[arg(long, default_value = "/var/lib/weft")]
+    state_dir: PathBuf,
+    /// Masquerade pod traffic leaving the cluster network (then the bridge plugin does not).
+    #[arg(long)]
+    ip_masq: bool,
+    /// How long a lease lives unless renewed (renewed an hour, or half the TTL, before).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    lease_ttl: std::time::Duration,
+    /// How often everything is checked and reprogrammed even without events.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    resync: std::time::Duration,
+    /// Serve /healthz, /readyz and /metrics on this address (e.g. 127.0.0.1:9901).
+    #[arg(long)]
+    health: Option<std::net::SocketAddr>,
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Bring a lab up (again: nothing happens if it is up already).
+    Up {
+        #[arg(long, default_value = "weft")]
+        name: String,
+        /// How many nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Pods per node.
+        #[arg(long, default_value_t = 2)]
+        pods: usize,
+        /// The backend every agent programs.
+        #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw"])]
+        backend: String,
+        /// Where leases live. The embedded file store is the one for a single machine.
+        #[arg(long, default_value = "file", value_parser = ["file"])]
+        store: String,
+        /// The pod network.
+        #[arg(long, default_value = "198.19.0.0/16")]
+        network: String,
+        /// The size of each node's subnet (default as flannel: 24 for networks of /22 or larger).
+        #[arg(long)]
+        subnet_len: Option<u8>,
+    },
+    /// Remove every namespace, process and file of a lab (a lab that is not there is fine).
+    Down {
+        #[arg(long, default_value = "weft")]
+        name: String,
+    },
+    /// Connect every pod to every other one and print the matrix.
+    Check {
+        #[arg(long, default_value = "weft")]
+        name: String,
+    },
+    /// Print a node's lease, routes, FDB and neighbours, or the whole lab as JSON.
+    Show {
+        /// Only this node (node1, node2, ...).
+        node: Option<String>,
+        #[arg(long, default_value = "weft")]
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the lab's agents and restart them when they die (started by `up`).
+    #[command(hide = true)]
+    Supervise {
+        #[arg(long)]
+        name: String,
+    },
+}
+
+/// `500ms`, `10s`, `5m`, `24h`.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| format!("{text:?}: expected a number with a unit, e.g. 10s"))?;
+    let secs = match unit {
+        "ms" => return Ok(std::time::Duration::from_millis(n)),
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        other => return Err(format!("unknown unit {other:?}: use ms, s, m or h")),
+    };
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 #[derive(Subcommand)]
@@ -77,6 +186,26 @@ pub fn main() -> i32 {
             )),
         },
         Command::Demo => crate::demo::run(),
+        Command::Agent(a) => weft_agent::agent::run(weft_agent::agent::AgentConfig {
+            store_dir: a.store,
+            net_conf: a.net_conf,
+            iface: a.iface,
+            public_ip: a.public_ip,
+            subnet_file: a.subnet_file,
+            state_dir: a.state_dir,
+            ip_masq: a.ip_masq,
+            lease_ttl: a.lease_ttl,
+            resync: a.resync,
+            health: a.health,
+        })
+        .map_err(|e| anyhow::anyhow!("agent: {e}")),
+        Command::Lab(LabCommand::Up { name, nodes, pods, backend, store: _, network, subnet_len }) => {
+            crate::lab::up(&crate::lab::UpOptions { name, nodes, pods, backend, network, subnet_len })
+        }
+        Command::Lab(LabCommand::Down { name }) => crate::lab::down(&name),
+        Command::Lab(LabCommand::Check { name }) => crate::lab::check(&name),
+        Command::Lab(LabCommand::Show { node, name, json }) => crate::lab::show(&name, node.as_deref(), json),
+        Command::Lab(LabCommand::Supervise { name }) => crate::lab::supervise(&name),
     };
     match outcome {
         Ok(()) => 0,

@@ -5,6 +5,7 @@
 mod cli;
 mod demo;
 mod install;
+mod lab;
 
 use std::path::Path;
 

@@ -1,0 +1,89 @@
+//! `weft lab show`: each node's lease, routes, FDB and neighbours the way `ip`/`bridge` print
+//! them, or the whole lab as JSON.
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use weft_dataplane::route::RTPROT_WEFT;
+use weft_dataplane::{format_mac, Netlink};
+use weft_netns::NetNs;
+
+use super::Lab;
+
+fn lease_of(lab: &Lab, node: &super::NodeInfo) -> Option<String> {
+    let env = weft_netconf::SubnetEnv::read(&lab.node_dir(&node.name).join("subnet.env")).ok()?;
+    Some(env.subnet_network().to_string())
+}
+
+fn print_node(lab: &Lab, node: &super::NodeInfo) -> Result<()> {
+    let ns = NetNs::open(weft_netns::named_path(&node.namespace))?;
+    let mut nl = Netlink::in_netns(&ns).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let links = nl.links().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let name_of =
+        |i: Option<u32>| links.iter().find(|l| Some(l.index) == i).map_or("?".to_string(), |l| l.name.clone());
+    println!(
+        "{} ({}, {}): lease {}, agent pid {}",
+        node.name,
+        node.namespace,
+        node.address,
+        lease_of(lab, node).unwrap_or_else(|| "none yet".into()),
+        lab.agent_pid(&node.name).map_or("-".into(), |p| p.to_string())
+    );
+    println!("  routes (proto weft):");
+    for r in nl.routes().map_err(|e| anyhow::anyhow!("{e}"))?.iter().filter(|r| r.protocol == RTPROT_WEFT) {
+        let via = r.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
+        println!("    {}{via} dev {}{}", r.dst, name_of(r.oif), if r.onlink { " onlink" } else { "" });
+    }
+    if let Some(vtep) = links.iter().find(|l| l.name.starts_with("weft.")) {
+        println!("  bridge fdb show dev {}:", vtep.name);
+        for e in nl.fdb(vtep.index).map_err(|e| anyhow::anyhow!("{e}"))? {
+            let dst = e.dst.map(|d| format!(" dst {d}")).unwrap_or_default();
+            println!(
+                "    {} dev {}{dst} self{}",
+                e.mac_string(),
+                vtep.name,
+                if e.permanent { " permanent" } else { "" }
+            );
+        }
+        println!("  ip neigh show dev {}:", vtep.name);
+        for n in nl.neighbours(Some(vtep.index)).map_err(|e| anyhow::anyhow!("{e}"))? {
+            println!(
+                "    {} dev {} lladdr {} {}",
+                n.ip,
+                vtep.name,
+                format_mac(&n.mac),
+                if n.permanent { "PERMANENT" } else { "" }
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn show(name: &str, node: Option<&str>, as_json: bool) -> Result<()> {
+    let lab = Lab::load(name)?.with_context(|| format!("no lab named {name}; start one with `weft lab up`"))?;
+    if as_json {
+        let nodes: Vec<_> = lab
+            .nodes
+            .iter()
+            .map(|n| {
+                json!({"name": n.name, "namespace": n.namespace, "address": n.address,
+                       "subnet": lease_of(&lab, n), "agent_pid": lab.agent_pid(&n.name)})
+            })
+            .collect();
+        let out = json!({
+            "name": lab.name, "backend": lab.backend,
+            "store": {"kind": lab.store.kind, "endpoint": lab.store.endpoint, "namespace": lab.store.namespace},
+            "nodes": nodes,
+            "pods": lab.pods,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    let selected: Vec<_> = lab.nodes.iter().filter(|n| node.is_none_or(|want| n.name == want)).collect();
+    if selected.is_empty() {
+        anyhow::bail!("lab {name} has no node {:?}", node.unwrap_or_default());
+    }
+    for n in selected {
+        print_node(&lab, n)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,61 @@
+//! The lab's supervisor (`weft lab supervise`, started by `up`): runs one `weft agent` per node
+//! inside the node's namespace and starts it again within a second when it dies, as systemd or a
+//! DaemonSet would.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use weft_netns::NetNs;
+
+use super::Lab;
+
+fn start(lab: &Lab, node: &super::NodeInfo) -> Result<Child> {
+    let ns = NetNs::open(weft_netns::named_path(&node.namespace))?;
+    let dir = lab.node_dir(&node.name);
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("agent.log"))?;
+    let exe = std::env::current_exe()?;
+    let child = ns.run(|| {
+        Command::new(&exe)
+            .arg("agent")
+            .arg("--store")
+            .arg(&lab.store.endpoint)
+            .args(["--iface", "eth0", "--ip-masq", "--resync", "2s", "--health", "127.0.0.1:9901"])
+            .arg("--subnet-file")
+            .arg(dir.join("subnet.env"))
+            .arg("--state-dir")
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+    })??;
+    std::fs::write(dir.join("agent.pid"), child.id().to_string())?;
+    Ok(child)
+}
+
+pub fn supervise(name: &str) -> Result<()> {
+    let lab = Lab::load(name)?.with_context(|| format!("no lab named {name}"))?;
+    let mut children: Vec<Option<Child>> = lab.nodes.iter().map(|_| None).collect();
+    loop {
+        for (node, slot) in lab.nodes.iter().zip(children.iter_mut()) {
+            let running = match slot {
+                Some(child) => matches!(child.try_wait(), Ok(None)),
+                None => false,
+            };
+            if !running {
+                if slot.is_some() {
+                    eprintln!("lab supervisor: the agent of {} exited; starting it again", node.name);
+                }
+                match start(&lab, node) {
+                    Ok(child) => *slot = Some(child),
+                    Err(e) => eprintln!("lab supervisor: starting the agent of {}: {e:#}", node.name),
+                }
+            }
+        }
+        if Lab::load(name).ok().flatten().is_none() {
+            return Ok(()); // the lab was taken down
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

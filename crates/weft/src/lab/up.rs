@@ -1,0 +1,274 @@
+//! `weft lab up` and `weft lab down`.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ipnet::IpNet;
+use serde_json::json;
+use weft_cni::runner::{ConfList, Runner, RuntimeConf};
+use weft_dataplane::link::VethSpec;
+use weft_dataplane::Netlink;
+use weft_netns::NetNs;
+
+use super::{alive, Lab, NodeInfo, PodInfo, StoreInfo};
+
+/// What `weft lab up` was asked for.
+pub struct UpOptions {
+    pub name: String,
+    pub nodes: usize,
+    pub pods: usize,
+    pub backend: String,
+    pub network: String,
+    pub subnet_len: Option<u8>,
+}
+
+fn ns_path(name: &str) -> String {
+    weft_netns::named_path(name).display().to_string()
+}
+
+fn kernel<T>(what: &str) -> impl FnOnce(weft_dataplane::DataplaneError) -> anyhow::Error + '_ {
+    move |e| anyhow::anyhow!("{what}: {e}")
+}
+
+/// The switch: a bridge in its own namespace.
+fn make_switch(name: &str) -> Result<NetNs> {
+    let ns = weft_netns::create_named(name).with_context(|| format!("creating namespace {name} (are you root?)"))?;
+    let mut nl = Netlink::in_netns(&ns).map_err(kernel::<()>("netlink"))?;
+    nl.create_bridge("sw0", None).map_err(kernel::<()>("creating the switch"))?;
+    let sw = nl.require_link("sw0").map_err(kernel::<()>("switch"))?;
+    nl.set_up(sw.index, true).map_err(kernel::<()>("switch up"))?;
+    Ok(ns)
+}
+
+/// A node: its namespace, `eth0` plugged into the switch with `address`.
+fn make_node(switch: &NetNs, ns_name: &str, port: &str, address: IpNet) -> Result<NetNs> {
+    let node = weft_netns::create_named(ns_name).with_context(|| format!("creating namespace {ns_name}"))?;
+    let mut snl = Netlink::in_netns(switch).map_err(kernel::<()>("netlink"))?;
+    let sw = snl.require_link("sw0").map_err(kernel::<()>("switch"))?;
+    let spec = VethSpec {
+        name: port,
+        peer_name: "eth0",
+        peer_netns: Some(&node),
+        mtu: None,
+        mac: None,
+        peer_mac: None,
+        master: Some(sw.index),
+        up: true,
+    };
+    snl.create_veth(&spec).map_err(kernel::<()>("wiring the node"))?;
+    let mut nl = Netlink::in_netns(&node).map_err(kernel::<()>("netlink"))?;
+    for name in ["lo", "eth0"] {
+        let link = nl.require_link(name).map_err(kernel::<()>("node link"))?;
+        nl.set_up(link.index, true).map_err(kernel::<()>("node link up"))?;
+        if name == "eth0" {
+            nl.add_address(link.index, &address).map_err(kernel::<()>("node address"))?;
+        }
+    }
+    Ok(node)
+}
+
+fn plugin_dir(lab: &Lab) -> Result<std::path::PathBuf> {
+    let dir = lab.dir().join("bin");
+    std::fs::create_dir_all(&dir)?;
+    let exe = std::env::current_exe()?;
+    for name in weft_plugins::PLUGIN_NAMES {
+        let link = dir.join(name);
+        if link.symlink_metadata().is_err() {
+            std::os::unix::fs::symlink(&exe, &link)?;
+        }
+    }
+    Ok(dir)
+}
+
+/// The conflist every lab pod gets: the meta plugin, then loopback.
+pub fn conflist(lab: &Lab, node: &str) -> Result<ConfList> {
+    let dir = lab.node_dir(node);
+    let list = json!({
+        "cniVersion": "1.0.0", "name": "lab",
+        "plugins": [
+            {"type": "weft", "subnetFile": dir.join("subnet.env"), "dataDir": dir.join("cni"),
+             "ipam": {"dataDir": dir.join("ipam")},
+             "delegate": {"bridge": "cni0", "isDefaultGateway": true, "hairpinMode": true}},
+            {"type": "loopback"}
+        ]
+    });
+    Ok(ConfList::from_bytes(list.to_string().as_bytes())?)
+}
+
+fn wait_ready(lab: &Lab) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for node in &lab.nodes {
+        let file = lab.node_dir(&node.name).join("subnet.env");
+        while !file.exists() {
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(lab.node_dir(&node.name).join("agent.log")).unwrap_or_default();
+                bail!("the agent of {} did not become ready within 20 s; its log:\n{log}", node.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(())
+}
+
+pub fn up(opts: &UpOptions) -> Result<()> {
+    if let Some(existing) = Lab::load(&opts.name)? {
+        if existing.supervisor_pid.is_some_and(alive) && existing.nodes.iter().all(|n| weft_netns::exists(&n.namespace))
+        {
+            println!(
+                "lab {} is already up ({} nodes, {} pods); `weft lab down --name {}` removes it",
+                existing.name,
+                existing.nodes.len(),
+                existing.pods.len(),
+                existing.name
+            );
+            return Ok(());
+        }
+        eprintln!("lab {}: removing what is left of an earlier run", opts.name);
+        down(&opts.name)?;
+    }
+    if opts.nodes == 0 || opts.nodes > 200 {
+        bail!("--nodes must be between 1 and 200");
+    }
+    let mut conf = json!({"Network": opts.network, "Backend": {"Type": opts.backend}});
+    if let Some(len) = opts.subnet_len {
+        conf["SubnetLen"] = json!(len);
+    }
+    let network = weft_netconf::NetworkConfig::parse(&conf.to_string()).context("the lab's network config")?;
+    if network.subnets().count() < opts.nodes {
+        bail!("{} has room for {} node subnets, not {}", opts.network, network.subnets().count(), opts.nodes);
+    }
+
+    let store_dir = Lab::state_dir(&opts.name).join("store");
+    let mut lab = Lab {
+        name: opts.name.clone(),
+        backend: opts.backend.clone(),
+        network: opts.network.clone(),
+        switch_namespace: format!("{}-sw", opts.name),
+        store: StoreInfo { kind: "file".into(), endpoint: store_dir.display().to_string(), namespace: None },
+        supervisor_pid: None,
+        nodes: Vec::new(),
+        pods: Vec::new(),
+    };
+    lab.save()?;
+    let outcome = build(&mut lab, opts, &conf.to_string());
+    if outcome.is_err() {
+        let _ = down(&lab.name);
+    }
+    outcome
+}
+
+fn build(lab: &mut Lab, opts: &UpOptions, net_conf: &str) -> Result<()> {
+    let store = weft_lease::file::FileStore::open(&lab.store.endpoint)?;
+    store.set_network_config(net_conf)?;
+    let switch = make_switch(&lab.switch_namespace)?;
+    for i in 1..=opts.nodes {
+        let name = format!("node{i}");
+        let namespace = format!("{}-{name}", lab.name);
+        let address = Ipv4Addr::new(198, 18, (i / 250) as u8, (i % 250) as u8 + 1);
+        make_node(&switch, &namespace, &format!("p{i}"), IpNet::new(IpAddr::V4(address), 16)?)?;
+        std::fs::create_dir_all(lab.node_dir(&name))?;
+        lab.nodes.push(NodeInfo { name, namespace, address: address.to_string() });
+        lab.save()?;
+    }
+    let exe = std::env::current_exe()?;
+    let log = std::fs::File::create(lab.dir().join("supervisor.log"))?;
+    let child = Command::new(exe)
+        .args(["lab", "supervise", "--name", &lab.name])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting the lab supervisor")?;
+    lab.supervisor_pid = Some(child.id());
+    lab.save()?;
+    wait_ready(lab)?;
+
+    let bin = plugin_dir(lab)?;
+    for node in lab.nodes.clone() {
+        let node_ns = NetNs::open(ns_path(&node.namespace))?;
+        let runner = Runner::new(vec![bin.clone()], lab.node_dir(&node.name).join("cache"));
+        let list = conflist(lab, &node.name)?;
+        for j in 1..=opts.pods {
+            let name = format!("{}-pod{j}", node.name);
+            let namespace = format!("{}-{name}", lab.name);
+            weft_netns::create_named(&namespace)?;
+            let rt = RuntimeConf {
+                container_id: name.clone(),
+                netns: ns_path(&namespace),
+                ifname: "eth0".into(),
+                ..Default::default()
+            };
+            let result =
+                node_ns.run(|| runner.add(&list, &rt))?.map_err(|e| anyhow::anyhow!("creating pod {name}: {e}"))?;
+            let address = result.ips.first().map(|ip| ip.address.addr().to_string()).unwrap_or_default();
+            lab.pods.push(PodInfo { name, node: node.name.clone(), namespace, address });
+            lab.save()?;
+        }
+    }
+    println!(
+        "lab {} is up: {} {} nodes on the switch {}, {} pods",
+        lab.name,
+        lab.nodes.len(),
+        lab.backend,
+        lab.switch_namespace,
+        lab.pods.len()
+    );
+    for pod in &lab.pods {
+        println!("  {:<16} {:<8} {}", pod.name, pod.node, pod.address);
+    }
+    println!("next: weft lab check --name {0}; weft lab show --name {0}; weft lab down --name {0}", lab.name);
+    Ok(())
+}
+
+fn kill(pid: u32, signal: nix::sys::signal::Signal) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+    }
+}
+
+/// Removes every namespace, process and file of the lab; a lab that is not there is fine.
+pub fn down(name: &str) -> Result<()> {
+    let Some(lab) = Lab::load(name)? else {
+        println!("no lab named {name}");
+        return Ok(());
+    };
+    if let Some(pid) = lab.supervisor_pid {
+        kill(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+    for node in &lab.nodes {
+        if let Some(pid) = lab.agent_pid(&node.name) {
+            kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    let mut errors = Vec::new();
+    let namespaces = lab
+        .pods
+        .iter()
+        .map(|p| &p.namespace)
+        .chain(lab.nodes.iter().map(|n| &n.namespace))
+        .chain([&lab.switch_namespace]);
+    for ns in namespaces {
+        if let Err(e) = weft_netns::delete_named(ns) {
+            errors.push(e.to_string());
+        }
+    }
+    remove_dir(&lab.dir(), &mut errors);
+    if !errors.is_empty() {
+        bail!("lab {name}: {}", errors.join("; "));
+    }
+    println!("lab {name} is down");
+    Ok(())
+}
+
+fn remove_dir(dir: &Path, errors: &mut Vec<String>) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            errors.push(format!("removing {}: {e}", dir.display()));
+        }
+    }
+}
