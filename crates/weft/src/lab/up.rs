@@ -30,25 +30,25 @@ fn ns_path(name: &str) -> String {
     weft_netns::named_path(name).display().to_string()
 }
 
-fn kernel<T>(what: &str) -> impl FnOnce(weft_dataplane::DataplaneError) -> anyhow::Error + '_ {
+fn kernel(what: &str) -> impl FnOnce(weft_dataplane::DataplaneError) -> anyhow::Error + '_ {
     move |e| anyhow::anyhow!("{what}: {e}")
 }
 
 /// The switch: a bridge in its own namespace.
 fn make_switch(name: &str) -> Result<NetNs> {
     let ns = weft_netns::create_named(name).with_context(|| format!("creating namespace {name} (are you root?)"))?;
-    let mut nl = Netlink::in_netns(&ns).map_err(kernel::<()>("netlink"))?;
-    nl.create_bridge("sw0", None).map_err(kernel::<()>("creating the switch"))?;
-    let sw = nl.require_link("sw0").map_err(kernel::<()>("switch"))?;
-    nl.set_up(sw.index, true).map_err(kernel::<()>("switch up"))?;
+    let mut nl = Netlink::in_netns(&ns).map_err(kernel("netlink"))?;
+    nl.create_bridge("sw0", None).map_err(kernel("creating the switch"))?;
+    let sw = nl.require_link("sw0").map_err(kernel("switch"))?;
+    nl.set_up(sw.index, true).map_err(kernel("switch up"))?;
     Ok(ns)
 }
 
 /// A node: its namespace, `eth0` plugged into the switch with `address`.
 fn make_node(switch: &NetNs, ns_name: &str, port: &str, address: IpNet) -> Result<NetNs> {
     let node = weft_netns::create_named(ns_name).with_context(|| format!("creating namespace {ns_name}"))?;
-    let mut snl = Netlink::in_netns(switch).map_err(kernel::<()>("netlink"))?;
-    let sw = snl.require_link("sw0").map_err(kernel::<()>("switch"))?;
+    let mut snl = Netlink::in_netns(switch).map_err(kernel("netlink"))?;
+    let sw = snl.require_link("sw0").map_err(kernel("switch"))?;
     let spec = VethSpec {
         name: port,
         peer_name: "eth0",
@@ -59,13 +59,13 @@ fn make_node(switch: &NetNs, ns_name: &str, port: &str, address: IpNet) -> Resul
         master: Some(sw.index),
         up: true,
     };
-    snl.create_veth(&spec).map_err(kernel::<()>("wiring the node"))?;
-    let mut nl = Netlink::in_netns(&node).map_err(kernel::<()>("netlink"))?;
+    snl.create_veth(&spec).map_err(kernel("wiring the node"))?;
+    let mut nl = Netlink::in_netns(&node).map_err(kernel("netlink"))?;
     for name in ["lo", "eth0"] {
-        let link = nl.require_link(name).map_err(kernel::<()>("node link"))?;
-        nl.set_up(link.index, true).map_err(kernel::<()>("node link up"))?;
+        let link = nl.require_link(name).map_err(kernel("node link"))?;
+        nl.set_up(link.index, true).map_err(kernel("node link up"))?;
         if name == "eth0" {
-            nl.add_address(link.index, &address).map_err(kernel::<()>("node address"))?;
+            nl.add_address(link.index, &address).map_err(kernel("node address"))?;
         }
     }
     Ok(node)
