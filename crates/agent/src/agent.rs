@@ -168,6 +168,7 @@ impl Node {
         let ctx = Context {
             kind: self.network.backend.kind,
             network: self.network.network,
+            subnet_len: self.network.subnet_len,
             own_subnet: self.lease.subnet,
             own_ip: self.uplink.ip,
             uplink: self.uplink.link.index,
@@ -250,6 +251,12 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     let network = load_network(&cfg, &store)?;
     let mut nl = Netlink::new().map_err(kernel("opening netlink"))?;
     let uplink = find_uplink(&mut nl, &cfg)?;
+    if let Some(clash) = uplink.nets.iter().find(|n| n.contains(&network.network) || network.network.contains(*n)) {
+        return Err(AgentError::Config(format!(
+            "the pod network {} overlaps the node network {clash} of {}: pick a Network that does not",
+            network.network, uplink.link.name
+        )));
+    }
     let status = Arc::new(Mutex::new(Status::default()));
     if let Some(addr) = cfg.health {
         let bound = http::serve(addr, status.clone())

@@ -31,6 +31,8 @@ pub struct Desired {
 pub struct Context<'a> {
     pub kind: BackendType,
     pub network: Ipv4Net,
+    /// The size every node's subnet has (`SubnetLen`).
+    pub subnet_len: u8,
     pub own_subnet: Ipv4Net,
     pub own_ip: Ipv4Addr,
     pub uplink: u32,
@@ -50,6 +52,9 @@ impl Context<'_> {
         let s = &peer.subnet;
         if !self.network.contains(s) {
             return Some(format!("lease {} is outside the network {}", s, self.network));
+        }
+        if s.prefix_len() != self.subnet_len {
+            return Some(format!("lease {s} is not a /{} subnet", self.subnet_len));
         }
         if s.contains(&self.own_subnet) || self.own_subnet.contains(s) {
             return Some(format!("lease {s} overlaps this node's subnet {}", self.own_subnet));
@@ -143,6 +148,7 @@ mod tests {
         Context {
             kind,
             network: "198.19.0.0/16".parse().unwrap(),
+            subnet_len: 24,
             own_subnet: "198.19.1.0/24".parse().unwrap(),
             own_ip: "198.18.0.1".parse().unwrap(),
             uplink: 2,
@@ -202,7 +208,7 @@ mod tests {
         assert_eq!(d, Desired::default());
         assert_eq!(warnings.len(), 4, "{warnings:?}");
         assert!(warnings[0].contains("outside the network"));
-        assert!(warnings[1].contains("overlaps"));
+        assert!(warnings[1].contains("not a /24"));
         assert!(warnings[2].contains("this node's address"));
         assert!(warnings[3].contains("VtepMAC"));
     }

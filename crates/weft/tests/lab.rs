@@ -1,0 +1,363 @@
+//! The lab with real agents: every pod reaches every other; each node holds exactly one route,
+//! FDB entry and neighbour per peer; joins, MAC changes and leaves reach every node within a
+//! second; bad leases are never programmed; a VTEP deleted by hand comes back; an agent killed
+//! and restarted loses no packet and leaves no duplicate.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::UdpSocket;
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::*;
+use serde_json::{json, Value};
+use weft_lease::file::FileStore;
+use weft_lease::{Lease, LeaseAttrs};
+
+/// A lab removed (`weft lab down`) when dropped.
+struct TestLab {
+    name: String,
+}
+
+impl TestLab {
+    fn up(backend: &str, nodes: usize, pods: usize) -> TestLab {
+        require_root();
+        let lab = TestLab { name: unique("lab") };
+        let out = Command::new(weft_bin())
+            .args([
+                "lab",
+                "up",
+                "--name",
+                &lab.name,
+                "--backend",
+                backend,
+                "--nodes",
+                &nodes.to_string(),
+                "--pods",
+                &pods.to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "lab up failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lab
+    }
+
+    fn weft(&self, args: &[&str]) -> std::process::Output {
+        let mut argv = vec!["lab"];
+        argv.extend_from_slice(args);
+        argv.extend_from_slice(&["--name", &self.name]);
+        Command::new(weft_bin()).args(&argv).output().unwrap()
+    }
+
+    fn show(&self) -> Value {
+        let out = self.weft(&["show", "--json"]);
+        assert!(out.status.success());
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn store(&self) -> FileStore {
+        FileStore::open(self.show()["store"]["endpoint"].as_str().unwrap()).unwrap()
+    }
+
+    fn ns(&self, node: &str) -> String {
+        format!("{}-{node}", self.name)
+    }
+
+    fn ip(&self, node: &str, args: &[&str]) -> Value {
+        let out = Command::new(args[0]).args(["-n", &self.ns(node), "-j"]).args(&args[1..]).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(if text.trim().is_empty() { "[]" } else { &text }).unwrap()
+    }
+
+    /// (routes proto weft, FDB entries with a remote, permanent neighbours) on a node's VTEP.
+    fn peer_state(&self, node: &str) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let routes = self.ip(node, &["ip", "route", "show", "proto", "200"]);
+        let mut routes: Vec<String> = routes
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} via {} dev {}",
+                    r["dst"].as_str().unwrap(),
+                    r["gateway"].as_str().unwrap_or("-"),
+                    r["dev"].as_str().unwrap()
+                )
+            })
+            .collect();
+        routes.sort();
+        let has_vtep =
+            self.ip(node, &["ip", "link", "show"]).as_array().unwrap().iter().any(|l| l["ifname"] == "weft.1");
+        if !has_vtep {
+            return (routes, vec![], vec![]);
+        }
+        let mut fdb: Vec<String> = self
+            .ip(node, &["bridge", "fdb", "show", "dev", "weft.1"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e.get("dst").is_some())
+            .map(|e| format!("{} dst {}", e["mac"].as_str().unwrap(), e["dst"].as_str().unwrap()))
+            .collect();
+        fdb.sort();
+        let mut neigh: Vec<String> = self
+            .ip(node, &["ip", "neigh", "show", "dev", "weft.1", "nud", "permanent"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| format!("{} lladdr {}", n["dst"].as_str().unwrap(), n["lladdr"].as_str().unwrap()))
+            .collect();
+        neigh.sort();
+        (routes, fdb, neigh)
+    }
+
+    /// What every node should hold for its peers, from the store.
+    fn expected(&self, node: &str) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let show = self.show();
+        let own = show["nodes"].as_array().unwrap().iter().find(|n| n["name"] == node).unwrap()["subnet"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let mut out = (vec![], vec![], vec![]);
+        for lease in self.store().list(SystemTime::now()).unwrap() {
+            if lease.subnet.to_string() == own {
+                continue;
+            }
+            let gw = lease.subnet.network();
+            let mac = lease.vxlan().unwrap().vtep_mac;
+            out.0.push(format!("{} via {gw} dev weft.1", lease.subnet));
+            out.1.push(format!("{mac} dst {}", lease.attrs.public_ip));
+            out.2.push(format!("{gw} lladdr {mac}"));
+        }
+        out.0.sort();
+        out.1.sort();
+        out.2.sort();
+        out
+    }
+
+    fn nodes(&self) -> Vec<String> {
+        self.show()["nodes"].as_array().unwrap().iter().map(|n| n["name"].as_str().unwrap().to_string()).collect()
+    }
+
+    fn agent_pid(&self, node: &str) -> i32 {
+        let show = self.show();
+        show["nodes"].as_array().unwrap().iter().find(|n| n["name"] == node).unwrap()["agent_pid"].as_i64().unwrap()
+            as i32
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        let _ = self.weft(&["down"]);
+    }
+}
+
+fn within(limit: Duration, what: &str, cond: impl Fn() -> bool) -> Duration {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "not within {limit:?}: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    start.elapsed()
+}
+
+fn peer_lease(subnet: &str, ip: &str, mac: &str) -> Lease {
+    Lease {
+        subnet: subnet.parse().unwrap(),
+        attrs: LeaseAttrs {
+            public_ip: ip.parse().unwrap(),
+            public_ipv6: None,
+            backend_type: "vxlan".into(),
+            backend_data: json!({"VNI": 1, "VtepMAC": mac}),
+        },
+        expires: None,
+    }
+}
+
+#[test]
+fn vxlan_lab_programs_every_peer_and_follows_the_store() {
+    let lab = TestLab::up("vxlan", 3, 2);
+    let check = lab.weft(&["check"]);
+    assert!(
+        check.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let nodes = lab.nodes();
+    for node in &nodes {
+        let state = lab.peer_state(node);
+        assert_eq!(state.0.len(), 2, "{node}: {state:?}");
+        assert_eq!(state, lab.expected(node), "{node}");
+    }
+
+    // A node joins: every node has it within a second.
+    let store = lab.store();
+    store.put_lease(&peer_lease("198.19.250.0/24", "198.18.0.99", "0a:00:00:00:00:99")).unwrap();
+    let took = within(Duration::from_secs(1), "the new peer everywhere", || {
+        nodes.iter().all(|n| lab.peer_state(n).1.contains(&"0a:00:00:00:00:99 dst 198.18.0.99".to_string()))
+    });
+    eprintln!("join programmed on every node in {took:?}");
+    for node in &nodes {
+        assert_eq!(lab.peer_state(node), lab.expected(node), "{node} after the join");
+    }
+    // Its VTEP MAC changes: the old FDB entry goes, nothing stale is left.
+    store.put_lease(&peer_lease("198.19.250.0/24", "198.18.0.99", "0a:00:00:00:00:98")).unwrap();
+    within(Duration::from_secs(1), "the new MAC everywhere", || {
+        nodes.iter().all(|n| {
+            let fdb = lab.peer_state(n).1;
+            fdb.contains(&"0a:00:00:00:00:98 dst 198.18.0.99".to_string())
+                && !fdb.iter().any(|e| e.starts_with("0a:00:00:00:00:99"))
+        })
+    });
+    for node in &nodes {
+        assert_eq!(lab.peer_state(node), lab.expected(node), "{node} after the MAC change");
+    }
+    // It leaves.
+    store.delete(&"198.19.250.0/24".parse().unwrap()).unwrap();
+    within(Duration::from_secs(1), "the peer gone everywhere", || nodes.iter().all(|n| lab.peer_state(n).0.len() == 2));
+    for node in &nodes {
+        assert_eq!(lab.peer_state(node), lab.expected(node), "{node} after the leave");
+    }
+
+    // Bad leases are never programmed: outside the network, not a node-sized subnet.
+    store.put_lease(&peer_lease("10.99.0.0/24", "198.18.0.97", "0a:00:00:00:00:97")).unwrap();
+    store.put_lease(&peer_lease("198.19.251.0/25", "198.18.0.96", "0a:00:00:00:00:96")).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    for node in &nodes {
+        let (routes, fdb, _) = lab.peer_state(node);
+        assert_eq!(routes.len(), 2, "{node} programmed a bad lease: {routes:?}");
+        assert!(!fdb.iter().any(|e| e.contains("198.18.0.97") || e.contains("198.18.0.96")));
+    }
+    let log = std::fs::read_to_string(format!("/run/weft-lab/{}/node1/agent.log", lab.name)).unwrap();
+    assert!(log.contains("ignoring peer 198.18.0.97") && log.contains("ignoring peer 198.18.0.96"), "{log}");
+    store.delete(&"10.99.0.0/24".parse().unwrap()).unwrap();
+    store.delete(&"198.19.251.0/25".parse().unwrap()).unwrap();
+
+    // The VTEP deleted by hand is back with every peer.
+    let before = lab.peer_state("node2");
+    let out = Command::new("ip").args(["-n", &lab.ns("node2"), "link", "del", "weft.1"]).output().unwrap();
+    assert!(out.status.success());
+    within(Duration::from_secs(3), "the VTEP and its peers back", || lab.peer_state("node2") == before);
+    assert!(lab.weft(&["check"]).status.success());
+}
+
+#[test]
+fn agent_restart_loses_no_packet() {
+    let lab = TestLab::up("vxlan", 2, 1);
+    let show = lab.show();
+    let pods = show["pods"].as_array().unwrap();
+    let (a, b) = (&pods[0], &pods[1]);
+    assert_ne!(a["node"], b["node"]);
+    let ns_a = weft_netns::NetNs::open(weft_netns::named_path(a["namespace"].as_str().unwrap())).unwrap();
+    let ns_b = weft_netns::NetNs::open(weft_netns::named_path(b["namespace"].as_str().unwrap())).unwrap();
+    let b_addr = format!("{}:9999", b["address"].as_str().unwrap());
+    let receiver = ns_b.run(|| UdpSocket::bind(&b_addr)).unwrap().unwrap();
+    receiver.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let sender = ns_a.run(|| UdpSocket::bind("0.0.0.0:0")).unwrap().unwrap();
+    let before: Vec<_> = lab.nodes().iter().map(|n| lab.peer_state(n)).collect();
+    let pids: Vec<i32> = lab.nodes().iter().map(|n| lab.agent_pid(n)).collect();
+
+    const N: u32 = 2000;
+    let recv = std::thread::spawn(move || {
+        let mut seen = vec![false; N as usize];
+        let mut buf = [0u8; 64];
+        while let Ok(n) = receiver.recv(&mut buf) {
+            if n == 4 {
+                let i = u32::from_be_bytes(buf[..4].try_into().unwrap());
+                seen[i as usize] = true;
+            }
+        }
+        seen.iter().filter(|s| !**s).count()
+    });
+    for i in 0..N {
+        if i == 300 {
+            for pid in &pids {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+            }
+        }
+        sender.send_to(&i.to_be_bytes(), &b_addr).unwrap();
+        std::thread::sleep(Duration::from_micros(1000));
+    }
+    let lost = recv.join().unwrap();
+    assert_eq!(lost, 0, "{lost} of {N} datagrams lost while the agents restarted");
+    // The agents came back (new pids), and the kernel holds exactly what it held before.
+    within(Duration::from_secs(3), "agents restarted", || {
+        lab.nodes().iter().zip(&pids).all(|(n, p)| lab.agent_pid(n) != *p)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let after: Vec<_> = lab.nodes().iter().map(|n| lab.peer_state(n)).collect();
+    assert_eq!(after, before, "kernel objects changed across the restart");
+}
+
+#[test]
+fn host_gw_lab_routes_via_peers() {
+    let lab = TestLab::up("host-gw", 3, 1);
+    let check = lab.weft(&["check"]);
+    assert!(
+        check.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let show = lab.show();
+    for node in show["nodes"].as_array().unwrap() {
+        let name = node["name"].as_str().unwrap();
+        let (routes, fdb, neigh) = lab.peer_state(name);
+        let mut want: Vec<String> = show["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["name"] != name)
+            .map(|n| format!("{} via {} dev eth0", n["subnet"].as_str().unwrap(), n["address"].as_str().unwrap()))
+            .collect();
+        want.sort();
+        assert_eq!(routes, want, "{name}");
+        assert!(fdb.is_empty() && neigh.is_empty());
+    }
+}
+
+#[test]
+fn agent_refuses_bad_network_configs() {
+    let node = Ns::new("n");
+    node.sh(&["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]);
+    node.sh(&["ip", "addr", "add", "198.18.40.1/24", "dev", "eth0"]);
+    node.sh(&["ip", "link", "set", "eth0", "up"]);
+    let dir = Dir::new("agent");
+    for (conf, message) in [
+        (r#"{"Network": "198.18.0.0/16"}"#, "overlaps the node network"),
+        (r#"{"Network": "198.19.0.0/29"}"#, "too small"),
+        (r#"{"Network": "198.19.0.0/16", "Backend": {"Type": "ipip"}}"#, "unknown backend"),
+    ] {
+        let path = dir.path().join("net-conf.json");
+        std::fs::write(&path, conf).unwrap();
+        let out = node
+            .handle
+            .run(|| {
+                Command::new(weft_bin())
+                    .args(["agent", "--iface", "eth0", "--store"])
+                    .arg(dir.path().join("store"))
+                    .arg("--net-conf")
+                    .arg(&path)
+                    .arg("--subnet-file")
+                    .arg(dir.path().join("subnet.env"))
+                    .arg("--state-dir")
+                    .arg(dir.path())
+                    .output()
+            })
+            .unwrap()
+            .unwrap();
+        assert!(!out.status.success(), "{conf}: the agent started");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(message), "{conf}: {err}");
+    }
+    assert!(!dir.path().join("subnet.env").exists());
+}
