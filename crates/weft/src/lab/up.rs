@@ -221,7 +221,8 @@ fn build(lab: &mut Lab, opts: &UpOptions, net_conf: &str) -> Result<()> {
     for pod in &lab.pods {
         println!("  {:<16} {:<8} {}", pod.name, pod.node, pod.address);
     }
-    println!("next: weft lab check --name {0}; weft lab show --name {0}; weft lab down --name {0}", lab.name);
+    let flag = if lab.name == "weft" { String::new() } else { format!(" --name {}", lab.name) };
+    println!("next: weft lab check{flag}; weft lab show{flag} [NODE]; weft lab down{flag}");
     Ok(())
 }
 
