@@ -10,8 +10,9 @@ use std::time::{Duration, Instant, SystemTime};
 use ipnet::{IpNet, Ipv4Net};
 use serde_json::json;
 use weft_dataplane::{Link, Netlink};
+use weft_lease::etcd::EtcdStore;
 use weft_lease::file::FileStore;
-use weft_lease::{Lease, LeaseAttrs, LeaseError};
+use weft_lease::{Lease, LeaseAttrs, LeaseError, LeaseStore, LeaseWatcher};
 use weft_netconf::{BackendType, NetworkConfig, SubnetEnv};
 
 use crate::backend::{self, Context};
@@ -21,7 +22,7 @@ use crate::{firewall, kernel, reconcile, vtep, AgentError, Result};
 /// How the agent is run (`weft agent --help`).
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    pub store_dir: PathBuf,
+    pub store: StoreConfig,
     pub net_conf: Option<PathBuf>,
     pub iface: Option<String>,
     pub public_ip: Option<Ipv4Addr>,
@@ -31,6 +32,24 @@ pub struct AgentConfig {
     pub lease_ttl: Duration,
     pub resync: Duration,
     pub health: Option<SocketAddr>,
+}
+
+/// Where leases live.
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    /// The embedded file store (one machine).
+    File(PathBuf),
+    /// etcd v3, flannel's key layout under `prefix`.
+    Etcd { endpoints: Vec<String>, prefix: String },
+}
+
+impl StoreConfig {
+    pub fn open(&self) -> Result<Box<dyn LeaseStore>> {
+        Ok(match self {
+            StoreConfig::File(dir) => Box::new(FileStore::open(dir)?),
+            StoreConfig::Etcd { endpoints, prefix } => Box::new(EtcdStore::connect(endpoints, prefix)?),
+        })
+    }
 }
 
 /// The uplink: the interface peers are reached through.
@@ -88,16 +107,13 @@ fn find_uplink(nl: &mut Netlink, cfg: &AgentConfig) -> Result<Uplink> {
     Ok(Uplink { link, ip, nets: nets.iter().map(|n| n.trunc()).collect() })
 }
 
-fn load_network(cfg: &AgentConfig, store: &FileStore) -> Result<NetworkConfig> {
+fn load_network(cfg: &AgentConfig, store: &dyn LeaseStore) -> Result<NetworkConfig> {
     let text = match &cfg.net_conf {
         Some(path) => {
             std::fs::read_to_string(path).map_err(|e| AgentError::Config(format!("reading {}: {e}", path.display())))?
         }
         None => store.network_config()?.ok_or_else(|| {
-            AgentError::Config(format!(
-                "no network config: pass --net-conf or store one in {}/config",
-                store.dir().display()
-            ))
+            AgentError::Config(format!("no network config: pass --net-conf or store one in the {}", store.describe()))
         })?,
     };
     Ok(NetworkConfig::parse(&text)?)
@@ -118,7 +134,7 @@ fn random_mac() -> [u8; 6] {
 struct Node {
     cfg: AgentConfig,
     network: NetworkConfig,
-    store: FileStore,
+    store: Box<dyn LeaseStore>,
     nl: Netlink,
     uplink: Uplink,
     vtep_mac: Option<[u8; 6]>,
@@ -247,8 +263,8 @@ impl Node {
 /// Runs the agent until the process is stopped. Start-up errors are returned; errors in the
 /// loop are logged and retried.
 pub fn run(cfg: AgentConfig) -> Result<()> {
-    let store = FileStore::open(&cfg.store_dir)?;
-    let network = load_network(&cfg, &store)?;
+    let store = cfg.store.open()?;
+    let network = load_network(&cfg, store.as_ref())?;
     let mut nl = Netlink::new().map_err(kernel("opening netlink"))?;
     let uplink = find_uplink(&mut nl, &cfg)?;
     if let Some(clash) = uplink.nets.iter().find(|n| n.contains(&network.network) || network.network.contains(*n)) {
@@ -301,9 +317,13 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     );
     node.ensure_vtep()?;
     firewall::apply(&node.network.network, node.cfg.ip_masq)?;
-    let mut watcher = node.store.watcher();
-    watcher.poll(SystemTime::now())?;
-    let peers: Vec<Lease> = watcher.leases().cloned().collect();
+    let mut watcher = node.store.watch()?;
+    // The watch reports the current leases first; wait (briefly) for them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while watcher.poll(SystemTime::now())?.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let peers: Vec<Lease> = watcher.leases();
     node.reconcile(&peers)?;
     node.write_subnet_file()?;
     {
@@ -326,7 +346,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
 
 fn tick(
     node: &mut Node,
-    watcher: &mut weft_lease::file::Watcher,
+    watcher: &mut Box<dyn LeaseWatcher>,
     last_resync: &mut Instant,
     last_renew: &mut Instant,
 ) -> Result<()> {
@@ -344,7 +364,7 @@ fn tick(
             replay = true;
         }
     }
-    let present = watcher.leases().any(|l| l.subnet == node.lease.subnet && l.attrs.public_ip == node.uplink.ip);
+    let present = watcher.leases().iter().any(|l| l.subnet == node.lease.subnet && l.attrs.public_ip == node.uplink.ip);
     if !present || last_renew.elapsed() >= Duration::from_secs(1) {
         *last_renew = Instant::now();
         if node.renew(now, present)? {
@@ -361,7 +381,7 @@ fn tick(
         replay = true;
     }
     if replay {
-        let peers: Vec<Lease> = watcher.leases().cloned().collect();
+        let peers: Vec<Lease> = watcher.leases();
         node.reconcile(&peers)?;
         if !events.is_empty() {
             node.status.lock().unwrap_or_else(|e| e.into_inner()).last_event_to_kernel_seconds =

@@ -1,14 +1,18 @@
 //! Subnet leases. A node leases one subnet of the cluster network and publishes how to reach it
 //! (its public IP, its backend's data such as the VTEP MAC) in flannel's JSON, so weft and
 //! flannel nodes can share a store. [`file::FileStore`] keeps leases in a directory for a single
-//! machine (the lab, tests, one-node clusters).
+//! machine (the lab, tests, one-node clusters); [`etcd::EtcdStore`] keeps them in etcd v3 in
+//! flannel's key layout, for clusters.
 
+pub mod etcd;
 pub mod file;
 mod model;
 mod pick;
+mod store;
 
 pub use model::{Lease, LeaseAttrs, LeaseEvent, VxlanData};
 pub use pick::choose_subnet;
+pub use store::{LeaseStore, LeaseWatcher};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {

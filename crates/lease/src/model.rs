@@ -58,12 +58,12 @@ impl Lease {
 }
 
 /// `10.244.1.0/24` → `10.244.1.0-24`.
-pub fn subnet_key(subnet: &Ipv4Net) -> String {
+pub(crate) fn subnet_key(subnet: &Ipv4Net) -> String {
     format!("{}-{}", subnet.network(), subnet.prefix_len())
 }
 
 /// `10.244.1.0-24` → `10.244.1.0/24` (dual-stack keys `...&fc00::-64` keep their IPv4 part).
-pub fn parse_key(key: &str) -> Result<Ipv4Net> {
+pub(crate) fn parse_key(key: &str) -> Result<Ipv4Net> {
     let v4 = key.split('&').next().unwrap_or(key);
     v4.replacen('-', "/", 1)
         .parse()

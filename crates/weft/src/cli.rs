@@ -42,9 +42,17 @@ enum Command {
 
 #[derive(clap::Args)]
 struct AgentArgs {
-    /// The lease store: a directory shared by every agent on this machine (the embedded store).
+    /// The embedded lease store: a directory shared by every agent on this machine. Ignored
+    /// with --etcd-endpoints.
     #[arg(long, default_value = "/var/lib/weft/store")]
     store: PathBuf,
+    /// etcd v3 endpoints (comma-separated, e.g. http://10.0.0.1:2379): leases in flannel's
+    /// layout, shared with flannel nodes.
+    #[arg(long, value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// The etcd key prefix (flannel's default).
+    #[arg(long, default_value = weft_lease::etcd::DEFAULT_PREFIX)]
+    etcd_prefix: String,
     /// net-conf.json (flannel's format); without it, the config stored in the store is used.
     #[arg(long)]
     net_conf: Option<PathBuf>,
@@ -187,7 +195,11 @@ pub fn main() -> i32 {
         },
         Command::Demo => crate::demo::run(),
         Command::Agent(a) => weft_agent::agent::run(weft_agent::agent::AgentConfig {
-            store_dir: a.store,
+            store: if a.etcd_endpoints.is_empty() {
+                weft_agent::agent::StoreConfig::File(a.store)
+            } else {
+                weft_agent::agent::StoreConfig::Etcd { endpoints: a.etcd_endpoints, prefix: a.etcd_prefix }
+            },
             net_conf: a.net_conf,
             iface: a.iface,
             public_ip: a.public_ip,

@@ -1,0 +1,324 @@
+//! The etcd v3 store, in flannel's layout so weft and flannel nodes can share a cluster:
+//! `<prefix>/config` holds net-conf.json, `<prefix>/subnets/<a.b.c.d>-<len>` one lease per node
+//! (value: flannel's lease JSON), its TTL an etcd lease. A new lease is created with a
+//! transaction `If(Version(key) == 0)`, so two nodes never get the same subnet; renewal attaches
+//! a fresh etcd lease, as flannel does. The watch follows the prefix from the listed revision and
+//! re-lists and diffs when etcd has compacted past it or the connection was lost.
+//!
+//! The store is synchronous for its callers: it runs a small single-threaded runtime inside.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
+use ipnet::Ipv4Net;
+use tokio::runtime::Runtime;
+use weft_netconf::NetworkConfig;
+
+use crate::model::{parse_key, subnet_key};
+use crate::{choose_subnet, Lease, LeaseAttrs, LeaseError, LeaseEvent, LeaseStore, LeaseWatcher, Result};
+
+/// flannel's default prefix.
+pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
+const RPC_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn store_err(e: impl std::fmt::Display) -> LeaseError {
+    LeaseError::Store(e.to_string())
+}
+
+/// A lease store in etcd.
+pub struct EtcdStore {
+    rt: Arc<Runtime>,
+    endpoints: Vec<String>,
+    prefix: String,
+    client: Client,
+}
+
+fn runtime() -> Result<Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(store_err)
+}
+
+async fn connect(endpoints: &[String]) -> Result<Client> {
+    let options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(3)).with_timeout(RPC_TIMEOUT);
+    Client::connect(endpoints, Some(options))
+        .await
+        .map_err(|e| store_err(format!("connecting to etcd {endpoints:?}: {e}")))
+}
+
+fn decode(key: &str, prefix: &str, value: &[u8]) -> Result<Option<Lease>> {
+    let Some(name) = key.strip_prefix(&format!("{prefix}/subnets/")) else { return Ok(None) };
+    let subnet = parse_key(name)?;
+    let attrs: LeaseAttrs =
+        serde_json::from_slice(value).map_err(|e| LeaseError::Corrupt { key: key.into(), reason: e.to_string() })?;
+    Ok(Some(Lease { subnet, attrs, expires: None }))
+}
+
+async fn list_with_revision(client: &mut Client, prefix: &str) -> Result<(Vec<Lease>, i64)> {
+    let resp = client
+        .get(format!("{prefix}/subnets/"), Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| store_err(format!("listing leases: {e}")))?;
+    let revision = resp.header().map_or(0, |h| h.revision());
+    let mut leases = Vec::new();
+    for kv in resp.kvs() {
+        let key = kv.key_str().map_err(store_err)?;
+        match decode(key, prefix, kv.value()) {
+            Ok(Some(lease)) => leases.push(lease),
+            Ok(None) => {}
+            Err(e) => eprintln!("weft: skipping {key}: {e}"),
+        }
+    }
+    leases.sort_by_key(|l| l.subnet);
+    Ok((leases, revision))
+}
+
+impl EtcdStore {
+    pub fn connect(endpoints: &[String], prefix: &str) -> Result<EtcdStore> {
+        let rt = runtime()?;
+        let endpoints = endpoints.to_vec();
+        let client = rt.block_on(connect(&endpoints))?;
+        Ok(EtcdStore { rt: Arc::new(rt), endpoints, prefix: prefix.trim_end_matches('/').to_string(), client })
+    }
+
+    fn key(&self, subnet: &Ipv4Net) -> String {
+        format!("{}/subnets/{}", self.prefix, subnet_key(subnet))
+    }
+
+    fn block<T>(&self, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        self.rt.block_on(async {
+            tokio::time::timeout(RPC_TIMEOUT, fut).await.map_err(|_| store_err("etcd did not answer within 5 s"))?
+        })
+    }
+
+    /// Puts `attrs` on `subnet` with a fresh etcd lease of `ttl`; with `only_if_new`, only if
+    /// the key does not exist (false when someone was first).
+    fn put_lease(
+        &self,
+        subnet: &Ipv4Net,
+        attrs: &LeaseAttrs,
+        ttl: Option<Duration>,
+        only_if_new: bool,
+    ) -> Result<bool> {
+        let key = self.key(subnet);
+        let value = serde_json::to_vec(attrs).map_err(store_err)?;
+        let mut client = self.client.clone();
+        self.block(async move {
+            let mut options = PutOptions::new();
+            if let Some(ttl) = ttl {
+                let grant = client
+                    .lease_grant(ttl.as_secs().max(1) as i64, None)
+                    .await
+                    .map_err(|e| store_err(format!("granting a lease: {e}")))?;
+                options = options.with_lease(grant.id());
+            }
+            let mut txn = Txn::new();
+            if only_if_new {
+                txn = txn.when([Compare::version(key.clone(), CompareOp::Equal, 0)]);
+            }
+            let resp = client
+                .txn(txn.and_then([TxnOp::put(key, value, Some(options))]))
+                .await
+                .map_err(|e| store_err(format!("writing a lease: {e}")))?;
+            Ok(resp.succeeded())
+        })
+    }
+
+    /// Writes `<prefix>/config`.
+    pub fn set_network_config(&self, text: &str) -> Result<()> {
+        let mut client = self.client.clone();
+        let key = format!("{}/config", self.prefix);
+        let text = text.to_string();
+        self.block(async move { client.put(key, text, None).await.map(drop).map_err(store_err) })
+    }
+}
+
+impl LeaseStore for EtcdStore {
+    fn network_config(&self) -> Result<Option<String>> {
+        let mut client = self.client.clone();
+        let key = format!("{}/config", self.prefix);
+        self.block(async move {
+            let resp =
+                client.get(key, None).await.map_err(|e| store_err(format!("reading the network config: {e}")))?;
+            Ok(resp.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).to_string()))
+        })
+    }
+
+    fn list(&self, _now: SystemTime) -> Result<Vec<Lease>> {
+        let mut client = self.client.clone();
+        let prefix = self.prefix.clone();
+        self.block(async move { list_with_revision(&mut client, &prefix).await.map(|(l, _)| l) })
+    }
+
+    fn acquire(
+        &self,
+        config: &NetworkConfig,
+        attrs: &LeaseAttrs,
+        previous: Option<Ipv4Net>,
+        ttl: Option<Duration>,
+        now: SystemTime,
+        random: &mut dyn FnMut(usize) -> usize,
+    ) -> Result<Lease> {
+        for _ in 0..10 {
+            let leases = self.list(now)?;
+            if let Some(own) =
+                leases.iter().find(|l| l.attrs.public_ip == attrs.public_ip && config.is_leasable(&l.subnet))
+            {
+                self.put_lease(&own.subnet, attrs, ttl, false)?;
+                return Ok(Lease { subnet: own.subnet, attrs: attrs.clone(), expires: ttl.map(|t| now + t) });
+            }
+            let taken: HashSet<Ipv4Net> = leases.iter().map(|l| l.subnet).collect();
+            let subnet = choose_subnet(config, &taken, previous, random)
+                .ok_or_else(|| LeaseError::Exhausted(config.network.to_string()))?;
+            if self.put_lease(&subnet, attrs, ttl, true)? {
+                return Ok(Lease { subnet, attrs: attrs.clone(), expires: ttl.map(|t| now + t) });
+            }
+            // Another node was first: list again and pick another.
+        }
+        Err(LeaseError::Store("no subnet could be created after 10 tries (too much contention)".into()))
+    }
+
+    fn renew(&self, lease: &Lease, ttl: Option<Duration>, now: SystemTime) -> Result<Lease> {
+        let current = self.list(now)?.into_iter().find(|l| l.subnet == lease.subnet);
+        match current {
+            Some(c) if c.attrs.public_ip == lease.attrs.public_ip => {
+                self.put_lease(&lease.subnet, &lease.attrs, ttl, false)?;
+                Ok(Lease { expires: ttl.map(|t| now + t), ..lease.clone() })
+            }
+            _ => Err(LeaseError::NotFound(lease.key())),
+        }
+    }
+
+    fn delete(&self, subnet: &Ipv4Net) -> Result<()> {
+        let mut client = self.client.clone();
+        let key = self.key(subnet);
+        self.block(async move { client.delete(key, None).await.map(drop).map_err(store_err) })
+    }
+
+    fn watch(&self) -> Result<Box<dyn LeaseWatcher>> {
+        let (tx, rx) = channel();
+        let endpoints = self.endpoints.clone();
+        let prefix = self.prefix.clone();
+        std::thread::Builder::new()
+            .name("etcd-watch".into())
+            .spawn(move || follow(endpoints, prefix, tx))
+            .map_err(store_err)?;
+        Ok(Box::new(EtcdWatcher { rx, known: HashMap::new() }))
+    }
+
+    fn describe(&self) -> String {
+        format!("etcd {} prefix {}", self.endpoints.join(","), self.prefix)
+    }
+}
+
+/// What the background watch sends.
+enum Update {
+    Snapshot(Vec<Lease>),
+    Put(Lease),
+    Delete(Ipv4Net),
+}
+
+/// List, then watch from the listed revision; on compaction, cancellation or a lost
+/// connection, list again (the receiver diffs). Ends when the receiver is gone.
+fn follow(endpoints: Vec<String>, prefix: String, tx: Sender<Update>) {
+    let Ok(rt) = runtime() else { return };
+    rt.block_on(async move {
+        loop {
+            match follow_once(&endpoints, &prefix, &tx).await {
+                Ok(()) => return, // receiver gone
+                Err(e) => {
+                    eprintln!("weft: etcd watch: {e}; listing again in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    });
+}
+
+async fn follow_once(endpoints: &[String], prefix: &str, tx: &Sender<Update>) -> Result<()> {
+    let mut client = connect(endpoints).await?;
+    let (leases, revision) = list_with_revision(&mut client, prefix).await?;
+    if tx.send(Update::Snapshot(leases)).is_err() {
+        return Ok(());
+    }
+    let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+    let mut stream = client.watch(format!("{prefix}/subnets/"), Some(options)).await.map_err(store_err)?;
+    loop {
+        let resp = match stream.message().await.map_err(store_err)? {
+            Some(resp) => resp,
+            None => return Err(store_err("the watch stream ended")),
+        };
+        if resp.canceled() || resp.compact_revision() > 0 {
+            return Err(store_err(format!("watch canceled (compacted at revision {})", resp.compact_revision())));
+        }
+        for event in resp.events() {
+            let Some(kv) = event.kv() else { continue };
+            let key = kv.key_str().map_err(store_err)?;
+            let update = match event.event_type() {
+                EventType::Put => match decode(key, prefix, kv.value()) {
+                    Ok(Some(lease)) => Update::Put(lease),
+                    Ok(None) => continue,
+                    Err(e) => {
+                        eprintln!("weft: skipping {key}: {e}");
+                        continue;
+                    }
+                },
+                EventType::Delete => match key.strip_prefix(&format!("{prefix}/subnets/")).map(parse_key) {
+                    Some(Ok(subnet)) => Update::Delete(subnet),
+                    _ => continue,
+                },
+            };
+            if tx.send(update).is_err() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+struct EtcdWatcher {
+    rx: Receiver<Update>,
+    known: HashMap<Ipv4Net, Lease>,
+}
+
+impl LeaseWatcher for EtcdWatcher {
+    fn poll(&mut self, _now: SystemTime) -> Result<Vec<LeaseEvent>> {
+        let mut events = Vec::new();
+        while let Ok(update) = self.rx.try_recv() {
+            match update {
+                Update::Snapshot(leases) => {
+                    let current: HashMap<Ipv4Net, Lease> = leases.into_iter().map(|l| (l.subnet, l)).collect();
+                    for (subnet, old) in &self.known {
+                        if !current.contains_key(subnet) {
+                            events.push(LeaseEvent::Removed(old.clone()));
+                        }
+                    }
+                    for (subnet, lease) in &current {
+                        if self.known.get(subnet).is_none_or(|old| old.attrs != lease.attrs) {
+                            events.push(LeaseEvent::Added(lease.clone()));
+                        }
+                    }
+                    self.known = current;
+                }
+                Update::Put(lease) => {
+                    if self.known.get(&lease.subnet).is_none_or(|old| old.attrs != lease.attrs) {
+                        events.push(LeaseEvent::Added(lease.clone()));
+                    }
+                    self.known.insert(lease.subnet, lease);
+                }
+                Update::Delete(subnet) => {
+                    if let Some(old) = self.known.remove(&subnet) {
+                        events.push(LeaseEvent::Removed(old));
+                    }
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    fn leases(&self) -> Vec<Lease> {
+        self.known.values().cloned().collect()
+    }
+}

@@ -1,0 +1,41 @@
+//! The interface every lease store offers the agent (synchronous: the etcd store runs its own
+//! small runtime inside).
+
+use std::time::{Duration, SystemTime};
+
+use ipnet::Ipv4Net;
+use weft_netconf::NetworkConfig;
+
+use crate::{Lease, LeaseAttrs, LeaseEvent, Result};
+
+pub trait LeaseStore: Send {
+    /// The cluster's `net-conf.json`, if the store holds one.
+    fn network_config(&self) -> Result<Option<String>>;
+    /// Every lease that has not expired.
+    fn list(&self, now: SystemTime) -> Result<Vec<Lease>>;
+    /// This node's lease: its existing one (same public IP), else `previous` if free, else a
+    /// free subnet chosen at random; created atomically so two nodes never share a subnet.
+    fn acquire(
+        &self,
+        config: &NetworkConfig,
+        attrs: &LeaseAttrs,
+        previous: Option<Ipv4Net>,
+        ttl: Option<Duration>,
+        now: SystemTime,
+        random: &mut dyn FnMut(usize) -> usize,
+    ) -> Result<Lease>;
+    /// Extends `lease`; `NotFound` when it is gone or another node's now.
+    fn renew(&self, lease: &Lease, ttl: Option<Duration>, now: SystemTime) -> Result<Lease>;
+    /// Removes a lease (a missing one is fine).
+    fn delete(&self, subnet: &Ipv4Net) -> Result<()>;
+    /// A watch over every lease, starting with the current ones (reported as added).
+    fn watch(&self) -> Result<Box<dyn LeaseWatcher>>;
+    /// Where the store is, for humans.
+    fn describe(&self) -> String;
+}
+
+/// A watch; `poll` never blocks for long.
+pub trait LeaseWatcher: Send {
+    fn poll(&mut self, now: SystemTime) -> Result<Vec<LeaseEvent>>;
+    fn leases(&self) -> Vec<Lease>;
+}
