@@ -88,9 +88,23 @@ impl EtcdStore {
         format!("{}/subnets/{}", self.prefix, subnet_key(subnet))
     }
 
-    fn block<T>(&self, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-        self.rt.block_on(async {
-            tokio::time::timeout(RPC_TIMEOUT, fut).await.map_err(|_| store_err("etcd did not answer within 5 s"))?
+    /// Runs one operation on a clone of the client; a failure is tried once more (a connection
+    /// broken by an etcd restart fails its first request and reconnects for the next).
+    fn call<T, F, Fut>(&self, op: F) -> Result<T>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let attempt = || {
+            self.rt.block_on(async {
+                tokio::time::timeout(RPC_TIMEOUT, op(self.client.clone()))
+                    .await
+                    .map_err(|_| store_err("etcd did not answer within 5 s"))?
+            })
+        };
+        attempt().or_else(|_| {
+            std::thread::sleep(Duration::from_millis(200));
+            attempt()
         })
     }
 
@@ -105,52 +119,58 @@ impl EtcdStore {
     ) -> Result<bool> {
         let key = self.key(subnet);
         let value = serde_json::to_vec(attrs).map_err(store_err)?;
-        let mut client = self.client.clone();
-        self.block(async move {
-            let mut options = PutOptions::new();
-            if let Some(ttl) = ttl {
-                let grant = client
-                    .lease_grant(ttl.as_secs().max(1) as i64, None)
+        self.call(|mut client| {
+            let (key, value) = (key.clone(), value.clone());
+            async move {
+                let mut options = PutOptions::new();
+                if let Some(ttl) = ttl {
+                    let grant = client
+                        .lease_grant(ttl.as_secs().max(1) as i64, None)
+                        .await
+                        .map_err(|e| store_err(format!("granting a lease: {e}")))?;
+                    options = options.with_lease(grant.id());
+                }
+                let mut txn = Txn::new();
+                if only_if_new {
+                    txn = txn.when([Compare::version(key.clone(), CompareOp::Equal, 0)]);
+                }
+                let resp = client
+                    .txn(txn.and_then([TxnOp::put(key, value, Some(options))]))
                     .await
-                    .map_err(|e| store_err(format!("granting a lease: {e}")))?;
-                options = options.with_lease(grant.id());
+                    .map_err(|e| store_err(format!("writing a lease: {e}")))?;
+                Ok(resp.succeeded())
             }
-            let mut txn = Txn::new();
-            if only_if_new {
-                txn = txn.when([Compare::version(key.clone(), CompareOp::Equal, 0)]);
-            }
-            let resp = client
-                .txn(txn.and_then([TxnOp::put(key, value, Some(options))]))
-                .await
-                .map_err(|e| store_err(format!("writing a lease: {e}")))?;
-            Ok(resp.succeeded())
         })
     }
 
     /// Writes `<prefix>/config`.
     pub fn set_network_config(&self, text: &str) -> Result<()> {
-        let mut client = self.client.clone();
         let key = format!("{}/config", self.prefix);
-        let text = text.to_string();
-        self.block(async move { client.put(key, text, None).await.map(drop).map_err(store_err) })
+        self.call(|mut client| {
+            let (key, text) = (key.clone(), text.to_string());
+            async move { client.put(key, text, None).await.map(drop).map_err(store_err) }
+        })
     }
 }
 
 impl LeaseStore for EtcdStore {
     fn network_config(&self) -> Result<Option<String>> {
-        let mut client = self.client.clone();
         let key = format!("{}/config", self.prefix);
-        self.block(async move {
-            let resp =
-                client.get(key, None).await.map_err(|e| store_err(format!("reading the network config: {e}")))?;
-            Ok(resp.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).to_string()))
+        self.call(|mut client| {
+            let key = key.clone();
+            async move {
+                let resp =
+                    client.get(key, None).await.map_err(|e| store_err(format!("reading the network config: {e}")))?;
+                Ok(resp.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).to_string()))
+            }
         })
     }
 
     fn list(&self, _now: SystemTime) -> Result<Vec<Lease>> {
-        let mut client = self.client.clone();
-        let prefix = self.prefix.clone();
-        self.block(async move { list_with_revision(&mut client, &prefix).await.map(|(l, _)| l) })
+        self.call(|mut client| {
+            let prefix = self.prefix.clone();
+            async move { list_with_revision(&mut client, &prefix).await.map(|(l, _)| l) }
+        })
     }
 
     fn acquire(
@@ -193,9 +213,11 @@ impl LeaseStore for EtcdStore {
     }
 
     fn delete(&self, subnet: &Ipv4Net) -> Result<()> {
-        let mut client = self.client.clone();
         let key = self.key(subnet);
-        self.block(async move { client.delete(key, None).await.map(drop).map_err(store_err) })
+        self.call(|mut client| {
+            let key = key.clone();
+            async move { client.delete(key, None).await.map(drop).map_err(store_err) }
+        })
     }
 
     fn watch(&self) -> Result<Box<dyn LeaseWatcher>> {

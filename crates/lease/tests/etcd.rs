@@ -1,0 +1,228 @@
+//! The etcd store against a real etcd started by the test on loopback: flannel's keys and values
+//! (read back with etcdctl), TTLs as etcd leases, racing nodes, the watch, and a restart of etcd
+//! in the middle of it.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashSet;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use ipnet::Ipv4Net;
+use serde_json::{json, Value};
+use weft_lease::etcd::{EtcdStore, DEFAULT_PREFIX};
+use weft_lease::{LeaseAttrs, LeaseEvent, LeaseStore};
+use weft_netconf::NetworkConfig;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// An etcd on loopback, killed and its data removed when dropped.
+struct Etcd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    client: u16,
+    peer: u16,
+}
+
+impl Etcd {
+    fn start() -> Etcd {
+        let mut etcd = Etcd { child: None, dir: tempfile::tempdir().unwrap(), client: free_port(), peer: free_port() };
+        etcd.run();
+        etcd
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client)
+    }
+
+    fn run(&mut self) {
+        let peer = format!("http://127.0.0.1:{}", self.peer);
+        let child = Command::new("etcd")
+            .args(["--name", "weft-test", "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &self.url(), "--advertise-client-urls", &self.url()])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("weft-test={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd (apt-get install etcd-server)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self.ctl(&["endpoint", "health"]).status.success() {
+            assert!(Instant::now() < deadline, "etcd did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn ctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new("etcdctl").env("ETCDCTL_API", "3").args(["--endpoints", &self.url()]).args(args).output().unwrap()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn attrs(ip: &str, mac: &str) -> LeaseAttrs {
+    LeaseAttrs {
+        public_ip: ip.parse().unwrap(),
+        public_ipv6: None,
+        backend_type: "vxlan".into(),
+        backend_data: json!({"VNI": 1, "VtepMAC": mac}),
+    }
+}
+
+fn config() -> NetworkConfig {
+    NetworkConfig::parse(r#"{"Network": "198.19.0.0/16"}"#).unwrap()
+}
+
+#[test]
+fn flannel_layout_ttl_and_renewal() {
+    let etcd = Etcd::start();
+    let store = EtcdStore::connect(&[etcd.url()], DEFAULT_PREFIX).unwrap();
+    store.set_network_config(r#"{"Network": "198.19.0.0/16"}"#).unwrap();
+    assert_eq!(store.network_config().unwrap().unwrap(), r#"{"Network": "198.19.0.0/16"}"#);
+    let now = SystemTime::now();
+    let ttl = Some(Duration::from_secs(60));
+    let lease =
+        store.acquire(&config(), &attrs("198.18.0.1", "0a:58:00:00:00:01"), None, ttl, now, &mut |_| 3).unwrap();
+    assert_eq!(lease.subnet.to_string(), "198.19.4.0/24");
+
+    // Read back with etcdctl: flannel's key and value, attached to an etcd lease.
+    let out = etcd.ctl(&["get", "--prefix", "/coreos.com/network/subnets/", "-w", "json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kv = &v["kvs"][0];
+    let key = String::from_utf8(base64(kv["key"].as_str().unwrap())).unwrap();
+    assert_eq!(key, "/coreos.com/network/subnets/198.19.4.0-24");
+    let value: Value = serde_json::from_slice(&base64(kv["value"].as_str().unwrap())).unwrap();
+    assert_eq!(
+        value,
+        json!({"PublicIP": "198.18.0.1", "PublicIPv6": null, "BackendType": "vxlan", "BackendData": {"VNI": 1, "VtepMAC": "0a:58:00:00:00:01"}})
+    );
+    let lease_id = kv["lease"].as_i64().unwrap();
+    assert_ne!(lease_id, 0, "the lease has no TTL");
+    let ttl_out = etcd.ctl(&["lease", "timetolive", &format!("{lease_id:x}")]);
+    assert!(String::from_utf8_lossy(&ttl_out.stdout).contains("granted with TTL(60s)"), "{ttl_out:?}");
+
+    // The same node again gets the same subnet; renewal moves the key to a fresh etcd lease.
+    let again =
+        store.acquire(&config(), &attrs("198.18.0.1", "0a:58:00:00:00:01"), None, ttl, now, &mut |_| 7).unwrap();
+    assert_eq!(again.subnet, lease.subnet);
+    store.renew(&again, ttl, SystemTime::now()).unwrap();
+    store.delete(&lease.subnet).unwrap();
+    assert!(store.renew(&again, ttl, SystemTime::now()).is_err());
+}
+
+fn base64(s: &str) -> Vec<u8> {
+    let table = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let mut buf = 0u32;
+    let mut bits = 0;
+    for c in s.bytes().filter(|c| *c != b'=') {
+        buf = (buf << 6) | table.iter().position(|t| *t == c).unwrap() as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buf >> bits) as u8);
+            buf &= (1 << bits) - 1;
+        }
+    }
+    out
+}
+
+#[test]
+fn racing_nodes_never_share_a_subnet() {
+    let etcd = Etcd::start();
+    let url = etcd.url();
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let store = EtcdStore::connect(&[url], DEFAULT_PREFIX).unwrap();
+                // Every node picks the same "random" subnet: the transaction must keep them apart.
+                store
+                    .acquire(
+                        &config(),
+                        &attrs(&format!("198.18.0.{}", i + 1), "0a:58:00:00:00:01"),
+                        None,
+                        None,
+                        SystemTime::now(),
+                        &mut |_| 0,
+                    )
+                    .unwrap()
+                    .subnet
+            })
+        })
+        .collect();
+    let subnets: HashSet<Ipv4Net> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(subnets.len(), 8);
+}
+
+fn poll_until(
+    watcher: &mut Box<dyn weft_lease::LeaseWatcher>,
+    what: &str,
+    want: impl Fn(&[LeaseEvent]) -> bool,
+) -> Vec<LeaseEvent> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut all = Vec::new();
+    loop {
+        all.extend(watcher.poll(SystemTime::now()).unwrap());
+        if want(&all) {
+            return all;
+        }
+        assert!(Instant::now() < deadline, "{what}: got {all:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn watch_follows_changes_across_an_etcd_restart() {
+    let mut etcd = Etcd::start();
+    let store = EtcdStore::connect(&[etcd.url()], DEFAULT_PREFIX).unwrap();
+    let a = store
+        .acquire(&config(), &attrs("198.18.0.1", "0a:58:00:00:00:01"), None, None, SystemTime::now(), &mut |_| 0)
+        .unwrap();
+    let mut watcher = store.watch().unwrap();
+    poll_until(&mut watcher, "the initial lease", |e| e.contains(&LeaseEvent::Added(a.clone())));
+    let b = store
+        .acquire(&config(), &attrs("198.18.0.2", "0a:58:00:00:00:02"), None, None, SystemTime::now(), &mut |_| 0)
+        .unwrap();
+    poll_until(&mut watcher, "a new lease", |e| {
+        e.iter().any(|ev| matches!(ev, LeaseEvent::Added(l) if l.subnet == b.subnet))
+    });
+    store.delete(&a.subnet).unwrap();
+    poll_until(&mut watcher, "a removal", |e| {
+        e.iter().any(|ev| matches!(ev, LeaseEvent::Removed(l) if l.subnet == a.subnet))
+    });
+
+    // etcd goes away; meanwhile another client changes things; etcd comes back.
+    etcd.stop();
+    std::thread::sleep(Duration::from_secs(2));
+    etcd.run();
+    let other = EtcdStore::connect(&[etcd.url()], DEFAULT_PREFIX).unwrap();
+    other.delete(&b.subnet).unwrap();
+    let c = other
+        .acquire(&config(), &attrs("198.18.0.3", "0a:58:00:00:00:03"), None, None, SystemTime::now(), &mut |_| 5)
+        .unwrap();
+    let events = poll_until(&mut watcher, "changes made while disconnected", |e| {
+        e.iter().any(|ev| matches!(ev, LeaseEvent::Removed(l) if l.subnet == b.subnet))
+            && e.iter().any(|ev| matches!(ev, LeaseEvent::Added(l) if l.subnet == c.subnet))
+    });
+    assert!(!events.is_empty());
+    assert_eq!(watcher.leases().len(), 1);
+    // The first store's client reconnects too.
+    assert_eq!(store.list(SystemTime::now()).unwrap().len(), 1);
+}
