@@ -235,6 +235,54 @@ impl Watcher {
     }
 }
 
+impl crate::LeaseStore for FileStore {
+    fn network_config(&self) -> Result<Option<String>> {
+        FileStore::network_config(self)
+    }
+
+    fn list(&self, now: SystemTime) -> Result<Vec<Lease>> {
+        FileStore::list(self, now)
+    }
+
+    fn acquire(
+        &self,
+        config: &NetworkConfig,
+        attrs: &LeaseAttrs,
+        previous: Option<Ipv4Net>,
+        ttl: Option<Duration>,
+        now: SystemTime,
+        random: &mut dyn FnMut(usize) -> usize,
+    ) -> Result<Lease> {
+        FileStore::acquire(self, config, attrs, previous, ttl, now, random)
+    }
+
+    fn renew(&self, lease: &Lease, ttl: Option<Duration>, now: SystemTime) -> Result<Lease> {
+        FileStore::renew(self, lease, ttl, now)
+    }
+
+    fn delete(&self, subnet: &Ipv4Net) -> Result<()> {
+        FileStore::delete(self, subnet)
+    }
+
+    fn watch(&self) -> Result<Box<dyn crate::LeaseWatcher>> {
+        Ok(Box::new(self.watcher()))
+    }
+
+    fn describe(&self) -> String {
+        format!("file store {}", self.dir.display())
+    }
+}
+
+impl crate::LeaseWatcher for Watcher {
+    fn poll(&mut self, now: SystemTime) -> Result<Vec<LeaseEvent>> {
+        Watcher::poll(self, now)
+    }
+
+    fn leases(&self) -> Vec<Lease> {
+        self.known.values().cloned().collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,53 +392,5 @@ mod tests {
             .collect();
         let subnets: HashSet<Ipv4Net> = handles.into_iter().map(|h| h.join().unwrap()).collect();
         assert_eq!(subnets.len(), 8);
-    }
-}
-
-impl crate::LeaseStore for FileStore {
-    fn network_config(&self) -> Result<Option<String>> {
-        FileStore::network_config(self)
-    }
-
-    fn list(&self, now: SystemTime) -> Result<Vec<Lease>> {
-        FileStore::list(self, now)
-    }
-
-    fn acquire(
-        &self,
-        config: &NetworkConfig,
-        attrs: &LeaseAttrs,
-        previous: Option<Ipv4Net>,
-        ttl: Option<Duration>,
-        now: SystemTime,
-        random: &mut dyn FnMut(usize) -> usize,
-    ) -> Result<Lease> {
-        FileStore::acquire(self, config, attrs, previous, ttl, now, random)
-    }
-
-    fn renew(&self, lease: &Lease, ttl: Option<Duration>, now: SystemTime) -> Result<Lease> {
-        FileStore::renew(self, lease, ttl, now)
-    }
-
-    fn delete(&self, subnet: &Ipv4Net) -> Result<()> {
-        FileStore::delete(self, subnet)
-    }
-
-    fn watch(&self) -> Result<Box<dyn crate::LeaseWatcher>> {
-        Ok(Box::new(self.watcher()))
-    }
-
-    fn describe(&self) -> String {
-        format!("file store {}", self.dir.display())
-    }
-}
-
-impl crate::LeaseWatcher for Watcher {
-    fn poll(&mut self, now: SystemTime) -> Result<Vec<LeaseEvent>> {
-        Watcher::poll(self, now)
-    }
-
-    fn leases(&self) -> Vec<Lease> {
-        self.known.values().cloned().collect()
     }
 }
