@@ -308,12 +308,12 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         &mut random_index,
     )?;
     eprintln!(
-        "weft agent: {} leased {} ({} backend, uplink {} {})",
+        "weft agent: {} leased {} ({} backend, uplink {}, {})",
         node.uplink.ip,
         node.lease.subnet,
         node.network.backend.kind.as_str(),
         node.uplink.link.name,
-        node.uplink.ip
+        node.store.describe()
     );
     node.ensure_vtep()?;
     firewall::apply(&node.network.network, node.cfg.ip_masq)?;

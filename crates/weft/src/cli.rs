@@ -97,9 +97,13 @@ enum LabCommand {
         /// The backend every agent programs.
         #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw"])]
         backend: String,
-        /// Where leases live. The embedded file store is the one for a single machine.
-        #[arg(long, default_value = "file", value_parser = ["file"])]
+        /// Where leases live: the embedded file store, or a real etcd started inside the lab on
+        /// its underlay (the switch namespace, http://198.18.0.1:2379), as a cluster has it.
+        #[arg(long, default_value = "file", value_parser = ["file", "etcd"])]
         store: String,
+        /// The agents' lease TTL (short values show renewal at work).
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        lease_ttl: std::time::Duration,
         /// The pod network.
         #[arg(long, default_value = "198.19.0.0/16")]
         network: String,
@@ -211,8 +215,8 @@ pub fn main() -> i32 {
             health: a.health,
         })
         .map_err(|e| anyhow::anyhow!("agent: {e}")),
-        Command::Lab(LabCommand::Up { name, nodes, pods, backend, store: _, network, subnet_len }) => {
-            crate::lab::up(&crate::lab::UpOptions { name, nodes, pods, backend, network, subnet_len })
+        Command::Lab(LabCommand::Up { name, nodes, pods, backend, store, lease_ttl, network, subnet_len }) => {
+            crate::lab::up(&crate::lab::UpOptions { name, nodes, pods, backend, store, lease_ttl, network, subnet_len })
         }
         Command::Lab(LabCommand::Down { name }) => crate::lab::down(&name),
         Command::Lab(LabCommand::Check { name }) => crate::lab::check(&name),

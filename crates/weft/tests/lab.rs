@@ -361,3 +361,81 @@ fn agent_refuses_bad_network_configs() {
     }
     assert!(!dir.path().join("subnet.env").exists());
 }
+
+fn etcd_lease_ids(lab: &TestLab) -> Vec<(String, i64)> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &format!("{}-sw", lab.name), "etcdctl", "--endpoints", "http://198.18.0.1:2379"])
+        .args(["get", "--prefix", "/coreos.com/network/subnets/", "-w", "fields"])
+        .env("ETCDCTL_API", "3")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // `"Key" : "/coreos.com/..."` then, later, `"Lease" : 1234` for each key.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut out = Vec::new();
+    let mut key = None;
+    for line in text.lines() {
+        let Some((name, value)) = line.split_once(" : ") else { continue };
+        match name.trim_matches('"') {
+            "Key" => key = Some(value.trim_matches('"').to_string()),
+            "Lease" => out.extend(key.take().map(|k| (k, value.trim().parse::<i64>().unwrap()))),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn etcd_lab_survives_an_etcd_outage() {
+    require_root();
+    let lab = TestLab { name: unique("lab") };
+    let out = Command::new(weft_bin())
+        .args([
+            "lab",
+            "up",
+            "--name",
+            &lab.name,
+            "--store",
+            "etcd",
+            "--nodes",
+            "2",
+            "--pods",
+            "1",
+            "--lease-ttl",
+            "20s",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let show = lab.show();
+    assert_eq!(show["store"]["kind"], "etcd");
+    assert_eq!(show["store"]["endpoint"], "http://198.18.0.1:2379");
+    assert_eq!(show["store"]["namespace"], format!("{}-sw", lab.name));
+    // flannel's layout, read back with etcdctl: one key per node, each with a TTL lease.
+    let before = etcd_lease_ids(&lab);
+    assert_eq!(before.len(), 2, "{before:?}");
+    for node in show["nodes"].as_array().unwrap() {
+        let key = format!("/coreos.com/network/subnets/{}", node["subnet"].as_str().unwrap().replace('/', "-"));
+        assert!(before.iter().any(|(k, lease)| *k == key && *lease != 0), "{key} missing in {before:?}");
+    }
+    assert!(lab.weft(&["check"]).status.success());
+
+    // etcd stops answering for 30 s: pods keep talking.
+    let pid = nix::unistd::Pid::from_raw(show["store"]["pid"].as_i64().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    std::thread::sleep(Duration::from_secs(15));
+    let during = lab.weft(&["check"]);
+    std::thread::sleep(Duration::from_secs(15));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(
+        during.status.success(),
+        "pods lost connectivity while etcd was away: {}",
+        String::from_utf8_lossy(&during.stdout)
+    );
+    // The agents reconnect and renew: every key gets a fresh etcd lease, on the same subnets.
+    within(Duration::from_secs(30), "leases renewed after the outage", || {
+        let now = etcd_lease_ids(&lab);
+        now.len() == 2 && now.iter().all(|(k, l)| before.iter().any(|(bk, bl)| bk == k && bl != l))
+    });
+    assert!(lab.weft(&["check"]).status.success());
+}

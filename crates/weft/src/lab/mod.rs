@@ -31,6 +31,9 @@ pub struct Lab {
     pub switch_namespace: String,
     pub store: StoreInfo,
     pub supervisor_pid: Option<u32>,
+    /// The agents' lease TTL, in seconds.
+    #[serde(default = "default_ttl")]
+    pub lease_ttl: u64,
     pub nodes: Vec<NodeInfo>,
     pub pods: Vec<PodInfo>,
 }
@@ -40,6 +43,9 @@ pub struct StoreInfo {
     pub kind: String,
     pub endpoint: String,
     pub namespace: Option<String>,
+    /// The etcd the lab runs, if it runs one.
+    #[serde(default)]
+    pub pid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,6 +61,10 @@ pub struct PodInfo {
     pub node: String,
     pub namespace: String,
     pub address: String,
+}
+
+fn default_ttl() -> u64 {
+    24 * 3600
 }
 
 impl Lab {

@@ -71,7 +71,7 @@ pub fn show(name: &str, node: Option<&str>, as_json: bool) -> Result<()> {
             .collect();
         let out = json!({
             "name": lab.name, "backend": lab.backend,
-            "store": {"kind": lab.store.kind, "endpoint": lab.store.endpoint, "namespace": lab.store.namespace},
+            "store": {"kind": lab.store.kind, "endpoint": lab.store.endpoint, "namespace": lab.store.namespace, "pid": lab.store.pid},
             "nodes": nodes,
             "pods": lab.pods,
         });

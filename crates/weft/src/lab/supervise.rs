@@ -16,11 +16,15 @@ fn start(lab: &Lab, node: &super::NodeInfo) -> Result<Child> {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("agent.log"))?;
     let exe = std::env::current_exe()?;
     let child = ns.run(|| {
-        Command::new(&exe)
-            .arg("agent")
-            .arg("--store")
-            .arg(&lab.store.endpoint)
-            .args(["--iface", "eth0", "--ip-masq", "--resync", "2s", "--health", "127.0.0.1:9901"])
+        let mut cmd = Command::new(&exe);
+        cmd.arg("agent");
+        match lab.store.kind.as_str() {
+            "etcd" => cmd.args(["--etcd-endpoints", &lab.store.endpoint]),
+            _ => cmd.arg("--store").arg(&lab.store.endpoint),
+        };
+        cmd.args(["--iface", "eth0", "--ip-masq", "--resync", "2s", "--health", "127.0.0.1:9901"])
+            .arg("--lease-ttl")
+            .arg(format!("{}s", lab.lease_ttl))
             .arg("--subnet-file")
             .arg(dir.join("subnet.env"))
             .arg("--state-dir")

@@ -22,6 +22,8 @@ pub struct UpOptions {
     pub nodes: usize,
     pub pods: usize,
     pub backend: String,
+    pub store: String,
+    pub lease_ttl: Duration,
     pub network: String,
     pub subnet_len: Option<u8>,
 }
@@ -39,9 +41,52 @@ fn make_switch(name: &str) -> Result<NetNs> {
     let ns = weft_netns::create_named(name).with_context(|| format!("creating namespace {name} (are you root?)"))?;
     let mut nl = Netlink::in_netns(&ns).map_err(kernel("netlink"))?;
     nl.create_bridge("sw0", None).map_err(kernel("creating the switch"))?;
-    let sw = nl.require_link("sw0").map_err(kernel("switch"))?;
-    nl.set_up(sw.index, true).map_err(kernel("switch up"))?;
+    for name in ["lo", "sw0"] {
+        let link = nl.require_link(name).map_err(kernel("switch"))?;
+        nl.set_up(link.index, true).map_err(kernel("switch up"))?;
+    }
     Ok(ns)
+}
+
+/// The etcd a lab with `--store etcd` runs, on the switch (the underlay).
+const ETCD_ADDRESS: &str = "198.18.0.1";
+
+/// Starts etcd in the switch namespace, listening on the underlay, and waits until it answers.
+fn start_etcd(lab: &mut Lab, switch: &NetNs) -> Result<()> {
+    let mut nl = Netlink::in_netns(switch).map_err(kernel("netlink"))?;
+    let sw = nl.require_link("sw0").map_err(kernel("switch"))?;
+    let address: IpNet = format!("{ETCD_ADDRESS}/16").parse()?;
+    nl.add_address(sw.index, &address).map_err(kernel("the switch's address"))?;
+    let dir = lab.dir().join("etcd");
+    std::fs::create_dir_all(&dir)?;
+    let log = std::fs::File::create(dir.join("etcd.log"))?;
+    let (client, peer) = (format!("http://{ETCD_ADDRESS}:2379"), format!("http://{ETCD_ADDRESS}:2380"));
+    let child = switch
+        .run(|| {
+            Command::new("etcd")
+                .args(["--name", "lab", "--data-dir"])
+                .arg(dir.join("data"))
+                .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+                .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+                .args(["--initial-cluster", &format!("lab={peer}")])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .process_group(0)
+                .spawn()
+        })?
+        .context("starting etcd (apt-get install etcd-server)")?;
+    lab.store.pid = Some(child.id());
+    lab.save()?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let target: std::net::SocketAddr = format!("{ETCD_ADDRESS}:2379").parse()?;
+    while switch.run(|| std::net::TcpStream::connect_timeout(&target, Duration::from_millis(200)))?.is_err() {
+        if Instant::now() > deadline {
+            bail!("etcd did not start within 15 s; see {}", lab.dir().join("etcd/etcd.log").display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
 }
 
 /// A node: its namespace, `eth0` plugged into the switch with `address`.
@@ -142,14 +187,28 @@ pub fn up(opts: &UpOptions) -> Result<()> {
         bail!("{} has room for {} node subnets, not {}", opts.network, network.subnets().count(), opts.nodes);
     }
 
-    let store_dir = Lab::state_dir(&opts.name).join("store");
+    let store = match opts.store.as_str() {
+        "etcd" => StoreInfo {
+            kind: "etcd".into(),
+            endpoint: format!("http://{ETCD_ADDRESS}:2379"),
+            namespace: Some(format!("{}-sw", opts.name)),
+            pid: None,
+        },
+        _ => StoreInfo {
+            kind: "file".into(),
+            endpoint: Lab::state_dir(&opts.name).join("store").display().to_string(),
+            namespace: None,
+            pid: None,
+        },
+    };
     let mut lab = Lab {
         name: opts.name.clone(),
         backend: opts.backend.clone(),
         network: opts.network.clone(),
         switch_namespace: format!("{}-sw", opts.name),
-        store: StoreInfo { kind: "file".into(), endpoint: store_dir.display().to_string(), namespace: None },
+        store,
         supervisor_pid: None,
+        lease_ttl: opts.lease_ttl.as_secs().max(1),
         nodes: Vec::new(),
         pods: Vec::new(),
     };
@@ -162,9 +221,21 @@ pub fn up(opts: &UpOptions) -> Result<()> {
 }
 
 fn build(lab: &mut Lab, opts: &UpOptions, net_conf: &str) -> Result<()> {
-    let store = weft_lease::file::FileStore::open(&lab.store.endpoint)?;
-    store.set_network_config(net_conf)?;
     let switch = make_switch(&lab.switch_namespace)?;
+    if lab.store.kind == "etcd" {
+        start_etcd(lab, &switch)?;
+        let endpoint = lab.store.endpoint.clone();
+        let text = net_conf.to_string();
+        // The store is reachable on the underlay only: talk to it from the switch namespace.
+        switch
+            .run(move || {
+                let store = weft_lease::etcd::EtcdStore::connect(&[endpoint], weft_lease::etcd::DEFAULT_PREFIX)?;
+                store.set_network_config(&text)
+            })?
+            .context("storing the network config in etcd")?;
+    } else {
+        weft_lease::file::FileStore::open(&lab.store.endpoint)?.set_network_config(net_conf)?;
+    }
     for i in 1..=opts.nodes {
         let name = format!("node{i}");
         let namespace = format!("{}-{name}", lab.name);
@@ -245,6 +316,9 @@ pub fn down(name: &str) -> Result<()> {
         if let Some(pid) = lab.agent_pid(&node.name) {
             kill(pid, nix::sys::signal::Signal::SIGKILL);
         }
+    }
+    if let Some(pid) = lab.store.pid {
+        kill(pid, nix::sys::signal::Signal::SIGKILL);
     }
     let mut errors = Vec::new();
     let namespaces = lab
