@@ -336,7 +336,8 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     let mut last_resync = Instant::now();
     let mut last_renew = Instant::now();
     loop {
-        std::thread::sleep(Duration::from_millis(50));
+        // Wakes at once when the store changes, else every 50 ms for the VTEP check and timers.
+        watcher.wait(Duration::from_millis(50));
         if let Err(e) = tick(&mut node, &mut watcher, &mut last_resync, &mut last_renew) {
             eprintln!("weft agent: {e}");
             node.status.lock().unwrap_or_else(|e| e.into_inner()).reconcile_errors += 1;

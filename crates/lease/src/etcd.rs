@@ -228,7 +228,7 @@ impl LeaseStore for EtcdStore {
             .name("etcd-watch".into())
             .spawn(move || follow(endpoints, prefix, tx))
             .map_err(store_err)?;
-        Ok(Box::new(EtcdWatcher { rx, known: HashMap::new() }))
+        Ok(Box::new(EtcdWatcher { rx, known: HashMap::new(), pending: None }))
     }
 
     fn describe(&self) -> String {
@@ -303,12 +303,14 @@ async fn follow_once(endpoints: &[String], prefix: &str, tx: &Sender<Update>) ->
 struct EtcdWatcher {
     rx: Receiver<Update>,
     known: HashMap<Ipv4Net, Lease>,
+    /// An update `wait` received before `poll` asked for it.
+    pending: Option<Update>,
 }
 
 impl LeaseWatcher for EtcdWatcher {
     fn poll(&mut self, _now: SystemTime) -> Result<Vec<LeaseEvent>> {
         let mut events = Vec::new();
-        while let Ok(update) = self.rx.try_recv() {
+        while let Some(update) = self.pending.take().or_else(|| self.rx.try_recv().ok()) {
             match update {
                 Update::Snapshot(leases) => {
                     let current: HashMap<Ipv4Net, Lease> = leases.into_iter().map(|l| (l.subnet, l)).collect();
@@ -342,5 +344,11 @@ impl LeaseWatcher for EtcdWatcher {
 
     fn leases(&self) -> Vec<Lease> {
         self.known.values().cloned().collect()
+    }
+
+    fn wait(&mut self, timeout: Duration) {
+        if self.pending.is_none() {
+            self.pending = self.rx.recv_timeout(timeout).ok();
+        }
     }
 }

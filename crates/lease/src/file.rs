@@ -15,7 +15,11 @@ use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::os::fd::AsFd;
+
 use ipnet::Ipv4Net;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use serde::{Deserialize, Serialize};
 use weft_netconf::NetworkConfig;
 
@@ -197,7 +201,12 @@ impl FileStore {
 
     /// A watcher that starts from the current leases (reported as added on its first poll).
     pub fn watcher(&self) -> Watcher {
-        Watcher { store: self.clone(), known: HashMap::new(), revision: None }
+        // Every change renames a new `revision` file into the directory: inotify wakes the
+        // watcher at once. Without inotify, `wait` falls back to sleeping.
+        let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK).ok().filter(|i| {
+            i.add_watch(self.dir.as_path(), AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE).is_ok()
+        });
+        Watcher { store: self.clone(), known: HashMap::new(), revision: None, inotify }
     }
 }
 
@@ -207,6 +216,7 @@ pub struct Watcher {
     store: FileStore,
     known: HashMap<Ipv4Net, Lease>,
     revision: Option<u64>,
+    inotify: Option<Inotify>,
 }
 
 impl Watcher {
@@ -280,6 +290,19 @@ impl crate::LeaseWatcher for Watcher {
 
     fn leases(&self) -> Vec<Lease> {
         self.known.values().cloned().collect()
+    }
+
+    fn wait(&mut self, timeout: Duration) {
+        let Some(inotify) = &self.inotify else {
+            std::thread::sleep(timeout);
+            return;
+        };
+        let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        if matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(n) if n > 0) {
+            // Drain; what changed is read from the store by the next poll.
+            while inotify.read_events().is_ok_and(|e| !e.is_empty()) {}
+        }
     }
 }
 
@@ -392,5 +415,32 @@ mod tests {
             .collect();
         let subnets: HashSet<Ipv4Net> = handles.into_iter().map(|h| h.join().unwrap()).collect();
         assert_eq!(subnets.len(), 8);
+    }
+
+    #[test]
+    fn wait_wakes_on_a_change() {
+        use crate::LeaseWatcher;
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let mut watcher = store.watcher();
+        let writer = store.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            writer
+                .acquire(
+                    &config(),
+                    &attrs("198.18.0.1", "0a:00:00:00:00:01"),
+                    None,
+                    None,
+                    SystemTime::now(),
+                    &mut |_| 0,
+                )
+                .unwrap();
+        });
+        let started = std::time::Instant::now();
+        watcher.wait(Duration::from_secs(5));
+        assert!(started.elapsed() < Duration::from_secs(2), "wait slept through the change");
+        t.join().unwrap();
+        assert_eq!(watcher.poll(SystemTime::now()).unwrap().len(), 1);
     }
 }

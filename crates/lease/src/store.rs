@@ -38,4 +38,9 @@ pub trait LeaseStore: Send {
 pub trait LeaseWatcher: Send {
     fn poll(&mut self, now: SystemTime) -> Result<Vec<LeaseEvent>>;
     fn leases(&self) -> Vec<Lease>;
+    /// Blocks until the store may have changed or `timeout` passed, whichever is first (so a
+    /// loop reacts to a change at once and still wakes up for its periodic work).
+    fn wait(&mut self, timeout: Duration) {
+        std::thread::sleep(timeout);
+    }
 }
