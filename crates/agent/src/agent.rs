@@ -2,6 +2,7 @@
 //! then follow the store (a watch polled every 50 ms), renew the lease, check the VTEP on every
 //! tick and resync everything periodically. The dataplane is never flushed, on start or stop.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -12,7 +13,7 @@ use serde_json::json;
 use weft_dataplane::{Link, Netlink};
 use weft_lease::etcd::EtcdStore;
 use weft_lease::file::FileStore;
-use weft_lease::{Lease, LeaseAttrs, LeaseError, LeaseStore, LeaseWatcher};
+use weft_lease::{Lease, LeaseAttrs, LeaseError, LeaseEvent, LeaseStore, LeaseWatcher};
 use weft_netconf::{BackendType, NetworkConfig, SubnetEnv};
 
 use crate::backend::{self, Context};
@@ -140,6 +141,8 @@ struct Node {
     vtep_mac: Option<[u8; 6]>,
     vtep: Option<u32>,
     lease: Lease,
+    /// The peers as last programmed.
+    programmed: HashMap<Ipv4Net, Lease>,
     status: Arc<Mutex<Status>>,
 }
 
@@ -179,9 +182,8 @@ impl Node {
         Ok(created)
     }
 
-    fn reconcile(&mut self, peers: &[Lease]) -> Result<usize> {
-        let started = Instant::now();
-        let ctx = Context {
+    fn context(&self) -> Context<'_> {
+        Context {
             kind: self.network.backend.kind,
             network: self.network.network,
             subnet_len: self.network.subnet_len,
@@ -191,21 +193,60 @@ impl Node {
             uplink_nets: &self.uplink.nets,
             vtep: self.vtep,
             direct_routing: self.network.backend.direct_routing,
-        };
-        let (desired, warnings) = backend::desired(&ctx, peers);
+        }
+    }
+
+    fn record(&self, started: Instant, ok: bool, leases: usize) {
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        s.reconciles += 1;
+        s.reconcile_seconds_sum += started.elapsed().as_secs_f64();
+        s.peers = self.programmed.len();
+        s.leases = leases;
+        if !ok {
+            s.reconcile_errors += 1;
+        }
+    }
+
+    /// Everything: the kernel is made to hold exactly the desired state for `peers`.
+    fn reconcile(&mut self, peers: &[Lease]) -> Result<usize> {
+        let started = Instant::now();
+        let (desired, warnings) = backend::desired(&self.context(), peers);
         for w in warnings {
             eprintln!("weft agent: {w}");
         }
         let outcome = reconcile::apply(&mut self.nl, &desired, self.vtep);
-        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        s.reconciles += 1;
-        s.reconcile_seconds_sum += started.elapsed().as_secs_f64();
-        s.peers = desired.routes.len();
-        s.leases = peers.len();
-        if outcome.is_err() {
-            s.reconcile_errors += 1;
-        }
+        self.programmed = peers.iter().map(|p| (p.subnet, p.clone())).collect();
+        self.record(started, outcome.is_ok(), peers.len());
         outcome.map(|_| desired.routes.len())
+    }
+
+    /// Just the peers that changed, without listing the kernel's objects.
+    fn apply_events(&mut self, events: &[LeaseEvent], leases: usize) -> Result<()> {
+        let started = Instant::now();
+        let mut outcome = Ok(());
+        for event in events {
+            let (subnet, new) = match event {
+                LeaseEvent::Added(l) => (l.subnet, Some(l.clone())),
+                LeaseEvent::Removed(l) => (l.subnet, None),
+            };
+            let old = self.programmed.get(&subnet).cloned();
+            let ctx = self.context();
+            let (old_d, _) = backend::desired(&ctx, old.as_slice());
+            let (new_d, warnings) = backend::desired(&ctx, new.as_slice());
+            for w in warnings {
+                eprintln!("weft agent: {w}");
+            }
+            if let Err(e) = reconcile::apply_peer(&mut self.nl, &old_d, &new_d, self.vtep) {
+                outcome = Err(e);
+                break;
+            }
+            match new {
+                Some(l) => self.programmed.insert(subnet, l),
+                None => self.programmed.remove(&subnet),
+            };
+        }
+        self.record(started, outcome.is_ok(), leases);
+        outcome
     }
 
     fn write_subnet_file(&self) -> Result<()> {
@@ -297,7 +338,18 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         },
         expires: None,
     };
-    let mut node = Node { cfg, network, store, nl, uplink, vtep_mac, vtep: None, lease: placeholder, status };
+    let mut node = Node {
+        cfg,
+        network,
+        store,
+        nl,
+        uplink,
+        vtep_mac,
+        vtep: None,
+        lease: placeholder,
+        programmed: HashMap::new(),
+        status,
+    };
     let attrs = node.attrs();
     node.lease = node.store.acquire(
         &node.network,
@@ -354,7 +406,7 @@ fn tick(
     let now = SystemTime::now();
     let seen = Instant::now();
     let events = watcher.poll(now)?;
-    let mut replay = !events.is_empty();
+    let mut replay = false;
     // The VTEP deleted by hand (or by another program): recreate it and replay every peer.
     if node.vtep_mac.is_some() {
         let name = vtep::name(node.network.backend.vni);
@@ -384,10 +436,12 @@ fn tick(
     if replay {
         let peers: Vec<Lease> = watcher.leases();
         node.reconcile(&peers)?;
-        if !events.is_empty() {
-            node.status.lock().unwrap_or_else(|e| e.into_inner()).last_event_to_kernel_seconds =
-                seen.elapsed().as_secs_f64();
-        }
+    } else if !events.is_empty() {
+        node.apply_events(&events, watcher.leases().len())?;
+    }
+    if !events.is_empty() {
+        node.status.lock().unwrap_or_else(|e| e.into_inner()).last_event_to_kernel_seconds =
+            seen.elapsed().as_secs_f64();
     }
     Ok(())
 }

@@ -83,3 +83,38 @@ pub fn apply(nl: &mut Netlink, desired: &Desired, vtep: Option<u32>) -> Result<C
     }
     Ok(changes)
 }
+
+/// Applies one peer's change without listing anything: removes what `old` programmed that `new`
+/// does not have (a changed MAC's FDB entry, say), then replaces `new`'s objects in flannel's
+/// order. Both are desired states of that single peer.
+pub fn apply_peer(nl: &mut Netlink, old: &Desired, new: &Desired, vtep: Option<u32>) -> Result<Changes> {
+    let mut changes = Changes::default();
+    for r in old.routes.iter().filter(|r| !new.routes.iter().any(|n| n.dst == r.dst)) {
+        ignore_not_found(nl.delete_route(r)).map_err(kernel(format!("removing route {}", r.dst)))?;
+        changes.removed += 1;
+    }
+    if let Some(index) = vtep {
+        for (mac, dst) in old.fdb.iter().filter(|e| !new.fdb.contains(e)) {
+            ignore_not_found(nl.delete_fdb(index, mac, Some(*dst)))
+                .map_err(kernel(format!("removing fdb entry for {dst}")))?;
+            changes.removed += 1;
+        }
+        for (ip, _) in old.neighbours.iter().filter(|(ip, _)| !new.neighbours.iter().any(|(n, _)| n == ip)) {
+            ignore_not_found(nl.delete_neighbour(index, *ip)).map_err(kernel(format!("removing neighbour {ip}")))?;
+            changes.removed += 1;
+        }
+        for (ip, mac) in &new.neighbours {
+            nl.replace_neighbour(index, *ip, mac).map_err(kernel(format!("adding neighbour {ip}")))?;
+            changes.added += 1;
+        }
+        for (mac, dst) in &new.fdb {
+            nl.replace_fdb(index, mac, Some(*dst)).map_err(kernel(format!("adding fdb entry for {dst}")))?;
+            changes.added += 1;
+        }
+    }
+    for r in &new.routes {
+        nl.replace_route(r).map_err(kernel(format!("adding route {}", r.dst)))?;
+        changes.added += 1;
+    }
+    Ok(changes)
+}

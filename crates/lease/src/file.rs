@@ -12,6 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -33,6 +34,9 @@ struct Stored {
     #[serde(rename = "Expires", default, skip_serializing_if = "Option::is_none")]
     expires: Option<u64>,
 }
+
+/// The journal is started afresh past this size.
+const JOURNAL_LIMIT: u64 = 1 << 20;
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> LeaseError + 'a {
     move |source| LeaseError::Io { op, path: path.display().to_string(), source }
@@ -94,7 +98,7 @@ impl FileStore {
     pub fn set_network_config(&self, text: &str) -> Result<()> {
         let _lock = self.lock()?;
         write_atomic(&self.dir.join("config"), text.as_bytes())?;
-        self.bump()
+        self.bump("config")
     }
 
     /// The current revision (changes with every write).
@@ -102,8 +106,35 @@ impl FileStore {
         std::fs::read_to_string(self.dir.join("revision")).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0)
     }
 
-    fn bump(&self) -> Result<()> {
-        write_atomic(&self.dir.join("revision"), (self.revision() + 1).to_string().as_bytes())
+    /// Records a change of `key`: a line in the journal (so watchers re-read only what changed),
+    /// then the new revision (what watchers are woken by).
+    fn bump(&self, key: &str) -> Result<()> {
+        let revision = self.revision() + 1;
+        let path = self.dir.join("journal");
+        let mut journal = OpenOptions::new().create(true).append(true).open(&path).map_err(io("opening", &path))?;
+        if journal.metadata().map_err(io("reading", &path))?.len() > JOURNAL_LIMIT {
+            // Watchers that see the journal shrink list everything again.
+            journal.set_len(0).map_err(io("truncating", &path))?;
+        }
+        writeln!(journal, "{revision} {key}").map_err(io("writing", &path))?;
+        write_atomic(&self.dir.join("revision"), revision.to_string().as_bytes())
+    }
+
+    fn read_lease(&self, subnet: &Ipv4Net, now: SystemTime) -> Result<Option<Lease>> {
+        let path = self.lease_path(subnet);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io("reading", &path)(e)),
+        };
+        let stored: Stored = serde_json::from_slice(&bytes)
+            .map_err(|e| LeaseError::Corrupt { key: subnet_key(subnet), reason: e.to_string() })?;
+        let lease = Lease {
+            subnet: *subnet,
+            attrs: stored.attrs,
+            expires: stored.expires.map(|s| UNIX_EPOCH + Duration::from_secs(s)),
+        };
+        Ok(Some(lease).filter(|l| !l.is_expired(now)))
     }
 
     /// Every lease that has not expired at `now`.
@@ -137,7 +168,7 @@ impl FileStore {
         let stored = Stored { attrs: lease.attrs.clone(), expires: lease.expires.map(to_secs) };
         let bytes = serde_json::to_vec(&stored).map_err(|e| LeaseError::Store(e.to_string()))?;
         write_atomic(&self.lease_path(&lease.subnet), &bytes)?;
-        self.bump()
+        self.bump(&lease.key())
     }
 
     /// Acquires this node's lease: its existing one (same public IP), else `previous` if free,
@@ -187,7 +218,7 @@ impl FileStore {
         let _lock = self.lock()?;
         let path = self.lease_path(subnet);
         match std::fs::remove_file(&path) {
-            Ok(()) => self.bump(),
+            Ok(()) => self.bump(&subnet_key(subnet)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io("removing", &path)(e)),
         }
@@ -206,7 +237,7 @@ impl FileStore {
         let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK).ok().filter(|i| {
             i.add_watch(self.dir.as_path(), AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE).is_ok()
         });
-        Watcher { store: self.clone(), known: HashMap::new(), revision: None, inotify }
+        Watcher { store: self.clone(), known: HashMap::new(), revision: None, offset: 0, inotify }
     }
 }
 
@@ -216,33 +247,94 @@ pub struct Watcher {
     store: FileStore,
     known: HashMap<Ipv4Net, Lease>,
     revision: Option<u64>,
+    /// How much of the journal has been read.
+    offset: u64,
     inotify: Option<Inotify>,
 }
 
 impl Watcher {
     pub fn poll(&mut self, now: SystemTime) -> Result<Vec<LeaseEvent>> {
-        let revision = self.store.revision();
-        let expiring = self.known.values().any(|l| l.is_expired(now));
-        if self.revision == Some(revision) && !expiring {
-            return Ok(Vec::new());
-        }
-        let current: HashMap<Ipv4Net, Lease> = self.store.list(now)?.into_iter().map(|l| (l.subnet, l)).collect();
         let mut events = Vec::new();
-        for (subnet, old) in &self.known {
-            if !current.contains_key(subnet) {
-                events.push(LeaseEvent::Removed(old.clone()));
+        let expired: Vec<Ipv4Net> = self.known.values().filter(|l| l.is_expired(now)).map(|l| l.subnet).collect();
+        for subnet in expired {
+            events.extend(self.known.remove(&subnet).map(LeaseEvent::Removed));
+        }
+        let revision = self.store.revision();
+        if self.revision == Some(revision) {
+            return Ok(events);
+        }
+        let journal_path = self.store.dir.join("journal");
+        let journal = std::fs::read(&journal_path).unwrap_or_default();
+        // Only whole lines: a writer may be in the middle of one.
+        let complete = journal.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1) as u64;
+        let changed = match self.revision {
+            Some(seen) if complete >= self.offset => {
+                journal_keys(&journal[self.offset as usize..complete as usize], seen)
+            }
+            _ => None,
+        };
+        self.offset = complete;
+        match changed {
+            // Only what the journal names changed: re-read those leases.
+            Some((keys, last)) => {
+                for key in keys {
+                    let Ok(subnet) = parse_key(&key) else { continue };
+                    let current = self.store.read_lease(&subnet, now)?;
+                    self.apply(subnet, current, &mut events);
+                }
+                self.revision = Some(last.max(revision));
+            }
+            // First poll, or the journal was started afresh: list everything and diff.
+            None => {
+                let current: HashMap<Ipv4Net, Lease> =
+                    self.store.list(now)?.into_iter().map(|l| (l.subnet, l)).collect();
+                let gone: Vec<Ipv4Net> = self.known.keys().filter(|s| !current.contains_key(s)).copied().collect();
+                for subnet in gone {
+                    self.apply(subnet, None, &mut events);
+                }
+                for (subnet, lease) in current {
+                    self.apply(subnet, Some(lease), &mut events);
+                }
+                self.revision = Some(revision);
             }
         }
-        for (subnet, lease) in &current {
-            match self.known.get(subnet) {
-                Some(old) if old.attrs == lease.attrs => {}
-                _ => events.push(LeaseEvent::Added(lease.clone())),
-            }
-        }
-        self.known = current;
-        self.revision = Some(revision);
         Ok(events)
     }
+
+    fn apply(&mut self, subnet: Ipv4Net, current: Option<Lease>, events: &mut Vec<LeaseEvent>) {
+        match current {
+            Some(lease) => {
+                if self.known.get(&subnet).is_none_or(|old| old.attrs != lease.attrs) {
+                    events.push(LeaseEvent::Added(lease.clone()));
+                }
+                self.known.insert(subnet, lease);
+            }
+            None => events.extend(self.known.remove(&subnet).map(LeaseEvent::Removed)),
+        }
+    }
+}
+
+/// The keys journal lines after revision `seen` name, and the last revision; `None` when the
+/// journal does not reach back to `seen` (entries were lost: list everything instead).
+fn journal_keys(tail: &[u8], seen: u64) -> Option<(Vec<String>, u64)> {
+    let text = String::from_utf8_lossy(tail);
+    let mut keys: Vec<String> = Vec::new();
+    let mut last = seen;
+    for line in text.lines() {
+        let (rev, key) = line.split_once(' ')?;
+        let rev: u64 = rev.parse().ok()?;
+        if rev <= seen {
+            continue;
+        }
+        if rev != last + 1 {
+            return None;
+        }
+        last = rev;
+        if key != "config" && !keys.iter().any(|k| k == key) {
+            keys.push(key.to_string());
+        }
+    }
+    Some((keys, last))
 }
 
 impl crate::LeaseStore for FileStore {
