@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Pod-to-pod TCP throughput (iperf3) across two nodes, for weft's vxlan and host-gw backends
+# (a `weft lab`), against the same path built by hand with `ip` commands (the kernel's limit)
+# and against node-to-node over the bare underlay. All in namespaces this script makes and
+# removes. Needs root and iperf3. Usage: bench/dataplane-bench.sh [SECONDS] [RUNS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs="${1:-3}"
+runs="${2:-5}"
+cargo build --release -q -p weft --bin weft
+weft="$PWD/target/release/weft"
+tag="wdb$$"
+lab="${tag}l"
+
+cleanup() {
+    "$weft" lab down --name "$lab" >/dev/null 2>&1 || true
+    pkill -f "iperf3 -s -B 198.1" 2>/dev/null || true
+    for ns in $(ip netns list | awk '{print $1}' | grep "^$tag" || true); do ip netns delete "$ns"; done
+}
+trap cleanup EXIT
+
+# iperf3 from namespace $1 to address $2 (server in namespace $3); prints Gbit/s (median of runs).
+measure() {
+    local client="$1" addr="$2" server="$3" results=()
+    for _ in $(seq "$runs"); do
+        ip netns exec "$server" iperf3 -s -B "$addr" -1 -D >/dev/null 2>&1
+        sleep 0.2
+        results+=("$(ip netns exec "$client" iperf3 -c "$addr" -t "$secs" -J | python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9)')")
+    done
+    printf '%s\n' "${results[@]}" | sort -n | awk '{a[NR]=$1} END {printf "%.2f", a[int((NR+1)/2)]}'
+}
+
+# The same two-node path by hand: switch, two nodes, a bridge with one pod each, and the backend.
+hand_built() {
+    local backend="$1" p="${tag}h"
+    ip netns add "${p}sw"; ip -n "${p}sw" link add sw0 type bridge; ip -n "${p}sw" link set sw0 up
+    for i in 1 2; do
+        local n="${p}n$i" pod="${p}p$i" sub="198.19.$((10 + i))"
+        ip netns add "$n"; ip netns add "$pod"
+        ip -n "${p}sw" link add "s$i" type veth peer name eth0 netns "$n"
+        ip -n "${p}sw" link set "s$i" master sw0 up
+        ip -n "$n" addr add "198.18.0.$((1 + i))/16" dev eth0; ip -n "$n" link set eth0 up; ip -n "$n" link set lo up
+        ip netns exec "$n" sysctl -qw net.ipv4.ip_forward=1
+        local mtu=1500
+        [ "$backend" = vxlan ] && mtu=1450
+        ip -n "$n" link add cni0 mtu "$mtu" type bridge; ip -n "$n" addr add "$sub.1/24" dev cni0; ip -n "$n" link set cni0 up
+        ip -n "$n" link add veth0 mtu "$mtu" type veth peer name eth0 netns "$pod"
+        ip -n "$n" link set veth0 master cni0 up
+        ip -n "$pod" addr add "$sub.2/24" dev eth0; ip -n "$pod" link set eth0 up; ip -n "$pod" link set lo up
+        ip -n "$pod" route add default via "$sub.1"
+        if [ "$backend" = vxlan ]; then
+            ip -n "$n" link add weft.1 mtu 1450 type vxlan id 1 local "198.18.0.$((1 + i))" dev eth0 dstport 8472 nolearning
+            ip -n "$n" addr add "$sub.0/32" dev weft.1; ip -n "$n" link set weft.1 up
+        fi
+    done
+    # The same firewall as weft's agent keeps (forward accept, masquerade leaving the network).
+    for i in 1 2; do
+        ip netns exec "${p}n$i" nft -f - <<'NFT'
+table ip hand {
+    chain forward {
+        type filter hook forward priority 0; policy accept;
+        ip saddr 198.19.0.0/16 accept
+        ip daddr 198.19.0.0/16 accept
+    }
+    chain postrouting {
+        type nat hook postrouting priority 100; policy accept;
+        meta mark & 0x4000 == 0x4000 return
+        ip saddr 198.19.0.0/16 ip daddr 198.19.0.0/16 return
+        ip saddr 198.19.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random
+        ip saddr != 198.19.0.0/16 ip daddr 198.19.0.0/16 masquerade fully-random
+    }
+}
+NFT
+    done
+    for i in 1 2; do
+        local n="${p}n$i" j=$((3 - i)); local peer_sub="198.19.$((10 + j))" peer_ip="198.18.0.$((1 + j))"
+        if [ "$backend" = vxlan ]; then
+            local mac; mac=$(ip -n "${p}n$j" -j link show weft.1 | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["address"])')
+            ip -n "$n" neigh replace "$peer_sub.0" lladdr "$mac" dev weft.1 nud permanent
+            bridge -n "$n" fdb replace "$mac" dev weft.1 dst "$peer_ip" self permanent
+            ip -n "$n" route replace "$peer_sub.0/24" via "$peer_sub.0" dev weft.1 onlink
+        else
+            ip -n "$n" route replace "$peer_sub.0/24" via "$peer_ip" dev eth0
+        fi
+    done
+    measure "${p}p1" "198.19.12.2" "${p}p2"
+    for ns in "${p}p1" "${p}p2" "${p}n1" "${p}n2" "${p}sw"; do ip netns delete "$ns"; done
+}
+
+weft_lab() {
+    local backend="$1"
+    "$weft" lab up --name "$lab" --backend "$backend" --nodes 2 --pods 1 >/dev/null
+    local addr; addr=$("$weft" lab show --name "$lab" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["pods"][1]["address"])')
+    measure "$lab-node1-pod1" "$addr" "$lab-node2-pod1"
+    "$weft" lab down --name "$lab" >/dev/null
+}
+
+underlay() {
+    "$weft" lab up --name "$lab" --nodes 2 --pods 0 >/dev/null
+    measure "$lab-node1" "198.18.0.3" "$lab-node2"
+    "$weft" lab down --name "$lab" >/dev/null
+}
+
+echo "weft $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(nproc) cores, iperf3 ${secs}s x ${runs} runs (median), one TCP stream"
+bare=$(underlay)
+echo "| path | weft (Gbit/s) | hand-built (Gbit/s) | weft/hand-built | weft/bare underlay ($bare Gbit/s) |"
+echo "|---|---:|---:|---:|---:|"
+for backend in vxlan host-gw; do
+    w=$(weft_lab "$backend")
+    h=$(hand_built "$backend")
+    python3 -c "print('| pod to pod, $backend | $w | $h | %.3f | %.3f |' % ($w / $h, $w / $bare))"
+done
