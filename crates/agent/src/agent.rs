@@ -141,7 +141,7 @@ struct Node {
     vtep_mac: Option<[u8; 6]>,
     vtep: Option<u32>,
     lease: Lease,
-    /// The peers as last programmed.
+    /// The peers programmed in the kernel, as last applied.
     programmed: HashMap<Ipv4Net, Lease>,
     status: Arc<Mutex<Status>>,
 }
@@ -215,7 +215,10 @@ impl Node {
             eprintln!("weft agent: {w}");
         }
         let outcome = reconcile::apply(&mut self.nl, &desired, self.vtep);
-        self.programmed = peers.iter().map(|p| (p.subnet, p.clone())).collect();
+        // Only the peers that are programmed (not this node, not rejected leases).
+        let routed: std::collections::HashSet<ipnet::IpNet> = desired.routes.iter().map(|r| r.dst).collect();
+        self.programmed =
+            peers.iter().filter(|p| routed.contains(&IpNet::V4(p.subnet))).map(|p| (p.subnet, p.clone())).collect();
         self.record(started, outcome.is_ok(), peers.len());
         outcome.map(|_| desired.routes.len())
     }
@@ -240,7 +243,7 @@ impl Node {
                 outcome = Err(e);
                 break;
             }
-            match new {
+            match new.filter(|_| !new_d.routes.is_empty()) {
                 Some(l) => self.programmed.insert(subnet, l),
                 None => self.programmed.remove(&subnet),
             };

@@ -298,6 +298,65 @@ fn agent_restart_loses_no_packet() {
     assert_eq!(after, before, "kernel objects changed across the restart");
 }
 
+/// `GET path` on the agent's health listener inside a node: (status line, body).
+fn http_get(lab: &TestLab, node: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let ns = weft_netns::NetNs::open(weft_netns::named_path(&lab.ns(node))).unwrap();
+    let text = ns
+        .run(|| {
+            let mut conn = std::net::TcpStream::connect("127.0.0.1:9901").unwrap();
+            write!(conn, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+            let mut text = String::new();
+            conn.read_to_string(&mut text).unwrap();
+            text
+        })
+        .unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+#[test]
+fn agent_health_rules_and_lost_lease() {
+    let lab = TestLab::up("vxlan", 2, 1);
+    assert_eq!(http_get(&lab, "node1", "/healthz").0, "HTTP/1.0 200 OK");
+    assert_eq!(http_get(&lab, "node1", "/readyz").0, "HTTP/1.0 200 OK");
+    let (_, metrics) = http_get(&lab, "node1", "/metrics");
+    for line in ["weft_ready 1", "weft_peers 1", "weft_leases 2"] {
+        assert!(metrics.lines().any(|l| l == line), "{line} not in\n{metrics}");
+    }
+    // The masquerade and forward rules, in weft's own table.
+    let rules = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("node1"), "nft", "list", "table", "ip", "weft-agent"])
+        .output()
+        .unwrap();
+    assert!(rules.status.success());
+    let text = String::from_utf8_lossy(&rules.stdout);
+    assert!(text.contains("ip saddr 198.19.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random"), "{text}");
+    assert!(
+        text.contains("ip saddr 198.19.0.0/16 accept") && text.contains("meta mark & 0x00004000 == 0x00004000 return"),
+        "{text}"
+    );
+
+    // node1's own lease disappears from the store: the agent takes it again (same subnet), and
+    // the pods never notice.
+    let show = lab.show();
+    let subnet: ipnet::Ipv4Net = show["nodes"][0]["subnet"].as_str().unwrap().parse().unwrap();
+    lab.store().delete(&subnet).unwrap();
+    within(Duration::from_secs(2), "the lease taken again", || {
+        lab.store().list(SystemTime::now()).unwrap().iter().any(|l| l.subnet == subnet)
+    });
+    assert!(lab.weft(&["check"]).status.success());
+    let (_, metrics) = http_get(&lab, "node1", "/metrics");
+    assert!(metrics.contains("weft_lease_reacquired_total 1"), "{metrics}");
+
+    // `up` again is a no-op; `down` twice is fine.
+    let again = lab.weft(&["up"]);
+    assert!(again.status.success() && String::from_utf8_lossy(&again.stdout).contains("already up"));
+    assert!(lab.weft(&["down"]).status.success());
+    assert!(lab.weft(&["down"]).status.success());
+    assert!(!weft_netns::exists(&lab.ns("node1")));
+}
+
 #[test]
 fn host_gw_lab_routes_via_peers() {
     let lab = TestLab::up("host-gw", 3, 1);
