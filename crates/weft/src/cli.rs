@@ -97,9 +97,11 @@ enum LabCommand {
         /// The backend every agent programs.
         #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw"])]
         backend: String,
-        /// Where leases live: the embedded file store, or a real etcd started inside the lab on
-        /// its underlay (the switch namespace, http://198.18.0.1:2379), as a cluster has it.
-        #[arg(long, default_value = "file", value_parser = ["file", "etcd"])]
+        /// Where leases live: `file` (the embedded store), `etcd` (a real etcd started inside the
+        /// lab on its underlay, http://198.18.0.1:2379 in the switch namespace, as a cluster has
+        /// it), or `etcd=URL` (an etcd you run on this machine, e.g. etcd=http://127.0.0.1:2379:
+        /// the nodes reach it through a relay on the underlay).
+        #[arg(long, default_value = "file", value_parser = parse_store)]
         store: String,
         /// The agents' lease TTL (short values show renewal at work).
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
@@ -136,6 +138,17 @@ enum LabCommand {
         #[arg(long)]
         name: String,
     },
+}
+
+/// `file`, `etcd` or `etcd=http://HOST:PORT`.
+fn parse_store(text: &str) -> Result<String, String> {
+    match text.split_once('=') {
+        None if text == "file" || text == "etcd" => Ok(text.to_string()),
+        Some(("etcd", url)) if url.starts_with("http://") && url.trim_start_matches("http://").contains(':') => {
+            Ok(text.to_string())
+        }
+        _ => Err(format!("{text:?}: use file, etcd or etcd=http://HOST:PORT")),
+    }
 }
 
 /// `500ms`, `10s`, `5m`, `24h`.

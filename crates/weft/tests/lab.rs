@@ -498,3 +498,25 @@ fn etcd_lab_survives_an_etcd_outage() {
     });
     assert!(lab.weft(&["check"]).status.success());
 }
+
+#[test]
+fn lab_on_an_etcd_of_ones_own() {
+    let etcd = LoopbackEtcd::start();
+    require_root();
+    let lab = TestLab { name: unique("lab") };
+    let store = format!("etcd={}", etcd.url);
+    let out = Command::new(weft_bin())
+        .args(["lab", "up", "--name", &lab.name, "--store", &store, "--nodes", "2", "--pods", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(lab.weft(&["check"]).status.success());
+    let show = lab.show();
+    assert_eq!(show["store"]["endpoint"], etcd.url.as_str());
+    let keys = String::from_utf8(etcd.ctl(&["get", "--prefix", "/coreos.com/network/subnets/", "--keys-only"]).stdout)
+        .unwrap();
+    for node in show["nodes"].as_array().unwrap() {
+        let key = format!("/coreos.com/network/subnets/{}", node["subnet"].as_str().unwrap().replace('/', "-"));
+        assert!(keys.contains(&key), "{key} not in {keys}");
+    }
+}

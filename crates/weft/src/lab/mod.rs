@@ -7,7 +7,7 @@
 mod check;
 mod show;
 mod supervise;
-mod up;
+pub(crate) mod up;
 
 use std::path::{Path, PathBuf};
 
@@ -46,6 +46,10 @@ pub struct StoreInfo {
     /// The etcd the lab runs, if it runs one.
     #[serde(default)]
     pub pid: Option<u32>,
+    /// Where the nodes reach the store, when that differs from `endpoint` (an etcd outside the
+    /// lab, reached through the supervisor's relay on the underlay).
+    #[serde(default)]
+    pub node_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

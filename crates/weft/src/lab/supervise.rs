@@ -19,7 +19,7 @@ fn start(lab: &Lab, node: &super::NodeInfo) -> Result<Child> {
         let mut cmd = Command::new(&exe);
         cmd.arg("agent");
         match lab.store.kind.as_str() {
-            "etcd" => cmd.args(["--etcd-endpoints", &lab.store.endpoint]),
+            "etcd" => cmd.args(["--etcd-endpoints", lab.store.node_endpoint.as_ref().unwrap_or(&lab.store.endpoint)]),
             _ => cmd.arg("--store").arg(&lab.store.endpoint),
         };
         cmd.args(["--iface", "eth0", "--ip-masq", "--resync", "2s", "--health", "127.0.0.1:9901"])
@@ -38,8 +38,38 @@ fn start(lab: &Lab, node: &super::NodeInfo) -> Result<Child> {
     Ok(child)
 }
 
+/// Relays connections made to `listen` in the switch namespace to `target` in this one (an
+/// etcd on this machine's loopback, which the nodes cannot reach otherwise).
+fn relay(lab: &Lab, target: &str) -> Result<()> {
+    let switch = NetNs::open(weft_netns::named_path(&lab.switch_namespace))?;
+    let listen: std::net::SocketAddr = format!("{}:2379", super::up::ETCD_ADDRESS).parse()?;
+    let listener = switch.run(|| std::net::TcpListener::bind(listen))?.context("relay listener")?;
+    let target = target.trim_start_matches("http://").trim_end_matches('/').to_string();
+    std::thread::spawn(move || {
+        for inbound in listener.incoming().flatten() {
+            let target = target.clone();
+            std::thread::spawn(move || {
+                let Ok(outbound) = std::net::TcpStream::connect(&target) else { return };
+                let (Ok(mut in_r), Ok(mut out_w)) = (inbound.try_clone(), outbound.try_clone()) else { return };
+                let (mut in_w, mut out_r) = (inbound, outbound);
+                let up = std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut in_r, &mut out_w);
+                    let _ = out_w.shutdown(std::net::Shutdown::Write);
+                });
+                let _ = std::io::copy(&mut out_r, &mut in_w);
+                let _ = in_w.shutdown(std::net::Shutdown::Write);
+                let _ = up.join();
+            });
+        }
+    });
+    Ok(())
+}
+
 pub fn supervise(name: &str) -> Result<()> {
     let lab = Lab::load(name)?.with_context(|| format!("no lab named {name}"))?;
+    if lab.store.node_endpoint.is_some() {
+        relay(&lab, &lab.store.endpoint)?;
+    }
     let mut children: Vec<Option<Child>> = lab.nodes.iter().map(|_| None).collect();
     loop {
         for (node, slot) in lab.nodes.iter().zip(children.iter_mut()) {

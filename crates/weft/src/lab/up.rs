@@ -49,7 +49,7 @@ fn make_switch(name: &str) -> Result<NetNs> {
 }
 
 /// The etcd a lab with `--store etcd` runs, on the switch (the underlay).
-const ETCD_ADDRESS: &str = "198.18.0.1";
+pub const ETCD_ADDRESS: &str = "198.18.0.1";
 
 /// Starts etcd in the switch namespace, listening on the underlay, and waits until it answers.
 fn start_etcd(lab: &mut Lab, switch: &NetNs) -> Result<()> {
@@ -187,18 +187,27 @@ pub fn up(opts: &UpOptions) -> Result<()> {
         bail!("{} has room for {} node subnets, not {}", opts.network, network.subnets().count(), opts.nodes);
     }
 
-    let store = match opts.store.as_str() {
-        "etcd" => StoreInfo {
+    let store = match opts.store.split_once('=') {
+        Some((_, url)) => StoreInfo {
+            kind: "etcd".into(),
+            endpoint: url.to_string(),
+            namespace: None,
+            pid: None,
+            node_endpoint: Some(format!("http://{ETCD_ADDRESS}:2379")),
+        },
+        None if opts.store == "etcd" => StoreInfo {
             kind: "etcd".into(),
             endpoint: format!("http://{ETCD_ADDRESS}:2379"),
             namespace: Some(format!("{}-sw", opts.name)),
             pid: None,
+            node_endpoint: None,
         },
-        _ => StoreInfo {
+        None => StoreInfo {
             kind: "file".into(),
             endpoint: Lab::state_dir(&opts.name).join("store").display().to_string(),
             namespace: None,
             pid: None,
+            node_endpoint: None,
         },
     };
     let mut lab = Lab {
@@ -222,7 +231,18 @@ pub fn up(opts: &UpOptions) -> Result<()> {
 
 fn build(lab: &mut Lab, opts: &UpOptions, net_conf: &str) -> Result<()> {
     let switch = make_switch(&lab.switch_namespace)?;
-    if lab.store.kind == "etcd" {
+    if lab.store.node_endpoint.is_some() {
+        // An etcd of the user's, reachable from here: the supervisor relays the nodes to it.
+        weft_lease::etcd::EtcdStore::connect(
+            std::slice::from_ref(&lab.store.endpoint),
+            weft_lease::etcd::DEFAULT_PREFIX,
+        )
+        .and_then(|s| s.set_network_config(net_conf))
+        .with_context(|| format!("storing the network config in etcd at {}", lab.store.endpoint))?;
+        let mut nl = Netlink::in_netns(&switch).map_err(kernel("netlink"))?;
+        let sw = nl.require_link("sw0").map_err(kernel("switch"))?;
+        nl.add_address(sw.index, &format!("{ETCD_ADDRESS}/16").parse()?).map_err(kernel("the switch's address"))?;
+    } else if lab.store.kind == "etcd" {
         start_etcd(lab, &switch)?;
         let endpoint = lab.store.endpoint.clone();
         let text = net_conf.to_string();

@@ -352,3 +352,52 @@ pub fn eventually(what: &str, cond: impl Fn() -> bool) {
 pub fn assert_reaped(ns: &Ns) {
     eventually(&format!("retired veths deleted in {}", ns.name), || !ns.links().iter().any(|l| l.starts_with("wdel")));
 }
+
+/// An etcd on loopback (free ports), killed and its data removed when dropped.
+pub struct LoopbackEtcd {
+    child: std::process::Child,
+    pub url: String,
+    _dir: Dir,
+}
+
+impl LoopbackEtcd {
+    pub fn start() -> LoopbackEtcd {
+        let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (client, peer) = (format!("http://127.0.0.1:{}", port()), format!("http://127.0.0.1:{}", port()));
+        let dir = Dir::new("etcd");
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &format!("t={peer}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd (apt-get install etcd-server)");
+        let etcd = LoopbackEtcd { child, url: client, _dir: dir };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while !etcd.ctl(&["endpoint", "health"]).status.success() {
+            assert!(std::time::Instant::now() < deadline, "etcd did not start");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        etcd
+    }
+
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new("etcdctl").env("ETCDCTL_API", "3").args(["--endpoints", &self.url]).args(args).output().unwrap()
+    }
+}
+
+impl Drop for LoopbackEtcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
