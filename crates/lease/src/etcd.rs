@@ -143,6 +143,29 @@ impl EtcdStore {
         })
     }
 
+    /// A watch that resumes from `revision`, knowing `leases` as of then (what a caller that
+    /// listed before has); with `None`, it lists first. When etcd has compacted past the
+    /// revision, the watch lists again and reports the difference.
+    pub fn watch_from(&self, leases: Vec<Lease>, revision: Option<i64>) -> Result<Box<dyn LeaseWatcher>> {
+        let (tx, rx) = channel();
+        let endpoints = self.endpoints.clone();
+        let prefix = self.prefix.clone();
+        std::thread::Builder::new()
+            .name("etcd-watch".into())
+            .spawn(move || follow(endpoints, prefix, tx, revision))
+            .map_err(store_err)?;
+        let known = leases.into_iter().map(|l| (l.subnet, l)).collect();
+        Ok(Box::new(EtcdWatcher { rx, known, pending: None }))
+    }
+
+    /// The store's current revision.
+    pub fn revision(&self) -> Result<i64> {
+        self.call(|mut client| {
+            let prefix = self.prefix.clone();
+            async move { list_with_revision(&mut client, &prefix).await.map(|(_, r)| r) }
+        })
+    }
+
     /// Writes `<prefix>/config`.
     pub fn set_network_config(&self, text: &str) -> Result<()> {
         let key = format!("{}/config", self.prefix);
@@ -221,14 +244,7 @@ impl LeaseStore for EtcdStore {
     }
 
     fn watch(&self) -> Result<Box<dyn LeaseWatcher>> {
-        let (tx, rx) = channel();
-        let endpoints = self.endpoints.clone();
-        let prefix = self.prefix.clone();
-        std::thread::Builder::new()
-            .name("etcd-watch".into())
-            .spawn(move || follow(endpoints, prefix, tx))
-            .map_err(store_err)?;
-        Ok(Box::new(EtcdWatcher { rx, known: HashMap::new(), pending: None }))
+        self.watch_from(Vec::new(), None)
     }
 
     fn describe(&self) -> String {
@@ -245,11 +261,11 @@ enum Update {
 
 /// List, then watch from the listed revision; on compaction, cancellation or a lost
 /// connection, list again (the receiver diffs). Ends when the receiver is gone.
-fn follow(endpoints: Vec<String>, prefix: String, tx: Sender<Update>) {
+fn follow(endpoints: Vec<String>, prefix: String, tx: Sender<Update>, mut resume: Option<i64>) {
     let Ok(rt) = runtime() else { return };
     rt.block_on(async move {
         loop {
-            match follow_once(&endpoints, &prefix, &tx).await {
+            match follow_once(&endpoints, &prefix, &tx, resume.take()).await {
                 Ok(()) => return, // receiver gone
                 Err(e) => {
                     eprintln!("weft: etcd watch: {e}; listing again in 1 s");
@@ -260,12 +276,18 @@ fn follow(endpoints: Vec<String>, prefix: String, tx: Sender<Update>) {
     });
 }
 
-async fn follow_once(endpoints: &[String], prefix: &str, tx: &Sender<Update>) -> Result<()> {
+async fn follow_once(endpoints: &[String], prefix: &str, tx: &Sender<Update>, resume: Option<i64>) -> Result<()> {
     let mut client = connect(endpoints).await?;
-    let (leases, revision) = list_with_revision(&mut client, prefix).await?;
-    if tx.send(Update::Snapshot(leases)).is_err() {
-        return Ok(());
-    }
+    let revision = match resume {
+        Some(revision) => revision,
+        None => {
+            let (leases, revision) = list_with_revision(&mut client, prefix).await?;
+            if tx.send(Update::Snapshot(leases)).is_err() {
+                return Ok(());
+            }
+            revision
+        }
+    };
     let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
     let mut stream = client.watch(format!("{prefix}/subnets/"), Some(options)).await.map_err(store_err)?;
     loop {

@@ -226,3 +226,30 @@ fn watch_follows_changes_across_an_etcd_restart() {
     // The first store's client reconnects too.
     assert_eq!(store.list(SystemTime::now()).unwrap().len(), 1);
 }
+
+#[test]
+fn watch_from_a_compacted_revision_lists_again() {
+    let etcd = Etcd::start();
+    let store = EtcdStore::connect(&[etcd.url()], DEFAULT_PREFIX).unwrap();
+    let a = store
+        .acquire(&config(), &attrs("198.18.0.1", "0a:58:00:00:00:01"), None, None, SystemTime::now(), &mut |_| 0)
+        .unwrap();
+    // What a watcher knew at this revision...
+    let known = store.list(SystemTime::now()).unwrap();
+    let revision = store.revision().unwrap();
+    // ...then changes it never saw, and a compaction that erases their history.
+    store.delete(&a.subnet).unwrap();
+    let b = store
+        .acquire(&config(), &attrs("198.18.0.2", "0a:58:00:00:00:02"), None, None, SystemTime::now(), &mut |n| n - 1)
+        .unwrap();
+    assert_ne!(a.subnet, b.subnet);
+    let current = store.revision().unwrap();
+    assert!(etcd.ctl(&["compact", &current.to_string()]).status.success());
+    let mut watcher = store.watch_from(known, Some(revision)).unwrap();
+    let events = poll_until(&mut watcher, "the difference after compaction", |e| {
+        e.iter().any(|ev| matches!(ev, LeaseEvent::Removed(l) if l.subnet == a.subnet))
+            && e.iter().any(|ev| matches!(ev, LeaseEvent::Added(l) if l.subnet == b.subnet))
+    });
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(watcher.leases().len(), 1);
+}
