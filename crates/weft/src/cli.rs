@@ -112,6 +112,10 @@ enum LabCommand {
         /// The size of each node's subnet (default as flannel: 24 for networks of /22 or larger).
         #[arg(long)]
         subnet_len: Option<u8>,
+        /// VXLAN with DirectRouting: peers on the same L2 segment (all lab nodes are) get a plain
+        /// route via their address instead of the overlay.
+        #[arg(long)]
+        direct_routing: bool,
     },
     /// Remove every namespace, process and file of a lab (a lab that is not there is fine).
     Down {
@@ -228,9 +232,27 @@ pub fn main() -> i32 {
             health: a.health,
         })
         .map_err(|e| anyhow::anyhow!("agent: {e}")),
-        Command::Lab(LabCommand::Up { name, nodes, pods, backend, store, lease_ttl, network, subnet_len }) => {
-            crate::lab::up(&crate::lab::UpOptions { name, nodes, pods, backend, store, lease_ttl, network, subnet_len })
-        }
+        Command::Lab(LabCommand::Up {
+            name,
+            nodes,
+            pods,
+            backend,
+            store,
+            lease_ttl,
+            network,
+            subnet_len,
+            direct_routing,
+        }) => crate::lab::up(&crate::lab::UpOptions {
+            name,
+            nodes,
+            pods,
+            backend,
+            store,
+            lease_ttl,
+            network,
+            subnet_len,
+            direct_routing,
+        }),
         Command::Lab(LabCommand::Down { name }) => crate::lab::down(&name),
         Command::Lab(LabCommand::Check { name }) => crate::lab::check(&name),
         Command::Lab(LabCommand::Show { node, name, json }) => crate::lab::show(&name, node.as_deref(), json),

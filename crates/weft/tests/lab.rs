@@ -358,6 +358,34 @@ fn agent_health_rules_and_lost_lease() {
 }
 
 #[test]
+fn vxlan_direct_routing_and_lease_expiry() {
+    require_root();
+    let lab = TestLab { name: unique("lab") };
+    let out = Command::new(weft_bin())
+        .args(["lab", "up", "--name", &lab.name, "--nodes", "2", "--pods", "1", "--direct-routing"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(lab.weft(&["check"]).status.success());
+    let show = lab.show();
+    let peer = &show["nodes"][1];
+    let (routes, fdb, _) = lab.peer_state("node1");
+    // Same L2 segment: a plain route via the peer's address, nothing through the VTEP.
+    assert_eq!(
+        routes,
+        vec![format!("{} via {} dev eth0", peer["subnet"].as_str().unwrap(), peer["address"].as_str().unwrap())]
+    );
+    assert!(fdb.is_empty(), "{fdb:?}");
+
+    // A lease that nobody renews is removed everywhere when it expires.
+    let mut expiring = peer_lease("198.19.240.0/24", "198.18.0.98", "0a:00:00:00:00:aa");
+    expiring.expires = Some(SystemTime::now() + Duration::from_secs(2));
+    lab.store().put_lease(&expiring).unwrap();
+    within(Duration::from_secs(1), "the expiring peer programmed", || lab.peer_state("node1").0.len() == 2);
+    within(Duration::from_secs(4), "the expired peer removed", || lab.peer_state("node1").0.len() == 1);
+}
+
+#[test]
 fn host_gw_lab_routes_via_peers() {
     let lab = TestLab::up("host-gw", 3, 1);
     let check = lab.weft(&["check"]);

@@ -26,6 +26,7 @@ pub struct UpOptions {
     pub lease_ttl: Duration,
     pub network: String,
     pub subnet_len: Option<u8>,
+    pub direct_routing: bool,
 }
 
 fn ns_path(name: &str) -> String {
@@ -179,6 +180,9 @@ pub fn up(opts: &UpOptions) -> Result<()> {
         bail!("--nodes must be between 1 and 200");
     }
     let mut conf = json!({"Network": opts.network, "Backend": {"Type": opts.backend}});
+    if opts.direct_routing {
+        conf["Backend"]["DirectRouting"] = json!(true);
+    }
     if let Some(len) = opts.subnet_len {
         conf["SubnetLen"] = json!(len);
     }
