@@ -67,6 +67,7 @@ fn spawn_reaper(name: &str, index: u32) {
         Command::new(exe)
             .arg0("weft")
             .args(["cni", "reap", "--name", name, "--index", &index.to_string()])
+            .env_remove("CNI_COMMAND")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -12,9 +12,9 @@ use std::path::Path;
 fn main() {
     let argv0 = std::env::args_os().next().unwrap_or_default();
     let name = Path::new(&argv0).file_name().and_then(|n| n.to_str()).unwrap_or("weft").to_string();
-    // Named `weft`, the binary is the meta plugin when a runtime calls it (CNI_COMMAND set) and
-    // the CLI otherwise.
-    let as_plugin = name != "weft" || std::env::var_os("CNI_COMMAND").is_some();
+    // Named `weft`, the binary is the meta plugin when a runtime calls it (CNI_COMMAND set, and
+    // runtimes never pass arguments) and the CLI otherwise.
+    let as_plugin = name != "weft" || (std::env::var_os("CNI_COMMAND").is_some() && std::env::args_os().len() == 1);
     if let Some(plugin) = weft_plugins::by_name(&name).filter(|_| as_plugin) {
         std::process::exit(run_plugin(plugin.as_ref()));
     }

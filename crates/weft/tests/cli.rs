@@ -50,3 +50,12 @@ fn unknown_plugin_and_help() {
     let help = Command::new(weft_bin()).arg("--help").output().unwrap();
     assert!(String::from_utf8_lossy(&help.stdout).contains("cni"));
 }
+
+#[test]
+fn subcommands_win_over_an_inherited_cni_command() {
+    // A process started by a plugin (the DEL reaper) inherits CNI_COMMAND: with arguments, the
+    // binary named `weft` is still the CLI, not the meta plugin.
+    let out = Command::new(weft_bin()).args(["cni", "list"]).env("CNI_COMMAND", "DEL").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("host-local"));
+}
