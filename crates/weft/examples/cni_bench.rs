@@ -114,6 +114,7 @@ fn wait_reaped(s: &Setup) {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    panic!("veths retired by DEL were not deleted within 30 s: the reaper does not work");
 }
 
 /// Parallel: all at once; returns the wall time for the whole batch.
