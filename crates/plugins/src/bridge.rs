@@ -16,7 +16,7 @@ use weft_cni::{CniError, CniResult, ErrorCode, Interface, NetConf, Route};
 use weft_dataplane::{sysctl, LinkKind, Netlink};
 use weft_netns::NetNs;
 
-use crate::common::{attachment_key, create_veth, kernel, open_netns, open_netns_for_teardown, prev_result, Attach};
+use crate::common::{attachment_key, create_veth, kernel, open_netns_for_teardown, prev_result, Attach};
 use crate::{container, ipam, masq, rules, teardown};
 
 pub struct Bridge;
@@ -137,12 +137,7 @@ impl Plugin for Bridge {
             .map_err(kernel("reading the bridge"))?
             .filter(|l| l.kind == LinkKind::Bridge)
             .ok_or_else(|| CniError::internal(format!("bridge {} not found", bconf.bridge)))?;
-        let iface = result
-            .container_interface(&args.ifname)
-            .ok_or_else(|| CniError::internal(format!("prevResult has no container interface {}", args.ifname)))?;
-        let netns = open_netns(&args.netns)?;
-        let mut cnl = Netlink::in_netns_here(&netns).map_err(kernel("opening netlink in the container"))?;
-        container::verify(&mut cnl, &args.ifname, &result, iface)?;
+        let mut cnl = container::check(args, &result)?;
         let peer_index = cnl
             .link_by_name(&args.ifname)
             .map_err(kernel("reading the container interface"))?

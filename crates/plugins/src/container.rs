@@ -85,3 +85,15 @@ pub fn verify(nl: &mut Netlink, ifname: &str, result: &CniResult, iface: usize) 
     }
     Ok(())
 }
+
+/// CHECK's container half: the netns opens, and the interface named in the result is up with
+/// the result's addresses and routes. Returns the netlink socket in the container.
+pub fn check(args: &weft_cni::args::CmdArgs, result: &CniResult) -> Result<Netlink, CniError> {
+    let iface = result
+        .container_interface(&args.ifname)
+        .ok_or_else(|| CniError::internal(format!("prevResult has no container interface {}", args.ifname)))?;
+    let netns = crate::common::open_netns(&args.netns)?;
+    let mut cnl = Netlink::in_netns_here(&netns).map_err(kernel("opening netlink in the container"))?;
+    verify(&mut cnl, &args.ifname, result, iface)?;
+    Ok(cnl)
+}

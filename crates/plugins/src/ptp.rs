@@ -11,7 +11,7 @@ use weft_cni::{CniError, CniResult, Interface, NetConf};
 use weft_dataplane::{Netlink, RouteSpec};
 
 use crate::bridge::{enable_forwarding, retire_container_link};
-use crate::common::{attachment_key, create_veth, kernel, open_netns, open_netns_for_teardown, prev_result, Attach};
+use crate::common::{attachment_key, create_veth, kernel, open_netns_for_teardown, prev_result, Attach};
 use crate::{container, ipam, masq, rules};
 
 pub struct Ptp;
@@ -106,12 +106,7 @@ impl Plugin for Ptp {
         if let Some(ipam_type) = ipam::ipam_type(conf) {
             ipam::check(&ipam_type, args)?;
         }
-        let iface = result
-            .container_interface(&args.ifname)
-            .ok_or_else(|| CniError::internal(format!("prevResult has no container interface {}", args.ifname)))?;
-        let netns = open_netns(&args.netns)?;
-        let mut cnl = Netlink::in_netns_here(&netns).map_err(kernel("opening netlink in the container"))?;
-        container::verify(&mut cnl, &args.ifname, &result, iface)?;
+        container::check(args, &result)?;
         let mut hnl = Netlink::new().map_err(kernel("opening netlink"))?;
         let routes = hnl.routes().map_err(kernel("reading host routes"))?;
         for ip in &result.ips {

@@ -85,38 +85,7 @@ struct AgentArgs {
 #[derive(Subcommand)]
 enum LabCommand {
     /// Bring a lab up (again: nothing happens if it is up already).
-    Up {
-        #[arg(long, default_value = "weft")]
-        name: String,
-        /// How many nodes.
-        #[arg(long, default_value_t = 3)]
-        nodes: usize,
-        /// Pods per node.
-        #[arg(long, default_value_t = 2)]
-        pods: usize,
-        /// The backend every agent programs.
-        #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw"])]
-        backend: String,
-        /// Where leases live: `file` (the embedded store), `etcd` (a real etcd started inside the
-        /// lab on its underlay, http://198.18.0.1:2379 in the switch namespace, as a cluster has
-        /// it), or `etcd=URL` (an etcd you run on this machine, e.g. etcd=http://127.0.0.1:2379:
-        /// the nodes reach it through a relay on the underlay).
-        #[arg(long, default_value = "file", value_parser = parse_store)]
-        store: String,
-        /// The agents' lease TTL (short values show renewal at work).
-        #[arg(long, default_value = "24h", value_parser = parse_duration)]
-        lease_ttl: std::time::Duration,
-        /// The pod network.
-        #[arg(long, default_value = "198.19.0.0/16")]
-        network: String,
-        /// The size of each node's subnet (default as flannel: 24 for networks of /22 or larger).
-        #[arg(long)]
-        subnet_len: Option<u8>,
-        /// VXLAN with DirectRouting: peers on the same L2 segment (all lab nodes are) get a plain
-        /// route via their address instead of the overlay.
-        #[arg(long)]
-        direct_routing: bool,
-    },
+    Up(crate::lab::UpOptions),
     /// Remove every namespace, process and file of a lab (a lab that is not there is fine).
     Down {
         #[arg(long, default_value = "weft")]
@@ -145,7 +114,7 @@ enum LabCommand {
 }
 
 /// `file`, `etcd` or `etcd=http://HOST:PORT`.
-fn parse_store(text: &str) -> Result<String, String> {
+pub(crate) fn parse_store(text: &str) -> Result<String, String> {
     match text.split_once('=') {
         None if text == "file" || text == "etcd" => Ok(text.to_string()),
         Some(("etcd", url)) if url.starts_with("http://") && url.trim_start_matches("http://").contains(':') => {
@@ -156,7 +125,7 @@ fn parse_store(text: &str) -> Result<String, String> {
 }
 
 /// `500ms`, `10s`, `5m`, `24h`.
-fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let n: u64 = number.parse().map_err(|_| format!("{text:?}: expected a number with a unit, e.g. 10s"))?;
@@ -232,27 +201,7 @@ pub fn main() -> i32 {
             health: a.health,
         })
         .map_err(|e| anyhow::anyhow!("agent: {e}")),
-        Command::Lab(LabCommand::Up {
-            name,
-            nodes,
-            pods,
-            backend,
-            store,
-            lease_ttl,
-            network,
-            subnet_len,
-            direct_routing,
-        }) => crate::lab::up(&crate::lab::UpOptions {
-            name,
-            nodes,
-            pods,
-            backend,
-            store,
-            lease_ttl,
-            network,
-            subnet_len,
-            direct_routing,
-        }),
+        Command::Lab(LabCommand::Up(opts)) => crate::lab::up(&opts),
         Command::Lab(LabCommand::Down { name }) => crate::lab::down(&name),
         Command::Lab(LabCommand::Check { name }) => crate::lab::check(&name),
         Command::Lab(LabCommand::Show { node, name, json }) => crate::lab::show(&name, node.as_deref(), json),

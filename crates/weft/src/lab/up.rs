@@ -17,15 +17,38 @@ use weft_netns::NetNs;
 use super::{alive, Lab, NodeInfo, PodInfo, StoreInfo};
 
 /// What `weft lab up` was asked for.
+#[derive(clap::Args)]
 pub struct UpOptions {
+    /// The lab's name (namespaces `NAME-*`, state in /run/weft-lab/NAME).
+    #[arg(long, default_value = "weft")]
     pub name: String,
+    /// How many nodes.
+    #[arg(long, default_value_t = 3)]
     pub nodes: usize,
+    /// Pods per node.
+    #[arg(long, default_value_t = 2)]
     pub pods: usize,
+    /// The backend every agent programs.
+    #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw"])]
     pub backend: String,
+    /// Where leases live: `file` (the embedded store), `etcd` (a real etcd started inside the
+    /// lab on its underlay, http://198.18.0.1:2379 in the switch namespace, as a cluster has
+    /// it), or `etcd=URL` (an etcd you run on this machine, e.g. etcd=http://127.0.0.1:2379:
+    /// the nodes reach it through a relay on the underlay).
+    #[arg(long, default_value = "file", value_parser = crate::cli::parse_store)]
     pub store: String,
+    /// The agents' lease TTL (short values show renewal at work).
+    #[arg(long, default_value = "24h", value_parser = crate::cli::parse_duration)]
     pub lease_ttl: Duration,
+    /// The pod network.
+    #[arg(long, default_value = "198.19.0.0/16")]
     pub network: String,
+    /// The size of each node's subnet (default as flannel: 24 for networks of /22 or larger).
+    #[arg(long)]
     pub subnet_len: Option<u8>,
+    /// VXLAN with DirectRouting: peers on the same L2 segment (all lab nodes are) get a plain
+    /// route via their address instead of the overlay.
+    #[arg(long)]
     pub direct_routing: bool,
 }
 
