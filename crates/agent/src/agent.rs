@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::{IpNet, Ipv4Net};
 use serde_json::json;
+use weft_dataplane::monitor::LinkMonitor;
 use weft_dataplane::{Link, Netlink};
 use weft_lease::etcd::EtcdStore;
 use weft_lease::file::FileStore;
@@ -137,6 +138,8 @@ struct Node {
     network: NetworkConfig,
     store: Box<dyn LeaseStore>,
     nl: Netlink,
+    /// The netlink watch on links.
+    monitor: LinkMonitor,
     uplink: Uplink,
     vtep_mac: Option<[u8; 6]>,
     vtep: Option<u32>,
@@ -341,11 +344,13 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         },
         expires: None,
     };
+    let monitor = LinkMonitor::new().map_err(kernel("watching links"))?;
     let mut node = Node {
         cfg,
         network,
         store,
         nl,
+        monitor,
         uplink,
         vtep_mac,
         vtep: None,
@@ -410,10 +415,15 @@ fn tick(
     let seen = Instant::now();
     let events = watcher.poll(now)?;
     let mut replay = false;
-    // The VTEP deleted by hand (or by another program): recreate it and replay every peer.
+    // The VTEP deleted by hand (or by another program): the link watch tells; recreate it and
+    // replay every peer. (When notifications were lost, look.)
     if node.vtep_mac.is_some() {
         let name = vtep::name(node.network.backend.vni);
-        if node.nl.link_by_name(&name).map_err(kernel("reading the VTEP"))?.is_none() {
+        let gone = match node.monitor.deleted() {
+            Some(deleted) => deleted.contains(&name),
+            None => node.nl.link_by_name(&name).map_err(kernel("reading the VTEP"))?.is_none(),
+        };
+        if gone {
             eprintln!("weft agent: {name} is gone; recreating it and replaying every peer");
             node.ensure_vtep()?;
             node.status.lock().unwrap_or_else(|e| e.into_inner()).vtep_recreated += 1;

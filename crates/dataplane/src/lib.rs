@@ -6,6 +6,7 @@
 pub mod addr;
 pub mod error;
 pub mod link;
+pub mod monitor;
 pub mod neigh;
 pub mod nft;
 pub mod route;

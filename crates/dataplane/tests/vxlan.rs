@@ -95,3 +95,17 @@ fn vtep_neighbour_fdb_route() {
     assert!(!sh(&name, &["bridge", "fdb", "show", "dev", "weft.1"]).contains("2a:4b"));
     assert!(nl.delete_neighbour(vtep.index, peer_gw).unwrap_err().is_not_found());
 }
+
+#[test]
+fn link_monitor_reports_deletions() {
+    assert!(nix::unistd::geteuid().is_root(), "needs root");
+    let name = format!("wtmon{}", std::process::id() % 100_000);
+    let ns = Ns(name.clone(), weft_netns::create_named(&name).unwrap());
+    sh(&name, &["ip", "link", "add", "gone0", "type", "veth", "peer", "name", "gone1"]);
+    let mut monitor = ns.1.run(weft_dataplane::monitor::LinkMonitor::new).unwrap().unwrap();
+    assert_eq!(monitor.deleted(), Some(vec![]));
+    sh(&name, &["ip", "link", "del", "gone0"]);
+    let deleted = monitor.deleted().unwrap();
+    assert!(deleted.contains(&"gone0".to_string()) && deleted.contains(&"gone1".to_string()), "{deleted:?}");
+    assert_eq!(monitor.deleted(), Some(vec![]));
+}

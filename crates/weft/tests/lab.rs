@@ -246,7 +246,8 @@ fn vxlan_lab_programs_every_peer_and_follows_the_store() {
     let before = lab.peer_state("node2");
     let out = Command::new("ip").args(["-n", &lab.ns("node2"), "link", "del", "weft.1"]).output().unwrap();
     assert!(out.status.success());
-    within(Duration::from_secs(3), "the VTEP and its peers back", || lab.peer_state("node2") == before);
+    // Within a second: the agent's link watch noticed (its periodic resync is every 2 s).
+    within(Duration::from_secs(1), "the VTEP and its peers back", || lab.peer_state("node2") == before);
     assert!(lab.weft(&["check"]).status.success());
 }
 
