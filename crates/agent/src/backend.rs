@@ -203,14 +203,17 @@ mod tests {
             lease("198.19.1.0/25", "198.18.0.6", "0a:00:00:00:00:06"),
             lease("198.19.7.0/24", "198.18.0.1", "0a:00:00:00:00:07"),
             lease("198.19.8.0/24", "198.18.0.8", "not-a-mac"),
+            // This node's subnet claimed by another node.
+            lease("198.19.1.0/24", "198.18.0.9", "0a:00:00:00:00:09"),
         ];
         let (d, warnings) = desired(&ctx(BackendType::Vxlan, &nets, false), &peers);
         assert_eq!(d, Desired::default());
-        assert_eq!(warnings.len(), 4, "{warnings:?}");
-        assert!(warnings[0].contains("outside the network"));
-        assert!(warnings[1].contains("not a /24"));
-        assert!(warnings[2].contains("this node's address"));
-        assert!(warnings[3].contains("VtepMAC"));
+        assert_eq!(warnings.len(), 5, "{warnings:?}");
+        for expected in
+            ["outside the network", "not a /24", "this node's address", "VtepMAC", "overlaps this node's subnet"]
+        {
+            assert!(warnings.iter().any(|w| w.contains(expected)), "no warning says {expected:?}: {warnings:?}");
+        }
     }
 
     #[test]

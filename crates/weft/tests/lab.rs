@@ -230,7 +230,10 @@ fn vxlan_lab_programs_every_peer_and_follows_the_store() {
 
     // Bad leases are never programmed: outside the network, not a node-sized subnet.
     store.put_lease(&peer_lease("10.99.0.0/24", "198.18.0.97", "0a:00:00:00:00:97")).unwrap();
-    store.put_lease(&peer_lease("198.19.251.0/25", "198.18.0.96", "0a:00:00:00:00:96")).unwrap();
+    // Half of node1's own subnet: overlapping it (and not a node-sized subnet).
+    let node1_subnet: ipnet::Ipv4Net = lab.show()["nodes"][0]["subnet"].as_str().unwrap().parse().unwrap();
+    let overlapping = ipnet::Ipv4Net::new(node1_subnet.network(), 25).unwrap();
+    store.put_lease(&peer_lease(&overlapping.to_string(), "198.18.0.96", "0a:00:00:00:00:96")).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     for node in &nodes {
         let (routes, fdb, _) = lab.peer_state(node);
@@ -240,7 +243,7 @@ fn vxlan_lab_programs_every_peer_and_follows_the_store() {
     let log = std::fs::read_to_string(format!("/run/weft-lab/{}/node1/agent.log", lab.name)).unwrap();
     assert!(log.contains("ignoring peer 198.18.0.97") && log.contains("ignoring peer 198.18.0.96"), "{log}");
     store.delete(&"10.99.0.0/24".parse().unwrap()).unwrap();
-    store.delete(&"198.19.251.0/25".parse().unwrap()).unwrap();
+    store.delete(&overlapping).unwrap();
 
     // The VTEP deleted by hand is back with every peer.
     let before = lab.peer_state("node2");
