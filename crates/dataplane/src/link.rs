@@ -5,8 +5,8 @@ use std::os::fd::AsRawFd;
 use std::net::Ipv4Addr;
 
 use netlink_packet_route::link::{
-    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags,
-    LinkInfo, LinkMessage,
+    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, InfoVxlan, LinkAttribute, LinkExtentMask,
+    LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 use weft_netns::NetNs;
@@ -157,6 +157,11 @@ pub struct VethSpec<'a> {
     pub up: bool,
 }
 
+/// Asks the kernel to leave the (large, unused) statistics out of a link reply.
+fn skip_stats() -> LinkAttribute {
+    LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats])
+}
+
 fn by_index(index: u32) -> LinkMessage {
     let mut msg = LinkMessage::default();
     msg.header.index = index;
@@ -180,6 +185,7 @@ impl Netlink {
     pub fn link_by_name(&mut self, name: &str) -> Result<Option<Link>> {
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        msg.attributes.push(skip_stats());
         Ok(match self.get(RouteNetlinkMessage::GetLink(msg), "get link", &name)? {
             Some(RouteNetlinkMessage::NewLink(l)) => Some(Link::from_message(&l)),
             _ => None,
@@ -188,7 +194,9 @@ impl Netlink {
 
     /// The link with `index`.
     pub fn link_by_index(&mut self, index: u32) -> Result<Option<Link>> {
-        Ok(match self.get(RouteNetlinkMessage::GetLink(by_index(index)), "get link", &index)? {
+        let mut msg = by_index(index);
+        msg.attributes.push(skip_stats());
+        Ok(match self.get(RouteNetlinkMessage::GetLink(msg), "get link", &index)? {
             Some(RouteNetlinkMessage::NewLink(l)) => Some(Link::from_message(&l)),
             _ => None,
         })

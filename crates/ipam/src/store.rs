@@ -42,15 +42,17 @@ impl Store {
     /// Opens (creating it if needed) the store of `network` under `data_dir` and takes its lock.
     pub fn open(data_dir: &Path, network: &str) -> Result<Store> {
         let dir = data_dir.join(network);
-        std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
         let lock_path = dir.join("lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io("open", &lock_path))?;
+        let open_lock = || OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&lock_path);
+        // The directory exists after the first call: create it only when the lock cannot be.
+        let lock = match open_lock() {
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+                open_lock()
+            }
+            other => other,
+        }
+        .map_err(io("open", &lock_path))?;
         lock.lock().map_err(io("lock", &lock_path))?;
         Ok(Store { dir, _lock: lock })
     }
@@ -124,11 +126,16 @@ impl Store {
                 _ => Ok(()),
             };
         }
-        let dir = self.dir.join(INDEX_DIR);
-        std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
         // A hint, checked against the reservations on every read: written in place.
         let text: String = ips.iter().map(|ip| format!("{ip}\n")).collect();
-        std::fs::write(&path, text).map_err(io("write", &path))
+        match overwrite(&path, text.as_bytes()) {
+            Err(IpamError::Io { source, .. }) if source.kind() == ErrorKind::NotFound => {
+                let dir = self.dir.join(INDEX_DIR);
+                std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+                overwrite(&path, text.as_bytes())
+            }
+            other => other,
+        }
     }
 
     /// Every reservation: `(ip, containerID, ifname)`. A full walk, for GC and fallbacks only.

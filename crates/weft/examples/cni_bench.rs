@@ -187,7 +187,22 @@ fn time_one(label: &str, bin: &Path) -> Timings {
 /// Lets the kernel finish tearing down the namespaces of the previous measurement (it does that
 /// in the background, holding the same locks the plugins need).
 fn settle() {
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(10));
+}
+
+/// Prints the spread of one series (min, p10, p50, p90, max) to stderr.
+fn spread(label: &str, v: &[Duration]) {
+    let mut v = v.to_vec();
+    v.sort();
+    let at = |q: f64| ms(v[((v.len() - 1) as f64 * q) as usize]);
+    eprintln!(
+        "  {label}: min {:.2} p10 {:.2} p50 {:.2} p90 {:.2} max {:.2} ms",
+        at(0.0),
+        at(0.1),
+        at(0.5),
+        at(0.9),
+        at(1.0)
+    );
 }
 
 fn measure(weft: &Path, reference: &Path, weft_first: bool) -> Vec<Row> {
@@ -201,6 +216,11 @@ fn measure(weft: &Path, reference: &Path, weft_first: bool) -> Vec<Row> {
         (r, time_one("w", weft))
     };
     settle();
+    for (label, t) in [("reference", &r), ("weft", &w)] {
+        spread(&format!("{label} ADD"), &t.add);
+        spread(&format!("{label} DEL"), &t.del);
+        spread(&format!("{label} ADD, {PREFILLED} reservations"), &t.add_full);
+    }
     let row = |name: String, reference: Duration, weft: Duration| Row { name, reference, weft };
     vec![
         row("ADD, sequential (median per call)".into(), median(r.add), median(w.add)),
