@@ -157,6 +157,14 @@ pub struct VethSpec<'a> {
     pub up: bool,
 }
 
+/// The attributes every new link may carry: name, MTU, MAC.
+fn new_link_attributes(name: &str, mtu: Option<u32>, mac: Option<[u8; 6]>) -> Vec<LinkAttribute> {
+    let mut attrs = vec![LinkAttribute::IfName(name.to_string())];
+    attrs.extend(mtu.map(LinkAttribute::Mtu));
+    attrs.extend(mac.map(|m| LinkAttribute::Address(m.to_vec())));
+    attrs
+}
+
 /// Asks the kernel to leave the (large, unused) statistics out of a link reply.
 fn skip_stats() -> LinkAttribute {
     LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats])
@@ -210,10 +218,7 @@ impl Netlink {
     /// `ip link add NAME [mtu MTU] type bridge`.
     pub fn create_bridge(&mut self, name: &str, mtu: Option<u32>) -> Result<()> {
         let mut msg = LinkMessage::default();
-        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
-        if let Some(mtu) = mtu {
-            msg.attributes.push(LinkAttribute::Mtu(mtu));
-        }
+        msg.attributes = new_link_attributes(name, mtu, None);
         msg.attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]));
         self.change(RouteNetlinkMessage::NewLink(msg), Mode::Create, "create bridge", &name)
     }
@@ -221,15 +226,9 @@ impl Netlink {
     /// `ip link add NAME [mtu M] [address MAC] [master BR] [up] type veth peer name PEER [netns NS] [address MAC]`.
     pub fn create_veth(&mut self, spec: &VethSpec<'_>) -> Result<()> {
         let mut peer = LinkMessage::default();
-        peer.attributes.push(LinkAttribute::IfName(spec.peer_name.to_string()));
+        peer.attributes = new_link_attributes(spec.peer_name, spec.mtu, spec.peer_mac);
         if let Some(ns) = spec.peer_netns {
             peer.attributes.push(LinkAttribute::NetNsFd(ns.as_raw_fd()));
-        }
-        if let Some(mtu) = spec.mtu {
-            peer.attributes.push(LinkAttribute::Mtu(mtu));
-        }
-        if let Some(mac) = spec.peer_mac {
-            peer.attributes.push(LinkAttribute::Address(mac.to_vec()));
         }
         let mut msg = LinkMessage::default();
         if spec.up {
@@ -241,13 +240,7 @@ impl Netlink {
         if let Some(master) = spec.master {
             msg.attributes.push(LinkAttribute::Controller(master));
         }
-        msg.attributes.push(LinkAttribute::IfName(spec.name.to_string()));
-        if let Some(mtu) = spec.mtu {
-            msg.attributes.push(LinkAttribute::Mtu(mtu));
-        }
-        if let Some(mac) = spec.mac {
-            msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
-        }
+        msg.attributes.extend(new_link_attributes(spec.name, spec.mtu, spec.mac));
         msg.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Veth),
             LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
@@ -326,13 +319,7 @@ impl Netlink {
     /// nolearning`.
     pub fn create_vxlan(&mut self, spec: &VxlanSpec<'_>) -> Result<()> {
         let mut msg = LinkMessage::default();
-        msg.attributes.push(LinkAttribute::IfName(spec.name.to_string()));
-        if let Some(mtu) = spec.mtu {
-            msg.attributes.push(LinkAttribute::Mtu(mtu));
-        }
-        if let Some(mac) = spec.mac {
-            msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
-        }
+        msg.attributes = new_link_attributes(spec.name, spec.mtu, spec.mac);
         msg.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Vxlan),
             LinkInfo::Data(InfoData::Vxlan(vec![
