@@ -8,6 +8,22 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 
+/// What most tests start from: a node, a container, weft's plugins, an IPAM directory and a
+/// bridge name of their own.
+struct Env {
+    node: Ns,
+    cont: Ns,
+    dir: Dir,
+    data: Dir,
+    br: String,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env { node: Ns::new("n"), cont: Ns::new("c"), dir: weft_plugin_dir(), data: Dir::new("ipam"), br: unique("br") }
+    }
+}
+
 fn conf(bridge: &str, data_dir: &std::path::Path, extra: Value) -> Value {
     let mut c = json!({
         "cniVersion": "1.0.0",
@@ -45,11 +61,7 @@ fn with_prev(conf: &Value, prev: &Value) -> String {
 
 #[test]
 fn add_check_del_dual_stack() {
-    let node = Ns::new("n");
-    let cont = Ns::new("c");
-    let dir = weft_plugin_dir();
-    let data = Dir::new("ipam");
-    let br = unique("br");
+    let Env { node, cont, dir, data, br } = Env::new();
     let cfg = conf(&br, data.path(), json!({}));
     let call = Call::new(dir.path(), "ctr1", &cont.path());
 
@@ -108,11 +120,7 @@ fn add_check_del_dual_stack() {
 
 #[test]
 fn check_notices_missing_pieces() {
-    let node = Ns::new("n");
-    let cont = Ns::new("c");
-    let dir = weft_plugin_dir();
-    let data = Dir::new("ipam");
-    let br = unique("br");
+    let Env { node, cont, dir, data, br } = Env::new();
     let cfg = conf(&br, data.path(), json!({}));
     let call = Call::new(dir.path(), "ctr1", &cont.path());
     let result = call.run(&node, "bridge", "ADD", &cfg.to_string()).ok().json();
@@ -127,11 +135,7 @@ fn check_notices_missing_pieces() {
 
 #[test]
 fn del_with_netns_gone_releases_everything() {
-    let node = Ns::new("n");
-    let cont = Ns::new("c");
-    let dir = weft_plugin_dir();
-    let data = Dir::new("ipam");
-    let br = unique("br");
+    let Env { node, cont, dir, data, br } = Env::new();
     let cfg = conf(&br, data.path(), json!({}));
     let netns_path = cont.path();
     let call = Call::new(dir.path(), "ctr1", &netns_path);
@@ -154,12 +158,8 @@ fn del_with_netns_gone_releases_everything() {
 
 #[test]
 fn exhausted_range_leaves_nothing_behind() {
-    let node = Ns::new("n");
-    let c1 = Ns::new("c");
+    let Env { node, cont: c1, dir, data, br } = Env::new();
     let c2 = Ns::new("c");
-    let dir = weft_plugin_dir();
-    let data = Dir::new("ipam");
-    let br = unique("br");
     let cfg = conf(
         &br,
         data.path(),
@@ -181,11 +181,7 @@ fn exhausted_range_leaves_nothing_behind() {
 
 #[test]
 fn failed_first_add_creates_no_bridge() {
-    let node = Ns::new("n");
-    let cont = Ns::new("c");
-    let dir = weft_plugin_dir();
-    let data = Dir::new("ipam");
-    let br = unique("br");
+    let Env { node, cont, dir, data, br } = Env::new();
     // A range whose only address is the gateway: nothing to hand out.
     let cfg = conf(
         &br,
@@ -202,11 +198,7 @@ fn failed_first_add_creates_no_bridge() {
 
 #[test]
 fn interface_name_taken_changes_nothing() {
-    let node = Ns::new("n");
-    let cont = Ns::new("c");
-    let dir = weft_plugin_dir();
-    let data = Dir::new("ipam");
-    let br = unique("br");
+    let Env { node, cont, dir, data, br } = Env::new();
     let cfg = conf(&br, data.path(), json!({}));
     let mut call = Call::new(dir.path(), "ctr1", &cont.path());
     call.ifname = "lo".into();
@@ -246,12 +238,8 @@ fn l2_only_and_requested_mac() {
 
 #[test]
 fn gc_removes_invalid_attachments() {
-    let node = Ns::new("n");
-    let c1 = Ns::new("c");
+    let Env { node, cont: c1, dir, data, br } = Env::new();
     let c2 = Ns::new("c");
-    let dir = weft_plugin_dir();
-    let data = Dir::new("ipam");
-    let br = unique("br");
     let mut cfg = conf(&br, data.path(), json!({}));
     cfg["cniVersion"] = json!("1.1.0");
     Call::new(dir.path(), "keep", &c1.path()).run(&node, "bridge", "ADD", &cfg.to_string()).ok();
