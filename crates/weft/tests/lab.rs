@@ -23,23 +23,14 @@ struct TestLab {
 
 impl TestLab {
     fn up(backend: &str, nodes: usize, pods: usize) -> TestLab {
+        Self::up_with(&["--backend", backend, "--nodes", &nodes.to_string(), "--pods", &pods.to_string()])
+    }
+
+    /// `weft lab up --name UNIQUE ARGS...`, which must succeed.
+    fn up_with(args: &[&str]) -> TestLab {
         require_root();
         let lab = TestLab { name: unique("lab") };
-        let out = Command::new(weft_bin())
-            .args([
-                "lab",
-                "up",
-                "--name",
-                &lab.name,
-                "--backend",
-                backend,
-                "--nodes",
-                &nodes.to_string(),
-                "--pods",
-                &pods.to_string(),
-            ])
-            .output()
-            .unwrap();
+        let out = Command::new(weft_bin()).args(["lab", "up", "--name", &lab.name]).args(args).output().unwrap();
         assert!(
             out.status.success(),
             "lab up failed: {}{}",
@@ -363,13 +354,7 @@ fn agent_health_rules_and_lost_lease() {
 
 #[test]
 fn vxlan_direct_routing_and_lease_expiry() {
-    require_root();
-    let lab = TestLab { name: unique("lab") };
-    let out = Command::new(weft_bin())
-        .args(["lab", "up", "--name", &lab.name, "--nodes", "2", "--pods", "1", "--direct-routing"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lab = TestLab::up_with(&["--nodes", "2", "--pods", "1", "--direct-routing"]);
     assert!(lab.weft(&["check"]).status.success());
     let show = lab.show();
     let peer = &show["nodes"][1];
@@ -478,26 +463,7 @@ fn etcd_lease_ids(lab: &TestLab) -> Vec<(String, i64)> {
 
 #[test]
 fn etcd_lab_survives_an_etcd_outage() {
-    require_root();
-    let lab = TestLab { name: unique("lab") };
-    let out = Command::new(weft_bin())
-        .args([
-            "lab",
-            "up",
-            "--name",
-            &lab.name,
-            "--store",
-            "etcd",
-            "--nodes",
-            "2",
-            "--pods",
-            "1",
-            "--lease-ttl",
-            "20s",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let lab = TestLab::up_with(&["--store", "etcd", "--nodes", "2", "--pods", "1", "--lease-ttl", "20s"]);
     let show = lab.show();
     assert_eq!(show["store"]["kind"], "etcd");
     assert_eq!(show["store"]["endpoint"], "http://198.18.0.1:2379");
@@ -534,14 +500,8 @@ fn etcd_lab_survives_an_etcd_outage() {
 #[test]
 fn lab_on_an_etcd_of_ones_own() {
     let etcd = LoopbackEtcd::start();
-    require_root();
-    let lab = TestLab { name: unique("lab") };
     let store = format!("etcd={}", etcd.url);
-    let out = Command::new(weft_bin())
-        .args(["lab", "up", "--name", &lab.name, "--store", &store, "--nodes", "2", "--pods", "1"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let lab = TestLab::up_with(&["--store", &store, "--nodes", "2", "--pods", "1"]);
     assert!(lab.weft(&["check"]).status.success());
     let show = lab.show();
     assert_eq!(show["store"]["endpoint"], etcd.url.as_str());
