@@ -150,6 +150,11 @@ struct Node {
 }
 
 impl Node {
+    /// The reported status (a poisoned lock still holds usable counters).
+    fn status(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn attrs(&self) -> LeaseAttrs {
         let data = match (self.network.backend.kind, self.vtep_mac) {
             (BackendType::Vxlan, Some(mac)) => {
@@ -200,7 +205,7 @@ impl Node {
     }
 
     fn record(&self, started: Instant, ok: bool, leases: usize) {
-        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.status();
         s.reconciles += 1;
         s.reconcile_seconds_sum += started.elapsed().as_secs_f64();
         s.peers = self.programmed.len();
@@ -297,7 +302,7 @@ impl Node {
         let attrs = self.attrs();
         let before = self.lease.subnet;
         self.lease = self.store.acquire(&self.network, &attrs, Some(before), Some(ttl), now, &mut random_index)?;
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).lease_reacquired += 1;
+        self.status().lease_reacquired += 1;
         if self.lease.subnet != before {
             eprintln!("weft agent: now leasing {} (was {before})", self.lease.subnet);
             self.ensure_vtep()?;
@@ -387,7 +392,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     node.reconcile(&peers)?;
     node.write_subnet_file()?;
     {
-        let mut s = node.status.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = node.status();
         s.ready = true;
         s.lease = Some(node.lease.subnet.to_string());
     }
@@ -400,7 +405,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         watcher.wait(Duration::from_millis(50));
         if let Err(e) = tick(&mut node, &mut watcher, &mut last_resync, &mut last_renew) {
             eprintln!("weft agent: {e}");
-            node.status.lock().unwrap_or_else(|e| e.into_inner()).reconcile_errors += 1;
+            node.status().reconcile_errors += 1;
         }
     }
 }
@@ -426,11 +431,12 @@ fn tick(
         if gone {
             eprintln!("weft agent: {name} is gone; recreating it and replaying every peer");
             node.ensure_vtep()?;
-            node.status.lock().unwrap_or_else(|e| e.into_inner()).vtep_recreated += 1;
+            node.status().vtep_recreated += 1;
             replay = true;
         }
     }
-    let present = watcher.leases().iter().any(|l| l.subnet == node.lease.subnet && l.attrs.public_ip == node.uplink.ip);
+    // Checked every tick: a lookup, not a copy of every lease.
+    let present = watcher.lease(&node.lease.subnet).is_some_and(|l| l.attrs.public_ip == node.uplink.ip);
     if !present || last_renew.elapsed() >= Duration::from_secs(1) {
         *last_renew = Instant::now();
         if node.renew(now, present)? {
@@ -450,11 +456,10 @@ fn tick(
         let peers: Vec<Lease> = watcher.leases();
         node.reconcile(&peers)?;
     } else if !events.is_empty() {
-        node.apply_events(&events, watcher.leases().len())?;
+        node.apply_events(&events, watcher.count())?;
     }
     if !events.is_empty() {
-        node.status.lock().unwrap_or_else(|e| e.into_inner()).last_event_to_kernel_seconds =
-            seen.elapsed().as_secs_f64();
+        node.status().last_event_to_kernel_seconds = seen.elapsed().as_secs_f64();
     }
     Ok(())
 }

@@ -225,7 +225,19 @@ impl LeaseStore for EtcdStore {
     }
 
     fn renew(&self, lease: &Lease, ttl: Option<Duration>, now: SystemTime) -> Result<Lease> {
-        let current = self.list(now)?.into_iter().find(|l| l.subnet == lease.subnet);
+        let key = self.key(&lease.subnet);
+        let prefix = self.prefix.clone();
+        let current = self.call(|mut client| {
+            let (key, prefix) = (key.clone(), prefix.clone());
+            async move {
+                let resp =
+                    client.get(key.clone(), None).await.map_err(|e| store_err(format!("reading a lease: {e}")))?;
+                match resp.kvs().first() {
+                    Some(kv) => decode(&key, &prefix, kv.value()),
+                    None => Ok(None),
+                }
+            }
+        })?;
         match current {
             Some(c) if c.attrs.public_ip == lease.attrs.public_ip => {
                 self.put_lease(&lease.subnet, &lease.attrs, ttl, false)?;
@@ -366,6 +378,14 @@ impl LeaseWatcher for EtcdWatcher {
 
     fn leases(&self) -> Vec<Lease> {
         self.known.values().cloned().collect()
+    }
+
+    fn lease(&self, subnet: &Ipv4Net) -> Option<&Lease> {
+        self.known.get(subnet)
+    }
+
+    fn count(&self) -> usize {
+        self.known.len()
     }
 
     fn wait(&mut self, timeout: Duration) {

@@ -202,8 +202,7 @@ impl FileStore {
     /// belongs to another node now (the caller acquires again).
     pub fn renew(&self, lease: &Lease, ttl: Option<Duration>, now: SystemTime) -> Result<Lease> {
         let _lock = self.lock()?;
-        let current = self.list(now)?.into_iter().find(|l| l.subnet == lease.subnet);
-        match current {
+        match self.read_lease(&lease.subnet, now)? {
             Some(c) if c.attrs.public_ip == lease.attrs.public_ip => {
                 let renewed = Lease { expires: ttl.map(|t| now + t), ..lease.clone() };
                 self.put(&renewed)?;
@@ -382,6 +381,14 @@ impl crate::LeaseWatcher for Watcher {
 
     fn leases(&self) -> Vec<Lease> {
         self.known.values().cloned().collect()
+    }
+
+    fn lease(&self, subnet: &Ipv4Net) -> Option<&Lease> {
+        self.known.get(subnet)
+    }
+
+    fn count(&self) -> usize {
+        self.known.len()
     }
 
     fn wait(&mut self, timeout: Duration) {

@@ -37,7 +37,12 @@ pub trait LeaseStore: Send {
 /// A watch; `poll` never blocks for long.
 pub trait LeaseWatcher: Send {
     fn poll(&mut self, now: SystemTime) -> Result<Vec<LeaseEvent>>;
+    /// Every lease as of the last poll (a copy).
     fn leases(&self) -> Vec<Lease>;
+    /// The lease on `subnet` as of the last poll.
+    fn lease(&self, subnet: &Ipv4Net) -> Option<&Lease>;
+    /// How many leases there were at the last poll.
+    fn count(&self) -> usize;
     /// Blocks until the store may have changed or `timeout` passed, whichever is first (so a
     /// loop reacts to a change at once and still wakes up for its periodic work).
     fn wait(&mut self, timeout: Duration) {
