@@ -145,9 +145,17 @@ fn host_local_is_compatible_with_the_reference_store() {
     Call::new(weft.path(), "ref1", "").run(&node, "host-local", "DEL", &cfg).ok();
     Call::new(reference, "weft1", "").run(&node, "host-local", "DEL", &cfg).ok();
     assert_eq!(reservations(data.path(), "mix"), ["198.19.51.4"]);
-    // weft's index never looks like a reservation to the reference.
+    // weft's index entry is a hard link to the reservation: the reference's DEL removes it too.
+    let index = data.path().join("mix/.weft-index");
+    assert_eq!(std::fs::read_dir(&index).unwrap().count(), 0, "index entries left behind");
+    // ... and never looks like an address to the reference.
     Call::new(weft.path(), "weft2", "/x").run(&node, "host-local", "ADD", &cfg).ok();
     Call::new(reference, "ref2", "").run(&node, "host-local", "DEL", &cfg).ok();
+    assert_eq!(std::fs::read_dir(&index).unwrap().count(), 1);
+    let r3 = Call::new(reference, "ref3", "/x").run(&node, "host-local", "ADD", &cfg).ok().json();
+    assert_eq!(r3["ips"][0]["address"], "198.19.51.6/29");
     Call::new(reference, "weft2", "").run(&node, "host-local", "DEL", &cfg).ok();
+    Call::new(reference, "ref3", "").run(&node, "host-local", "DEL", &cfg).ok();
     assert!(reservations(data.path(), "mix").is_empty());
+    assert_eq!(std::fs::read_dir(&index).unwrap().count(), 0);
 }
