@@ -224,7 +224,9 @@ impl Netlink {
     }
 
     /// `ip link add NAME [mtu M] [address MAC] [master BR] [up] type veth peer name PEER [netns NS] [address MAC]`.
-    pub fn create_veth(&mut self, spec: &VethSpec<'_>) -> Result<()> {
+    /// Returns the new link as the kernel echoed it (kernels from 6.3 do; `None` before): its
+    /// index, MAC and, in `peer_index`, the peer's index. Its `master` is not set yet then.
+    pub fn create_veth(&mut self, spec: &VethSpec<'_>) -> Result<Option<Link>> {
         let mut peer = LinkMessage::default();
         peer.attributes = new_link_attributes(spec.peer_name, spec.mtu, spec.peer_mac);
         if let Some(ns) = spec.peer_netns {
@@ -246,7 +248,11 @@ impl Netlink {
             LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
         ]));
         let object = format!("{} peer {}", spec.name, spec.peer_name);
-        self.change(RouteNetlinkMessage::NewLink(msg), Mode::Create, "create veth", &object)
+        let echoed = self.change_echo(RouteNetlinkMessage::NewLink(msg), Mode::Create, "create veth", &object)?;
+        Ok(echoed.iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) => Some(Link::from_message(l)).filter(|l| l.name == spec.name),
+            _ => None,
+        }))
     }
 
     /// `ip link set dev INDEX up` / `down`.

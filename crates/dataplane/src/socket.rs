@@ -3,8 +3,8 @@
 //! moves its own threads around.
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE,
-    NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_ECHO, NLM_F_EXCL,
+    NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -33,10 +33,15 @@ impl Mode {
     }
 }
 
+/// The receive buffer: the kernel never sends a netlink datagram over 32 KiB (dumps are cut
+/// there, and single replies are a few KiB), so one read always takes a whole datagram.
+const RECEIVE_BUFFER: usize = 64 * 1024;
+
 /// An rtnetlink socket in one namespace.
 pub struct Netlink {
     socket: Socket,
     seq: u32,
+    buf: Vec<u8>,
 }
 
 impl Netlink {
@@ -47,7 +52,7 @@ impl Netlink {
         socket.connect(&SocketAddr::new(0, 0)).map_err(DataplaneError::Socket)?;
         // Extended acks give the kernel's reason in errors; older kernels lack it, which is fine.
         let _ = socket.set_ext_ack(true);
-        Ok(Netlink { socket, seq: 0 })
+        Ok(Netlink { socket, seq: 0, buf: Vec::with_capacity(RECEIVE_BUFFER) })
     }
 
     /// A socket bound to `netns`, opened on a short-lived thread inside it.
@@ -70,6 +75,18 @@ impl Netlink {
         object: &dyn std::fmt::Display,
     ) -> Result<()> {
         self.request(msg, NLM_F_ACK | mode.flags(), op, object).map(drop)
+    }
+
+    /// Sends a change request asking the kernel to echo what it made (kernels from 6.3 do for
+    /// links), and waits for its acknowledgement. Returns the echoed messages, if any.
+    pub(crate) fn change_echo(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        mode: Mode,
+        op: &'static str,
+        object: &dyn std::fmt::Display,
+    ) -> Result<Vec<RouteNetlinkMessage>> {
+        self.request(msg, NLM_F_ACK | NLM_F_ECHO | mode.flags(), op, object)
     }
 
     /// Sends a get request for one object; `None` when it does not exist.
@@ -120,7 +137,12 @@ impl Netlink {
         let acked = flags & NLM_F_ACK != 0;
         let mut out = Vec::new();
         loop {
-            let (data, _) = self.socket.recv_from_full().map_err(DataplaneError::Socket)?;
+            self.buf.clear();
+            let len = self.socket.recv(&mut self.buf, libc::MSG_TRUNC).map_err(DataplaneError::Socket)?;
+            if len > self.buf.len() {
+                return Err(DataplaneError::Protocol(format!("a reply to {op} of {len} bytes was truncated")));
+            }
+            let data = &self.buf[..];
             let mut offset = 0;
             while offset < data.len() {
                 let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..])

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use weft_cni::args::CmdArgs;
 use weft_cni::skel::{parse_plugin_conf, Attachment, Plugin};
 use weft_cni::{CniError, CniResult, ErrorCode, Interface, NetConf, Route};
-use weft_dataplane::{sysctl, LinkKind, Netlink};
+use weft_dataplane::{format_mac, sysctl, LinkKind, Netlink};
 use weft_netns::NetNs;
 
 use crate::common::{attachment_key, create_veth, kernel, open_netns_for_teardown, prev_result, Attach};
@@ -193,16 +193,13 @@ fn add_steps(
         None => CniResult::default(),
     };
     let bridge = ensure_bridge(hnl, bconf, created)?;
-    let host = create_veth(hnl, &args.ifname, bconf.mtu, mac, netns, Some(bridge))?;
+    let veth = create_veth(hnl, &args.ifname, bconf.mtu, mac, netns, Some(bridge))?;
+    let host = &veth.host;
     created.host_veth = Some(host.index);
     if bconf.hairpin_mode {
         hnl.set_hairpin(host.index, true).map_err(kernel("setting hairpin mode"))?;
     }
 
-    let cont = cnl
-        .link_by_name(&args.ifname)
-        .map_err(kernel("reading the container interface"))?
-        .ok_or_else(|| CniError::internal("container interface vanished"))?;
     for ip in &mut result.ips {
         ip.interface = Some(2);
         if ip.gateway.is_none() && bconf.is_gateway {
@@ -212,7 +209,7 @@ fn add_steps(
     if bconf.is_default_gateway {
         add_default_routes(&mut result);
     }
-    container::configure(cnl, &cont, &result, 2)?;
+    container::configure(cnl, veth.container_index, &result, 2)?;
 
     if bconf.is_gateway {
         ensure_gateway_addresses(hnl, bridge, bconf, &result)?;
@@ -233,7 +230,7 @@ fn add_steps(
     result.interfaces = vec![
         Interface { name: bconf.bridge.clone(), mac: bridge_mac.unwrap_or_default(), sandbox: String::new() },
         Interface { name: host.name.clone(), mac: host.mac_string(), sandbox: String::new() },
-        Interface { name: args.ifname.clone(), mac: cont.mac_string(), sandbox: args.netns.clone() },
+        Interface { name: args.ifname.clone(), mac: format_mac(&veth.container_mac), sandbox: args.netns.clone() },
     ];
     Ok(result)
 }

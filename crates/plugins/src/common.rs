@@ -92,8 +92,23 @@ pub fn prev_result(conf: &weft_cni::NetConf) -> Result<Option<weft_cni::CniResul
     conf.prev_result.as_ref().map(weft_cni::CniResult::from_value).transpose()
 }
 
+/// A veth pair an ADD made: the host end as the kernel reports it, and the container end (down,
+/// no addresses yet), known without asking the kernel again.
+pub struct Veth {
+    pub host: weft_dataplane::Link,
+    pub container_index: u32,
+    pub container_mac: [u8; 6],
+}
+
+/// A random unicast, locally administered MAC, as the kernel gives a veth without one.
+pub fn random_mac() -> [u8; 6] {
+    let mut mac: [u8; 6] = random_bytes();
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
+}
+
 /// The veth pair of an attachment: a random `vethXXXXXXXX` on the host (on `master` when given),
-/// up, and `ifname` in the container's namespace (still down). Returns the host end.
+/// up, and `ifname` in the container's namespace (still down) with `mac`, or a random MAC.
 pub fn create_veth(
     nl: &mut Netlink,
     ifname: &str,
@@ -101,7 +116,9 @@ pub fn create_veth(
     mac: Option<[u8; 6]>,
     netns: &NetNs,
     master: Option<u32>,
-) -> Result<weft_dataplane::Link, CniError> {
+) -> Result<Veth, CniError> {
+    // Chosen here rather than by the kernel, so the result needs no second look.
+    let container_mac = mac.unwrap_or_else(random_mac);
     for _ in 0..5 {
         let name = random_veth_name();
         let spec = VethSpec {
@@ -110,12 +127,21 @@ pub fn create_veth(
             peer_netns: Some(netns),
             mtu,
             mac: None,
-            peer_mac: mac,
+            peer_mac: Some(container_mac),
             master,
             up: true,
         };
         match nl.create_veth(&spec) {
-            Ok(()) => return nl.require_link(&name).map_err(kernel("reading the host veth")),
+            Ok(echoed) => {
+                let host = match echoed {
+                    Some(link) => link,
+                    None => nl.require_link(&name).map_err(kernel("reading the host veth"))?,
+                };
+                let container_index = host
+                    .peer_index
+                    .ok_or_else(|| CniError::internal(format!("the kernel reports no peer for veth {name}")))?;
+                return Ok(Veth { host, container_index, container_mac });
+            }
             // EEXIST for a free host name means the container name is taken (checked before, so
             // a concurrent ADD took it); else the random name collided: try another.
             Err(e) if e.is_exists() => {

@@ -34,17 +34,10 @@ pub fn addresses_of(result: &CniResult, iface: usize) -> impl Iterator<Item = &I
     result.ips.iter().filter(move |ip| ip.interface == Some(iface))
 }
 
-/// Brings `link` up with the result's addresses and routes (`ip addr add`, `ip route add`).
-pub fn configure(
-    nl: &mut Netlink,
-    link: &weft_dataplane::Link,
-    result: &CniResult,
-    iface: usize,
-) -> Result<(), CniError> {
-    let ifindex = link.index;
-    if !link.up {
-        nl.set_up(ifindex, true).map_err(kernel("setting the container interface up"))?;
-    }
+/// Brings the container's new interface up with the result's addresses and routes (`ip link set
+/// up`, `ip addr add`, `ip route add`).
+pub fn configure(nl: &mut Netlink, ifindex: u32, result: &CniResult, iface: usize) -> Result<(), CniError> {
+    nl.set_up(ifindex, true).map_err(kernel("setting the container interface up"))?;
     for ip in addresses_of(result, iface) {
         nl.add_address(ifindex, &ip.address).map_err(kernel("adding the container address"))?;
     }

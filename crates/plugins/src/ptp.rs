@@ -8,7 +8,7 @@ use serde::Deserialize;
 use weft_cni::args::CmdArgs;
 use weft_cni::skel::{parse_plugin_conf, Attachment, Plugin};
 use weft_cni::{CniError, CniResult, Interface, NetConf};
-use weft_dataplane::{Netlink, RouteSpec};
+use weft_dataplane::{format_mac, Netlink, RouteSpec};
 
 use crate::bridge::{enable_forwarding, retire_container_link};
 use crate::common::{attachment_key, create_veth, kernel, open_netns_for_teardown, prev_result, Attach};
@@ -52,20 +52,23 @@ impl Plugin for Ptp {
             if result.ips.is_empty() || result.ips.iter().any(|ip| ip.gateway.is_none()) {
                 return Err(CniError::internal("IPAM plugin returned missing IP config or gateway"));
             }
-            let host = create_veth(&mut hnl, &args.ifname, pconf.mtu, mac, &netns, None)?;
-            let index = host.index;
+            let veth = create_veth(&mut hnl, &args.ifname, pconf.mtu, mac, &netns, None)?;
+            let index = veth.host.index;
             host_veth = Some(index);
-            setup_container(&mut cnl, &args.ifname, &mut result)?;
+            setup_container(&mut cnl, veth.container_index, &mut result)?;
             setup_host(&mut hnl, index, &result)?;
             enable_forwarding(&result)?;
             if pconf.ip_masq {
                 let nets: Vec<IpNet> = result.ips.iter().map(|ip| ip.address).collect();
                 masq::setup(&pconf.masq_key(args), &nets)?;
             }
-            let cont = cnl.require_link(&args.ifname).map_err(kernel("reading the container interface"))?;
             result.interfaces = vec![
-                Interface { name: host.name.clone(), mac: host.mac_string(), sandbox: String::new() },
-                Interface { name: args.ifname.clone(), mac: cont.mac_string(), sandbox: args.netns.clone() },
+                Interface { name: veth.host.name.clone(), mac: veth.host.mac_string(), sandbox: String::new() },
+                Interface {
+                    name: args.ifname.clone(),
+                    mac: format_mac(&veth.container_mac),
+                    sandbox: args.netns.clone(),
+                },
             ];
             if let Some(dns) = conf.dns.as_ref().filter(|d| !d.is_empty()) {
                 result.dns = dns.clone();
@@ -133,24 +136,23 @@ impl Plugin for Ptp {
 
 /// The container end: addresses, no subnet route, a link route to the gateway and every other
 /// route (the subnet's included) via the gateway.
-fn setup_container(cnl: &mut Netlink, ifname: &str, result: &mut CniResult) -> Result<(), CniError> {
-    let link = cnl.require_link(ifname).map_err(kernel("reading the container interface"))?;
+fn setup_container(cnl: &mut Netlink, ifindex: u32, result: &mut CniResult) -> Result<(), CniError> {
     for ip in &mut result.ips {
         ip.interface = Some(1);
     }
-    cnl.set_up(link.index, true).map_err(kernel("setting the container interface up"))?;
+    cnl.set_up(ifindex, true).map_err(kernel("setting the container interface up"))?;
     for ip in &result.ips {
-        cnl.add_address(link.index, &ip.address).map_err(kernel("adding the container address"))?;
-        let subnet = RouteSpec::new(ip.address.trunc()).dev(link.index).link_scope().protocol(2);
+        cnl.add_address(ifindex, &ip.address).map_err(kernel("adding the container address"))?;
+        let subnet = RouteSpec::new(ip.address.trunc()).dev(ifindex).link_scope().protocol(2);
         let _ = cnl.delete_route(&subnet); // the kernel's prefix route (proto kernel)
         let Some(gw) = ip.gateway else { continue };
-        let to_gw = RouteSpec::new(host_prefix(gw)).dev(link.index).link_scope();
+        let to_gw = RouteSpec::new(host_prefix(gw)).dev(ifindex).link_scope();
         cnl.add_route(&to_gw).map_err(kernel("adding the route to the gateway"))?;
-        let via = RouteSpec::new(ip.address.trunc()).dev(link.index).via(gw);
+        let via = RouteSpec::new(ip.address.trunc()).dev(ifindex).via(gw);
         cnl.add_route(&via).map_err(kernel("adding the subnet route"))?;
     }
     let extra = CniResult { routes: result.routes.clone(), ips: result.ips.clone(), ..Default::default() };
-    for route in container::routes_for(&extra, link.index) {
+    for route in container::routes_for(&extra, ifindex) {
         match cnl.add_route(&route) {
             Err(e) if e.is_exists() => {}
             other => other.map_err(kernel("adding a container route"))?,
