@@ -41,6 +41,8 @@ pub struct Link {
     pub master: Option<u32>,
     /// For a veth: the peer's index (in the peer's namespace).
     pub peer_index: Option<u32>,
+    /// The link's group (`ip link set group`); 0 is the default.
+    pub group: u32,
     /// For a bridge port: whether hairpin mode is on.
     pub hairpin: Option<bool>,
     /// For a VXLAN device: its settings.
@@ -81,6 +83,7 @@ impl Link {
             kind: LinkKind::None,
             master: None,
             peer_index: None,
+            group: 0,
             hairpin: None,
             vxlan: None,
         };
@@ -91,6 +94,7 @@ impl Link {
                 LinkAttribute::Mtu(m) => link.mtu = *m,
                 LinkAttribute::Controller(m) => link.master = Some(*m),
                 LinkAttribute::Link(l) => link.peer_index = Some(*l),
+                LinkAttribute::Group(g) => link.group = *g,
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
                         match info {
@@ -308,6 +312,26 @@ impl Netlink {
     /// `ip link del dev INDEX`.
     pub fn delete_link(&mut self, index: u32) -> Result<()> {
         self.change(RouteNetlinkMessage::DelLink(by_index(index)), Mode::Modify, "delete link", &index)
+    }
+
+    /// `ip link delete group GROUP`: every link of the group, unregistered by the kernel in one
+    /// batch (one wait for RCU instead of one per link). False when the group has no link.
+    pub fn delete_group(&mut self, group: u32) -> Result<bool> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::Group(group));
+        match self.change(RouteNetlinkMessage::DelLink(msg), Mode::Modify, "delete link group", &group) {
+            Ok(()) => Ok(true),
+            Err(e) if e.errno() == Some(libc::ENODEV) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `ip link set dev INDEX down group GROUP`, in one request.
+    pub fn set_down_in_group(&mut self, index: u32, group: u32) -> Result<()> {
+        let mut msg = by_index(index);
+        msg.header.change_mask = LinkFlags::Up;
+        msg.attributes.push(LinkAttribute::Group(group));
+        self.change(RouteNetlinkMessage::SetLink(msg), Mode::Modify, "set link down in group", &index)
     }
 }
 

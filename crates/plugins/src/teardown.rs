@@ -2,11 +2,21 @@
 //!
 //! Deleting a veth costs 10-30 ms in the kernel (unregistering two devices waits for RCU grace
 //! periods), more than everything else a DEL does together. So DEL does the part anyone can
-//! observe at once: both ends go down (no traffic), both are renamed to `wdel<index>` (the
-//! container's interface name is free again for a new ADD) — and a detached reaper process
-//! (`weft cni reap`) deletes the pair. A reaper that never ran leaves a down, renamed veth that
-//! the next GC removes, and a container namespace that is deleted takes the pair with it.
+//! observe at once: the container end goes down and is renamed to `wdel<index>` (the container's
+//! interface name is free again for a new ADD), the host end goes down into the group of retired
+//! links, [`RETIRED_GROUP`] (no traffic either way) — and a reaper process (`weft cni reap`)
+//! deletes the group in the background. The kernel unregisters a group in one batch, so a burst
+//! of DELs costs it one wait, not one per veth.
+//!
+//! One reaper works per network namespace at a time: it holds the abstract unix socket
+//! [`REAPER_SOCKET`] (per namespace by nature, gone with its process), and a DEL starts a reaper
+//! only when it can take that name itself. A reaper that never ran leaves down veths in the group
+//! that the next DEL's reaper or the next GC removes; a container namespace that is deleted takes
+//! its pair with it.
 
+use std::io::ErrorKind;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener};
 use std::process::{Command, Stdio};
 
 use weft_cni::CniError;
@@ -15,8 +25,14 @@ use weft_dataplane::{Link, LinkKind, Netlink};
 
 use crate::common::kernel;
 
-/// The prefix of retired links' names.
+/// The prefix of retired container interfaces' names.
 pub const TOMBSTONE_PREFIX: &str = "wdel";
+
+/// The link group of retired host-side veths (`ip link show group 2003134068`): "weft" in ASCII.
+pub const RETIRED_GROUP: u32 = 0x7765_6674;
+
+/// The abstract unix socket name the namespace's reaper holds while it works.
+pub const REAPER_SOCKET: &str = "weft-cni-reaper";
 
 fn tombstone(index: u32) -> String {
     format!("{TOMBSTONE_PREFIX}{index:08x}")
@@ -34,39 +50,54 @@ pub fn retire_veth(cnl: &mut Netlink, hnl: &mut Netlink, ifname: &str) -> Result
     };
     match host.filter(|h| h.kind == LinkKind::Veth) {
         Some(host) => {
-            retire_link(cnl, &cont)?;
+            retire_container_end(cnl, &cont)?;
             retire_host_link(hnl, &host)
         }
         None => ignore_not_found(cnl.delete_link(cont.index)).map_err(kernel("deleting the container interface")),
     }
 }
 
-/// Retires a host-side veth whose container end is out of reach.
+/// Retires a host-side veth (its container end goes with it) and makes sure a reaper runs.
 pub fn retire_host_link(hnl: &mut Netlink, host: &Link) -> Result<(), CniError> {
-    let name = retire_link(hnl, host)?;
-    spawn_reaper(&name, host.index);
+    ignore_not_found(hnl.set_down_in_group(host.index, RETIRED_GROUP)).map_err(kernel("retiring the host veth"))?;
+    ensure_reaper();
     Ok(())
 }
 
-/// Down, then renamed to its tombstone name; returns that name.
-fn retire_link(nl: &mut Netlink, link: &Link) -> Result<String, CniError> {
+/// Down, then renamed to its tombstone name (a link must be down to be renamed).
+fn retire_container_end(nl: &mut Netlink, link: &Link) -> Result<(), CniError> {
     let name = tombstone(link.index);
     if link.name == name {
-        return Ok(name);
+        return Ok(());
     }
     ignore_not_found(nl.set_up(link.index, false)).map_err(kernel("setting the interface down"))?;
-    ignore_not_found(nl.set_name(link.index, &name)).map_err(kernel("renaming the retired interface"))?;
-    Ok(name)
+    ignore_not_found(nl.set_name(link.index, &name)).map_err(kernel("renaming the retired interface"))
 }
 
-/// Starts `weft cni reap` for the link, detached: its own process group, no stdio, not waited
-/// for. If it cannot start, the link is deleted right here instead.
-fn spawn_reaper(name: &str, index: u32) {
+/// Takes the namespace's reaper name: `Ok(None)` when another process holds it.
+fn claim() -> std::io::Result<Option<UnixListener>> {
+    let addr = SocketAddr::from_abstract_name(REAPER_SOCKET)?;
+    match UnixListener::bind_addr(&addr) {
+        Ok(listener) => Ok(Some(listener)),
+        Err(e) if e.kind() == ErrorKind::AddrInUse => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Starts `weft cni reap` detached (own process group, no stdio, not waited for) unless a
+/// reaper is at work in this namespace: that one takes every link retired before it finishes.
+/// If it cannot start, the reaping is done right here instead.
+fn ensure_reaper() {
+    match claim() {
+        Ok(None) => return,
+        Ok(Some(probe)) => drop(probe),
+        Err(_) => {}
+    }
     let spawned = std::env::current_exe().and_then(|exe| {
         use std::os::unix::process::CommandExt;
         Command::new(exe)
             .arg0("weft")
-            .args(["cni", "reap", "--name", name, "--index", &index.to_string()])
+            .args(["cni", "reap"])
             .env_remove("CNI_COMMAND")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -75,27 +106,31 @@ fn spawn_reaper(name: &str, index: u32) {
             .spawn()
     });
     if spawned.is_err() {
-        let _ = reap(name, index);
+        let _ = reap();
     }
 }
 
-/// The reaper: deletes the link `name` if it still has `index` (it is still the one retired).
-pub fn reap(name: &str, index: u32) -> Result<(), CniError> {
+/// The reaper: deletes the retired group, batch after batch, until it is empty; exits at once
+/// when another reaper holds the namespace's name.
+pub fn reap() -> Result<(), CniError> {
     let mut nl = Netlink::new().map_err(kernel("opening netlink"))?;
-    match nl.link_by_name(name).map_err(kernel("reading the retired link"))? {
-        Some(link) if link.index == index => {
-            ignore_not_found(nl.delete_link(index)).map_err(kernel("deleting the retired link"))
+    loop {
+        let claimed = match claim() {
+            Ok(None) => return Ok(()),
+            Ok(Some(listener)) => Some(listener),
+            Err(_) => None,
+        };
+        while nl.delete_group(RETIRED_GROUP).map_err(kernel("deleting retired links"))? {}
+        drop(claimed);
+        // A DEL that retired a link after the last batch and found the name taken left it to
+        // this reaper: one more look after letting go of the name.
+        if !nl.delete_group(RETIRED_GROUP).map_err(kernel("deleting retired links"))? {
+            return Ok(());
         }
-        _ => Ok(()),
     }
 }
 
 /// GC: deletes every retired veth still present on the host.
 pub fn sweep(hnl: &mut Netlink) -> Result<(), CniError> {
-    for link in hnl.links().map_err(kernel("listing links"))? {
-        if link.kind == LinkKind::Veth && link.name.starts_with(TOMBSTONE_PREFIX) && !link.up {
-            ignore_not_found(hnl.delete_link(link.index)).map_err(kernel("deleting a retired link"))?;
-        }
-    }
-    Ok(())
+    hnl.delete_group(RETIRED_GROUP).map(drop).map_err(kernel("deleting retired links"))
 }

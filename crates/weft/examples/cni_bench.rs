@@ -2,6 +2,11 @@
 //! run, each in namespaces of its own: 100 containers one after another, 50 at once, and again
 //! with 3000 existing reservations. Prints medians and the weft/reference ratio.
 //! Run through `bench/cni-bench.sh` (needs root).
+//!
+//! The two implementations take turns call by call (sequential rows) and batch by batch
+//! (parallel rows), the one going first alternating: on a shared machine whose speed drifts by
+//! tens of percent within a minute, and whose filesystem slows down file creation for a minute
+//! after many deletions, both sides then meet the same conditions.
 
 #![allow(clippy::unwrap_used)]
 
@@ -88,41 +93,38 @@ fn check(out: std::process::Output, what: &str) {
     assert!(out.status.success(), "{what} failed: {}", String::from_utf8_lossy(&out.stdout));
 }
 
-/// Sequential: each call timed on its own.
-fn sequential(s: &Setup, command: &str, conf: &str) -> Vec<Duration> {
+/// One timed call: start the plugin in the node namespace, feed it the config, wait for it.
+fn call(s: &Setup, command: &str, i: usize, conf: &str) -> Duration {
     s.node
         .run(|| {
-            (0..s.conts.len())
-                .map(|i| {
-                    let t = Instant::now();
-                    check(spawn(s, command, i, conf).wait_with_output().expect("wait"), command);
-                    t.elapsed()
-                })
-                .collect()
+            let t = Instant::now();
+            check(spawn(s, command, i, conf).wait_with_output().expect("wait"), command);
+            t.elapsed()
         })
         .expect("entering the node")
 }
 
-/// Waits (untimed) until veths retired by DELs are deleted, so that the reapers' kernel work does
-/// not slow down the next measurement.
+/// Waits (untimed) until veths retired by weft's DELs are deleted, so that its reaper's kernel
+/// work does not slow down the next measurement, of either side.
 fn wait_reaped(s: &Setup) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         let links = s.node.run(|| weft_dataplane::Netlink::new().and_then(|mut nl| nl.links())).expect("node");
-        if !links.expect("listing links").iter().any(|l| l.name.starts_with("wdel")) {
+        let retired = |l: &weft_dataplane::Link| l.group == weft_plugins::teardown::RETIRED_GROUP;
+        if !links.expect("listing links").iter().any(retired) {
             return;
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(5));
     }
     panic!("veths retired by DEL were not deleted within 30 s: the reaper does not work");
 }
 
 /// Parallel: all at once; returns the wall time for the whole batch.
-fn parallel(s: &Setup, command: &str, conf: &str) -> Duration {
+fn parallel(s: &Setup, command: &str, count: usize, conf: &str) -> Duration {
     s.node
         .run(|| {
             let t = Instant::now();
-            let children: Vec<_> = (0..s.conts.len()).map(|i| spawn(s, command, i, conf)).collect();
+            let children: Vec<_> = (0..count).map(|i| spawn(s, command, i, conf)).collect();
             for c in children {
                 check(c.wait_with_output().expect("wait"), command);
             }
@@ -155,37 +157,55 @@ struct Row {
     weft: Duration,
 }
 
-/// One implementation's timings.
-struct Timings {
-    add: Vec<Duration>,
-    del: Vec<Duration>,
-    par_add: Duration,
-    par_del: Duration,
-    add_full: Vec<Duration>,
-    del_full: Vec<Duration>,
+/// The two sides, each with its node, containers and data directory.
+struct Pair {
+    weft: Setup,
+    reference: Setup,
 }
 
-fn time_one(label: &str, bin: &Path) -> Timings {
-    let mut guard = Guard(Vec::new(), Vec::new());
-    let s = setup(&mut guard, label, bin, SEQ);
-    let c = conf(&s.data, "198.19.0.0/17");
-    let add = sequential(&s, "ADD", &c);
-    let del = sequential(&s, "DEL", &c);
-    wait_reaped(&s);
-    let par = Setup { node: s.node, conts: s.conts[..PAR].to_vec(), data: s.data.clone(), bin: s.bin.clone() };
-    let par_add = parallel(&par, "ADD", &c);
-    let par_del = parallel(&par, "DEL", &c);
-    wait_reaped(&par);
-    // host-local with 3000 reservations already on disk.
-    prefill(&par.data);
-    let full = Setup { node: par.node, conts: s.conts.clone(), data: par.data.clone(), bin: par.bin.clone() };
-    let add_full = sequential(&full, "ADD", &c);
-    let del_full = sequential(&full, "DEL", &c);
-    Timings { add, del, par_add, par_del, add_full, del_full }
+impl Pair {
+    /// Runs `f` on both sides, `weft_first` deciding the order; returns (reference, weft).
+    fn both<T>(&self, weft_first: bool, mut f: impl FnMut(&Setup, bool) -> T) -> (T, T) {
+        if weft_first {
+            let w = f(&self.weft, true);
+            (f(&self.reference, false), w)
+        } else {
+            let r = f(&self.reference, false);
+            (r, f(&self.weft, true))
+        }
+    }
+
+    /// Every container of `count` through `command`, the sides taking turns per container.
+    fn sequential(&self, command: &str, count: usize, conf: &(String, String)) -> (Vec<Duration>, Vec<Duration>) {
+        let (mut r, mut w) = (Vec::with_capacity(count), Vec::with_capacity(count));
+        for i in 0..count {
+            let (rt, wt) = self.both(i % 2 == 0, |s, is_weft| {
+                let t = call(s, command, i, if is_weft { &conf.1 } else { &conf.0 });
+                if is_weft && command == "DEL" {
+                    wait_reaped(s);
+                }
+                t
+            });
+            r.push(rt);
+            w.push(wt);
+        }
+        (r, w)
+    }
+
+    /// One batch of `count` at once per side.
+    fn parallel(&self, command: &str, count: usize, weft_first: bool, conf: &(String, String)) -> (Duration, Duration) {
+        self.both(weft_first, |s, is_weft| {
+            let t = parallel(s, command, count, if is_weft { &conf.1 } else { &conf.0 });
+            if is_weft && command == "DEL" {
+                wait_reaped(s);
+            }
+            t
+        })
+    }
 }
 
-/// Lets the kernel finish tearing down the namespaces of the previous measurement (it does that
-/// in the background, holding the same locks the plugins need).
+/// Lets the kernel finish tearing down the namespaces of the previous run (it does that in the
+/// background, holding the same locks the plugins need).
 fn settle() {
     std::thread::sleep(Duration::from_secs(10));
 }
@@ -205,30 +225,35 @@ fn spread(label: &str, v: &[Duration]) {
     );
 }
 
-fn measure(weft: &Path, reference: &Path, weft_first: bool) -> Vec<Row> {
-    let (r, w) = if weft_first {
-        let w = time_one("w", weft);
-        settle();
-        (time_one("r", reference), w)
-    } else {
-        let r = time_one("r", reference);
-        settle();
-        (r, time_one("w", weft))
-    };
-    settle();
-    for (label, t) in [("reference", &r), ("weft", &w)] {
-        spread(&format!("{label} ADD"), &t.add);
-        spread(&format!("{label} DEL"), &t.del);
-        spread(&format!("{label} ADD, {PREFILLED} reservations"), &t.add_full);
+fn measure(weft: &Path, reference: &Path, run: usize) -> Vec<Row> {
+    let mut guard = Guard(Vec::new(), Vec::new());
+    let pair = Pair { weft: setup(&mut guard, "w", weft, SEQ), reference: setup(&mut guard, "r", reference, SEQ) };
+    let conf = (conf(&pair.reference.data, "198.19.0.0/17"), conf(&pair.weft.data, "198.19.0.0/17"));
+    let (r_add, w_add) = pair.sequential("ADD", SEQ, &conf);
+    let (r_del, w_del) = pair.sequential("DEL", SEQ, &conf);
+    let (r_par_add, w_par_add) = pair.parallel("ADD", PAR, run % 2 == 0, &conf);
+    let (r_par_del, w_par_del) = pair.parallel("DEL", PAR, run % 2 == 1, &conf);
+    // host-local with 3000 reservations already on disk.
+    prefill(&pair.reference.data);
+    prefill(&pair.weft.data);
+    let (r_add_full, w_add_full) = pair.sequential("ADD", SEQ, &conf);
+    let (r_del_full, w_del_full) = pair.sequential("DEL", SEQ, &conf);
+    drop(guard);
+    for (label, add, del, add_full) in
+        [("reference", &r_add, &r_del, &r_add_full), ("weft", &w_add, &w_del, &w_add_full)]
+    {
+        spread(&format!("{label} ADD"), add);
+        spread(&format!("{label} DEL"), del);
+        spread(&format!("{label} ADD, {PREFILLED} reservations"), add_full);
     }
     let row = |name: String, reference: Duration, weft: Duration| Row { name, reference, weft };
     vec![
-        row("ADD, sequential (median per call)".into(), median(r.add), median(w.add)),
-        row("DEL, sequential (median per call)".into(), median(r.del), median(w.del)),
-        row(format!("ADD, {PAR} in parallel (wall time)"), r.par_add, w.par_add),
-        row(format!("DEL, {PAR} in parallel (wall time)"), r.par_del, w.par_del),
-        row(format!("ADD with {PREFILLED} reservations (median)"), median(r.add_full), median(w.add_full)),
-        row(format!("DEL with {PREFILLED} reservations (median)"), median(r.del_full), median(w.del_full)),
+        row("ADD, sequential (median per call)".into(), median(r_add), median(w_add)),
+        row("DEL, sequential (median per call)".into(), median(r_del), median(w_del)),
+        row(format!("ADD, {PAR} in parallel (wall time)"), r_par_add, w_par_add),
+        row(format!("DEL, {PAR} in parallel (wall time)"), r_par_del, w_par_del),
+        row(format!("ADD with {PREFILLED} reservations (median)"), median(r_add_full), median(w_add_full)),
+        row(format!("DEL with {PREFILLED} reservations (median)"), median(r_del_full), median(w_del_full)),
     ]
 }
 
@@ -248,9 +273,11 @@ fn main() {
     let weft = weft.expect("--weft DIR (a CNI bin dir with weft's plugins)");
     let mut all: Vec<Vec<Row>> = Vec::new();
     for run in 0..runs {
+        if run > 0 {
+            settle();
+        }
         eprintln!("run {}/{runs} ...", run + 1);
-        // Alternate which one goes first, so neither always runs on a warmer (or busier) kernel.
-        all.push(measure(&weft, &reference, run % 2 == 1));
+        all.push(measure(&weft, &reference, run));
     }
     println!("| measurement | reference (ms) | weft (ms) | weft/reference |");
     println!("|---|---:|---:|---:|");

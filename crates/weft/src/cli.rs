@@ -153,14 +153,10 @@ enum CniCommand {
     },
     /// List the plugin types weft provides.
     List,
-    /// Delete a veth retired by a plugin's DEL (started by the plugins themselves).
+    /// Delete the veths retired by plugins' DELs in this namespace (started by the plugins
+    /// themselves; one at a time per namespace).
     #[command(hide = true)]
-    Reap {
-        #[arg(long)]
-        name: String,
-        #[arg(long)]
-        index: u32,
-    },
+    Reap,
 }
 
 pub fn main() -> i32 {
@@ -173,8 +169,8 @@ pub fn main() -> i32 {
             }
             Ok(())
         }
-        Command::Cni(CniCommand::Reap { name, index }) => {
-            weft_plugins::teardown::reap(&name, index).map_err(|e| anyhow::anyhow!("reaping {name}: {e}"))
+        Command::Cni(CniCommand::Reap) => {
+            weft_plugins::teardown::reap().map_err(|e| anyhow::anyhow!("reaping retired veths: {e}"))
         }
         Command::Plugin { name } => match weft_plugins::by_name(&name) {
             Some(plugin) => return crate::run_plugin(plugin.as_ref()),

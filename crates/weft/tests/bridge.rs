@@ -108,8 +108,9 @@ fn add_check_del_dual_stack() {
 
     call.run(&node, "bridge", "DEL", &with_prev(&cfg, &result)).ok();
     assert!(!cont.links().contains(&"eth0".to_string()));
-    assert!(!node.links().contains(&veth.to_string()));
+    assert_retired(&node, veth);
     assert_reaped(&node);
+    assert!(!node.links().contains(&veth.to_string()));
     assert_reaped(&cont);
     assert!(reservations(data.path(), "brnet").is_empty());
     assert!(!node.nft().contains("brnet/ctr1"), "rules left: {}", node.nft());
@@ -147,8 +148,9 @@ fn del_with_netns_gone_releases_everything() {
     call.run(&node, "bridge", "DEL", &with_prev(&cfg, &result)).ok();
     assert!(reservations(data.path(), "brnet").is_empty());
     assert!(!node.nft().contains("brnet/ctr1"), "masquerade leaked: {}", node.nft());
-    assert!(!node.links().contains(&veth), "host veth left behind");
+    assert_retired(&node, &veth);
     assert_reaped(&node);
+    assert!(!node.links().contains(&veth), "host veth left behind");
     // Without it, too (nothing left to do: a repeated DEL).
     call.run(&node, "bridge", "DEL", &cfg.to_string()).ok();
     // Also with CNI_NETNS empty, as runtimes send it after the sandbox is gone.
@@ -254,4 +256,39 @@ fn gc_removes_invalid_attachments() {
         .map(|ip| std::fs::read_to_string(data.path().join("brnet").join(ip)).unwrap())
         .collect();
     assert_eq!(held, ["keep\r\neth0", "keep\r\neth0"]);
+}
+
+#[test]
+fn one_reaper_per_namespace_deletes_the_retired_group() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener};
+    let node = Ns::new("n");
+    // Ten pairs retired the way DEL retires a host veth: down, in the retired group.
+    for i in 0..10 {
+        let (host, peer) = (format!("rv{i}"), format!("rp{i}"));
+        node.sh(&["ip", "link", "add", &host, "type", "veth", "peer", "name", &peer]);
+        node.sh(&["ip", "link", "set", "dev", &host, "group", RETIRED_GROUP]);
+    }
+    let weft = weft_bin().display().to_string();
+    // While another process holds the namespace's reaper name, a reaper leaves them be.
+    let holder = node
+        .handle
+        .run(|| UnixListener::bind_addr(&SocketAddr::from_abstract_name("weft-cni-reaper").unwrap()))
+        .unwrap()
+        .unwrap();
+    node.sh(&[&weft, "cni", "reap"]);
+    assert_eq!(retired_links(&node).len(), 10);
+    // The name is per namespace: a reaper elsewhere is not held back by it.
+    let other = Ns::new("o");
+    other.sh(&["ip", "link", "add", "rv0", "type", "veth", "peer", "name", "rp0"]);
+    other.sh(&["ip", "link", "set", "dev", "rv0", "group", RETIRED_GROUP]);
+    other.sh(&[&weft, "cni", "reap"]);
+    assert_eq!(other.links(), ["lo"]);
+    // Once it is free, one reaper deletes the group, peers included, and nothing else.
+    drop(holder);
+    node.sh(&["ip", "link", "add", "keep0", "type", "veth", "peer", "name", "keep1"]);
+    node.sh(&[&weft, "cni", "reap"]);
+    let mut left = node.links();
+    left.sort();
+    assert_eq!(left, ["keep0", "keep1", "lo"]);
 }

@@ -348,9 +348,33 @@ pub fn eventually(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
+/// The link group DELs put retired host veths in (weft_plugins::teardown::RETIRED_GROUP).
+pub const RETIRED_GROUP: &str = "2003134068";
+
+/// The links of `ns` that a DEL retired and no reaper has deleted yet: renamed container ends
+/// and host ends in the retired group.
+pub fn retired_links(ns: &Ns) -> Vec<String> {
+    ns.ip_json(&["link", "show"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["group"] == RETIRED_GROUP || l["ifname"].as_str().unwrap().starts_with("wdel"))
+        .map(|l| l["ifname"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// Asserts that no veth retired by a DEL is left in `ns` (within the reaper's time).
 pub fn assert_reaped(ns: &Ns) {
-    eventually(&format!("retired veths deleted in {}", ns.name), || !ns.links().iter().any(|l| l.starts_with("wdel")));
+    eventually(&format!("retired veths deleted in {}", ns.name), || retired_links(ns).is_empty());
+}
+
+/// Asserts that the host veth `veth` is retired (down, in the retired group) or already gone.
+pub fn assert_retired(ns: &Ns, veth: &str) {
+    let links = ns.ip_json(&["link", "show"]);
+    if let Some(link) = links.as_array().unwrap().iter().find(|l| l["ifname"] == veth) {
+        assert_eq!(link["group"], RETIRED_GROUP, "{veth} not retired: {link}");
+        assert!(!link["flags"].as_array().unwrap().iter().any(|f| f == "UP"), "{veth} still up: {link}");
+    }
 }
 
 /// An etcd on loopback (free ports), killed and its data removed when dropped.
