@@ -72,14 +72,78 @@ pub struct VxlanSpec<'a> {
 }
 
 impl Link {
-    fn from_message(msg: &LinkMessage) -> Link {
+    /// The MAC as `aa:bb:cc:dd:ee:ff`.
+    pub fn mac_string(&self) -> String {
+        format_mac(&self.mac)
+    }
+}
+
+/// The attributes of a netlink attribute stream: `(type, value)`, nesting and byte-order flags
+/// cleared from the type. Stops at the first malformed attribute.
+fn attributes(mut bytes: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if bytes.len() < 4 {
+            return None;
+        }
+        let len = usize::from(u16::from_ne_bytes([bytes[0], bytes[1]]));
+        let kind = u16::from_ne_bytes([bytes[2], bytes[3]]) & 0x3fff;
+        if len < 4 || len > bytes.len() {
+            return None;
+        }
+        let value = &bytes[4..len];
+        bytes = &bytes[len.next_multiple_of(4).min(bytes.len())..];
+        Some((kind, value))
+    })
+}
+
+fn u32_of(value: &[u8]) -> Option<u32> {
+    Some(u32::from_ne_bytes(value.get(..4)?.try_into().ok()?))
+}
+
+fn string_of(value: &[u8]) -> String {
+    let end = value.iter().position(|b| *b == 0).unwrap_or(value.len());
+    String::from_utf8_lossy(&value[..end]).into_owned()
+}
+
+const RTM_NEWLINK: u16 = 16;
+const IFINFO_OFFSET: usize = 16;
+const ATTRS_OFFSET: usize = IFINFO_OFFSET + 16;
+const IFF_UP: u32 = 0x1;
+const IFF_PROMISC: u32 = 0x100;
+const IFLA_ADDRESS: u16 = 1;
+const IFLA_IFNAME: u16 = 3;
+const IFLA_MTU: u16 = 4;
+const IFLA_LINK: u16 = 5;
+const IFLA_MASTER: u16 = 10;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_GROUP: u16 = 27;
+const IFLA_INFO_KIND: u16 = 1;
+const IFLA_INFO_DATA: u16 = 2;
+const IFLA_INFO_SLAVE_DATA: u16 = 5;
+const IFLA_BRPORT_MODE: u16 = 4;
+const IFLA_VXLAN_ID: u16 = 1;
+const IFLA_VXLAN_LINK: u16 = 3;
+const IFLA_VXLAN_LOCAL: u16 = 4;
+const IFLA_VXLAN_LEARNING: u16 = 7;
+const IFLA_VXLAN_PORT: u16 = 15;
+
+impl Link {
+    /// A link from a whole `RTM_NEWLINK` message (header included), reading only the attributes
+    /// a [`Link`] holds: a link reply is 1.5 KiB of mostly per-family settings, and decoding all
+    /// of it costs more than the round trip. `None` for other message types.
+    pub(crate) fn parse(message: &[u8]) -> Result<Option<Link>> {
+        if message.len() < ATTRS_OFFSET || u16::from_ne_bytes([message[4], message[5]]) != RTM_NEWLINK {
+            return Ok(None);
+        }
+        let info = &message[IFINFO_OFFSET..ATTRS_OFFSET];
+        let flags = u32_of(&info[8..12]).unwrap_or(0);
         let mut link = Link {
-            index: msg.header.index,
+            index: u32_of(&info[4..8]).unwrap_or(0),
             name: String::new(),
             mac: Vec::new(),
             mtu: 0,
-            up: msg.header.flags.contains(LinkFlags::Up),
-            promisc: msg.header.flags.contains(LinkFlags::Promisc),
+            up: flags & IFF_UP != 0,
+            promisc: flags & IFF_PROMISC != 0,
             kind: LinkKind::None,
             master: None,
             peer_index: None,
@@ -87,63 +151,62 @@ impl Link {
             hairpin: None,
             vxlan: None,
         };
-        for attr in &msg.attributes {
-            match attr {
-                LinkAttribute::IfName(n) => link.name.clone_from(n),
-                LinkAttribute::Address(a) => link.mac.clone_from(a),
-                LinkAttribute::Mtu(m) => link.mtu = *m,
-                LinkAttribute::Controller(m) => link.master = Some(*m),
-                LinkAttribute::Link(l) => link.peer_index = Some(*l),
-                LinkAttribute::Group(g) => link.group = *g,
-                LinkAttribute::LinkInfo(infos) => {
-                    for info in infos {
-                        match info {
-                            LinkInfo::Kind(kind) => link.kind = kind_of(kind),
-                            LinkInfo::Data(InfoData::Vxlan(attrs)) => link.vxlan = Some(vxlan_info(attrs)),
-                            LinkInfo::PortData(InfoPortData::BridgePort(port)) => {
-                                link.hairpin = port.iter().find_map(|p| match p {
-                                    InfoBridgePort::HairpinMode(h) => Some(*h),
-                                    _ => None,
-                                });
-                            }
-                            _ => {}
-                        }
+        for (kind, value) in attributes(&message[ATTRS_OFFSET..]) {
+            match kind {
+                IFLA_ADDRESS => link.mac = value.to_vec(),
+                IFLA_IFNAME => link.name = string_of(value),
+                IFLA_MTU => link.mtu = u32_of(value).unwrap_or(0),
+                IFLA_LINK => link.peer_index = u32_of(value),
+                IFLA_MASTER => link.master = u32_of(value),
+                IFLA_GROUP => link.group = u32_of(value).unwrap_or(0),
+                IFLA_LINKINFO => link.parse_link_info(value),
+                _ => {}
+            }
+        }
+        if link.name.is_empty() {
+            return Err(DataplaneError::Protocol(format!("link {} reported without a name", link.index)));
+        }
+        Ok(Some(link))
+    }
+
+    fn parse_link_info(&mut self, value: &[u8]) {
+        let mut data = None;
+        for (kind, v) in attributes(value) {
+            match kind {
+                IFLA_INFO_KIND => {
+                    self.kind = match string_of(v).as_str() {
+                        "bridge" => LinkKind::Bridge,
+                        "veth" => LinkKind::Veth,
+                        "vxlan" => LinkKind::Vxlan,
+                        "tun" => LinkKind::Tun,
+                        other => LinkKind::Other(other.to_string()),
                     }
+                }
+                IFLA_INFO_DATA => data = Some(v),
+                IFLA_INFO_SLAVE_DATA => {
+                    self.hairpin = attributes(v)
+                        .find(|(k, _)| *k == IFLA_BRPORT_MODE)
+                        .and_then(|(_, m)| m.first())
+                        .map(|m| *m != 0);
                 }
                 _ => {}
             }
         }
-        link
-    }
-
-    /// The MAC as `aa:bb:cc:dd:ee:ff`.
-    pub fn mac_string(&self) -> String {
-        format_mac(&self.mac)
-    }
-}
-
-fn vxlan_info(attrs: &[InfoVxlan]) -> VxlanInfo {
-    let mut info = VxlanInfo::default();
-    for a in attrs {
-        match a {
-            InfoVxlan::Id(v) => info.vni = *v,
-            InfoVxlan::Port(p) => info.port = *p,
-            InfoVxlan::Local(l) => info.local = Some(*l),
-            InfoVxlan::Learning(l) => info.learning = *l,
-            InfoVxlan::Link(l) => info.underlay = Some(*l),
-            _ => {}
+        // The kind comes first in practice, but the data is only read once it is known.
+        if let (LinkKind::Vxlan, Some(data)) = (&self.kind, data) {
+            let mut info = VxlanInfo::default();
+            for (kind, v) in attributes(data) {
+                match kind {
+                    IFLA_VXLAN_ID => info.vni = u32_of(v).unwrap_or(0),
+                    IFLA_VXLAN_LINK => info.underlay = u32_of(v),
+                    IFLA_VXLAN_LOCAL => info.local = v.get(..4).map(|b| Ipv4Addr::new(b[0], b[1], b[2], b[3])),
+                    IFLA_VXLAN_LEARNING => info.learning = v.first().is_some_and(|l| *l != 0),
+                    IFLA_VXLAN_PORT => info.port = v.get(..2).map_or(0, |p| u16::from_be_bytes([p[0], p[1]])),
+                    _ => {}
+                }
+            }
+            self.vxlan = Some(info);
         }
-    }
-    info
-}
-
-fn kind_of(kind: &InfoKind) -> LinkKind {
-    match kind {
-        InfoKind::Bridge => LinkKind::Bridge,
-        InfoKind::Veth => LinkKind::Veth,
-        InfoKind::Vxlan => LinkKind::Vxlan,
-        InfoKind::Tun => LinkKind::Tun,
-        other => LinkKind::Other(format!("{other:?}").to_lowercase()),
     }
 }
 
@@ -159,6 +222,9 @@ pub struct VethSpec<'a> {
     pub master: Option<u32>,
     /// This end comes up at creation (the peer stays down).
     pub up: bool,
+    /// The number of rx and tx queues of each end (`numtxqueues N numrxqueues N`). Unset, the
+    /// kernel registers one of each per possible CPU and then removes all but one.
+    pub queues: Option<u32>,
 }
 
 /// The attributes every new link may carry: name, MTU, MAC.
@@ -183,35 +249,37 @@ fn by_index(index: u32) -> LinkMessage {
 impl Netlink {
     /// Every link (`ip link show`).
     pub fn links(&mut self) -> Result<Vec<Link>> {
-        let msgs = self.dump(RouteNetlinkMessage::GetLink(LinkMessage::default()), "dump links")?;
-        Ok(msgs
-            .iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewLink(l) => Some(Link::from_message(l)),
-                _ => None,
-            })
-            .collect())
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(skip_stats());
+        self.request_with(
+            RouteNetlinkMessage::GetLink(msg),
+            netlink_packet_core::NLM_F_DUMP,
+            "dump links",
+            &"",
+            Link::parse,
+        )
     }
 
     /// The link named `name` (`ip link show NAME`).
     pub fn link_by_name(&mut self, name: &str) -> Result<Option<Link>> {
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
-        msg.attributes.push(skip_stats());
-        Ok(match self.get(RouteNetlinkMessage::GetLink(msg), "get link", &name)? {
-            Some(RouteNetlinkMessage::NewLink(l)) => Some(Link::from_message(&l)),
-            _ => None,
-        })
+        self.get_link(msg, &name)
     }
 
     /// The link with `index`.
     pub fn link_by_index(&mut self, index: u32) -> Result<Option<Link>> {
-        let mut msg = by_index(index);
+        self.get_link(by_index(index), &index)
+    }
+
+    /// One link, read the light way; `None` when there is none.
+    fn get_link(&mut self, mut msg: LinkMessage, object: &dyn std::fmt::Display) -> Result<Option<Link>> {
         msg.attributes.push(skip_stats());
-        Ok(match self.get(RouteNetlinkMessage::GetLink(msg), "get link", &index)? {
-            Some(RouteNetlinkMessage::NewLink(l)) => Some(Link::from_message(&l)),
-            _ => None,
-        })
+        match self.request_with(RouteNetlinkMessage::GetLink(msg), 0, "get link", object, Link::parse) {
+            Ok(mut links) => Ok(links.pop()),
+            Err(e) if e.is_not_found() || e.errno() == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Like [`Netlink::link_by_name`], but a missing link is an error.
@@ -233,6 +301,8 @@ impl Netlink {
     pub fn create_veth(&mut self, spec: &VethSpec<'_>) -> Result<Option<Link>> {
         let mut peer = LinkMessage::default();
         peer.attributes = new_link_attributes(spec.peer_name, spec.mtu, spec.peer_mac);
+        let queues = spec.queues.map(|q| [LinkAttribute::NumTxQueues(q), LinkAttribute::NumRxQueues(q)]);
+        peer.attributes.extend(queues.clone().into_iter().flatten());
         if let Some(ns) = spec.peer_netns {
             peer.attributes.push(LinkAttribute::NetNsFd(ns.as_raw_fd()));
         }
@@ -247,16 +317,15 @@ impl Netlink {
             msg.attributes.push(LinkAttribute::Controller(master));
         }
         msg.attributes.extend(new_link_attributes(spec.name, spec.mtu, spec.mac));
+        msg.attributes.extend(queues.into_iter().flatten());
         msg.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Veth),
             LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
         ]));
         let object = format!("{} peer {}", spec.name, spec.peer_name);
-        let echoed = self.change_echo(RouteNetlinkMessage::NewLink(msg), Mode::Create, "create veth", &object)?;
-        Ok(echoed.iter().find_map(|m| match m {
-            RouteNetlinkMessage::NewLink(l) => Some(Link::from_message(l)).filter(|l| l.name == spec.name),
-            _ => None,
-        }))
+        let echoed =
+            self.change_echo(RouteNetlinkMessage::NewLink(msg), Mode::Create, "create veth", &object, Link::parse)?;
+        Ok(echoed.into_iter().find(|l| l.name == spec.name))
     }
 
     /// `ip link set dev INDEX up` / `down`.

@@ -79,28 +79,15 @@ impl Netlink {
 
     /// Sends a change request asking the kernel to echo what it made (kernels from 6.3 do for
     /// links), and waits for its acknowledgement. Returns the echoed messages, if any.
-    pub(crate) fn change_echo(
+    pub(crate) fn change_echo<T>(
         &mut self,
         msg: RouteNetlinkMessage,
         mode: Mode,
         op: &'static str,
         object: &dyn std::fmt::Display,
-    ) -> Result<Vec<RouteNetlinkMessage>> {
-        self.request(msg, NLM_F_ACK | NLM_F_ECHO | mode.flags(), op, object)
-    }
-
-    /// Sends a get request for one object; `None` when it does not exist.
-    pub(crate) fn get(
-        &mut self,
-        msg: RouteNetlinkMessage,
-        op: &'static str,
-        object: &dyn std::fmt::Display,
-    ) -> Result<Option<RouteNetlinkMessage>> {
-        match self.request(msg, 0, op, object) {
-            Ok(mut msgs) => Ok(msgs.pop()),
-            Err(e) if e.is_not_found() || e.errno() == Some(libc::ENODEV) => Ok(None),
-            Err(e) => Err(e),
-        }
+        decode: impl FnMut(&[u8]) -> Result<Option<T>>,
+    ) -> Result<Vec<T>> {
+        self.request_with(msg, NLM_F_ACK | NLM_F_ECHO | mode.flags(), op, object, decode)
     }
 
     /// Dumps every object of the kind of `msg`.
@@ -115,6 +102,27 @@ impl Netlink {
         op: &'static str,
         object: &dyn std::fmt::Display,
     ) -> Result<Vec<RouteNetlinkMessage>> {
+        self.request_with(msg, flags, op, object, |bytes| {
+            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes)
+                .map_err(|e| DataplaneError::Protocol(format!("decoding reply to {op}: {e}")))?;
+            Ok(match msg.payload {
+                NetlinkPayload::InnerMessage(inner) => Some(inner),
+                _ => None,
+            })
+        })
+    }
+
+    /// Sends `msg` and collects the replies, each decoded by `decode` from the whole netlink
+    /// message (header included); acknowledgements, errors and the end of a dump are handled
+    /// here. Lets hot paths read the few attributes they need instead of decoding everything.
+    pub(crate) fn request_with<T>(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+        op: &'static str,
+        object: &dyn std::fmt::Display,
+        mut decode: impl FnMut(&[u8]) -> Result<Option<T>>,
+    ) -> Result<Vec<T>> {
         self.seq = self.seq.wrapping_add(1);
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | flags;
@@ -124,15 +132,7 @@ impl Netlink {
         let mut buf = vec![0u8; packet.buffer_len()];
         packet.serialize(&mut buf);
         self.socket.send(&buf, 0).map_err(DataplaneError::Socket)?;
-        self.receive(flags, op, object)
-    }
 
-    fn receive(
-        &mut self,
-        flags: u16,
-        op: &'static str,
-        object: &dyn std::fmt::Display,
-    ) -> Result<Vec<RouteNetlinkMessage>> {
         let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
         let acked = flags & NLM_F_ACK != 0;
         let mut out = Vec::new();
@@ -142,39 +142,51 @@ impl Netlink {
             if len > self.buf.len() {
                 return Err(DataplaneError::Protocol(format!("a reply to {op} of {len} bytes was truncated")));
             }
-            let data = &self.buf[..];
-            let mut offset = 0;
-            while offset < data.len() {
-                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..])
-                    .map_err(|e| DataplaneError::Protocol(format!("decoding reply to {op}: {e}")))?;
-                let len = msg.header.length as usize;
-                if msg.header.sequence_number == self.seq {
-                    match msg.payload {
-                        NetlinkPayload::InnerMessage(inner) => {
-                            out.push(inner);
+            let mut rest = &self.buf[..];
+            while rest.len() >= NLMSG_HEADER_LEN {
+                let msg_len = u32_at(rest, 0) as usize;
+                if msg_len < NLMSG_HEADER_LEN || msg_len > rest.len() {
+                    return Err(DataplaneError::Protocol(format!("a reply to {op} has a bad length")));
+                }
+                let (message, next) = rest.split_at(msg_len);
+                rest = &next[(msg_len.next_multiple_of(4) - msg_len).min(next.len())..];
+                if u32_at(message, 8) != self.seq {
+                    continue;
+                }
+                match u16::from_ne_bytes([message[4], message[5]]) {
+                    NLMSG_ERROR => {
+                        let code = message.get(16..20).map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                        if code == 0 {
+                            return Ok(out);
+                        }
+                        return Err(DataplaneError::Netlink {
+                            op,
+                            object: object.to_string(),
+                            source: std::io::Error::from_raw_os_error(-code),
+                        });
+                    }
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_NOOP => {}
+                    _ => {
+                        if let Some(item) = decode(message)? {
+                            out.push(item);
                             if !dump && !acked {
                                 return Ok(out);
                             }
                         }
-                        NetlinkPayload::Error(err) => {
-                            return match err.code {
-                                None => Ok(out),
-                                Some(code) => Err(DataplaneError::Netlink {
-                                    op,
-                                    object: object.to_string(),
-                                    source: std::io::Error::from_raw_os_error(-code.get()),
-                                }),
-                            };
-                        }
-                        NetlinkPayload::Done(_) => return Ok(out),
-                        _ => {}
                     }
                 }
-                if len == 0 {
-                    break;
-                }
-                offset += len;
             }
         }
     }
+}
+
+const NLMSG_HEADER_LEN: usize = 16;
+const NLMSG_NOOP: u16 = 1;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+
+/// The native-endian u32 at `offset` of a buffer at least `offset + 4` long.
+fn u32_at(bytes: &[u8], offset: usize) -> u32 {
+    u32::from_ne_bytes([bytes[offset], bytes[offset + 1], bytes[offset + 2], bytes[offset + 3]])
 }

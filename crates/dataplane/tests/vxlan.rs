@@ -50,6 +50,7 @@ fn vtep_neighbour_fdb_route() {
     let vtep = nl.require_link("weft.1").unwrap();
     let info = vtep.vxlan.clone().unwrap();
     assert_eq!((info.vni, info.port, info.local, info.learning), (1, 8472, Some(Ipv4Addr::new(198, 18, 9, 1)), false));
+    assert_eq!(info.underlay, Some(uplink.index));
     assert_eq!(vtep.mac_string(), "0a:58:c6:13:00:01");
     nl.set_up(vtep.index, true).unwrap();
     let detail = sh(&name, &["ip", "-d", "link", "show", "weft.1"]);

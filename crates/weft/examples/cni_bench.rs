@@ -179,7 +179,7 @@ impl Pair {
     fn sequential(&self, command: &str, count: usize, conf: &(String, String)) -> (Vec<Duration>, Vec<Duration>) {
         let (mut r, mut w) = (Vec::with_capacity(count), Vec::with_capacity(count));
         for i in 0..count {
-            let (rt, wt) = self.both(i % 2 == 0, |s, is_weft| {
+            let (rt, wt) = self.both(i.is_multiple_of(2), |s, is_weft| {
                 let t = call(s, command, i, if is_weft { &conf.1 } else { &conf.0 });
                 if is_weft && command == "DEL" {
                     wait_reaped(s);
@@ -231,8 +231,8 @@ fn measure(weft: &Path, reference: &Path, run: usize) -> Vec<Row> {
     let conf = (conf(&pair.reference.data, "198.19.0.0/17"), conf(&pair.weft.data, "198.19.0.0/17"));
     let (r_add, w_add) = pair.sequential("ADD", SEQ, &conf);
     let (r_del, w_del) = pair.sequential("DEL", SEQ, &conf);
-    let (r_par_add, w_par_add) = pair.parallel("ADD", PAR, run % 2 == 0, &conf);
-    let (r_par_del, w_par_del) = pair.parallel("DEL", PAR, run % 2 == 1, &conf);
+    let (r_par_add, w_par_add) = pair.parallel("ADD", PAR, run.is_multiple_of(2), &conf);
+    let (r_par_del, w_par_del) = pair.parallel("DEL", PAR, !run.is_multiple_of(2), &conf);
     // host-local with 3000 reservations already on disk.
     prefill(&pair.reference.data);
     prefill(&pair.weft.data);

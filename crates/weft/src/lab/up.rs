@@ -127,6 +127,7 @@ fn make_node(switch: &NetNs, ns_name: &str, port: &str, address: IpNet) -> Resul
         peer_mac: None,
         master: Some(sw.index),
         up: true,
+        queues: None,
     };
     snl.create_veth(&spec).map_err(kernel("wiring the node"))?;
     let mut nl = Netlink::in_netns(&node).map_err(kernel("netlink"))?;
