@@ -47,7 +47,7 @@ fn ns(guard: &mut Guard, name: String) -> NetNs {
     handle
 }
 
-fn setup(guard: &mut Guard, label: &str, bin: &Path, count: usize) -> Setup {
+fn setup(guard: &mut Guard, label: &str, run: usize, bin: &Path, count: usize) -> Setup {
     let prefix = std::env::var("WEFT_BENCH_PREFIX").unwrap_or_else(|_| format!("wb{}", std::process::id() % 10000));
     let tag = format!("{prefix}{label}");
     let node = ns(guard, format!("{tag}n"));
@@ -58,7 +58,11 @@ fn setup(guard: &mut Guard, label: &str, bin: &Path, count: usize) -> Setup {
             name
         })
         .collect();
-    let data = std::env::temp_dir().join(format!("{tag}-ipam"));
+    // A data directory per run, all removed at the end: removing thousands of reservations
+    // between runs would slow down file creation in the next run (ext4 without a journal, as
+    // on this machine, skips recently deleted inodes one by one for a minute) for both sides,
+    // which is not what a node with a journaled filesystem sees.
+    let data = std::env::temp_dir().join(format!("{tag}{run}-ipam"));
     guard.1.push(data.clone());
     Setup { node, conts, data, bin: bin.to_path_buf() }
 }
@@ -225,9 +229,11 @@ fn spread(label: &str, v: &[Duration]) {
     );
 }
 
-fn measure(weft: &Path, reference: &Path, run: usize) -> Vec<Row> {
+fn measure(weft: &Path, reference: &Path, run: usize, data_dirs: &mut Guard) -> Vec<Row> {
     let mut guard = Guard(Vec::new(), Vec::new());
-    let pair = Pair { weft: setup(&mut guard, "w", weft, SEQ), reference: setup(&mut guard, "r", reference, SEQ) };
+    let pair =
+        Pair { weft: setup(&mut guard, "w", run, weft, SEQ), reference: setup(&mut guard, "r", run, reference, SEQ) };
+    data_dirs.1.append(&mut guard.1);
     let conf = (conf(&pair.reference.data, "198.19.0.0/17"), conf(&pair.weft.data, "198.19.0.0/17"));
     let (r_add, w_add) = pair.sequential("ADD", SEQ, &conf);
     let (r_del, w_del) = pair.sequential("DEL", SEQ, &conf);
@@ -272,12 +278,13 @@ fn main() {
     }
     let weft = weft.expect("--weft DIR (a CNI bin dir with weft's plugins)");
     let mut all: Vec<Vec<Row>> = Vec::new();
+    let mut data_dirs = Guard(Vec::new(), Vec::new());
     for run in 0..runs {
         if run > 0 {
             settle();
         }
         eprintln!("run {}/{runs} ...", run + 1);
-        all.push(measure(&weft, &reference, run));
+        all.push(measure(&weft, &reference, run, &mut data_dirs));
     }
     println!("| measurement | reference (ms) | weft (ms) | weft/reference |");
     println!("|---|---:|---:|---:|");
