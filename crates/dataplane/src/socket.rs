@@ -7,7 +7,7 @@ use netlink_packet_core::{
     NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_packet_route::RouteNetlinkMessage;
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
 use weft_netns::NetNs;
 
 use crate::error::{DataplaneError, Result};
@@ -47,9 +47,9 @@ pub struct Netlink {
 impl Netlink {
     /// A socket in the calling thread's namespace.
     pub fn new() -> Result<Netlink> {
-        let mut socket = Socket::new(NETLINK_ROUTE).map_err(DataplaneError::Socket)?;
-        socket.bind_auto().map_err(DataplaneError::Socket)?;
-        socket.connect(&SocketAddr::new(0, 0)).map_err(DataplaneError::Socket)?;
+        // Neither bound nor connected: the kernel binds it on the first request, and a request
+        // without an address goes to the kernel.
+        let socket = Socket::new(NETLINK_ROUTE).map_err(DataplaneError::Socket)?;
         // Extended acks give the kernel's reason in errors; older kernels lack it, which is fine.
         let _ = socket.set_ext_ack(true);
         Ok(Netlink { socket, seq: 0, buf: Vec::with_capacity(RECEIVE_BUFFER) })

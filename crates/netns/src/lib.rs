@@ -54,7 +54,10 @@ impl NetNs {
 
     /// The namespace of this thread.
     pub fn current() -> Result<NetNs> {
-        Self::open(format!("/proc/self/task/{}/ns/net", nix::unistd::gettid()))
+        // A namespace for sure: no need to check the filesystem as `open` does.
+        let path = PathBuf::from(format!("/proc/self/task/{}/ns/net", nix::unistd::gettid()));
+        let file = File::open(&path).map_err(|source| NetnsError::Open { path: path.clone(), source })?;
+        Ok(NetNs { file, path })
     }
 
     /// The path the namespace was opened from.
