@@ -31,6 +31,9 @@ pub const TOMBSTONE_PREFIX: &str = "wdel";
 /// The link group of retired host-side veths (`ip link show group 2003134068`): "weft" in ASCII.
 pub const RETIRED_GROUP: u32 = 0x7765_6674;
 
+/// How long a reaper waits for more retired links before deleting them.
+const COALESCE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The abstract unix socket name the namespace's reaper holds while it works.
 pub const REAPER_SOCKET: &str = "weft-cni-reaper";
 
@@ -106,13 +109,17 @@ fn ensure_reaper() {
             .spawn()
     });
     if spawned.is_err() {
-        let _ = reap();
+        let _ = reap_after(std::time::Duration::ZERO);
     }
 }
 
 /// The reaper: deletes the retired group, batch after batch, until it is empty; exits at once
 /// when another reaper holds the namespace's name.
 pub fn reap() -> Result<(), CniError> {
+    reap_after(COALESCE)
+}
+
+fn reap_after(coalesce: std::time::Duration) -> Result<(), CniError> {
     let mut nl = Netlink::new().map_err(kernel("opening netlink"))?;
     loop {
         let claimed = match claim() {
@@ -120,6 +127,10 @@ pub fn reap() -> Result<(), CniError> {
             Ok(Some(listener)) => Some(listener),
             Err(_) => None,
         };
+        // DELs come in bursts (a node drained, a deployment scaled down): wait for the rest of
+        // the burst, so that it is one batch for the kernel and its lock is not held by a
+        // deletion while the burst's own DELs want it.
+        std::thread::sleep(coalesce);
         while nl.delete_group(RETIRED_GROUP).map_err(kernel("deleting retired links"))? {}
         drop(claimed);
         // A DEL that retired a link after the last batch and found the name taken left it to

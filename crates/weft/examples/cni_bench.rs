@@ -3,10 +3,9 @@
 //! with 3000 existing reservations. Prints medians and the weft/reference ratio.
 //! Run through `bench/cni-bench.sh` (needs root).
 //!
-//! The two implementations take turns call by call (sequential rows) and batch by batch
-//! (parallel rows), the one going first alternating: on a shared machine whose speed drifts by
-//! tens of percent within a minute, and whose filesystem slows down file creation for a minute
-//! after many deletions, both sides then meet the same conditions.
+//! The two implementations take turns in blocks of ten calls (sequential rows) and batch by
+//! batch (parallel rows), the one going first alternating: on a shared machine whose speed
+//! drifts by tens of percent within a minute, both sides then meet the same conditions.
 
 #![allow(clippy::unwrap_used)]
 
@@ -20,6 +19,10 @@ use weft_netns::NetNs;
 const SEQ: usize = 100;
 const PAR: usize = 50;
 const PREFILLED: usize = 3000;
+/// Parallel batches per side and run (the row is their median).
+const PAR_ROUNDS: usize = 3;
+/// Sequential calls per side before the other side takes its turn.
+const BLOCK: usize = 10;
 
 struct Guard(Vec<String>, Vec<PathBuf>);
 
@@ -179,19 +182,24 @@ impl Pair {
         }
     }
 
-    /// Every container of `count` through `command`, the sides taking turns per container.
+    /// Every container of `count` through `command`, one after another, the sides taking turns
+    /// in blocks of [`BLOCK`] calls (weft first in every other pair of blocks, ABBA): short
+    /// enough that both meet the same machine, long enough that what one side leaves the kernel
+    /// to finish (and the caches it leaves cold) lands mostly on its own calls.
     fn sequential(&self, command: &str, count: usize, conf: &(String, String)) -> (Vec<Duration>, Vec<Duration>) {
         let (mut r, mut w) = (Vec::with_capacity(count), Vec::with_capacity(count));
-        for i in 0..count {
-            let (rt, wt) = self.both(i.is_multiple_of(2), |s, is_weft| {
-                let t = call(s, command, i, if is_weft { &conf.1 } else { &conf.0 });
+        for (block, start) in (0..count).step_by(BLOCK).enumerate() {
+            let range = start..(start + BLOCK).min(count);
+            let (rt, wt) = self.both(block.is_multiple_of(2), |s, is_weft| {
+                let times: Vec<Duration> =
+                    range.clone().map(|i| call(s, command, i, if is_weft { &conf.1 } else { &conf.0 })).collect();
                 if is_weft && command == "DEL" {
                     wait_reaped(s);
                 }
-                t
+                times
             });
-            r.push(rt);
-            w.push(wt);
+            r.extend(rt);
+            w.extend(wt);
         }
         (r, w)
     }
@@ -237,8 +245,18 @@ fn measure(weft: &Path, reference: &Path, run: usize, data_dirs: &mut Guard) -> 
     let conf = (conf(&pair.reference.data, "198.19.0.0/17"), conf(&pair.weft.data, "198.19.0.0/17"));
     let (r_add, w_add) = pair.sequential("ADD", SEQ, &conf);
     let (r_del, w_del) = pair.sequential("DEL", SEQ, &conf);
-    let (r_par_add, w_par_add) = pair.parallel("ADD", PAR, run.is_multiple_of(2), &conf);
-    let (r_par_del, w_par_del) = pair.parallel("DEL", PAR, !run.is_multiple_of(2), &conf);
+    // Batches of 50 at once, a few rounds (a single batch is at the mercy of one moment).
+    let (mut r_par_add, mut w_par_add, mut r_par_del, mut w_par_del) = (vec![], vec![], vec![], vec![]);
+    for round in 0..PAR_ROUNDS {
+        let (r, w) = pair.parallel("ADD", PAR, (run + round).is_multiple_of(2), &conf);
+        r_par_add.push(r);
+        w_par_add.push(w);
+        let (r, w) = pair.parallel("DEL", PAR, !(run + round).is_multiple_of(2), &conf);
+        r_par_del.push(r);
+        w_par_del.push(w);
+    }
+    let (r_par_add, w_par_add, r_par_del, w_par_del) =
+        (median(r_par_add), median(w_par_add), median(r_par_del), median(w_par_del));
     // host-local with 3000 reservations already on disk.
     prefill(&pair.reference.data);
     prefill(&pair.weft.data);
@@ -256,8 +274,8 @@ fn measure(weft: &Path, reference: &Path, run: usize, data_dirs: &mut Guard) -> 
     vec![
         row("ADD, sequential (median per call)".into(), median(r_add), median(w_add)),
         row("DEL, sequential (median per call)".into(), median(r_del), median(w_del)),
-        row(format!("ADD, {PAR} in parallel (wall time)"), r_par_add, w_par_add),
-        row(format!("DEL, {PAR} in parallel (wall time)"), r_par_del, w_par_del),
+        row(format!("ADD, {PAR} in parallel (wall time, median of {PAR_ROUNDS})"), r_par_add, w_par_add),
+        row(format!("DEL, {PAR} in parallel (wall time, median of {PAR_ROUNDS})"), r_par_del, w_par_del),
         row(format!("ADD with {PREFILLED} reservations (median)"), median(r_add_full), median(w_add_full)),
         row(format!("DEL with {PREFILLED} reservations (median)"), median(r_del_full), median(w_del_full)),
     ]
