@@ -84,7 +84,8 @@ fn dispatch(
 ) -> Result<Option<Value>> {
     let command = Command::parse(command)
         .ok_or_else(|| CniError::new(ErrorCode::InvalidEnvironment, format!("unknown CNI_COMMAND: {command}")))?;
-    let mut input = Vec::new();
+    // Configs are a few hundred bytes: room for them up front saves the growing reads.
+    let mut input = Vec::with_capacity(8192);
     stdin.read_to_end(&mut input).map_err(|e| CniError::io(format!("reading stdin: {e}")))?;
     if command == Command::Version {
         let requested = serde_json::from_slice::<NetConf>(&input).map(|c| c.cni_version).unwrap_or_default();

@@ -31,12 +31,12 @@ pub fn open_netns_for_teardown(path: &str) -> Option<NetNs> {
     NetNs::open(path).ok()
 }
 
-/// Random bytes from the kernel.
+/// Random bytes from the kernel (`getrandom`, which never blocks once the pool is ready).
 pub fn random_bytes<const N: usize>() -> [u8; N] {
-    use std::io::Read;
     let mut buf = [0u8; N];
-    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)).is_err() {
-        // No /dev/urandom: fall back to time and pid, good enough for a name.
+    let filled = rustix::rand::getrandom(&mut buf[..], rustix::rand::GetRandomFlags::empty());
+    if !matches!(filled, Ok(n) if n == N) {
+        // No randomness to be had: time and pid, good enough for a name.
         let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
             ^ u128::from(std::process::id());
         for (i, b) in buf.iter_mut().enumerate() {
@@ -185,5 +185,22 @@ impl Attach {
         ensure_ifname_free(&mut cnl, &args.ifname)?;
         let hnl = Netlink::new().map_err(kernel("opening netlink"))?;
         Ok(Attach { mac, netns, cnl, hnl })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_macs_are_unicast_locally_administered_and_differ() {
+        let macs: Vec<[u8; 6]> = (0..8).map(|_| random_mac()).collect();
+        for mac in &macs {
+            assert_eq!(mac[0] & 0x01, 0, "multicast bit set in {mac:02x?}");
+            assert_eq!(mac[0] & 0x02, 0x02, "not locally administered: {mac:02x?}");
+        }
+        assert!(macs.windows(2).any(|w| w[0] != w[1]), "eight equal random MACs");
+        let name = random_veth_name();
+        assert!(name.len() == 12 && name.starts_with("veth"), "{name}");
     }
 }
