@@ -47,6 +47,17 @@ impl TestLab {
         Command::new(weft_bin()).args(&argv).output().unwrap()
     }
 
+    /// `weft lab check`, which must pass (its output shown when it does not).
+    fn check_ok(&self) {
+        let out = self.weft(&["check"]);
+        assert!(
+            out.status.success(),
+            "lab check failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     fn show(&self) -> Value {
         let out = self.weft(&["show", "--json"]);
         assert!(out.status.success());
@@ -242,7 +253,7 @@ fn vxlan_lab_programs_every_peer_and_follows_the_store() {
     assert!(out.status.success());
     // Within a second: the agent's link watch noticed (its periodic resync is every 2 s).
     within(Duration::from_secs(1), "the VTEP and its peers back", || lab.peer_state("node2") == before);
-    assert!(lab.weft(&["check"]).status.success());
+    lab.check_ok();
 }
 
 #[test]
@@ -340,7 +351,7 @@ fn agent_health_rules_and_lost_lease() {
     within(Duration::from_secs(2), "the lease taken again", || {
         lab.store().list(SystemTime::now()).unwrap().iter().any(|l| l.subnet == subnet)
     });
-    assert!(lab.weft(&["check"]).status.success());
+    lab.check_ok();
     let (_, metrics) = http_get(&lab, "node1", "/metrics");
     assert!(metrics.contains("weft_lease_reacquired_total 1"), "{metrics}");
 
@@ -355,7 +366,7 @@ fn agent_health_rules_and_lost_lease() {
 #[test]
 fn vxlan_direct_routing_and_lease_expiry() {
     let lab = TestLab::up_with(&["--nodes", "2", "--pods", "1", "--direct-routing"]);
-    assert!(lab.weft(&["check"]).status.success());
+    lab.check_ok();
     let show = lab.show();
     let peer = &show["nodes"][1];
     let (routes, fdb, _) = lab.peer_state("node1");
@@ -475,7 +486,7 @@ fn etcd_lab_survives_an_etcd_outage() {
         let key = format!("/coreos.com/network/subnets/{}", node["subnet"].as_str().unwrap().replace('/', "-"));
         assert!(before.iter().any(|(k, lease)| *k == key && *lease != 0), "{key} missing in {before:?}");
     }
-    assert!(lab.weft(&["check"]).status.success());
+    lab.check_ok();
 
     // etcd stops answering for 30 s: pods keep talking.
     let pid = nix::unistd::Pid::from_raw(show["store"]["pid"].as_i64().unwrap() as i32);
@@ -494,7 +505,7 @@ fn etcd_lab_survives_an_etcd_outage() {
         let now = etcd_lease_ids(&lab);
         now.len() == 2 && now.iter().all(|(k, l)| before.iter().any(|(bk, bl)| bk == k && bl != l))
     });
-    assert!(lab.weft(&["check"]).status.success());
+    lab.check_ok();
 }
 
 #[test]
@@ -502,7 +513,7 @@ fn lab_on_an_etcd_of_ones_own() {
     let etcd = LoopbackEtcd::start();
     let store = format!("etcd={}", etcd.url);
     let lab = TestLab::up_with(&["--store", &store, "--nodes", "2", "--pods", "1"]);
-    assert!(lab.weft(&["check"]).status.success());
+    lab.check_ok();
     let show = lab.show();
     assert_eq!(show["store"]["endpoint"], etcd.url.as_str());
     let keys = String::from_utf8(etcd.ctl(&["get", "--prefix", "/coreos.com/network/subnets/", "--keys-only"]).stdout)

@@ -169,16 +169,35 @@ pub fn conflist(lab: &Lab, node: &str) -> Result<ConfList> {
     Ok(ConfList::from_bytes(list.to_string().as_bytes())?)
 }
 
+/// Waits until every agent is ready (its subnet file written) and every node routes to every
+/// other node's pods (one weft route per peer), so that the lab works when `up` returns: an
+/// agent is ready once its own lease is programmed, but learns of the nodes that start after it
+/// through the store a moment later.
 fn wait_ready(lab: &Lab) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
+    let log = |node: &NodeInfo| std::fs::read_to_string(lab.node_dir(&node.name).join("agent.log")).unwrap_or_default();
     for node in &lab.nodes {
         let file = lab.node_dir(&node.name).join("subnet.env");
         while !file.exists() {
             if Instant::now() > deadline {
-                let log = std::fs::read_to_string(lab.node_dir(&node.name).join("agent.log")).unwrap_or_default();
-                bail!("the agent of {} did not become ready within 20 s; its log:\n{log}", node.name);
+                bail!("the agent of {} did not become ready within 20 s; its log:\n{}", node.name, log(node));
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let peers = lab.nodes.len() - 1;
+    for node in &lab.nodes {
+        let ns = NetNs::open(weft_netns::named_path(&node.namespace))?;
+        let mut nl = Netlink::in_netns(&ns)?;
+        loop {
+            let routes = nl.routes()?.into_iter().filter(|r| r.protocol == weft_dataplane::route::RTPROT_WEFT).count();
+            if routes >= peers {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{} routes to {routes} of its {peers} peers after 20 s; its agent's log:\n{}", node.name, log(node));
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
     Ok(())
