@@ -44,8 +44,9 @@ fn ptp_add_check_del() {
     with_prev["prevResult"] = result.clone();
     call.run(&node, "ptp", "CHECK", &with_prev.to_string()).ok();
     call.run(&node, "ptp", "DEL", &with_prev.to_string()).ok();
-    assert!(!node.links().contains(&host_veth));
+    assert_retired(&node, &host_veth);
     assert_reaped(&node);
+    assert!(!node.links().contains(&host_veth));
     assert!(!node.routes().iter().any(|r| r.starts_with("198.19.40.2 ")), "host route left");
     assert!(reservations(data.path(), "ptpnet").is_empty());
     assert!(!node.nft().contains("ptpnet/p1"));
