@@ -21,8 +21,11 @@ const PAR: usize = 50;
 const PREFILLED: usize = 3000;
 /// Parallel batches per side and run (the row is their median).
 const PAR_ROUNDS: usize = 3;
-/// Sequential calls per side before the other side takes its turn.
-const BLOCK: usize = 10;
+/// Sequential calls per side before the other side takes its turn (`WEFT_BENCH_BLOCK` changes
+/// it: 1 alternates call by call, 100 runs each side's phase in one go).
+fn block() -> usize {
+    std::env::var("WEFT_BENCH_BLOCK").ok().and_then(|b| b.parse().ok()).filter(|b| *b > 0).unwrap_or(10)
+}
 
 struct Guard(Vec<String>, Vec<PathBuf>);
 
@@ -183,13 +186,14 @@ impl Pair {
     }
 
     /// Every container of `count` through `command`, one after another, the sides taking turns
-    /// in blocks of [`BLOCK`] calls (weft first in every other pair of blocks, ABBA): short
+    /// in blocks of [`block`] calls (weft first in every other pair of blocks, ABBA): short
     /// enough that both meet the same machine, long enough that what one side leaves the kernel
     /// to finish (and the caches it leaves cold) lands mostly on its own calls.
     fn sequential(&self, command: &str, count: usize, conf: &(String, String)) -> (Vec<Duration>, Vec<Duration>) {
         let (mut r, mut w) = (Vec::with_capacity(count), Vec::with_capacity(count));
-        for (block, start) in (0..count).step_by(BLOCK).enumerate() {
-            let range = start..(start + BLOCK).min(count);
+        let size = block();
+        for (block, start) in (0..count).step_by(size).enumerate() {
+            let range = start..(start + size).min(count);
             let (rt, wt) = self.both(block.is_multiple_of(2), |s, is_weft| {
                 let times: Vec<Duration> =
                     range.clone().map(|i| call(s, command, i, if is_weft { &conf.1 } else { &conf.0 })).collect();

@@ -195,7 +195,11 @@ fn wait_ready(lab: &Lab) -> Result<()> {
                 break;
             }
             if Instant::now() > deadline {
-                bail!("{} routes to {routes} of its {peers} peers after 20 s; its agent's log:\n{}", node.name, log(node));
+                bail!(
+                    "{} routes to {routes} of its {peers} peers after 20 s; its agent's log:\n{}",
+                    node.name,
+                    log(node)
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
