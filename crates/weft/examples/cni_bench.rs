@@ -189,12 +189,19 @@ impl Pair {
     /// in blocks of [`block`] calls (weft first in every other pair of blocks, ABBA): short
     /// enough that both meet the same machine, long enough that what one side leaves the kernel
     /// to finish (and the caches it leaves cold) lands mostly on its own calls.
-    fn sequential(&self, command: &str, count: usize, conf: &(String, String)) -> (Vec<Duration>, Vec<Duration>) {
+    /// `run` picks the side that starts, alternating from one run to the next.
+    fn sequential(
+        &self,
+        command: &str,
+        count: usize,
+        run: usize,
+        conf: &(String, String),
+    ) -> (Vec<Duration>, Vec<Duration>) {
         let (mut r, mut w) = (Vec::with_capacity(count), Vec::with_capacity(count));
         let size = block();
         for (block, start) in (0..count).step_by(size).enumerate() {
             let range = start..(start + size).min(count);
-            let (rt, wt) = self.both(block.is_multiple_of(2), |s, is_weft| {
+            let (rt, wt) = self.both((block + run).is_multiple_of(2), |s, is_weft| {
                 let times: Vec<Duration> =
                     range.clone().map(|i| call(s, command, i, if is_weft { &conf.1 } else { &conf.0 })).collect();
                 if is_weft && command == "DEL" {
@@ -247,8 +254,8 @@ fn measure(weft: &Path, reference: &Path, run: usize, data_dirs: &mut Guard) -> 
         Pair { weft: setup(&mut guard, "w", run, weft, SEQ), reference: setup(&mut guard, "r", run, reference, SEQ) };
     data_dirs.1.append(&mut guard.1);
     let conf = (conf(&pair.reference.data, "198.19.0.0/17"), conf(&pair.weft.data, "198.19.0.0/17"));
-    let (r_add, w_add) = pair.sequential("ADD", SEQ, &conf);
-    let (r_del, w_del) = pair.sequential("DEL", SEQ, &conf);
+    let (r_add, w_add) = pair.sequential("ADD", SEQ, run, &conf);
+    let (r_del, w_del) = pair.sequential("DEL", SEQ, run, &conf);
     // Batches of 50 at once, a few rounds (a single batch is at the mercy of one moment).
     let (mut r_par_add, mut w_par_add, mut r_par_del, mut w_par_del) = (vec![], vec![], vec![], vec![]);
     for round in 0..PAR_ROUNDS {
@@ -264,8 +271,8 @@ fn measure(weft: &Path, reference: &Path, run: usize, data_dirs: &mut Guard) -> 
     // host-local with 3000 reservations already on disk.
     prefill(&pair.reference.data);
     prefill(&pair.weft.data);
-    let (r_add_full, w_add_full) = pair.sequential("ADD", SEQ, &conf);
-    let (r_del_full, w_del_full) = pair.sequential("DEL", SEQ, &conf);
+    let (r_add_full, w_add_full) = pair.sequential("ADD", SEQ, run, &conf);
+    let (r_del_full, w_del_full) = pair.sequential("DEL", SEQ, run, &conf);
     drop(guard);
     for (label, add, del, add_full) in
         [("reference", &r_add, &r_del, &r_add_full), ("weft", &w_add, &w_del, &w_add_full)]
