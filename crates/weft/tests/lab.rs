@@ -187,13 +187,7 @@ fn peer_lease(subnet: &str, ip: &str, mac: &str) -> Lease {
 #[test]
 fn vxlan_lab_programs_every_peer_and_follows_the_store() {
     let lab = TestLab::up("vxlan", 3, 2);
-    let check = lab.weft(&["check"]);
-    assert!(
-        check.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
+    lab.check_ok();
     let nodes = lab.nodes();
     for node in &nodes {
         let state = lab.peer_state(node);
@@ -388,13 +382,7 @@ fn vxlan_direct_routing_and_lease_expiry() {
 #[test]
 fn host_gw_lab_routes_via_peers() {
     let lab = TestLab::up("host-gw", 3, 1);
-    let check = lab.weft(&["check"]);
-    assert!(
-        check.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
+    lab.check_ok();
     let show = lab.show();
     for node in show["nodes"].as_array().unwrap() {
         let name = node["name"].as_str().unwrap();
