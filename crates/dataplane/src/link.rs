@@ -432,3 +432,52 @@ impl Netlink {
         self.change(RouteNetlinkMessage::NewLink(msg), Mode::Create, "create vxlan", &spec.name)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attr(kind: u16, value: &[u8]) -> Vec<u8> {
+        let len = 4 + value.len();
+        let mut out = Vec::new();
+        out.extend_from_slice(&(len as u16).to_ne_bytes());
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(value);
+        out.resize(len.next_multiple_of(4), 0);
+        out
+    }
+
+    fn message(kind: u16, index: u32, flags: u32, attrs: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8; IFINFO_OFFSET];
+        out[4..6].copy_from_slice(&kind.to_ne_bytes());
+        let mut info = [0u8; 16];
+        info[4..8].copy_from_slice(&index.to_ne_bytes());
+        info[8..12].copy_from_slice(&flags.to_ne_bytes());
+        out.extend_from_slice(&info);
+        out.extend_from_slice(attrs);
+        let len = out.len() as u32;
+        out[0..4].copy_from_slice(&len.to_ne_bytes());
+        out
+    }
+
+    #[test]
+    fn parses_what_a_link_holds_and_survives_garbage() {
+        let mut attrs = attr(IFLA_IFNAME, b"veth0\0");
+        attrs.extend(attr(IFLA_MTU, &1400u32.to_ne_bytes()));
+        attrs.extend(attr(IFLA_LINK, &7u32.to_ne_bytes()));
+        attrs.extend(attr(IFLA_GROUP, &9u32.to_ne_bytes()));
+        let mut info = attr(IFLA_INFO_KIND, b"veth\0");
+        info.extend(attr(IFLA_INFO_SLAVE_DATA, &attr(IFLA_BRPORT_MODE, &[1])));
+        attrs.extend(attr(IFLA_LINKINFO, &info));
+        // A trailing attribute claiming more bytes than there are: ignored, not a panic.
+        attrs.extend_from_slice(&[0xff, 0x00, 0x01, 0x00, 0xaa]);
+        let link = Link::parse(&message(RTM_NEWLINK, 5, IFF_UP, &attrs)).unwrap().unwrap();
+        assert_eq!((link.index, link.name.as_str(), link.mtu, link.up, link.promisc), (5, "veth0", 1400, true, false));
+        assert_eq!((link.peer_index, link.group, link.kind, link.hairpin), (Some(7), 9, LinkKind::Veth, Some(true)));
+
+        // Another message type, a message too short, a link without a name.
+        assert!(Link::parse(&message(RTM_NEWLINK + 1, 5, 0, &attrs)).unwrap().is_none());
+        assert!(Link::parse(&message(RTM_NEWLINK, 5, 0, &attrs)[..20]).unwrap().is_none());
+        assert!(Link::parse(&message(RTM_NEWLINK, 5, 0, &attr(IFLA_MTU, &[1, 2]))).is_err());
+    }
+}
