@@ -376,16 +376,8 @@ impl LeaseWatcher for EtcdWatcher {
         Ok(events)
     }
 
-    fn leases(&self) -> Vec<Lease> {
-        self.known.values().cloned().collect()
-    }
-
-    fn lease(&self, subnet: &Ipv4Net) -> Option<&Lease> {
-        self.known.get(subnet)
-    }
-
-    fn count(&self) -> usize {
-        self.known.len()
+    fn known(&self) -> &HashMap<Ipv4Net, Lease> {
+        &self.known
     }
 
     fn wait(&mut self, timeout: Duration) {

@@ -379,16 +379,8 @@ impl crate::LeaseWatcher for Watcher {
         Watcher::poll(self, now)
     }
 
-    fn leases(&self) -> Vec<Lease> {
-        self.known.values().cloned().collect()
-    }
-
-    fn lease(&self, subnet: &Ipv4Net) -> Option<&Lease> {
-        self.known.get(subnet)
-    }
-
-    fn count(&self) -> usize {
-        self.known.len()
+    fn known(&self) -> &HashMap<Ipv4Net, Lease> {
+        &self.known
     }
 
     fn wait(&mut self, timeout: Duration) {

@@ -1,6 +1,7 @@
 //! The interface every lease store offers the agent (synchronous: the etcd store runs its own
 //! small runtime inside).
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use ipnet::Ipv4Net;
@@ -37,12 +38,20 @@ pub trait LeaseStore: Send {
 /// A watch; `poll` never blocks for long.
 pub trait LeaseWatcher: Send {
     fn poll(&mut self, now: SystemTime) -> Result<Vec<LeaseEvent>>;
+    /// The leases as of the last poll, by subnet.
+    fn known(&self) -> &HashMap<Ipv4Net, Lease>;
     /// Every lease as of the last poll (a copy).
-    fn leases(&self) -> Vec<Lease>;
+    fn leases(&self) -> Vec<Lease> {
+        self.known().values().cloned().collect()
+    }
     /// The lease on `subnet` as of the last poll.
-    fn lease(&self, subnet: &Ipv4Net) -> Option<&Lease>;
+    fn lease(&self, subnet: &Ipv4Net) -> Option<&Lease> {
+        self.known().get(subnet)
+    }
     /// How many leases there were at the last poll.
-    fn count(&self) -> usize;
+    fn count(&self) -> usize {
+        self.known().len()
+    }
     /// Blocks until the store may have changed or `timeout` passed, whichever is first (so a
     /// loop reacts to a change at once and still wakes up for its periodic work).
     fn wait(&mut self, timeout: Duration) {

@@ -26,7 +26,7 @@ use weft_dataplane::{Link, LinkKind, Netlink};
 use crate::common::kernel;
 
 /// The prefix of retired container interfaces' names.
-pub const TOMBSTONE_PREFIX: &str = "wdel";
+const TOMBSTONE_PREFIX: &str = "wdel";
 
 /// The link group of retired host-side veths (`ip link show group 2003134068`): "weft" in ASCII.
 pub const RETIRED_GROUP: u32 = 0x7765_6674;

@@ -267,13 +267,15 @@ fn one_reaper_per_namespace_deletes_the_retired_group() {
     for i in 0..10 {
         let (host, peer) = (format!("rv{i}"), format!("rp{i}"));
         node.sh(&["ip", "link", "add", &host, "type", "veth", "peer", "name", &peer]);
-        node.sh(&["ip", "link", "set", "dev", &host, "group", RETIRED_GROUP]);
+        node.sh(&["ip", "link", "set", "dev", &host, "group", &retired_group()]);
     }
     let weft = weft_bin().display().to_string();
     // While another process holds the namespace's reaper name, a reaper leaves them be.
     let holder = node
         .handle
-        .run(|| UnixListener::bind_addr(&SocketAddr::from_abstract_name("weft-cni-reaper").unwrap()))
+        .run(|| {
+            UnixListener::bind_addr(&SocketAddr::from_abstract_name(weft_plugins::teardown::REAPER_SOCKET).unwrap())
+        })
         .unwrap()
         .unwrap();
     node.sh(&[&weft, "cni", "reap"]);
@@ -281,7 +283,7 @@ fn one_reaper_per_namespace_deletes_the_retired_group() {
     // The name is per namespace: a reaper elsewhere is not held back by it.
     let other = Ns::new("o");
     other.sh(&["ip", "link", "add", "rv0", "type", "veth", "peer", "name", "rp0"]);
-    other.sh(&["ip", "link", "set", "dev", "rv0", "group", RETIRED_GROUP]);
+    other.sh(&["ip", "link", "set", "dev", "rv0", "group", &retired_group()]);
     other.sh(&[&weft, "cni", "reap"]);
     assert_eq!(other.links(), ["lo"]);
     // Once it is free, one reaper deletes the group, peers included, and nothing else.

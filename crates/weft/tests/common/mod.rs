@@ -348,8 +348,10 @@ pub fn eventually(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
-/// The link group DELs put retired host veths in (weft_plugins::teardown::RETIRED_GROUP).
-pub const RETIRED_GROUP: &str = "2003134068";
+/// The link group DELs put retired host veths in, as `ip` prints it.
+pub fn retired_group() -> String {
+    weft_plugins::teardown::RETIRED_GROUP.to_string()
+}
 
 /// The links of `ns` that a DEL retired and no reaper has deleted yet: renamed container ends
 /// and host ends in the retired group.
@@ -358,7 +360,7 @@ pub fn retired_links(ns: &Ns) -> Vec<String> {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|l| l["group"] == RETIRED_GROUP || l["ifname"].as_str().unwrap().starts_with("wdel"))
+        .filter(|l| l["group"] == retired_group().as_str() || l["ifname"].as_str().unwrap().starts_with("wdel"))
         .map(|l| l["ifname"].as_str().unwrap().to_string())
         .collect()
 }
@@ -372,7 +374,7 @@ pub fn assert_reaped(ns: &Ns) {
 pub fn assert_retired(ns: &Ns, veth: &str) {
     let links = ns.ip_json(&["link", "show"]);
     if let Some(link) = links.as_array().unwrap().iter().find(|l| l["ifname"] == veth) {
-        assert_eq!(link["group"], RETIRED_GROUP, "{veth} not retired: {link}");
+        assert_eq!(link["group"], retired_group().as_str(), "{veth} not retired: {link}");
         assert!(!link["flags"].as_array().unwrap().iter().any(|f| f == "UP"), "{veth} still up: {link}");
     }
 }
