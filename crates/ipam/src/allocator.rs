@@ -27,50 +27,64 @@ impl Allocation {
 }
 
 pub struct Allocator<'a> {
-    store: &'a Store,
+    store: &'a mut Store,
     sets: &'a [RangeSet],
 }
 
 impl<'a> Allocator<'a> {
-    pub fn new(store: &'a Store, sets: &'a [RangeSet]) -> Self {
+    pub fn new(store: &'a mut Store, sets: &'a [RangeSet]) -> Self {
         Self { store, sets }
     }
 
     /// Reserves an address from every range set for `(container_id, ifname)`. `requested` are
-    /// addresses asked for by the runtime; each must fall in one of the sets. On failure nothing
-    /// stays reserved.
-    pub fn allocate(&self, container_id: &str, ifname: &str, requested: &[IpAddr]) -> Result<Vec<Allocation>> {
-        if let Some(ip) = self.store.indexed(container_id, ifname).into_iter().find(|ip| self.set_of(*ip).is_some()) {
-            return Err(IpamError::Duplicate { ip, container_id: container_id.to_string() });
+    /// addresses asked for by the runtime; each must fall in one of the sets. An attachment that
+    /// holds an address of these sets already is refused, as the reference refuses it. On
+    /// failure nothing new stays reserved.
+    pub fn allocate(&mut self, container_id: &str, ifname: &str, requested: &[IpAddr]) -> Result<Vec<Allocation>> {
+        let held = self.store.held(container_id, ifname);
+        if let Some(ip) = held.iter().find(|ip| self.set_of(**ip).is_some()) {
+            return Err(IpamError::Duplicate { ip: *ip, container_id: container_id.to_string() });
         }
         let mut wanted: Vec<Option<IpAddr>> = vec![None; self.sets.len()];
         for ip in requested {
             let set = self.set_of(*ip).ok_or(IpamError::RequestedOutOfRange(*ip))?;
             wanted[set] = Some(*ip);
         }
+        // The entry first: every reservation is a link to it (see the store's doc).
+        self.store.open_entry(container_id, ifname, !held.is_empty())?;
         let mut done: Vec<Allocation> = Vec::with_capacity(self.sets.len());
+        let mut outcome = Ok(());
         for (set, want) in wanted.into_iter().enumerate() {
             match self.allocate_one(container_id, ifname, set, want) {
                 Ok(a) => done.push(a),
                 Err(e) => {
-                    for a in &done {
-                        let _ = self.store.release_if_owned(container_id, ifname, a.address.addr());
-                    }
-                    return Err(e);
+                    outcome = Err(e);
+                    break;
                 }
             }
         }
-        let ips: Vec<IpAddr> = done.iter().map(|a| a.address.addr()).collect();
-        if let Err(e) = self.store.set_index(container_id, ifname, &ips) {
-            for ip in ips {
-                let _ = self.store.release_if_owned(container_id, ifname, ip);
+        let mut ips = held.clone();
+        ips.extend(done.iter().map(|a| a.address.addr()));
+        if outcome.is_ok() {
+            outcome = self.store.close_entry(container_id, ifname, &ips);
+        }
+        if let Err(e) = outcome {
+            for a in &done {
+                self.store.release_if_owned(container_id, ifname, a.address.addr())?;
             }
+            self.store.close_entry(container_id, ifname, &held)?;
             return Err(e);
         }
         Ok(done)
     }
 
-    fn allocate_one(&self, container_id: &str, ifname: &str, set: usize, want: Option<IpAddr>) -> Result<Allocation> {
+    fn allocate_one(
+        &mut self,
+        container_id: &str,
+        ifname: &str,
+        set: usize,
+        want: Option<IpAddr>,
+    ) -> Result<Allocation> {
         let ranges = &self.sets[set];
         if let Some(ip) = want {
             let range = ranges.iter().find(|r| r.contains(ip)).ok_or(IpamError::RequestedOutOfRange(ip))?;
@@ -87,24 +101,14 @@ impl<'a> Allocator<'a> {
         Err(IpamError::Exhausted(describe(ranges)))
     }
 
-    /// Releases every address `(container_id, ifname)` holds. `hints` are addresses the caller
-    /// believes it holds (from `prevResult`); only when neither the index nor the hints know the
-    /// attachment is the whole store walked. Returns what was released.
-    pub fn release(&self, container_id: &str, ifname: &str, hints: &[IpAddr]) -> Result<Vec<IpAddr>> {
-        let mut candidates = self.store.indexed(container_id, ifname);
+    /// Releases every address `(container_id, ifname)` holds, and any of `hints` (addresses the
+    /// caller believes it holds, from `prevResult`) that it owns. Returns what was released.
+    pub fn release(&mut self, container_id: &str, ifname: &str, hints: &[IpAddr]) -> Result<Vec<IpAddr>> {
+        let mut candidates = self.store.held(container_id, ifname);
         for ip in hints {
             if !candidates.contains(ip) {
                 candidates.push(*ip);
             }
-        }
-        if candidates.is_empty() {
-            candidates = self
-                .store
-                .reservations()?
-                .into_iter()
-                .filter(|(_, c, i)| c == container_id.trim() && i == ifname)
-                .map(|(ip, _, _)| ip)
-                .collect();
         }
         let mut released = Vec::new();
         for ip in candidates {
@@ -112,7 +116,9 @@ impl<'a> Allocator<'a> {
                 released.push(ip);
             }
         }
-        self.store.set_index(container_id, ifname, &[])?;
+        if !released.is_empty() || self.store.has_entry(container_id, ifname) {
+            self.store.close_entry(container_id, ifname, &[])?;
+        }
         Ok(released)
     }
 
@@ -137,9 +143,9 @@ mod tests {
     #[test]
     fn allocates_round_robin_in_reference_format() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), "net").unwrap();
+        let mut store = Store::open(dir.path(), "net").unwrap();
         let sets = sets(&["10.0.0.0/29", "fd00::/125"]);
-        let alloc = Allocator::new(&store, &sets);
+        let mut alloc = Allocator::new(&mut store, &sets);
         let a = alloc.allocate("c1", "eth0", &[]).unwrap();
         assert_eq!(a[0].address.to_string(), "10.0.0.2/29");
         assert_eq!(a[1].address.to_string(), "fd00::2/125");
@@ -157,22 +163,23 @@ mod tests {
     #[test]
     fn exhaustion_leaves_nothing_reserved() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), "net").unwrap();
+        let mut store = Store::open(dir.path(), "net").unwrap();
         let sets = sets(&["fd00::/126", "10.0.0.0/30"]);
-        let alloc = Allocator::new(&store, &sets);
+        let mut alloc = Allocator::new(&mut store, &sets);
         alloc.allocate("c1", "eth0", &[]).unwrap();
         let err = alloc.allocate("c2", "eth0", &[]).unwrap_err();
         assert!(matches!(err, IpamError::Exhausted(_)), "{err}");
         let held: Vec<String> = store.reservations().unwrap().into_iter().map(|(_, c, _)| c).collect();
         assert_eq!(held, ["c1", "c1"]);
+        assert_eq!(store.entries(), [("c1".to_string(), "eth0".to_string())], "c2's entry went with it");
     }
 
     #[test]
     fn requested_addresses() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), "net").unwrap();
+        let mut store = Store::open(dir.path(), "net").unwrap();
         let sets = sets(&["10.0.0.0/24"]);
-        let alloc = Allocator::new(&store, &sets);
+        let mut alloc = Allocator::new(&mut store, &sets);
         let ip: IpAddr = "10.0.0.77".parse().unwrap();
         assert_eq!(alloc.allocate("c1", "eth0", &[ip]).unwrap()[0].address.addr(), ip);
         assert!(matches!(alloc.allocate("c2", "eth0", &[ip]), Err(IpamError::RequestedUnavailable(..))));
@@ -183,14 +190,59 @@ mod tests {
     }
 
     #[test]
-    fn release_without_index_walks_once() {
+    fn the_reference_plugins_reservations_are_refused_again_and_released() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), "net").unwrap();
-        // A reservation written by the reference plugin: no index entry.
+        Store::open(dir.path(), "net").unwrap().commit().unwrap();
+        // A reservation written by the reference plugin (no index entry), after weft's last call.
         std::fs::write(dir.path().join("net/10.0.0.9"), "ref1\r\neth0").unwrap();
         let sets = sets(&["10.0.0.0/24"]);
-        let alloc = Allocator::new(&store, &sets);
+        let mut store = Store::open(dir.path(), "net").unwrap();
+        let mut alloc = Allocator::new(&mut store, &sets);
+        assert!(matches!(alloc.allocate("ref1", "eth0", &[]), Err(IpamError::Duplicate { .. })));
         assert_eq!(alloc.release("ref1", "eth0", &[]).unwrap(), vec!["10.0.0.9".parse::<IpAddr>().unwrap()]);
         assert!(alloc.release("ref1", "eth0", &[]).unwrap().is_empty());
+        store.commit().unwrap();
+        assert!(Store::open(dir.path(), "net").unwrap().reservations().unwrap().is_empty());
+    }
+
+    /// Every prefix of an ADD's file operations (what a kill leaves), then what a runtime does
+    /// next: ADD again, DEL, ADD, DEL. Never a second address, nothing left.
+    #[test]
+    fn an_add_cut_short_at_any_step_leaks_nothing() {
+        let sets = sets(&["10.0.0.0/24", "fd00::/120"]);
+        for cut in 0usize..=4 {
+            let dir = tempfile::tempdir().unwrap();
+            let mut store = Store::open(dir.path(), "net").unwrap();
+            let ips: [IpAddr; 2] = ["10.0.0.2".parse().unwrap(), "fd00::2".parse().unwrap()];
+            if cut >= 1 {
+                store.open_entry("c1", "eth0", false).unwrap();
+            }
+            for (set, ip) in ips.iter().enumerate().take(cut.saturating_sub(1).min(2)) {
+                assert!(store.reserve("c1", "eth0", *ip, set).unwrap());
+            }
+            if cut >= 4 {
+                store.close_entry("c1", "eth0", &ips).unwrap();
+            }
+            drop(store);
+
+            let mut store = Store::open(dir.path(), "net").unwrap();
+            let retried = Allocator::new(&mut store, &sets).allocate("c1", "eth0", &[]);
+            store.commit().unwrap();
+            let mut store = Store::open(dir.path(), "net").unwrap();
+            let held = store.held("c1", "eth0");
+            match &retried {
+                Ok(a) => assert_eq!(held, a.iter().map(|a| a.address.addr()).collect::<Vec<_>>(), "cut {cut}"),
+                Err(IpamError::Duplicate { .. }) => assert!(!held.is_empty(), "cut {cut}"),
+                Err(e) => panic!("cut {cut}: {e}"),
+            }
+            assert!(held.len() <= 2, "cut {cut}: {held:?}");
+            Allocator::new(&mut store, &sets).release("c1", "eth0", &[]).unwrap();
+            Allocator::new(&mut store, &sets).allocate("c1", "eth0", &[]).unwrap();
+            Allocator::new(&mut store, &sets).release("c1", "eth0", &[]).unwrap();
+            store.commit().unwrap();
+            let store = Store::open(dir.path(), "net").unwrap();
+            assert!(store.reservations().unwrap().is_empty(), "cut {cut}");
+            assert!(store.entries().is_empty(), "cut {cut}");
+        }
     }
 }

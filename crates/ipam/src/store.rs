@@ -7,18 +7,34 @@
 //!
 //! On top of that weft keeps an index entry `.weft-index/<containerID>@<ifname>` per attachment,
 //! so finding an attachment's addresses is O(1) instead of the reference's walk over the whole
-//! directory. The entry is a hard link to the attachment's first reservation with the addresses
-//! in the extended attribute `user.weft.ips`: it costs no inode of its own (allocating one is the
-//! most expensive thing host-local does on ext4 without a journal). Where hard links or user
-//! xattrs are not supported it is a plain file listing the addresses. The index is a hint: every
-//! address it names is checked against the address file before it is acted upon. The reference
-//! plugin reads the link as one more file of the attachment, so its DEL removes it too, and never
-//! as an address (its name is not one).
+//! directory (see `docs/adr/0002-host-local-index.md`).
+//!
+//! **Crash consistency.** A plugin can be killed between any two system calls. weft orders its
+//! writes so that every intermediate state is one the next call understands:
+//!
+//! 1. the entry is created first and holds the reservation's content (`<id>\r\n<ifname>`);
+//! 2. an address is reserved by hard-linking the entry to the address's name: `link` either
+//!    fails (the address is taken) or makes a complete reservation in one step — there is never
+//!    an empty or half-written address file, and every reservation weft makes shares the entry's
+//!    inode;
+//! 3. the entry's extended attribute `user.weft.ips` lists the addresses.
+//!
+//! What ties it together is a *clean mark*, the attribute `user.weft.clean` on the lock file: a
+//! call removes it before its first change and sets it again, to a fingerprint of the directory
+//! (its modification time and the `last_reserved_ip` files), once the store is consistent. A
+//! call that opens the store and finds no mark, or a mark that does not match (a killed call; the
+//! reference plugin wrote here), walks the directory once under the lock and repairs it: every
+//! attachment holding addresses gets an entry listing exactly them (reservations made by the
+//! reference plugin are adopted that way), entries holding nothing are removed, and empty address
+//! files — a writer killed between create and write; only the reference writes that way — are
+//! removed. With the mark in place, an attachment without an entry holds nothing, so neither ADD
+//! nor DEL ever walks the directory. Where user xattrs are not supported, every call walks.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::net::IpAddr;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::{IpamError, Result};
@@ -27,15 +43,29 @@ const LINE_BREAK: &str = "\r\n";
 const INDEX_DIR: &str = ".weft-index";
 const LAST_RESERVED_PREFIX: &str = "last_reserved_ip.";
 const INDEX_XATTR: &str = "user.weft.ips";
+const CLEAN_XATTR: &str = "user.weft.clean";
+
+/// An attachment: (containerID, ifname).
+pub type Attachment = (String, String);
 
 /// One network's store, locked for as long as it lives.
 pub struct Store {
     dir: PathBuf,
-    _lock: File,
+    lock: File,
+    /// The `last_reserved_ip.N` contents, as read at open and written since.
+    last: Vec<Option<String>>,
+    /// Every attachment's addresses when the store was walked at open (no clean mark).
+    walked: Option<BTreeMap<Attachment, Vec<IpAddr>>>,
+    /// Whether the clean mark has been removed (by this call's first change, or before it).
+    dirty: std::cell::Cell<bool>,
 }
 
 fn io<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -> IpamError + 'p {
     move |source| IpamError::Io { op, path: path.display().to_string(), source }
+}
+
+fn errno(e: rustix::io::Errno) -> std::io::Error {
+    e.into()
 }
 
 /// The file name of a reservation (the address as text, as the reference writes it on Linux).
@@ -43,8 +73,13 @@ fn ip_file(ip: IpAddr) -> String {
     ip.to_string()
 }
 
+fn owner_text(container_id: &str, ifname: &str) -> String {
+    format!("{}{LINE_BREAK}{ifname}", container_id.trim())
+}
+
 impl Store {
-    /// Opens (creating it if needed) the store of `network` under `data_dir` and takes its lock.
+    /// Opens (creating it if needed) the store of `network` under `data_dir`, takes its lock and,
+    /// when it is not marked clean, repairs it.
     pub fn open(data_dir: &Path, network: &str) -> Result<Store> {
         let dir = data_dir.join(network);
         let lock_path = dir.join("lock");
@@ -59,112 +94,201 @@ impl Store {
         }
         .map_err(io("open", &lock_path))?;
         lock.lock().map_err(io("lock", &lock_path))?;
-        Ok(Store { dir, _lock: lock })
+        let mut store = Store { dir, lock, last: Vec::new(), walked: None, dirty: std::cell::Cell::new(false) };
+        store.last = store.read_last_reserved();
+        if !store.marked_clean() {
+            store.dirty.set(true);
+            store.walked = Some(store.repair()?);
+        }
+        Ok(store)
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// Reserves `ip` for the attachment; false when someone holds it already.
-    pub fn reserve(&self, container_id: &str, ifname: &str, ip: IpAddr, set: usize) -> Result<bool> {
-        let path = self.dir.join(ip_file(ip));
-        let mut file = match OpenOptions::new().write(true).create_new(true).open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(false),
-            Err(e) => return Err(io("create", &path)(e)),
+    /// Marks the store clean again (see the module doc): call once it is consistent. A store
+    /// dropped without it stays marked dirty, and the next call repairs it.
+    pub fn commit(self) -> Result<()> {
+        if !self.dirty.get() {
+            return Ok(());
+        }
+        let mark = self.fingerprint().map_err(io("read", &self.dir))?;
+        match rustix::fs::fsetxattr(&self.lock, CLEAN_XATTR, mark.as_bytes(), rustix::fs::XattrFlags::empty()) {
+            // No user xattrs here: every call walks, as the reference does.
+            Err(e) if e == rustix::io::Errno::NOTSUP => Ok(()),
+            other => other.map_err(|e| io("mark clean", &self.dir)(errno(e))),
+        }
+    }
+
+    /// Removes the clean mark before the first change of this call.
+    fn mark_dirty(&self) -> Result<()> {
+        if self.dirty.replace(true) {
+            return Ok(());
+        }
+        match rustix::fs::fremovexattr(&self.lock, CLEAN_XATTR) {
+            Ok(()) => Ok(()),
+            Err(e) if e == rustix::io::Errno::NODATA || e == rustix::io::Errno::NOTSUP => Ok(()),
+            Err(e) => Err(io("mark dirty", &self.dir)(errno(e))),
+        }
+    }
+
+    /// The directory's modification time and the round-robin positions: anything that reserves
+    /// an address changes one of them.
+    fn fingerprint(&self) -> std::io::Result<String> {
+        let meta = std::fs::metadata(&self.dir)?;
+        let mut mark = format!("{}.{:09}", meta.mtime(), meta.mtime_nsec());
+        for last in &self.last {
+            mark.push('|');
+            mark.push_str(last.as_deref().unwrap_or(""));
+        }
+        Ok(mark)
+    }
+
+    fn marked_clean(&self) -> bool {
+        let mut buf = [0u8; 256];
+        let Ok(n) = rustix::fs::fgetxattr(&self.lock, CLEAN_XATTR, &mut buf[..]) else { return false };
+        self.fingerprint().is_ok_and(|mark| mark.as_bytes() == &buf[..n])
+    }
+
+    fn read_last_reserved(&self) -> Vec<Option<String>> {
+        let mut out = Vec::new();
+        loop {
+            let path = self.dir.join(format!("{LAST_RESERVED_PREFIX}{}", out.len()));
+            match std::fs::read_to_string(path) {
+                Ok(text) => out.push(Some(text)),
+                Err(e) if e.kind() == ErrorKind::NotFound => return out,
+                Err(_) => out.push(None),
+            }
+        }
+    }
+
+    /// The last address reserved from range set `set`.
+    pub fn last_reserved(&self, set: usize) -> Option<IpAddr> {
+        self.last.get(set)?.as_deref()?.trim().parse().ok()
+    }
+
+    /// Who holds `ip`: `(containerID, ifname)`.
+    pub fn owner(&self, ip: IpAddr) -> Option<Attachment> {
+        let text = std::fs::read_to_string(self.dir.join(ip_file(ip))).ok()?;
+        parse_owner(&text)
+    }
+
+    fn owned_by(&self, ip: IpAddr, container_id: &str, ifname: &str) -> bool {
+        self.owner(ip).is_some_and(|(c, i)| c == container_id.trim() && i == ifname)
+    }
+
+    /// Every address the attachment holds. O(1): the entry's list, each address checked against
+    /// its reservation (or the walk made at open, where there was one).
+    pub fn held(&self, container_id: &str, ifname: &str) -> Vec<IpAddr> {
+        let listed: Vec<IpAddr> = match &self.walked {
+            Some(walked) => {
+                walked.get(&(container_id.trim().to_string(), ifname.to_string())).cloned().unwrap_or_default()
+            }
+            None => match read_index(&self.index_path(container_id, ifname)) {
+                Some(text) => text.lines().filter_map(|l| l.trim().parse().ok()).collect(),
+                None => return Vec::new(),
+            },
         };
-        let written = file.write_all(format!("{}{LINE_BREAK}{ifname}", container_id.trim()).as_bytes());
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&path);
-            return Err(io("write", &path)(e));
+        listed.into_iter().filter(|ip| self.owned_by(*ip, container_id, ifname)).collect()
+    }
+
+    /// Makes sure the attachment has an entry that reservations can be linked to. An entry that
+    /// already backs reservations (`keep`) stays; anything else under its name is replaced.
+    pub fn open_entry(&self, container_id: &str, ifname: &str, keep: bool) -> Result<()> {
+        self.mark_dirty()?;
+        let path = self.index_path(container_id, ifname);
+        if keep && path.exists() {
+            return Ok(());
+        }
+        remove_if_present(&path)?;
+        let create = || OpenOptions::new().write(true).create_new(true).open(&path);
+        let mut file = match create() {
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                let index = self.dir.join(INDEX_DIR);
+                std::fs::create_dir_all(&index).map_err(io("create", &index))?;
+                create()
+            }
+            other => other,
+        }
+        .map_err(io("create", &path))?;
+        file.write_all(owner_text(container_id, ifname).as_bytes()).map_err(io("write", &path))
+    }
+
+    /// Reserves `ip` for the attachment (whose entry [`Store::open_entry`] made) in one step: the
+    /// entry is hard-linked to the address's name. False when someone holds it already.
+    pub fn reserve(&mut self, container_id: &str, ifname: &str, ip: IpAddr, set: usize) -> Result<bool> {
+        self.mark_dirty()?;
+        let path = self.dir.join(ip_file(ip));
+        let entry = self.index_path(container_id, ifname);
+        match std::fs::hard_link(&entry, &path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(false),
+            // No hard links on this filesystem: created and written, as the reference does (a
+            // kill in between leaves an empty file, which the next call's repair removes).
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::PERM.raw_os_error()) => {
+                if !create_with(&path, owner_text(container_id, ifname).as_bytes())? {
+                    return Ok(false);
+                }
+            }
+            Err(e) => return Err(io("link", &path)(e)),
         }
         // Written in place: it is only where round robin resumes. Not with O_TRUNC: truncating
         // a file to zero and rewriting it makes ext4 flush it on close (auto_da_alloc), which
         // costs more than everything else host-local does.
         let last = self.dir.join(format!("{LAST_RESERVED_PREFIX}{set}"));
-        overwrite(&last, ip.to_string().as_bytes())?;
+        let text = ip.to_string();
+        overwrite(&last, text.as_bytes())?;
+        if self.last.len() <= set {
+            self.last.resize(set + 1, None);
+        }
+        self.last[set] = Some(text);
         Ok(true)
     }
 
-    /// The last address reserved from range set `set`.
-    pub fn last_reserved(&self, set: usize) -> Option<IpAddr> {
-        std::fs::read_to_string(self.dir.join(format!("{LAST_RESERVED_PREFIX}{set}"))).ok()?.trim().parse().ok()
-    }
-
-    /// Who holds `ip`: `(containerID, ifname)`.
-    pub fn owner(&self, ip: IpAddr) -> Option<(String, String)> {
-        let text = std::fs::read_to_string(self.dir.join(ip_file(ip))).ok()?;
-        parse_owner(&text)
+    /// Records the attachment's addresses in its entry; none removes the entry.
+    pub fn close_entry(&mut self, container_id: &str, ifname: &str, ips: &[IpAddr]) -> Result<()> {
+        self.mark_dirty()?;
+        let path = self.index_path(container_id, ifname);
+        if let Some(walked) = &mut self.walked {
+            let key = (container_id.trim().to_string(), ifname.to_string());
+            if ips.is_empty() {
+                walked.remove(&key);
+            } else {
+                walked.insert(key, ips.to_vec());
+            }
+        }
+        if ips.is_empty() {
+            return remove_if_present(&path);
+        }
+        let text: String = ips.iter().map(|ip| format!("{ip}\n")).collect();
+        match rustix::fs::setxattr(&path, INDEX_XATTR, text.as_bytes(), rustix::fs::XattrFlags::empty()) {
+            // No user xattrs: the store is walked on every call instead.
+            Err(e) if e == rustix::io::Errno::NOTSUP => Ok(()),
+            other => other.map_err(|e| io("set the index attribute of", &path)(errno(e))),
+        }
     }
 
     /// Releases `ip` if the attachment holds it.
     pub fn release_if_owned(&self, container_id: &str, ifname: &str, ip: IpAddr) -> Result<bool> {
-        if self.owner(ip).is_some_and(|(c, i)| c == container_id.trim() && i == ifname) {
-            let path = self.dir.join(ip_file(ip));
-            match std::fs::remove_file(&path) {
-                Ok(()) => return Ok(true),
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => return Err(io("remove", &path)(e)),
-            }
+        if !self.owned_by(ip, container_id, ifname) {
+            return Ok(false);
         }
-        Ok(false)
-    }
-
-    /// The addresses the index lists for the attachment, checked against the reservations.
-    pub fn indexed(&self, container_id: &str, ifname: &str) -> Vec<IpAddr> {
-        let Some(text) = read_index(&self.index_path(container_id, ifname)) else { return Vec::new() };
-        text.lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .filter(|ip| self.owner(*ip).is_some_and(|(c, i)| c == container_id.trim() && i == ifname))
-            .collect()
-    }
-
-    /// Records the attachment's addresses in the index (replacing what it had; none removes it).
-    pub fn set_index(&self, container_id: &str, ifname: &str, ips: &[IpAddr]) -> Result<()> {
-        let path = self.index_path(container_id, ifname);
-        let Some(first) = ips.first() else { return remove_if_present(&path) };
-        let text: String = ips.iter().map(|ip| format!("{ip}\n")).collect();
-        let reservation = self.dir.join(ip_file(*first));
-        match self.link_index(&reservation, &path) {
-            Ok(()) => {
-                match rustix::fs::setxattr(&path, INDEX_XATTR, text.as_bytes(), rustix::fs::XattrFlags::empty()) {
-                    Ok(()) => return Ok(()),
-                    // No user xattrs here: the entry becomes a plain file (below).
-                    Err(e) if e == rustix::io::Errno::NOTSUP => {}
-                    Err(e) => {
-                        let _ = std::fs::remove_file(&path);
-                        return Err(io("set the index attribute of", &path)(e.into()));
-                    }
-                }
-            }
-            // No hard links on this filesystem: a plain file too.
-            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::PERM.raw_os_error()) => {}
-            Err(e) => return Err(io("link", &path)(e)),
-        }
-        // Never written through an existing entry: it may be a link to a reservation.
-        remove_if_present(&path)?;
-        let mut file = OpenOptions::new().write(true).create_new(true).open(&path).map_err(io("create", &path))?;
-        file.write_all(text.as_bytes()).map_err(io("write", &path))
-    }
-
-    /// Hard-links `path` to `reservation`, replacing a stale entry and creating the index
-    /// directory on first use.
-    fn link_index(&self, reservation: &Path, path: &Path) -> std::io::Result<()> {
-        match std::fs::hard_link(reservation, path) {
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-                std::fs::remove_file(path)?;
-                std::fs::hard_link(reservation, path)
-            }
-            Err(e) if e.kind() == ErrorKind::NotFound && reservation.exists() => {
-                std::fs::create_dir_all(self.dir.join(INDEX_DIR))?;
-                std::fs::hard_link(reservation, path)
-            }
-            other => other,
+        self.mark_dirty()?;
+        let path = self.dir.join(ip_file(ip));
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io("remove", &path)(e)),
         }
     }
 
-    /// Every reservation: `(ip, containerID, ifname)`. A full walk, for GC and fallbacks only.
+    /// Whether the attachment has an entry (possibly holding nothing: a call killed early).
+    pub fn has_entry(&self, container_id: &str, ifname: &str) -> bool {
+        self.index_path(container_id, ifname).symlink_metadata().is_ok()
+    }
+
+    /// Every reservation: `(ip, containerID, ifname)`. A full walk, for GC.
     pub fn reservations(&self) -> Result<Vec<(IpAddr, String, String)>> {
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&self.dir).map_err(io("read", &self.dir))? {
@@ -177,11 +301,75 @@ impl Store {
         Ok(out)
     }
 
-    /// The attachments the index knows, for GC.
-    pub fn indexed_attachments(&self) -> Vec<(String, String)> {
+    /// The attachments that have entries.
+    pub fn entries(&self) -> Vec<Attachment> {
         let Ok(entries) = std::fs::read_dir(self.dir.join(INDEX_DIR)) else { return Vec::new() };
-        let names: BTreeSet<String> = entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
-        names.into_iter().filter_map(|n| n.split_once('@').map(|(c, i)| (c.to_string(), i.to_string()))).collect()
+        let mut out: Vec<Attachment> = entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter_map(|n| n.split_once('@').map(|(c, i)| (c.to_string(), i.to_string())))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Brings the store back to consistency after a killed call or the reference plugin's
+    /// changes (see the module doc) and returns every attachment's addresses.
+    fn repair(&mut self) -> Result<BTreeMap<Attachment, Vec<IpAddr>>> {
+        let mut held: BTreeMap<Attachment, Vec<IpAddr>> = BTreeMap::new();
+        let read_dir = match std::fs::read_dir(&self.dir) {
+            Ok(d) => d,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(held),
+            Err(e) => return Err(io("read", &self.dir)(e)),
+        };
+        for entry in read_dir {
+            let entry = entry.map_err(io("read", &self.dir))?;
+            let Some(ip) = entry.file_name().to_str().and_then(|n| n.parse::<IpAddr>().ok()) else { continue };
+            let path = entry.path();
+            let Ok(text) = std::fs::read_to_string(&path) else { continue };
+            match parse_owner(&text) {
+                Some(owner) => held.entry(owner).or_default().push(ip),
+                // An empty reservation: its writer was killed between create and write (we hold
+                // the lock, so nobody is writing it now). Nobody can ever release it.
+                None => remove_if_present(&path)?,
+            }
+        }
+        for ips in held.values_mut() {
+            ips.sort();
+        }
+        // Entries first: those holding nothing go, the others list exactly what they hold.
+        let index = self.dir.join(INDEX_DIR);
+        let mut with_entry = std::collections::BTreeSet::new();
+        for (c, i) in self.entries() {
+            let key = (c, i);
+            match held.get(&key) {
+                Some(ips) => {
+                    self.close_entry(&key.0, &key.1, &ips.clone())?;
+                    with_entry.insert(key);
+                }
+                None => remove_if_present(&self.index_path(&key.0, &key.1))?,
+            }
+        }
+        if let Ok(names) = std::fs::read_dir(&index) {
+            for name in names.flatten().filter(|e| !e.file_name().to_string_lossy().contains('@')) {
+                let _ = std::fs::remove_file(name.path());
+            }
+        }
+        // Reservations nobody indexed (the reference plugin's): adopt them.
+        for (key, ips) in &held {
+            if with_entry.contains(key) {
+                continue;
+            }
+            let path = self.index_path(&key.0, &key.1);
+            std::fs::create_dir_all(&index).map_err(io("create", &index))?;
+            let first = self.dir.join(ip_file(ips[0]));
+            if let Err(e) = std::fs::hard_link(&first, &path) {
+                if e.kind() != ErrorKind::AlreadyExists {
+                    create_with(&path, owner_text(&key.0, &key.1).as_bytes())?;
+                }
+            }
+            self.close_entry(&key.0, &key.1, ips)?;
+        }
+        Ok(held)
     }
 
     fn index_path(&self, container_id: &str, ifname: &str) -> PathBuf {
@@ -189,28 +377,40 @@ impl Store {
     }
 }
 
-fn parse_owner(text: &str) -> Option<(String, String)> {
+/// `(containerID, ifname)` of a reservation's content; `None` for an empty one.
+fn parse_owner(text: &str) -> Option<Attachment> {
     let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
     let (c, i) = text.split_once(LINE_BREAK).unwrap_or((text, ""));
     Some((c.trim().to_string(), i.trim().to_string()))
 }
 
-/// The addresses an index entry lists: its attribute, or the content of a plain-file entry.
+/// The addresses an index entry lists.
 fn read_index(path: &Path) -> Option<String> {
     let mut buf = [0u8; 512];
     match rustix::fs::getxattr(path, INDEX_XATTR, &mut buf[..]) {
-        Ok(n) => return String::from_utf8(buf[..n].to_vec()).ok(),
-        Err(e) if e == rustix::io::Errno::NOENT => return None,
+        Ok(n) => String::from_utf8(buf[..n].to_vec()).ok(),
         Err(e) if e == rustix::io::Errno::RANGE => {
             let mut big = vec![0u8; rustix::fs::getxattr_query(path, INDEX_XATTR).ok()?];
             let n = rustix::fs::getxattr(path, INDEX_XATTR, &mut big[..]).ok()?;
             big.truncate(n);
-            return String::from_utf8(big).ok();
+            String::from_utf8(big).ok()
         }
-        // No attribute (a plain-file entry) or no xattrs on this filesystem.
-        Err(_) => {}
+        Err(_) => None,
     }
-    std::fs::read_to_string(path).ok()
+}
+
+/// Creates `path` with `bytes`; false when it exists.
+fn create_with(path: &Path, bytes: &[u8]) -> Result<bool> {
+    let mut file = match OpenOptions::new().write(true).create_new(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(io("create", path)(e)),
+    };
+    file.write_all(bytes).map_err(io("write", path))?;
+    Ok(true)
 }
 
 fn remove_if_present(path: &Path) -> Result<()> {
@@ -237,57 +437,102 @@ mod tests {
         text.parse().unwrap()
     }
 
+    /// What an ADD does, step by step.
+    fn add(store: &mut Store, c: &str, ips: &[&str]) {
+        store.open_entry(c, "eth0", false).unwrap();
+        let ips: Vec<IpAddr> = ips.iter().map(|t| ip(t)).collect();
+        for (set, addr) in ips.iter().enumerate() {
+            assert!(store.reserve(c, "eth0", *addr, set).unwrap());
+        }
+        store.close_entry(c, "eth0", &ips).unwrap();
+    }
+
     #[test]
-    fn index_entry_is_a_link_to_the_reservation_with_the_addresses_attached() {
+    fn reservations_are_links_to_the_entry_with_the_addresses_attached() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), "net").unwrap();
-        assert!(store.reserve("c1", "eth0", ip("10.0.0.2"), 0).unwrap());
-        assert!(store.reserve("c1", "eth0", ip("fd00::2"), 1).unwrap());
-        store.set_index("c1", "eth0", &[ip("10.0.0.2"), ip("fd00::2")]).unwrap();
+        let mut store = Store::open(dir.path(), "net").unwrap();
+        add(&mut store, "c1", &["10.0.0.2", "fd00::2"]);
+        store.commit().unwrap();
 
         let entry = dir.path().join("net/.weft-index/c1@eth0");
         let reservation = dir.path().join("net/10.0.0.2");
         assert_eq!(std::fs::metadata(&entry).unwrap().ino(), std::fs::metadata(&reservation).unwrap().ino());
-        assert_eq!(std::fs::read_to_string(&reservation).unwrap(), "c1\r\neth0", "the reservation is untouched");
-        assert_eq!(store.indexed("c1", "eth0"), [ip("10.0.0.2"), ip("fd00::2")]);
-
-        // Replaced by a new set of addresses, the old reservation still intact.
-        assert!(store.reserve("c1", "eth0", ip("10.0.0.3"), 0).unwrap());
-        store.set_index("c1", "eth0", &[ip("10.0.0.3")]).unwrap();
-        assert_eq!(store.indexed("c1", "eth0"), [ip("10.0.0.3")]);
-        assert_eq!(std::fs::read_to_string(&reservation).unwrap(), "c1\r\neth0");
-
-        store.set_index("c1", "eth0", &[]).unwrap();
-        assert!(!entry.exists());
-        assert_eq!(std::fs::read_to_string(dir.path().join("net/10.0.0.3")).unwrap(), "c1\r\neth0");
+        assert_eq!(std::fs::read_to_string(&reservation).unwrap(), "c1\r\neth0", "the reference's format");
+        assert_eq!(std::fs::read_to_string(dir.path().join("net/fd00::2")).unwrap(), "c1\r\neth0");
+        let store = Store::open(dir.path(), "net").unwrap();
+        assert!(store.walked.is_none(), "a committed store is not walked again");
+        assert_eq!(store.held("c1", "eth0"), [ip("10.0.0.2"), ip("fd00::2")]);
+        assert!(store.held("c2", "eth0").is_empty());
     }
 
     #[test]
-    fn a_plain_file_entry_is_read_and_replaced_without_writing_through_it() {
+    fn a_store_left_uncommitted_is_repaired_by_the_next_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path(), "net").unwrap();
+        store.open_entry("c1", "eth0", false).unwrap();
+        assert!(store.reserve("c1", "eth0", ip("10.0.0.2"), 0).unwrap());
+        drop(store); // killed before the entry listed the address
+
+        let store = Store::open(dir.path(), "net").unwrap();
+        assert_eq!(store.held("c1", "eth0"), [ip("10.0.0.2")]);
+        store.commit().unwrap();
+        let store = Store::open(dir.path(), "net").unwrap();
+        assert!(store.walked.is_none());
+        assert_eq!(store.held("c1", "eth0"), [ip("10.0.0.2")], "the repair wrote the entry's list");
+    }
+
+    #[test]
+    fn an_entry_holding_nothing_and_empty_address_files_are_removed_by_a_repair() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), "net").unwrap();
-        assert!(store.reserve("c1", "eth0", ip("10.0.0.2"), 0).unwrap());
-        // What weft writes where links or user xattrs are missing (and wrote before links).
-        std::fs::create_dir_all(dir.path().join("net/.weft-index")).unwrap();
-        std::fs::write(dir.path().join("net/.weft-index/c1@eth0"), "10.0.0.2\n").unwrap();
-        assert_eq!(store.indexed("c1", "eth0"), [ip("10.0.0.2")]);
-        store.set_index("c1", "eth0", &[ip("10.0.0.2")]).unwrap();
-        assert_eq!(store.indexed("c1", "eth0"), [ip("10.0.0.2")]);
-        assert_eq!(std::fs::read_to_string(dir.path().join("net/10.0.0.2")).unwrap(), "c1\r\neth0");
+        store.open_entry("c1", "eth0", false).unwrap();
+        drop(store);
+        std::fs::write(dir.path().join("net/10.0.0.9"), "").unwrap();
+        let store = Store::open(dir.path(), "net").unwrap();
+        assert!(!store.has_entry("c1", "eth0"));
+        assert!(!dir.path().join("net/10.0.0.9").exists());
+        assert!(store.entries().is_empty());
+    }
+
+    #[test]
+    fn reservations_of_the_reference_plugin_are_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        Store::open(dir.path(), "net").unwrap().commit().unwrap();
+        // The reference plugin reserves (a new file, the directory's time changes) and writes
+        // last_reserved_ip.0.
+        std::fs::write(dir.path().join("net/10.0.0.9"), "ref1\r\neth0").unwrap();
+        std::fs::write(dir.path().join("net/last_reserved_ip.0"), "10.0.0.9").unwrap();
+        let store = Store::open(dir.path(), "net").unwrap();
+        assert_eq!(store.held("ref1", "eth0"), [ip("10.0.0.9")]);
+        store.commit().unwrap();
+        let store = Store::open(dir.path(), "net").unwrap();
+        assert!(store.walked.is_none());
+        assert_eq!(store.held("ref1", "eth0"), [ip("10.0.0.9")], "indexed since");
+        assert_eq!(std::fs::read_to_string(dir.path().join("net/10.0.0.9")).unwrap(), "ref1\r\neth0");
+    }
+
+    #[test]
+    fn a_changed_round_robin_position_alone_makes_the_store_walked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path(), "net").unwrap();
+        add(&mut store, "c1", &["10.0.0.2"]);
+        store.commit().unwrap();
+        // Written in place: the directory's time stays.
+        std::fs::write(dir.path().join("net/last_reserved_ip.0"), "10.0.0.7").unwrap();
+        assert!(Store::open(dir.path(), "net").unwrap().walked.is_some());
     }
 
     #[test]
     fn an_entry_outliving_its_reservation_names_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), "net").unwrap();
-        assert!(store.reserve("c1", "eth0", ip("10.0.0.2"), 0).unwrap());
-        store.set_index("c1", "eth0", &[ip("10.0.0.2")]).unwrap();
-        // The reference plugin's DEL removes the address file (and, walking, the link too);
-        // here only the address file goes, and someone else takes the address.
+        let mut store = Store::open(dir.path(), "net").unwrap();
+        add(&mut store, "c1", &["10.0.0.2"]);
+        // The reference plugin's DEL removes the address file; someone else takes the address.
         std::fs::remove_file(dir.path().join("net/10.0.0.2")).unwrap();
-        assert!(store.indexed("c1", "eth0").is_empty());
+        assert!(store.held("c1", "eth0").is_empty());
+        store.open_entry("c2", "eth0", false).unwrap();
         assert!(store.reserve("c2", "eth0", ip("10.0.0.2"), 0).unwrap());
-        assert!(store.indexed("c1", "eth0").is_empty());
+        assert!(store.held("c1", "eth0").is_empty());
         assert_eq!(store.owner(ip("10.0.0.2")), Some(("c2".into(), "eth0".into())));
     }
 }

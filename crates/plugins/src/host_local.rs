@@ -46,7 +46,7 @@ struct Conf {
 }
 
 /// host-local's config, checked.
-struct Loaded {
+pub(crate) struct Loaded {
     network: String,
     sets: Vec<RangeSet>,
     routes: Vec<Route>,
@@ -54,7 +54,7 @@ struct Loaded {
     resolv_conf: Option<PathBuf>,
 }
 
-fn load(stdin: &[u8]) -> Result<Loaded, CniError> {
+pub(crate) fn load(stdin: &[u8]) -> Result<Loaded, CniError> {
     let conf: Conf = parse_plugin_conf(stdin)?;
     let ipam = conf.ipam.ok_or_else(|| CniError::invalid_config("IPAM config missing 'ipam' key"))?;
     let mut ranges = ipam.ranges;
@@ -86,7 +86,7 @@ fn load(stdin: &[u8]) -> Result<Loaded, CniError> {
 }
 
 /// The addresses the runtime asked for: `CNI_ARGS IP=`, `args.cni.ips`, `runtimeConfig.ips`.
-fn requested_ips(args: &CmdArgs, stdin: &Value) -> Result<Vec<IpAddr>, CniError> {
+pub(crate) fn requested_ips(args: &CmdArgs, stdin: &Value) -> Result<Vec<IpAddr>, CniError> {
     let mut texts: Vec<String> = Vec::new();
     if let Some(ip) = args.arg("IP") {
         texts.extend(ip.split(',').map(String::from));
@@ -140,10 +140,11 @@ pub fn add(args: &CmdArgs) -> Result<CniResult, CniError> {
     let stdin: Value = serde_json::from_slice(&args.stdin).unwrap_or_default();
     let requested = requested_ips(args, &stdin)?;
     let dns = loaded.resolv_conf.as_deref().map(read_resolv_conf).transpose()?.unwrap_or_default();
-    let store = open_store(&loaded)?;
-    let allocations = Allocator::new(&store, &loaded.sets)
-        .allocate(&args.container_id, &args.ifname, &requested)
-        .map_err(ipam_error)?;
+    let mut store = open_store(&loaded)?;
+    let allocated = Allocator::new(&mut store, &loaded.sets).allocate(&args.container_id, &args.ifname, &requested);
+    // Consistent either way (a failed allocation undid itself): marked clean.
+    store.commit().map_err(ipam_error)?;
+    let allocations = allocated.map_err(ipam_error)?;
     Ok(CniResult {
         cni_version: String::new(),
         interfaces: Vec::new(),
@@ -164,27 +165,17 @@ pub fn del(args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
         .flatten()
         .map(|r| r.ips.iter().map(|ip| ip.address.addr()).collect())
         .unwrap_or_default();
-    let store = open_store(&loaded)?;
-    Allocator::new(&store, &loaded.sets).release(&args.container_id, &args.ifname, &hints).map_err(ipam_error)?;
-    Ok(())
+    let mut store = open_store(&loaded)?;
+    Allocator::new(&mut store, &loaded.sets).release(&args.container_id, &args.ifname, &hints).map_err(ipam_error)?;
+    store.commit().map_err(ipam_error)
 }
 
 /// CHECK: the attachment still holds an address.
 pub fn check(args: &CmdArgs) -> Result<(), CniError> {
     let loaded = load(&args.stdin)?;
     let store = open_store(&loaded)?;
-    let held = store.indexed(&args.container_id, &args.ifname);
-    let held = if held.is_empty() {
-        store
-            .reservations()
-            .map_err(ipam_error)?
-            .into_iter()
-            .filter(|(_, c, i)| *c == args.container_id && *i == args.ifname)
-            .map(|(ip, _, _)| ip)
-            .collect()
-    } else {
-        held
-    };
+    let held = store.held(&args.container_id, &args.ifname);
+    store.commit().map_err(ipam_error)?;
     if held.is_empty() {
         return Err(CniError::internal(format!(
             "host-local: Failed to find address added by container {}",
@@ -197,19 +188,19 @@ pub fn check(args: &CmdArgs) -> Result<(), CniError> {
 /// GC: release every reservation whose attachment is not in `valid`.
 pub fn gc(args: &CmdArgs, valid: &[Attachment]) -> Result<(), CniError> {
     let loaded = load(&args.stdin)?;
-    let store = open_store(&loaded)?;
+    let mut store = open_store(&loaded)?;
     let is_valid = |c: &str, i: &str| valid.iter().any(|a| a.container_id == c && a.ifname == i);
     for (ip, c, i) in store.reservations().map_err(ipam_error)? {
         if !is_valid(&c, &i) {
             store.release_if_owned(&c, &i, ip).map_err(ipam_error)?;
         }
     }
-    for (c, i) in store.indexed_attachments() {
+    for (c, i) in store.entries() {
         if !is_valid(&c, &i) {
-            store.set_index(&c, &i, &[]).map_err(ipam_error)?;
+            store.close_entry(&c, &i, &[]).map_err(ipam_error)?;
         }
     }
-    Ok(())
+    store.commit().map_err(ipam_error)
 }
 
 impl Plugin for HostLocal {
@@ -231,7 +222,9 @@ impl Plugin for HostLocal {
 
     fn status(&self, args: &CmdArgs, _conf: &NetConf) -> Result<(), CniError> {
         let loaded = load(&args.stdin)?;
-        open_store(&loaded).map(drop).map_err(|e| CniError::new(ErrorCode::NotAvailable, e.msg))
+        open_store(&loaded)
+            .and_then(|s| s.commit().map_err(ipam_error))
+            .map_err(|e| CniError::new(ErrorCode::NotAvailable, e.msg))
     }
 
     fn gc(&self, args: &CmdArgs, _conf: &NetConf, valid: &[Attachment]) -> Result<(), CniError> {
