@@ -2,11 +2,14 @@
 //!
 //! Deleting a veth costs 10-30 ms in the kernel (unregistering two devices waits for RCU grace
 //! periods), more than everything else a DEL does together. So DEL does the part anyone can
-//! observe at once: the container end goes down and is renamed to `wdel<index>` (the container's
-//! interface name is free again for a new ADD), the host end goes down into the group of retired
-//! links, [`RETIRED_GROUP`] (no traffic either way) — and a reaper process (`weft cni reap`)
-//! deletes the group in the background. The kernel unregisters a group in one batch, so a burst
-//! of DELs costs it one wait, not one per veth.
+//! observe at once: the host end goes down into the group of retired links, [`RETIRED_GROUP`]
+//! (no traffic either way from then on), the container end goes down and is renamed to
+//! `wdel<index>` (the container's interface name is free again for a new ADD) — and a reaper
+//! process (`weft cni reap`) deletes the group in the background. The kernel unregisters a group
+//! in one batch, so a burst of DELs costs it one wait, not one per veth.
+//!
+//! A DEL killed half-way is finished by the next one: it retires `ifname` and also every
+//! `wdel*` link of the container whose host end is still live.
 //!
 //! One reaper works per network namespace at a time: it holds the abstract unix socket
 //! [`REAPER_SOCKET`] (per namespace by nature, gone with its process), and a DEL starts a reaper
@@ -41,23 +44,33 @@ fn tombstone(index: u32) -> String {
     format!("{TOMBSTONE_PREFIX}{index:08x}")
 }
 
-/// Retires `ifname` in the container (`cnl`) and its host peer (`hnl`). A missing interface is
-/// success. When the peer cannot be found on the host, the container end is deleted at once.
+/// Retires `ifname` in the container (`cnl`) and its host peer (`hnl`), and whatever a DEL
+/// killed half-way left in this container (a renamed interface whose host end is still up). A
+/// missing interface is success. When the peer cannot be found on the host, the container end is
+/// deleted at once.
+///
+/// The host end goes first: once it is down in the retired group no traffic flows and the
+/// reaper takes the pair, whatever happens to the rest of this DEL.
 pub fn retire_veth(cnl: &mut Netlink, hnl: &mut Netlink, ifname: &str) -> Result<(), CniError> {
-    let Some(cont) = cnl.link_by_name(ifname).map_err(kernel("reading the container interface"))? else {
-        return Ok(());
-    };
-    let host = match cont.peer_index {
-        Some(peer) => hnl.link_by_index(peer).map_err(kernel("reading the host veth"))?,
-        None => None,
-    };
-    match host.filter(|h| h.kind == LinkKind::Veth) {
-        Some(host) => {
-            retire_container_end(cnl, &cont)?;
-            retire_host_link(hnl, &host)
+    let links = cnl.links().map_err(kernel("reading the container's links"))?;
+    for cont in links.iter().filter(|l| l.name == ifname || l.name.starts_with(TOMBSTONE_PREFIX)) {
+        let host = match cont.peer_index {
+            Some(peer) => hnl.link_by_index(peer).map_err(kernel("reading the host veth"))?,
+            None => None,
+        };
+        match host.filter(|h| h.kind == LinkKind::Veth) {
+            Some(host) => {
+                if host.group != RETIRED_GROUP || host.up {
+                    retire_host_link(hnl, &host)?;
+                }
+                retire_container_end(cnl, cont)?;
+            }
+            None => {
+                ignore_not_found(cnl.delete_link(cont.index)).map_err(kernel("deleting the container interface"))?
+            }
         }
-        None => ignore_not_found(cnl.delete_link(cont.index)).map_err(kernel("deleting the container interface")),
     }
+    Ok(())
 }
 
 /// Retires a host-side veth (its container end goes with it) and makes sure a reaper runs.
@@ -73,7 +86,9 @@ fn retire_container_end(nl: &mut Netlink, link: &Link) -> Result<(), CniError> {
     if link.name == name {
         return Ok(());
     }
-    ignore_not_found(nl.set_up(link.index, false)).map_err(kernel("setting the interface down"))?;
+    if link.up {
+        ignore_not_found(nl.set_up(link.index, false)).map_err(kernel("setting the interface down"))?;
+    }
     ignore_not_found(nl.set_name(link.index, &name)).map_err(kernel("renaming the retired interface"))
 }
 
