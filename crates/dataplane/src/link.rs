@@ -287,10 +287,11 @@ impl Netlink {
         self.link_by_name(name)?.ok_or_else(|| DataplaneError::LinkNotFound(name.to_string()))
     }
 
-    /// `ip link add NAME [mtu MTU] type bridge`.
-    pub fn create_bridge(&mut self, name: &str, mtu: Option<u32>) -> Result<()> {
+    /// `ip link add NAME [mtu MTU] [address MAC] type bridge`. A bridge given its MAC keeps it;
+    /// one without takes the lowest MAC of its ports, and changes it as ports come and go.
+    pub fn create_bridge(&mut self, name: &str, mtu: Option<u32>, mac: Option<[u8; 6]>) -> Result<()> {
         let mut msg = LinkMessage::default();
-        msg.attributes = new_link_attributes(name, mtu, None);
+        msg.attributes = new_link_attributes(name, mtu, mac);
         msg.attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]));
         self.change(RouteNetlinkMessage::NewLink(msg), Mode::Create, "create bridge", &name)
     }

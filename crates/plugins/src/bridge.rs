@@ -16,7 +16,8 @@ use weft_cni::{CniError, CniResult, ErrorCode, Interface, NetConf, Route};
 use weft_dataplane::{format_mac, sysctl, LinkKind, Netlink};
 use weft_netns::NetNs;
 
-use crate::common::{attachment_key, create_veth, kernel, open_netns_for_teardown, prev_result, Attach};
+use crate::attachment_lock::{self, AttachmentLock};
+use crate::common::{attachment_key, create_veth, kernel, open_netns_for_teardown, prev_result, random_mac, Attach};
 use crate::{container, ipam, masq, rules, teardown};
 
 pub struct Bridge;
@@ -94,6 +95,7 @@ impl Plugin for Bridge {
 
     fn add(&self, args: &CmdArgs, conf: &NetConf) -> Result<CniResult, CniError> {
         let bconf = BridgeConf::load(&args.stdin)?;
+        let _lock = AttachmentLock::take(self.name(), &bconf.name, args)?;
         let Attach { mac, netns, mut cnl, mut hnl } = Attach::prepare(args)?;
         let mut created = Created::default();
         let outcome = add_steps(args, conf, &bconf, mac, &netns, &mut hnl, &mut cnl, &mut created);
@@ -105,6 +107,7 @@ impl Plugin for Bridge {
 
     fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
         let bconf = BridgeConf::load(&args.stdin)?;
+        let lock = AttachmentLock::take(self.name(), &bconf.name, args)?;
         let mut errors = Vec::new();
         if let Some(ipam_type) = ipam::ipam_type(conf) {
             if let Err(e) = ipam::del(&ipam_type, args) {
@@ -122,11 +125,18 @@ impl Plugin for Bridge {
                 errors.push(e);
             }
         }
-        errors.into_iter().next().map_or(Ok(()), Err)
+        match errors.into_iter().next() {
+            Some(e) => Err(e),
+            None => {
+                lock.remove();
+                Ok(())
+            }
+        }
     }
 
     fn check(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
         let bconf = BridgeConf::load(&args.stdin)?;
+        let _lock = AttachmentLock::take(self.name(), &bconf.name, args)?;
         let result = prev_result(conf)?.ok_or_else(|| CniError::internal("Required prevResult missing"))?;
         if let Some(ipam_type) = ipam::ipam_type(conf) {
             ipam::check(&ipam_type, args)?;
@@ -162,6 +172,7 @@ impl Plugin for Bridge {
     fn gc(&self, args: &CmdArgs, conf: &NetConf, valid: &[Attachment]) -> Result<(), CniError> {
         let bconf = BridgeConf::load(&args.stdin)?;
         rules::gc("masq", &bconf.name, valid)?;
+        attachment_lock::gc(self.name(), &bconf.name, valid);
         teardown::sweep(&mut Netlink::new().map_err(kernel("opening netlink"))?)?;
         if let Some(ipam_type) = ipam::ipam_type(conf) {
             ipam::gc(&ipam_type, args)?;
@@ -225,7 +236,7 @@ fn add_steps(
     if let Some(dns) = conf.dns.as_ref().filter(|d| !d.is_empty()) {
         result.dns = dns.clone();
     }
-    // The bridge's MAC can change when its first port joins: read it now.
+    // A bridge someone else made may take its first port's MAC: read it now.
     let bridge_mac = hnl.link_by_index(bridge).map_err(kernel("reading the bridge"))?.map(|l| l.mac_string());
     result.interfaces = vec![
         Interface { name: bconf.bridge.clone(), mac: bridge_mac.unwrap_or_default(), sandbox: String::new() },
@@ -263,7 +274,9 @@ fn ensure_bridge(nl: &mut Netlink, bconf: &BridgeConf, created: &mut Created) ->
     let link = match existing {
         Some(link) => link,
         None => {
-            match nl.create_bridge(&bconf.bridge, bconf.mtu) {
+            // Its own MAC, so that it does not follow the lowest port MAC as ports come and go
+            // (flannel #1381: neighbours' ARP entries for the gateway go stale).
+            match nl.create_bridge(&bconf.bridge, bconf.mtu, Some(random_mac())) {
                 Ok(()) => {}
                 Err(e) if e.is_exists() => {} // created by a concurrent ADD
                 Err(e) => return Err(kernel("creating the bridge")(e)),

@@ -63,7 +63,8 @@ pub fn requested_mac(args: &CmdArgs, stdin: &Value) -> Result<Option<[u8; 6]>, C
         .ok_or_else(|| CniError::new(ErrorCode::InvalidConfig, format!("invalid MAC address {text:?}")))
 }
 
-fn fnv64(text: &str) -> String {
+/// A short stable hash for names (FNV-1a, 64 bits, as hex).
+pub(crate) fn fnv64(text: &str) -> String {
     let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
     format!("{hash:016x}")
 }

@@ -3,6 +3,7 @@
 //! delegates to them with the node's subnet. [`by_name`] maps a plugin type (the
 //! name the binary was invoked under) to its implementation.
 
+pub mod attachment_lock;
 pub mod bridge;
 pub mod common;
 pub mod container;
@@ -16,6 +17,9 @@ pub mod portmap;
 pub mod ptp;
 pub mod rules;
 pub mod teardown;
+
+#[cfg(test)]
+mod fuzz;
 
 use weft_cni::skel::Plugin;
 

@@ -17,6 +17,7 @@ use weft_cni::skel::{parse_plugin_conf, Attachment, Plugin};
 use weft_cni::{CniError, CniResult, ErrorCode, NetConf};
 use weft_netconf::SubnetEnv;
 
+use crate::attachment_lock::{self, AttachmentLock};
 use crate::delegate;
 
 pub const DEFAULT_SUBNET_FILE: &str = "/run/weft/subnet.env";
@@ -25,7 +26,7 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/weft";
 pub struct Meta;
 
 #[derive(Debug, Deserialize)]
-struct MetaConf {
+pub(crate) struct MetaConf {
     #[serde(default)]
     name: String,
     #[serde(rename = "cniVersion", default)]
@@ -47,7 +48,7 @@ struct MetaConf {
 }
 
 impl MetaConf {
-    fn load(stdin: &[u8]) -> Result<MetaConf, CniError> {
+    pub(crate) fn load(stdin: &[u8]) -> Result<MetaConf, CniError> {
         let conf: MetaConf = parse_plugin_conf(stdin)?;
         if conf.name.is_empty() {
             return Err(CniError::invalid_config("the network config has no name"));
@@ -75,12 +76,12 @@ impl MetaConf {
     }
 
     /// The delegate config for this node's subnet.
-    fn render(&self, env: &SubnetEnv) -> Value {
+    pub(crate) fn render(&self, env: &SubnetEnv) -> Map<String, Value> {
         let mut d = self.delegate.clone().unwrap_or_default();
         d.entry("type").or_insert_with(|| json!("bridge"));
         d.insert("name".into(), json!(self.name));
         d.insert("cniVersion".into(), json!(self.cni_version));
-        if d["type"] == "bridge" {
+        if d.get("type").is_some_and(|t| t == "bridge") {
             d.entry("isGateway").or_insert(json!(true));
             d.entry("ipMasq").or_insert(json!(!env.ipmasq));
             d.entry("mtu").or_insert(json!(env.mtu));
@@ -104,21 +105,46 @@ impl MetaConf {
                 d.insert(key.into(), v.clone());
             }
         }
-        Value::Object(d)
+        d
     }
 
     /// The saved delegate config of the attachment (also flannel's file, keyed by container ID
-    /// only, for nodes that ran flannel before).
-    fn saved(&self, args: &CmdArgs) -> Option<Value> {
+    /// only, for nodes that ran flannel before): `None` when there is none, an error when it is
+    /// not a JSON object.
+    fn saved(&self, args: &CmdArgs) -> Result<Option<Map<String, Value>>, CniError> {
         let paths = [self.saved_path(&args.container_id, &args.ifname), self.data_dir().join(&args.container_id)];
-        paths.iter().find_map(|p| serde_json::from_slice(&std::fs::read(p).ok()?).ok())
+        let Some((path, bytes)) = paths.iter().find_map(|p| Some((p, std::fs::read(p).ok()?))) else {
+            return Ok(None);
+        };
+        parse_saved(&bytes).map(Some).map_err(|e| {
+            CniError::new(ErrorCode::Decoding, format!("the saved delegate config {} is damaged: {e}", path.display()))
+        })
     }
 
-    fn with_prev(&self, mut delegate: Value) -> Value {
+    pub(crate) fn with_prev(&self, mut delegate: Map<String, Value>) -> Value {
         if let Some(prev) = &self.prev_result {
-            delegate["prevResult"] = prev.clone();
+            delegate.insert("prevResult".into(), prev.clone());
         }
-        delegate
+        Value::Object(delegate)
+    }
+}
+
+/// A saved delegate config: a JSON object.
+pub(crate) fn parse_saved(bytes: &[u8]) -> Result<Map<String, Value>, String> {
+    match serde_json::from_slice(bytes).map_err(|e| e.to_string())? {
+        Value::Object(map) => Ok(map),
+        other => Err(format!("not a JSON object but {}", kind_of(&other))),
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }
 
@@ -138,13 +164,19 @@ fn save(path: &Path, delegate: &Value) -> Result<(), CniError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
-    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
+    let tmp = tmp_path(path);
     std::fs::write(&tmp, to_bytes(delegate)).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
 }
 
+fn tmp_path(path: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.tmp", path.display()))
+}
+
+/// Removes a saved config and the temporary file an ADD killed while saving it may have left.
 fn remove(path: &Path) {
     let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(tmp_path(path));
 }
 
 impl Plugin for Meta {
@@ -154,8 +186,9 @@ impl Plugin for Meta {
 
     fn add(&self, args: &CmdArgs, _conf: &NetConf) -> Result<CniResult, CniError> {
         let conf = MetaConf::load(&args.stdin)?;
+        let _lock = AttachmentLock::take(self.name(), &conf.name, args)?;
         let env = conf.subnet_env()?;
-        let delegate = conf.render(&env);
+        let delegate = Value::Object(conf.render(&env));
         let path = conf.saved_path(&args.container_id, &args.ifname);
         save(&path, &delegate)?;
         // A failed ADD is followed by the runtime's DEL, which finds the saved config.
@@ -165,14 +198,22 @@ impl Plugin for Meta {
 
     fn del(&self, args: &CmdArgs, _conf: &NetConf) -> Result<(), CniError> {
         let conf = MetaConf::load(&args.stdin)?;
-        let delegate = match conf.saved(args) {
+        let lock = AttachmentLock::take(self.name(), &conf.name, args)?;
+        let saved = conf.saved(args).unwrap_or_else(|e| {
+            eprintln!("weft: {}; deriving the delegate config from the subnet file", e.msg);
+            None
+        });
+        let delegate = match saved {
             Some(saved) => saved,
-            // No saved config (lost, or never written): the current subnet file still says which
-            // network and subnet host-local used, so the address is released all the same.
+            // No saved config (lost, damaged or never written): the current subnet file still
+            // says which network and subnet host-local used, so the address is released all
+            // the same.
             None => match conf.subnet_env() {
                 Ok(env) => conf.render(&env),
                 Err(_) => {
                     eprintln!("weft: no saved config and no subnet file for {}; nothing to release", args.container_id);
+                    remove(&conf.saved_path(&args.container_id, &args.ifname));
+                    lock.remove();
                     return Ok(());
                 }
             },
@@ -181,13 +222,15 @@ impl Plugin for Meta {
         delegate::run(&delegate_type(&delegate)?, Command::Del, args, &to_bytes(&delegate))?;
         remove(&conf.saved_path(&args.container_id, &args.ifname));
         remove(&conf.data_dir().join(&args.container_id));
+        lock.remove();
         Ok(())
     }
 
     fn check(&self, args: &CmdArgs, _conf: &NetConf) -> Result<(), CniError> {
         let conf = MetaConf::load(&args.stdin)?;
+        let _lock = AttachmentLock::take(self.name(), &conf.name, args)?;
         let saved =
-            conf.saved(args).ok_or_else(|| CniError::internal("no saved delegate config for this attachment"))?;
+            conf.saved(args)?.ok_or_else(|| CniError::internal("no saved delegate config for this attachment"))?;
         let delegate = conf.with_prev(saved);
         delegate::run(&delegate_type(&delegate)?, Command::Check, args, &to_bytes(&delegate)).map(drop)
     }
@@ -205,14 +248,16 @@ impl Plugin for Meta {
         if let Ok(entries) = std::fs::read_dir(conf.data_dir()) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().to_string();
-                if name.contains('@') && !name.ends_with(".tmp") && !is_valid(&name) {
+                if name.contains('@') && !is_valid(name.strip_suffix(".tmp").unwrap_or(&name)) {
                     remove(&entry.path());
                 }
             }
         }
+        attachment_lock::gc(self.name(), &conf.name, valid);
         let env = conf.subnet_env()?;
         let mut delegate = conf.render(&env);
-        delegate["cni.dev/valid-attachments"] = serde_json::to_value(valid).unwrap_or_default();
+        delegate.insert("cni.dev/valid-attachments".into(), serde_json::to_value(valid).unwrap_or_default());
+        let delegate = Value::Object(delegate);
         delegate::run(&delegate_type(&delegate)?, Command::Gc, args, &to_bytes(&delegate)).map(drop)
     }
 }

@@ -46,7 +46,7 @@ struct RuntimeConfig {
 }
 
 #[derive(Debug, Deserialize)]
-struct PortmapConf {
+pub(crate) struct PortmapConf {
     #[serde(default)]
     name: String,
     #[serde(default = "default_true")]
@@ -56,7 +56,7 @@ struct PortmapConf {
 }
 
 impl PortmapConf {
-    fn load(stdin: &[u8]) -> Result<PortmapConf, CniError> {
+    pub(crate) fn load(stdin: &[u8]) -> Result<PortmapConf, CniError> {
         let conf: PortmapConf = parse_plugin_conf(stdin)?;
         for m in &conf.runtime_config.port_mappings {
             if m.host_port == 0 || m.container_port == 0 {

@@ -10,6 +10,7 @@ use weft_cni::skel::{parse_plugin_conf, Attachment, Plugin};
 use weft_cni::{CniError, CniResult, Interface, NetConf};
 use weft_dataplane::{format_mac, Netlink, RouteSpec};
 
+use crate::attachment_lock::{self, AttachmentLock};
 use crate::bridge::{enable_forwarding, retire_container_link};
 use crate::common::{attachment_key, create_veth, kernel, open_netns_for_teardown, prev_result, Attach};
 use crate::{container, ipam, masq, rules};
@@ -17,7 +18,7 @@ use crate::{container, ipam, masq, rules};
 pub struct Ptp;
 
 #[derive(Debug, Deserialize)]
-struct PtpConf {
+pub(crate) struct PtpConf {
     #[serde(default)]
     name: String,
     #[serde(rename = "ipMasq", default)]
@@ -44,6 +45,7 @@ impl Plugin for Ptp {
     fn add(&self, args: &CmdArgs, conf: &NetConf) -> Result<CniResult, CniError> {
         let pconf: PtpConf = parse_plugin_conf(&args.stdin)?;
         let ipam_type = ipam::ipam_type(conf).ok_or_else(|| CniError::invalid_config("ptp needs an IPAM plugin"))?;
+        let _lock = AttachmentLock::take(self.name(), &pconf.name, args)?;
         let Attach { mac, netns, mut cnl, mut hnl } = Attach::prepare(args)?;
 
         let mut result = ipam::add(&ipam_type, args)?;
@@ -90,6 +92,7 @@ impl Plugin for Ptp {
 
     fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
         let pconf: PtpConf = parse_plugin_conf(&args.stdin)?;
+        let lock = AttachmentLock::take(self.name(), &pconf.name, args)?;
         let mut errors = Vec::new();
         if let Some(ipam_type) = ipam::ipam_type(conf) {
             errors.extend(ipam::del(&ipam_type, args).err());
@@ -100,11 +103,18 @@ impl Plugin for Ptp {
         if pconf.ip_masq {
             errors.extend(masq::teardown(&pconf.masq_key(args)).err());
         }
-        errors.into_iter().next().map_or(Ok(()), Err)
+        match errors.into_iter().next() {
+            Some(e) => Err(e),
+            None => {
+                lock.remove();
+                Ok(())
+            }
+        }
     }
 
     fn check(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
         let pconf: PtpConf = parse_plugin_conf(&args.stdin)?;
+        let _lock = AttachmentLock::take(self.name(), &pconf.name, args)?;
         let result = prev_result(conf)?.ok_or_else(|| CniError::internal("Required prevResult missing"))?;
         if let Some(ipam_type) = ipam::ipam_type(conf) {
             ipam::check(&ipam_type, args)?;
@@ -126,6 +136,7 @@ impl Plugin for Ptp {
     fn gc(&self, args: &CmdArgs, conf: &NetConf, valid: &[Attachment]) -> Result<(), CniError> {
         let pconf: PtpConf = parse_plugin_conf(&args.stdin)?;
         rules::gc("masq", &pconf.name, valid)?;
+        attachment_lock::gc(self.name(), &pconf.name, valid);
         crate::teardown::sweep(&mut Netlink::new().map_err(kernel("opening netlink"))?)?;
         if let Some(ipam_type) = ipam::ipam_type(conf) {
             ipam::gc(&ipam_type, args)?;

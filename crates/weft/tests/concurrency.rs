@@ -14,17 +14,23 @@ use serde_json::json;
 const N: usize = 100;
 
 fn run_all(node: &Ns, dir: &std::path::Path, command: &str, conts: &[Ns], conf: &str) -> Vec<Outcome> {
+    let calls: Vec<(&str, String, &Ns)> =
+        conts.iter().enumerate().map(|(i, c)| (command, format!("conc{i}"), c)).collect();
+    run_at_once(node, dir, &calls, conf)
+}
+
+/// Starts every `(command, containerID, container)` call of bridge at once and waits for all.
+fn run_at_once(node: &Ns, dir: &std::path::Path, calls: &[(&str, String, &Ns)], conf: &str) -> Vec<Outcome> {
     node.handle
         .run(|| {
-            let children: Vec<_> = conts
+            let children: Vec<_> = calls
                 .iter()
-                .enumerate()
-                .map(|(i, c)| {
+                .map(|(command, id, c)| {
                     let mut child = Command::new(dir.join("bridge"))
                         .env_clear()
                         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
                         .env("CNI_COMMAND", command)
-                        .env("CNI_CONTAINERID", format!("conc{i}"))
+                        .env("CNI_CONTAINERID", id)
                         .env("CNI_NETNS", c.path())
                         .env("CNI_IFNAME", "eth0")
                         .env("CNI_PATH", dir)
@@ -86,4 +92,68 @@ fn hundred_parallel_adds_and_dels() {
     });
     assert_reaped(&node);
     assert_eq!(node.nft().matches("masq conc/").count(), 0, "{}", node.nft());
+}
+
+/// An ADD and a DEL of the same attachment at once, 100 times over: they take turns, so an
+/// attachment that ends up with an interface holds its address in the store, one that ends up
+/// without holds none, and no address is ever in two places.
+#[test]
+fn hundred_concurrent_add_del_pairs_of_the_same_attachments() {
+    let node = Ns::new("n");
+    let conts: Vec<Ns> = (0..N).map(|_| Ns::new("c")).collect();
+    let dir = weft_plugin_dir();
+    let data = Dir::new("ipam");
+    let br = unique("br");
+    let conf = json!({
+        "cniVersion": "1.0.0", "name": "pairs", "type": "bridge", "bridge": br, "isGateway": true,
+        "ipam": {"type": "host-local", "dataDir": data.path(), "ranges": [[{"subnet": "198.19.71.0/24"}]]}
+    })
+    .to_string();
+    // Interleaved, so each pair's two processes start next to each other.
+    let calls: Vec<(&str, String, &Ns)> = conts
+        .iter()
+        .enumerate()
+        .flat_map(|(i, c)| [("ADD", format!("pair{i}"), c), ("DEL", format!("pair{i}"), c)])
+        .collect();
+    for o in run_at_once(&node, dir.path(), &calls, &conf) {
+        o.ok();
+    }
+
+    let mut in_containers = Vec::new();
+    for (i, c) in conts.iter().enumerate() {
+        let id = format!("pair{i}");
+        let has_eth0 = c.links().contains(&"eth0".to_string());
+        let held: Vec<String> = reservations(data.path(), "pairs")
+            .into_iter()
+            .filter(|ip| {
+                std::fs::read_to_string(data.path().join("pairs").join(ip)).unwrap() == format!("{id}\r\neth0")
+            })
+            .collect();
+        if has_eth0 {
+            let addrs = c.addrs("eth0");
+            assert_eq!(addrs.len(), 1, "{id}: {addrs:?}");
+            let addr = addrs[0].split('/').next().unwrap().to_string();
+            assert_eq!(held, std::slice::from_ref(&addr), "{id} uses {addr} but holds {held:?}");
+            in_containers.push(addr);
+        } else {
+            assert!(held.is_empty(), "{id} has no interface but holds {held:?}");
+        }
+    }
+    let total = in_containers.len();
+    in_containers.sort();
+    in_containers.dedup();
+    assert_eq!(in_containers.len(), total, "an address is used twice");
+    assert_eq!(reservations(data.path(), "pairs").len(), total);
+
+    run_all_named(&node, dir.path(), "DEL", "pair", &conts, &conf);
+    assert!(reservations(data.path(), "pairs").is_empty());
+    assert_reaped(&node);
+}
+
+fn run_all_named(node: &Ns, dir: &std::path::Path, command: &str, prefix: &str, conts: &[Ns], conf: &str) {
+    let calls: Vec<(&str, String, &Ns)> =
+        conts.iter().enumerate().map(|(i, c)| (command, format!("{prefix}{i}"), c)).collect();
+    for o in run_at_once(node, dir, &calls, conf) {
+        o.ok();
+    }
 }

@@ -135,3 +135,25 @@ fn status_and_add_follow_agent_readiness() {
     // Neither a saved config nor a subnet file: DEL still succeeds.
     f.call("m4").run(&f.node, "weft", "DEL", &conf.to_string()).ok();
 }
+
+/// A saved delegate config that is JSON but not an object (or not JSON): CHECK answers with a
+/// CNI error instead of aborting, DEL derives the config from the subnet file and releases the
+/// address.
+#[test]
+fn a_damaged_saved_config_is_an_error_not_a_crash() {
+    let f = Fixture::new();
+    let conf = f.conf("1.0.0");
+    for (i, damaged) in ["[1,2]", "null", "\"bridge\"", "{\"type\":"].iter().enumerate() {
+        let id = format!("bad{i}");
+        let result = f.call(&id).run(&f.node, "weft", "ADD", &conf.to_string()).ok().json();
+        std::fs::write(f.state.path().join(format!("saved/{id}@eth0")), damaged).unwrap();
+        let mut with_prev = conf.clone();
+        with_prev["prevResult"] = result;
+        let check = f.call(&id).run(&f.node, "weft", "CHECK", &with_prev.to_string());
+        assert_eq!(check.error_code(), 6, "{damaged}: {check:?}");
+        assert!(check.json()["msg"].as_str().unwrap().contains("damaged"), "{check:?}");
+        f.call(&id).run(&f.node, "weft", "DEL", &with_prev.to_string()).ok();
+        assert!(f.reservations().is_empty(), "{damaged}: address leaked");
+        assert!(!f.state.path().join(format!("saved/{id}@eth0")).exists());
+    }
+}

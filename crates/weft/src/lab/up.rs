@@ -64,7 +64,7 @@ fn kernel(what: &str) -> impl FnOnce(weft_dataplane::DataplaneError) -> anyhow::
 fn make_switch(name: &str) -> Result<NetNs> {
     let ns = weft_netns::create_named(name).with_context(|| format!("creating namespace {name} (are you root?)"))?;
     let mut nl = Netlink::in_netns(&ns).map_err(kernel("netlink"))?;
-    nl.create_bridge("sw0", None).map_err(kernel("creating the switch"))?;
+    nl.create_bridge("sw0", None, None).map_err(kernel("creating the switch"))?;
     for name in ["lo", "sw0"] {
         let link = nl.require_link(name).map_err(kernel("switch"))?;
         nl.set_up(link.index, true).map_err(kernel("switch up"))?;
@@ -211,7 +211,7 @@ pub fn up(opts: &UpOptions) -> Result<()> {
     if let Some(existing) = Lab::load(&opts.name)? {
         if existing.supervisor_pid.is_some_and(alive) && existing.nodes.iter().all(|n| weft_netns::exists(&n.namespace))
         {
-            println!(
+            outln!(
                 "lab {} is already up ({} nodes, {} pods); `weft lab down --name {}` removes it",
                 existing.name,
                 existing.nodes.len(),
@@ -352,7 +352,7 @@ fn build(lab: &mut Lab, opts: &UpOptions, net_conf: &str) -> Result<()> {
             lab.save()?;
         }
     }
-    println!(
+    outln!(
         "lab {} is up: {} {} nodes on the switch {}, {} pods",
         lab.name,
         lab.nodes.len(),
@@ -361,10 +361,10 @@ fn build(lab: &mut Lab, opts: &UpOptions, net_conf: &str) -> Result<()> {
         lab.pods.len()
     );
     for pod in &lab.pods {
-        println!("  {:<16} {:<8} {}", pod.name, pod.node, pod.address);
+        outln!("  {:<16} {:<8} {}", pod.name, pod.node, pod.address);
     }
     let flag = if lab.name == "weft" { String::new() } else { format!(" --name {}", lab.name) };
-    println!("next: weft lab check{flag}; weft lab show{flag} [NODE]; weft lab down{flag}");
+    outln!("next: weft lab check{flag}; weft lab show{flag} [NODE]; weft lab down{flag}");
     Ok(())
 }
 
@@ -377,7 +377,7 @@ fn kill(pid: u32, signal: nix::sys::signal::Signal) {
 /// Removes every namespace, process and file of the lab; a lab that is not there is fine.
 pub fn down(name: &str) -> Result<()> {
     let Some(lab) = Lab::load(name)? else {
-        println!("no lab named {name}");
+        outln!("no lab named {name}");
         return Ok(());
     };
     if let Some(pid) = lab.supervisor_pid {
@@ -407,7 +407,7 @@ pub fn down(name: &str) -> Result<()> {
     if !errors.is_empty() {
         bail!("lab {name}: {}", errors.join("; "));
     }
-    println!("lab {name} is down");
+    outln!("lab {name} is down");
     Ok(())
 }
 
