@@ -88,13 +88,34 @@ fn dispatch(
     let mut input = Vec::with_capacity(8192);
     stdin.read_to_end(&mut input).map_err(|e| CniError::io(format!("reading stdin: {e}")))?;
     if command == Command::Version {
+        // The requested version when weft speaks it, else the latest one it does (never a
+        // version it does not speak).
         let requested = serde_json::from_slice::<NetConf>(&input).map(|c| c.cni_version).unwrap_or_default();
-        let version = if requested.is_empty() { version::LATEST_VERSION.to_string() } else { requested };
+        let version = if version::is_supported(&requested) { requested.as_str() } else { version::LATEST_VERSION };
         return Ok(Some(json!({"cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS})));
     }
     let args = CmdArgs::from_env(command, env, input)?;
+    if matches!(command, Command::Add | Command::Del | Command::Check) && is_own_netns(&args.netns) {
+        return Err(CniError::new(
+            ErrorCode::InvalidEnvironment,
+            format!("CNI_NETNS {:?} is the namespace the plugin runs in, not a container's", args.netns),
+        ));
+    }
     let conf = decode_conf(&args.stdin)?;
     Ok(invoke(plugin, &args, &conf)?.map(|result| result.to_json_value(&conf.cni_version)))
+}
+
+/// Whether `path` is the network namespace this process is in (a runtime passing the host's
+/// namespace as the container's would have the plugin rename and address the host's links).
+pub fn is_own_netns(path: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if path.is_empty() {
+        return false;
+    }
+    match (std::fs::metadata(path), std::fs::metadata("/proc/self/ns/net")) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 /// Runs one command of `plugin` with already validated arguments and decoded config: the
@@ -228,5 +249,24 @@ mod tests {
         let v: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["cniVersion"], "1.0.0");
         assert_eq!(v["supportedVersions"].as_array().unwrap().len(), SUPPORTED_VERSIONS.len());
+        for unsupported in [r#"{"cniVersion":"9.9.9"}"#, r#"{"cniVersion":"0.1.0"}"#, "{}", "garbage"] {
+            let (code, out, _) = invoke(&[("CNI_COMMAND", "VERSION")], unsupported);
+            let v: Value = serde_json::from_str(&out).unwrap();
+            assert_eq!((code, v["cniVersion"].as_str()), (0, Some(crate::version::LATEST_VERSION)), "{unsupported}");
+        }
+    }
+
+    #[test]
+    fn the_plugins_own_namespace_is_refused_as_a_container_namespace() {
+        let own = "/proc/self/ns/net";
+        assert!(is_own_netns(own));
+        assert!(!is_own_netns("/proc/1/ns/mnt") && !is_own_netns("") && !is_own_netns("/nonexistent"));
+        for command in ["ADD", "DEL", "CHECK"] {
+            let mut vars = FULL.to_vec();
+            vars[0] = ("CNI_COMMAND", command);
+            vars[2] = ("CNI_NETNS", own);
+            let (code, out, _) = invoke(&vars, r#"{"cniVersion":"1.0.0","name":"n","type":"echo"}"#);
+            assert_eq!((code, code_of(&out)), (1, 4), "{command}: {out}");
+        }
     }
 }

@@ -165,7 +165,7 @@ pub fn main() -> i32 {
         Command::Cni(CniCommand::Install { dir, force }) => crate::install::install(&dir, force),
         Command::Cni(CniCommand::List) => {
             for name in weft_plugins::PLUGIN_NAMES {
-                println!("{name}");
+                outln!("{name}");
             }
             Ok(())
         }

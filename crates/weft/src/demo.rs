@@ -67,8 +67,8 @@ pub fn run() -> Result<()> {
         .to_string()
         .as_bytes(),
     )?;
-    println!("node namespace {} stands in for the host; the conflist:", names.0[0]);
-    println!("{}\n", serde_json::to_string_pretty(&list.plugins)?);
+    outln!("node namespace {} stands in for the host; the conflist:", names.0[0]);
+    outln!("{}\n", serde_json::to_string_pretty(&list.plugins)?);
 
     let mut addresses = Vec::new();
     for (i, ns) in names.0[1..].iter().enumerate() {
@@ -80,26 +80,23 @@ pub fn run() -> Result<()> {
         };
         let result = node.run(|| runner.add(&list, &rt))?.map_err(|e| anyhow::anyhow!("ADD {ns}: {e}"))?;
         let ip = result.ips.first().context("no address in the result")?.address;
-        println!(
-            "container {ns}: eth0 {ip} via {:?}",
-            result.ips[0].gateway.map(|g| g.to_string()).unwrap_or_default()
-        );
+        outln!("container {ns}: eth0 {ip} via {:?}", result.ips[0].gateway.map(|g| g.to_string()).unwrap_or_default());
         addresses.push((rt, ip.addr()));
     }
 
     let (a, b) = (NetNs::open(weft_netns::named_path(&names.0[1]))?, NetNs::open(weft_netns::named_path(&names.0[2]))?);
     let reply = talk(&a, &b, addresses[1].1)?;
-    println!("\n{} -> {}:8080 over TCP: {reply:?}", addresses[0].1, addresses[1].1);
+    outln!("\n{} -> {}:8080 over TCP: {reply:?}", addresses[0].1, addresses[1].1);
 
     for (rt, ip) in &addresses {
         node.run(|| runner.del(&list, rt))?.map_err(|e| anyhow::anyhow!("DEL {}: {e}", rt.container_id))?;
-        println!("released {ip} (container {})", rt.container_id);
+        outln!("released {ip} (container {})", rt.container_id);
     }
     let left = std::fs::read_dir(root.0.join("ipam/demo"))?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|n| n.parse::<IpAddr>().is_ok())
         .count();
-    println!("reservations left: {left}; removing the demo namespaces");
+    outln!("reservations left: {left}; removing the demo namespaces");
     Ok(())
 }
 

@@ -41,14 +41,14 @@ pub fn install(dir: &Path, force: bool) -> Result<()> {
     let tmp = dir.join(".weft.tmp");
     std::fs::copy(&exe, &tmp).with_context(|| format!("copying {} to {}", exe.display(), tmp.display()))?;
     std::fs::rename(&tmp, &binary).with_context(|| format!("installing {}", binary.display()))?;
-    println!("installed {}", binary.display());
+    outln!("installed {}", binary.display());
     for name in &links {
         let link = dir.join(name);
         if link.symlink_metadata().is_ok() {
             std::fs::remove_file(&link).with_context(|| format!("replacing {}", link.display()))?;
         }
         std::os::unix::fs::symlink("weft", &link).with_context(|| format!("linking {}", link.display()))?;
-        println!("installed {}", link.display());
+        outln!("installed {}", link.display());
     }
     Ok(())
 }

@@ -2,10 +2,23 @@
 //! a symlink or copy) it is that plugin and nothing else runs: no argument parsing, no runtime.
 //! Named `weft` it is the meta plugin when `CNI_COMMAND` is set. Otherwise it is the CLI.
 
+/// `print!` for the CLI: output into a closed pipe (`weft lab show | head -1`) ends the process
+/// quietly with status 0 instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::output::write(format_args!($($arg)*), false) };
+}
+
+/// `println!` for the CLI, like [`out!`].
+macro_rules! outln {
+    () => { $crate::output::write(format_args!(""), true) };
+    ($($arg:tt)*) => { $crate::output::write(format_args!($($arg)*), true) };
+}
+
 mod cli;
 mod demo;
 mod install;
 mod lab;
+mod output;
 
 use std::path::Path;
 

@@ -294,3 +294,44 @@ fn one_reaper_per_namespace_deletes_the_retired_group() {
     left.sort();
     assert_eq!(left, ["keep0", "keep1", "lo"]);
 }
+
+/// The bridge keeps the MAC it was created with while ports come and go (flannel #1381: a bridge
+/// without its own address takes the lowest port MAC, and neighbours' ARP entries for the
+/// gateway go stale).
+#[test]
+fn the_bridge_mac_does_not_follow_its_ports() {
+    let Env { node, cont, dir, data, br } = Env::new();
+    let cfgv = conf(&br, data.path(), json!({}));
+    let cfg = cfgv.to_string();
+    let bridge_mac = || node.ip_json(&["link", "show", &br])[0]["address"].as_str().unwrap().to_string();
+    let r1 = Call::new(dir.path(), "mac1", &cont.path()).run(&node, "bridge", "ADD", &cfg).ok().json();
+    let mac = bridge_mac();
+    assert_eq!(r1["interfaces"][0]["mac"], mac.as_str());
+    // A port with a MAC lower than any the bridge could have chosen.
+    let veth = r1["interfaces"][1]["name"].as_str().unwrap();
+    node.sh(&["ip", "link", "set", veth, "address", "02:00:00:00:00:01"]);
+    let cont2 = Ns::new("c");
+    let r2 = Call::new(dir.path(), "mac2", &cont2.path()).run(&node, "bridge", "ADD", &cfg).ok().json();
+    assert_eq!(bridge_mac(), mac, "the bridge took a port's MAC");
+    assert_eq!(r2["interfaces"][0]["mac"], mac.as_str());
+    Call::new(dir.path(), "mac1", &cont.path()).run(&node, "bridge", "DEL", &with_prev(&cfgv, &r1)).ok();
+    assert_reaped(&node);
+    assert_eq!(bridge_mac(), mac, "the bridge's MAC changed when a port left");
+}
+
+/// CNI_NETNS naming the node's own namespace (where the plugin runs) is refused before anything
+/// is changed: no reservation, no bridge, no renamed link.
+#[test]
+fn the_plugins_own_namespace_is_refused() {
+    let Env { node, cont: _, dir, data, br } = Env::new();
+    let cfg = conf(&br, data.path(), json!({})).to_string();
+    node.sh(&["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]);
+    let links = node.links();
+    for command in ["ADD", "DEL", "CHECK"] {
+        let out = Call::new(dir.path(), "own1", &node.path()).run(&node, "bridge", command, &cfg);
+        assert_eq!(out.error_code(), 4, "{command}: {out:?}");
+        assert!(out.json()["msg"].as_str().unwrap().contains("namespace the plugin runs in"), "{out:?}");
+    }
+    assert_eq!(node.links(), links);
+    assert!(reservations(data.path(), "brnet").is_empty());
+}

@@ -59,3 +59,20 @@ fn subcommands_win_over_an_inherited_cni_command() {
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("host-local"));
 }
+
+/// Output into a pipe nobody reads any more (`weft cni list | head -0`) ends quietly: no panic.
+#[test]
+fn a_closed_pipe_ends_output_quietly() {
+    use std::os::fd::OwnedFd;
+    let (read, write): (OwnedFd, OwnedFd) = nix::unistd::pipe().unwrap();
+    drop(read);
+    let out = std::process::Command::new(common::weft_bin())
+        .args(["cni", "list"])
+        .stdout(std::process::Stdio::from(write))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+}

@@ -66,14 +66,14 @@ pub fn check(name: &str) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let servers: Vec<_> = lab.pods.iter().map(|p| serve(p, stop.clone())).collect::<Result<_>>()?;
     let width = lab.pods.iter().map(|p| p.name.len()).max().unwrap_or(4);
-    print!("{:width$} ", "from\\to");
+    out!("{:width$} ", "from\\to");
     for to in &lab.pods {
-        print!(" {:>width$}", to.name);
+        out!(" {:>width$}", to.name);
     }
-    println!();
+    outln!();
     let mut failures = Vec::new();
     for from in &lab.pods {
-        print!("{:width$} ", from.name);
+        out!("{:width$} ", from.name);
         for to in &lab.pods {
             let cell = if from.name == to.name {
                 "-".to_string()
@@ -86,9 +86,9 @@ pub fn check(name: &str) -> Result<()> {
                     }
                 }
             };
-            print!(" {cell:>width$}");
+            out!(" {cell:>width$}");
         }
-        println!();
+        outln!();
     }
     stop.store(true, Ordering::SeqCst);
     for s in servers {
@@ -102,6 +102,6 @@ pub fn check(name: &str) -> Result<()> {
             failures.join("\n")
         );
     }
-    println!("all {} pod pairs connected ({} KiB each way)", lab.pods.len() * (lab.pods.len() - 1), PAYLOAD / 1024);
+    outln!("all {} pod pairs connected ({} KiB each way)", lab.pods.len() * (lab.pods.len() - 1), PAYLOAD / 1024);
     Ok(())
 }

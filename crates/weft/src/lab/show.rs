@@ -20,7 +20,7 @@ fn print_node(lab: &Lab, node: &super::NodeInfo) -> Result<()> {
     let links = nl.links().map_err(|e| anyhow::anyhow!("{e}"))?;
     let name_of =
         |i: Option<u32>| links.iter().find(|l| Some(l.index) == i).map_or("?".to_string(), |l| l.name.clone());
-    println!(
+    outln!(
         "{} ({}, {}): lease {}, agent pid {}",
         node.name,
         node.namespace,
@@ -28,25 +28,20 @@ fn print_node(lab: &Lab, node: &super::NodeInfo) -> Result<()> {
         lease_of(lab, node).unwrap_or_else(|| "none yet".into()),
         lab.agent_pid(&node.name).map_or("-".into(), |p| p.to_string())
     );
-    println!("  routes (proto weft):");
+    outln!("  routes (proto weft):");
     for r in nl.routes().map_err(|e| anyhow::anyhow!("{e}"))?.iter().filter(|r| r.protocol == RTPROT_WEFT) {
         let via = r.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
-        println!("    {}{via} dev {}{}", r.dst, name_of(r.oif), if r.onlink { " onlink" } else { "" });
+        outln!("    {}{via} dev {}{}", r.dst, name_of(r.oif), if r.onlink { " onlink" } else { "" });
     }
     if let Some(vtep) = links.iter().find(|l| l.name.starts_with("weft.")) {
-        println!("  bridge fdb show dev {}:", vtep.name);
+        outln!("  bridge fdb show dev {}:", vtep.name);
         for e in nl.fdb(vtep.index).map_err(|e| anyhow::anyhow!("{e}"))? {
             let dst = e.dst.map(|d| format!(" dst {d}")).unwrap_or_default();
-            println!(
-                "    {} dev {}{dst} self{}",
-                e.mac_string(),
-                vtep.name,
-                if e.permanent { " permanent" } else { "" }
-            );
+            outln!("    {} dev {}{dst} self{}", e.mac_string(), vtep.name, if e.permanent { " permanent" } else { "" });
         }
-        println!("  ip neigh show dev {}:", vtep.name);
+        outln!("  ip neigh show dev {}:", vtep.name);
         for n in nl.neighbours(Some(vtep.index)).map_err(|e| anyhow::anyhow!("{e}"))? {
-            println!(
+            outln!(
                 "    {} dev {} lladdr {} {}",
                 n.ip,
                 vtep.name,
@@ -75,7 +70,7 @@ pub fn show(name: &str, node: Option<&str>, as_json: bool) -> Result<()> {
             "nodes": nodes,
             "pods": lab.pods,
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     let selected: Vec<_> = lab.nodes.iter().filter(|n| node.is_none_or(|want| n.name == want)).collect();
