@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests talk to (the reference CNI plugins, podman + runc, nftables, busybox for
-# container root filesystems, etcd) and runs the whole suite: formatting, lints, unit tests and the
+# container root filesystems, etcd, strace) and runs the whole suite: formatting, lints, unit tests and the
 # root integration tests on the real kernel. Every integration test works in network namespaces
 # it creates and removes itself. Needs root (and apt for the packages).
 set -euo pipefail
@@ -17,6 +17,7 @@ packages=(
     podman runc busybox-static  # a real container runtime, end to end
     etcd-server etcd-client     # a real etcd for the etcd lease store (and etcdctl to read it back)
     protobuf-compiler libprotobuf-dev # building the etcd client
+    strace                      # the kill-point tests kill plugins at each system call
 )
 missing=()
 for p in "${packages[@]}"; do
