@@ -16,7 +16,7 @@ use weft_cni::{CniError, CniResult, ErrorCode, Interface, NetConf, Route};
 use weft_dataplane::{format_mac, sysctl, LinkKind, Netlink};
 use weft_netns::NetNs;
 
-use crate::attachment_lock::{self, AttachmentLock};
+use crate::attachment_lock::AttachmentLock;
 use crate::common::{attachment_key, create_veth, kernel, open_netns_for_teardown, prev_result, random_mac, Attach};
 use crate::{container, ipam, masq, rules, teardown};
 
@@ -107,7 +107,7 @@ impl Plugin for Bridge {
 
     fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
         let bconf = BridgeConf::load(&args.stdin)?;
-        let lock = AttachmentLock::take(self.name(), &bconf.name, args)?;
+        let _lock = AttachmentLock::take(self.name(), &bconf.name, args)?;
         let mut errors = Vec::new();
         if let Some(ipam_type) = ipam::ipam_type(conf) {
             if let Err(e) = ipam::del(&ipam_type, args) {
@@ -125,13 +125,7 @@ impl Plugin for Bridge {
                 errors.push(e);
             }
         }
-        match errors.into_iter().next() {
-            Some(e) => Err(e),
-            None => {
-                lock.remove();
-                Ok(())
-            }
-        }
+        errors.into_iter().next().map_or(Ok(()), Err)
     }
 
     fn check(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
@@ -172,7 +166,6 @@ impl Plugin for Bridge {
     fn gc(&self, args: &CmdArgs, conf: &NetConf, valid: &[Attachment]) -> Result<(), CniError> {
         let bconf = BridgeConf::load(&args.stdin)?;
         rules::gc("masq", &bconf.name, valid)?;
-        attachment_lock::gc(self.name(), &bconf.name, valid);
         teardown::sweep(&mut Netlink::new().map_err(kernel("opening netlink"))?)?;
         if let Some(ipam_type) = ipam::ipam_type(conf) {
             ipam::gc(&ipam_type, args)?;

@@ -17,7 +17,7 @@ use weft_cni::skel::{parse_plugin_conf, Attachment, Plugin};
 use weft_cni::{CniError, CniResult, ErrorCode, NetConf};
 use weft_netconf::SubnetEnv;
 
-use crate::attachment_lock::{self, AttachmentLock};
+use crate::attachment_lock::AttachmentLock;
 use crate::delegate;
 
 pub const DEFAULT_SUBNET_FILE: &str = "/run/weft/subnet.env";
@@ -198,7 +198,7 @@ impl Plugin for Meta {
 
     fn del(&self, args: &CmdArgs, _conf: &NetConf) -> Result<(), CniError> {
         let conf = MetaConf::load(&args.stdin)?;
-        let lock = AttachmentLock::take(self.name(), &conf.name, args)?;
+        let _lock = AttachmentLock::take(self.name(), &conf.name, args)?;
         let saved = conf.saved(args).unwrap_or_else(|e| {
             eprintln!("weft: {}; deriving the delegate config from the subnet file", e.msg);
             None
@@ -213,7 +213,6 @@ impl Plugin for Meta {
                 Err(_) => {
                     eprintln!("weft: no saved config and no subnet file for {}; nothing to release", args.container_id);
                     remove(&conf.saved_path(&args.container_id, &args.ifname));
-                    lock.remove();
                     return Ok(());
                 }
             },
@@ -222,7 +221,6 @@ impl Plugin for Meta {
         delegate::run(&delegate_type(&delegate)?, Command::Del, args, &to_bytes(&delegate))?;
         remove(&conf.saved_path(&args.container_id, &args.ifname));
         remove(&conf.data_dir().join(&args.container_id));
-        lock.remove();
         Ok(())
     }
 
@@ -253,7 +251,6 @@ impl Plugin for Meta {
                 }
             }
         }
-        attachment_lock::gc(self.name(), &conf.name, valid);
         let env = conf.subnet_env()?;
         let mut delegate = conf.render(&env);
         delegate.insert("cni.dev/valid-attachments".into(), serde_json::to_value(valid).unwrap_or_default());

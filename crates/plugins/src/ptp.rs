@@ -10,7 +10,7 @@ use weft_cni::skel::{parse_plugin_conf, Attachment, Plugin};
 use weft_cni::{CniError, CniResult, Interface, NetConf};
 use weft_dataplane::{format_mac, Netlink, RouteSpec};
 
-use crate::attachment_lock::{self, AttachmentLock};
+use crate::attachment_lock::AttachmentLock;
 use crate::bridge::{enable_forwarding, retire_container_link};
 use crate::common::{attachment_key, create_veth, kernel, open_netns_for_teardown, prev_result, Attach};
 use crate::{container, ipam, masq, rules};
@@ -92,7 +92,7 @@ impl Plugin for Ptp {
 
     fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
         let pconf: PtpConf = parse_plugin_conf(&args.stdin)?;
-        let lock = AttachmentLock::take(self.name(), &pconf.name, args)?;
+        let _lock = AttachmentLock::take(self.name(), &pconf.name, args)?;
         let mut errors = Vec::new();
         if let Some(ipam_type) = ipam::ipam_type(conf) {
             errors.extend(ipam::del(&ipam_type, args).err());
@@ -103,13 +103,7 @@ impl Plugin for Ptp {
         if pconf.ip_masq {
             errors.extend(masq::teardown(&pconf.masq_key(args)).err());
         }
-        match errors.into_iter().next() {
-            Some(e) => Err(e),
-            None => {
-                lock.remove();
-                Ok(())
-            }
-        }
+        errors.into_iter().next().map_or(Ok(()), Err)
     }
 
     fn check(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
@@ -136,7 +130,6 @@ impl Plugin for Ptp {
     fn gc(&self, args: &CmdArgs, conf: &NetConf, valid: &[Attachment]) -> Result<(), CniError> {
         let pconf: PtpConf = parse_plugin_conf(&args.stdin)?;
         rules::gc("masq", &pconf.name, valid)?;
-        attachment_lock::gc(self.name(), &pconf.name, valid);
         crate::teardown::sweep(&mut Netlink::new().map_err(kernel("opening netlink"))?)?;
         if let Some(ipam_type) = ipam::ipam_type(conf) {
             ipam::gc(&ipam_type, args)?;

@@ -2,7 +2,7 @@
 //! ADD and of a DEL (strace's fault injection), then what a runtime does next — the ADD retried
 //! (it may fail), DEL, ADD, DEL; or the DEL retried, ADD, DEL — and nothing may be left: no
 //! reservation, no index entry, no veth that is not retired, no container link, no rule, no
-//! saved config, no lock file. For bridge + host-local with ipMasq, ptp + host-local with
+//! saved config. For bridge + host-local with ipMasq, ptp + host-local with
 //! ipMasq, and the `weft` meta plugin.
 //!
 //! The kill points are found by tracing one clean call: every `write`, `link`, `unlink`,
@@ -191,11 +191,6 @@ impl Harness {
                 .unwrap_or_default();
             assert!(files.is_empty(), "{when}: saved configs left: {files:?}");
         }
-        let locks: Vec<String> = std::fs::read_dir(weft_plugins::attachment_lock::LOCK_DIR)
-            .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
-            .unwrap_or_default();
-        let mine: Vec<&String> = locks.iter().filter(|n| n.contains(&format!(".{id}@"))).collect();
-        assert!(mine.is_empty(), "{when}: lock files left: {mine:?}");
     }
 
     fn add(&self, cont: &Ns, id: &str) -> Value {
@@ -211,13 +206,7 @@ impl Harness {
     /// run starts from what `prepare` makes (the container and the attachment's config) and is
     /// followed by `then`, with the config the killed call had, whether the call changes
     /// state and its description.
-    fn sweep(
-        &mut self,
-        command: &str,
-        cold: bool,
-        prepare: &dyn Fn(&Harness, &Ns, &str) -> String,
-        then: Then<'_>,
-    ) {
+    fn sweep(&mut self, command: &str, cold: bool, prepare: &dyn Fn(&Harness, &Ns, &str) -> String, then: Then<'_>) {
         let mut n = 0;
         for syscall in TRACED.split(',') {
             for k in 1.. {
