@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// weft — a container network fabric for Kubernetes-style clusters.
 ///
@@ -84,23 +84,25 @@ struct AgentArgs {
 
 #[derive(Subcommand)]
 enum LabCommand {
-    /// Bring a lab up (again: nothing happens if it is up already).
+    /// Bring a lab up. Run again on a lab that is up, it starts what died (etcd, the
+    /// supervisor) keeping every address; with options that differ from the lab's it says what
+    /// differs and changes nothing (unless --recreate). Interrupted (Ctrl-C, SIGTERM) or failing
+    /// half-way, it removes what it made.
     Up(crate::lab::UpOptions),
-    /// Remove every namespace, process and file of a lab (a lab that is not there is fine).
+    /// Remove every namespace, process and file of a lab, from whatever state it is in (a lab
+    /// that is not there is fine).
     Down {
-        #[arg(long, default_value = "weft")]
+        #[arg(long, default_value = "weft", value_parser = crate::lab::validate_name)]
         name: String,
     },
-    /// Connect every pod to every other one and print the matrix.
-    Check {
-        #[arg(long, default_value = "weft")]
-        name: String,
-    },
-    /// Print a node's lease, routes, FDB and neighbours, or the whole lab as JSON.
+    /// Connect pods to each other over TCP (all pairs, or a sample) and report every pair that
+    /// fails.
+    Check(crate::lab::CheckOptions),
+    /// Print a node's lease, routes, FDB and neighbours, or the lab as JSON.
     Show {
         /// Only this node (node1, node2, ...).
         node: Option<String>,
-        #[arg(long, default_value = "weft")]
+        #[arg(long, default_value = "weft", value_parser = crate::lab::validate_name)]
         name: String,
         #[arg(long)]
         json: bool,
@@ -108,7 +110,7 @@ enum LabCommand {
     /// Run the lab's agents and restart them when they die (started by `up`).
     #[command(hide = true)]
     Supervise {
-        #[arg(long)]
+        #[arg(long, value_parser = crate::lab::validate_name)]
         name: String,
     },
 }
@@ -159,8 +161,23 @@ enum CniCommand {
     Reap,
 }
 
+/// The options of `weft lab up` given on the command line (not defaults).
+fn explicit_up_options(matches: &clap::ArgMatches) -> Vec<String> {
+    let Some(up) = matches.subcommand_matches("lab").and_then(|m| m.subcommand_matches("up")) else {
+        return Vec::new();
+    };
+    up.ids()
+        .filter(|id| up.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine))
+        .map(|id| id.to_string())
+        .collect()
+}
+
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let outcome = match cli.command {
         Command::Cni(CniCommand::Install { dir, force }) => crate::install::install(&dir, force),
         Command::Cni(CniCommand::List) => {
@@ -197,9 +214,9 @@ pub fn main() -> i32 {
             health: a.health,
         })
         .map_err(|e| anyhow::anyhow!("agent: {e}")),
-        Command::Lab(LabCommand::Up(opts)) => crate::lab::up(&opts),
+        Command::Lab(LabCommand::Up(opts)) => crate::lab::up(&opts, &explicit_up_options(&matches)),
         Command::Lab(LabCommand::Down { name }) => crate::lab::down(&name),
-        Command::Lab(LabCommand::Check { name }) => crate::lab::check(&name),
+        Command::Lab(LabCommand::Check(opts)) => crate::lab::check(&opts),
         Command::Lab(LabCommand::Show { node, name, json }) => crate::lab::show(&name, node.as_deref(), json),
         Command::Lab(LabCommand::Supervise { name }) => crate::lab::supervise(&name),
     };

@@ -4,7 +4,9 @@
 //! for systemd or a DaemonSet and restarts an agent that dies within a second. Nothing touches
 //! the machine's own network namespace.
 
+mod build;
 mod check;
+mod down;
 mod show;
 mod supervise;
 pub(crate) mod up;
@@ -14,13 +16,76 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-pub use check::check;
+pub use check::{check, CheckOptions};
+pub use down::down;
 pub use show::show;
 pub use supervise::supervise;
-pub use up::{down, up, UpOptions};
+pub use up::{up, UpOptions};
 
 /// Where labs keep their state.
 pub const STATE_ROOT: &str = "/run/weft-lab";
+
+/// The underlay every lab's nodes are on (each lab has its own switch).
+pub const UNDERLAY: &str = "198.18.0.0/16";
+
+/// An underlay address no lab ever gives out: for attaching an outside router or a probe.
+pub const FREE_ADDRESS: &str = "198.18.255.254";
+
+/// The longest lab name.
+pub const MAX_NAME: usize = 24;
+
+/// A lab name: 1 to [`MAX_NAME`] lowercase letters and digits, starting with a letter. Every
+/// name the lab derives (`NAME-sw`, `NAME-node3`, `NAME-node3-pod1`, `/run/weft-lab/NAME`) is
+/// then valid, and one lab's names can never be another's: no lab name contains the `-` that
+/// separates them.
+pub fn validate_name(name: &str) -> std::result::Result<String, String> {
+    let ok = name.len() <= MAX_NAME
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if ok {
+        Ok(name.to_string())
+    } else {
+        Err(format!(
+            "{name:?} is not a lab name: use 1 to {MAX_NAME} lowercase letters and digits, starting with a letter \
+             (e.g. weft, lab2)"
+        ))
+    }
+}
+
+/// What `up` was asked for, recorded so that a later `up` can say what differs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recorded {
+    pub nodes: usize,
+    pub pods: usize,
+    pub backend: String,
+    pub store: String,
+    pub lease_ttl: u64,
+    pub network: String,
+    pub subnet_len: Option<u8>,
+    pub direct_routing: bool,
+}
+
+impl Recorded {
+    /// `option: recorded -> asked` for each of `explicit` (the options given on the command
+    /// line) that differs.
+    pub fn differences(&self, asked: &Recorded, explicit: &[String]) -> Vec<String> {
+        let fields: [(&str, String, String); 8] = [
+            ("nodes", self.nodes.to_string(), asked.nodes.to_string()),
+            ("pods", self.pods.to_string(), asked.pods.to_string()),
+            ("backend", self.backend.clone(), asked.backend.clone()),
+            ("store", self.store.clone(), asked.store.clone()),
+            ("lease_ttl", format!("{}s", self.lease_ttl), format!("{}s", asked.lease_ttl)),
+            ("network", self.network.clone(), asked.network.clone()),
+            ("subnet_len", format!("{:?}", self.subnet_len), format!("{:?}", asked.subnet_len)),
+            ("direct_routing", self.direct_routing.to_string(), asked.direct_routing.to_string()),
+        ];
+        fields
+            .into_iter()
+            .filter(|(id, had, wants)| had != wants && explicit.iter().any(|e| e == id))
+            .map(|(id, had, wants)| format!("--{} is {had}, asked {wants}", id.replace('_', "-")))
+            .collect()
+    }
+}
 
 /// A lab as recorded in `lab.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -36,6 +101,12 @@ pub struct Lab {
     pub lease_ttl: u64,
     pub nodes: Vec<NodeInfo>,
     pub pods: Vec<PodInfo>,
+    /// What `up` was asked for.
+    #[serde(default)]
+    pub options: Option<Recorded>,
+    /// Set once `up` finished: a lab without it was interrupted half-way.
+    #[serde(default)]
+    pub complete: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -104,14 +175,97 @@ impl Lab {
         self.dir().join(node)
     }
 
+    /// Every namespace the lab is made of.
+    pub fn namespaces(&self) -> Vec<String> {
+        let mut out = vec![self.switch_namespace.clone()];
+        out.extend(self.nodes.iter().map(|n| n.namespace.clone()));
+        out.extend(self.pods.iter().map(|p| p.namespace.clone()));
+        out
+    }
+
     /// The agent's pid as the supervisor last recorded it.
     pub fn agent_pid(&self, node: &str) -> Option<u32> {
         std::fs::read_to_string(self.node_dir(node).join("agent.pid")).ok()?.trim().parse().ok()
     }
 }
 
-/// Whether process `pid` is alive.
+/// The namespace of a lab's switch, node and pod.
+pub fn switch_namespace(lab: &str) -> String {
+    format!("{lab}-sw")
+}
+
+pub fn node_namespace(lab: &str, node: &str) -> String {
+    format!("{lab}-{node}")
+}
+
+/// Whether `ns` is a namespace name that lab `lab` makes: `LAB-sw`, `LAB-nodeN`, `LAB-nodeN-podM`.
+pub fn is_lab_namespace(lab: &str, ns: &str) -> bool {
+    let Some(rest) = ns.strip_prefix(lab).and_then(|r| r.strip_prefix('-')) else { return false };
+    if rest == "sw" {
+        return true;
+    }
+    let numbered = |s: &str, word: &str| {
+        s.strip_prefix(word).is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+    };
+    match rest.split_once('-') {
+        None => numbered(rest, "node"),
+        Some((node, pod)) => numbered(node, "node") && numbered(pod, "pod"),
+    }
+}
+
+/// Whether process `pid` is alive (a zombie, dead but not reaped, is not).
 pub fn alive(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else { return false };
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+    let Ok(raw) = i32::try_from(pid) else { return false };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None).is_ok() && !is_zombie(pid)
+}
+
+/// Whether `pid` has exited and waits to be reaped (or is gone).
+pub fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .unwrap_or(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for good in ["weft", "a", "lab2", "abcdefghijklmnopqrstuvwx"] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "a b", "a.b", "a/b", "-a", "1lab", "Lab", "a-b", "abcdefghijklmnopqrstuvwxy", "é", ".."] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn namespaces_of_a_lab_are_its_own() {
+        for ns in ["a-sw", "a-node1", "a-node12-pod3"] {
+            assert!(is_lab_namespace("a", ns), "{ns}");
+        }
+        for ns in ["ab-sw", "a-nodex", "a-node", "a-node1-pod", "a-node1-pod1-x", "a", "a-", "b-node1", "a-sw2"] {
+            assert!(!is_lab_namespace("a", ns), "{ns}");
+        }
+    }
+
+    #[test]
+    fn differences_name_explicit_options_only() {
+        let had = Recorded {
+            nodes: 3,
+            pods: 2,
+            backend: "vxlan".into(),
+            store: "file".into(),
+            lease_ttl: 60,
+            network: "198.19.0.0/16".into(),
+            subnet_len: None,
+            direct_routing: false,
+        };
+        let asked = Recorded { nodes: 5, backend: "host-gw".into(), ..had.clone() };
+        assert!(had.differences(&asked, &[]).is_empty());
+        assert_eq!(had.differences(&asked, &["nodes".into()]), ["--nodes is 3, asked 5"]);
+        assert_eq!(had.differences(&asked, &["nodes".into(), "backend".into()]).len(), 2);
+    }
 }

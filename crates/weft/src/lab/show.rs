@@ -55,27 +55,33 @@ fn print_node(lab: &Lab, node: &super::NodeInfo) -> Result<()> {
 
 pub fn show(name: &str, node: Option<&str>, as_json: bool) -> Result<()> {
     let lab = Lab::load(name)?.with_context(|| format!("no lab named {name}; start one with `weft lab up`"))?;
+    let selected: Vec<_> = lab.nodes.iter().filter(|n| node.is_none_or(|want| n.name == want)).collect();
+    if selected.is_empty() {
+        anyhow::bail!("lab {name} has no node {:?}", node.unwrap_or_default());
+    }
     if as_json {
-        let nodes: Vec<_> = lab
-            .nodes
-            .iter()
-            .map(|n| {
-                json!({"name": n.name, "namespace": n.namespace, "address": n.address,
-                       "subnet": lease_of(&lab, n), "agent_pid": lab.agent_pid(&n.name)})
-            })
-            .collect();
+        let node_json = |n: &super::NodeInfo| {
+            let pods: Vec<_> = lab.pods.iter().filter(|p| p.node == n.name).collect();
+            json!({"name": n.name, "namespace": n.namespace, "address": n.address,
+                   "subnet": lease_of(&lab, n), "agent_pid": lab.agent_pid(&n.name),
+                   "health_address": super::supervise::HEALTH_ADDRESS, "pods": pods})
+        };
+        if let Some(n) = selected.first().filter(|_| node.is_some()) {
+            outln!("{}", serde_json::to_string_pretty(&node_json(n))?);
+            return Ok(());
+        }
         let out = json!({
-            "name": lab.name, "backend": lab.backend,
+            "name": lab.name, "backend": lab.backend, "network": lab.network,
+            "lease_ttl": lab.lease_ttl, "complete": lab.complete,
+            "supervisor_pid": lab.supervisor_pid.filter(|p| super::alive(*p)),
             "store": {"kind": lab.store.kind, "endpoint": lab.store.endpoint, "namespace": lab.store.namespace, "pid": lab.store.pid},
-            "nodes": nodes,
+            "underlay": {"namespace": lab.switch_namespace, "bridge": "sw0", "network": super::UNDERLAY,
+                         "free_address": super::FREE_ADDRESS},
+            "nodes": lab.nodes.iter().map(node_json).collect::<Vec<_>>(),
             "pods": lab.pods,
         });
         outln!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
-    }
-    let selected: Vec<_> = lab.nodes.iter().filter(|n| node.is_none_or(|want| n.name == want)).collect();
-    if selected.is_empty() {
-        anyhow::bail!("lab {name} has no node {:?}", node.unwrap_or_default());
     }
     for n in selected {
         print_node(&lab, n)?;

@@ -10,6 +10,9 @@ use weft_netns::NetNs;
 
 use super::Lab;
 
+/// Where each node's agent serves /healthz, /readyz and /metrics (inside the node's namespace).
+pub const HEALTH_ADDRESS: &str = "127.0.0.1:9901";
+
 fn start(lab: &Lab, node: &super::NodeInfo) -> Result<Child> {
     let ns = NetNs::open(weft_netns::named_path(&node.namespace))?;
     let dir = lab.node_dir(&node.name);
@@ -22,7 +25,7 @@ fn start(lab: &Lab, node: &super::NodeInfo) -> Result<Child> {
             "etcd" => cmd.args(["--etcd-endpoints", lab.store.node_endpoint.as_ref().unwrap_or(&lab.store.endpoint)]),
             _ => cmd.arg("--store").arg(&lab.store.endpoint),
         };
-        cmd.args(["--iface", "eth0", "--ip-masq", "--resync", "2s", "--health", "127.0.0.1:9901"])
+        cmd.args(["--iface", "eth0", "--ip-masq", "--resync", "2s", "--health", HEALTH_ADDRESS])
             .arg("--lease-ttl")
             .arg(format!("{}s", lab.lease_ttl))
             .arg("--subnet-file")
@@ -42,7 +45,7 @@ fn start(lab: &Lab, node: &super::NodeInfo) -> Result<Child> {
 /// etcd on this machine's loopback, which the nodes cannot reach otherwise).
 fn relay(lab: &Lab, target: &str) -> Result<()> {
     let switch = NetNs::open(weft_netns::named_path(&lab.switch_namespace))?;
-    let listen: std::net::SocketAddr = format!("{}:2379", super::up::ETCD_ADDRESS).parse()?;
+    let listen: std::net::SocketAddr = format!("{}:2379", super::build::ETCD_ADDRESS).parse()?;
     let listener = switch.run(|| std::net::TcpListener::bind(listen))?.context("relay listener")?;
     let target = target.trim_start_matches("http://").trim_end_matches('/').to_string();
     std::thread::spawn(move || {

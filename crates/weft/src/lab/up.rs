@@ -1,28 +1,31 @@
-//! `weft lab up` and `weft lab down`.
+//! `weft lab up`: a lab of the given shape, or the lab of that name repaired.
+//!
+//! Every way `up` can end leaves a complete lab or nothing: options are checked before anything
+//! is made; a failure half-way, SIGINT, SIGTERM or SIGHUP removes what was made (`down`); the
+//! state file records the lab as complete only at the end, so a lab whose `up` was killed is
+//! recognised as half-built by the next `up` (rebuilt) or `down` (removed).
 
-use std::net::{IpAddr, Ipv4Addr};
-use std::os::unix::process::CommandExt;
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use ipnet::IpNet;
 use serde_json::json;
-use weft_cni::runner::{ConfList, Runner, RuntimeConf};
-use weft_dataplane::link::VethSpec;
-use weft_dataplane::Netlink;
 use weft_netns::NetNs;
 
-use super::{alive, Lab, NodeInfo, PodInfo, StoreInfo};
+use super::build::{self, ETCD_ADDRESS};
+use super::{alive, Lab, NodeInfo, Recorded, StoreInfo, UNDERLAY};
 
 /// What `weft lab up` was asked for.
 #[derive(clap::Args)]
 pub struct UpOptions {
-    /// The lab's name (namespaces `NAME-*`, state in /run/weft-lab/NAME).
-    #[arg(long, default_value = "weft")]
+    /// The lab's name: lowercase letters and digits (namespaces `NAME-*`, state in
+    /// /run/weft-lab/NAME).
+    #[arg(long, default_value = "weft", value_parser = super::validate_name)]
     pub name: String,
-    /// How many nodes.
+    /// How many nodes (1 to 200).
     #[arg(long, default_value_t = 3)]
     pub nodes: usize,
     /// Pods per node.
@@ -50,181 +53,79 @@ pub struct UpOptions {
     /// route via their address instead of the overlay.
     #[arg(long)]
     pub direct_routing: bool,
+    /// When a lab of this name exists with other options: take it down and build it as asked
+    /// (without it, `up` says what differs and changes nothing).
+    #[arg(long)]
+    pub recreate: bool,
 }
 
-fn ns_path(name: &str) -> String {
-    weft_netns::named_path(name).display().to_string()
-}
-
-fn kernel(what: &str) -> impl FnOnce(weft_dataplane::DataplaneError) -> anyhow::Error + '_ {
-    move |e| anyhow::anyhow!("{what}: {e}")
-}
-
-/// The switch: a bridge in its own namespace.
-fn make_switch(name: &str) -> Result<NetNs> {
-    let ns = weft_netns::create_named(name).with_context(|| format!("creating namespace {name} (are you root?)"))?;
-    let mut nl = Netlink::in_netns(&ns).map_err(kernel("netlink"))?;
-    nl.create_bridge("sw0", None, None).map_err(kernel("creating the switch"))?;
-    for name in ["lo", "sw0"] {
-        let link = nl.require_link(name).map_err(kernel("switch"))?;
-        nl.set_up(link.index, true).map_err(kernel("switch up"))?;
-    }
-    Ok(ns)
-}
-
-/// The etcd a lab with `--store etcd` runs, on the switch (the underlay).
-pub const ETCD_ADDRESS: &str = "198.18.0.1";
-
-/// Starts etcd in the switch namespace, listening on the underlay, and waits until it answers.
-fn start_etcd(lab: &mut Lab, switch: &NetNs) -> Result<()> {
-    let mut nl = Netlink::in_netns(switch).map_err(kernel("netlink"))?;
-    let sw = nl.require_link("sw0").map_err(kernel("switch"))?;
-    let address: IpNet = format!("{ETCD_ADDRESS}/16").parse()?;
-    nl.add_address(sw.index, &address).map_err(kernel("the switch's address"))?;
-    let dir = lab.dir().join("etcd");
-    std::fs::create_dir_all(&dir)?;
-    let log = std::fs::File::create(dir.join("etcd.log"))?;
-    let (client, peer) = (format!("http://{ETCD_ADDRESS}:2379"), format!("http://{ETCD_ADDRESS}:2380"));
-    let child = switch
-        .run(|| {
-            Command::new("etcd")
-                .args(["--name", "lab", "--data-dir"])
-                .arg(dir.join("data"))
-                .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-                .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-                .args(["--initial-cluster", &format!("lab={peer}")])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .process_group(0)
-                .spawn()
-        })?
-        .context("starting etcd (apt-get install etcd-server)")?;
-    lab.store.pid = Some(child.id());
-    lab.save()?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let target: std::net::SocketAddr = format!("{ETCD_ADDRESS}:2379").parse()?;
-    while switch.run(|| std::net::TcpStream::connect_timeout(&target, Duration::from_millis(200)))?.is_err() {
-        if Instant::now() > deadline {
-            bail!("etcd did not start within 15 s; see {}", lab.dir().join("etcd/etcd.log").display());
+impl UpOptions {
+    fn recorded(&self) -> Recorded {
+        Recorded {
+            nodes: self.nodes,
+            pods: self.pods,
+            backend: self.backend.clone(),
+            store: self.store.clone(),
+            lease_ttl: self.lease_ttl.as_secs().max(1),
+            network: self.network.clone(),
+            subnet_len: self.subnet_len,
+            direct_routing: self.direct_routing,
         }
-        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The most pods a lab makes in all.
+const MAX_PODS: usize = 1000;
+
+/// The signal that interrupted `up`, if one did (0: none).
+static INTERRUPTED: std::sync::OnceLock<Arc<AtomicUsize>> = std::sync::OnceLock::new();
+
+fn signal_flag() -> &'static Arc<AtomicUsize> {
+    INTERRUPTED.get_or_init(|| Arc::new(AtomicUsize::new(0)))
+}
+
+/// An error saying `up` was interrupted.
+#[derive(Debug)]
+struct Interrupted(i32);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "interrupted by signal {}", self.0)
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+fn interrupted() -> Result<()> {
+    match signal_flag().load(Ordering::SeqCst) {
+        0 => Ok(()),
+        signal => Err(Interrupted(signal as i32).into()),
+    }
+}
+
+/// SIGINT, SIGTERM and SIGHUP only set a flag while `up` runs: it stops at the next step and
+/// removes what it made.
+fn catch_signals() -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    for signal in [SIGINT, SIGTERM, SIGHUP] {
+        let number = usize::try_from(signal).unwrap_or(1);
+        signal_hook::flag::register_usize(signal, signal_flag().clone(), number).context("catching signals")?;
     }
     Ok(())
 }
 
-/// A node: its namespace, `eth0` plugged into the switch with `address`.
-fn make_node(switch: &NetNs, ns_name: &str, port: &str, address: IpNet) -> Result<NetNs> {
-    let node = weft_netns::create_named(ns_name).with_context(|| format!("creating namespace {ns_name}"))?;
-    let mut snl = Netlink::in_netns(switch).map_err(kernel("netlink"))?;
-    let sw = snl.require_link("sw0").map_err(kernel("switch"))?;
-    let spec = VethSpec {
-        name: port,
-        peer_name: "eth0",
-        peer_netns: Some(&node),
-        mtu: None,
-        mac: None,
-        peer_mac: None,
-        master: Some(sw.index),
-        up: true,
-        queues: None,
-    };
-    snl.create_veth(&spec).map_err(kernel("wiring the node"))?;
-    let mut nl = Netlink::in_netns(&node).map_err(kernel("netlink"))?;
-    for name in ["lo", "eth0"] {
-        let link = nl.require_link(name).map_err(kernel("node link"))?;
-        nl.set_up(link.index, true).map_err(kernel("node link up"))?;
-        if name == "eth0" {
-            nl.add_address(link.index, &address).map_err(kernel("node address"))?;
-        }
-    }
-    Ok(node)
-}
-
-fn plugin_dir(lab: &Lab) -> Result<std::path::PathBuf> {
-    let dir = lab.dir().join("bin");
-    std::fs::create_dir_all(&dir)?;
-    let exe = std::env::current_exe()?;
-    for name in weft_plugins::PLUGIN_NAMES {
-        let link = dir.join(name);
-        if link.symlink_metadata().is_err() {
-            std::os::unix::fs::symlink(&exe, &link)?;
-        }
-    }
-    Ok(dir)
-}
-
-/// The conflist every lab pod gets: the meta plugin, then loopback.
-pub fn conflist(lab: &Lab, node: &str) -> Result<ConfList> {
-    let dir = lab.node_dir(node);
-    let list = json!({
-        "cniVersion": "1.0.0", "name": "lab",
-        "plugins": [
-            {"type": "weft", "subnetFile": dir.join("subnet.env"), "dataDir": dir.join("cni"),
-             "ipam": {"dataDir": dir.join("ipam")},
-             "delegate": {"bridge": "cni0", "isDefaultGateway": true, "hairpinMode": true}},
-            {"type": "loopback"}
-        ]
-    });
-    Ok(ConfList::from_bytes(list.to_string().as_bytes())?)
-}
-
-/// Waits until every agent is ready (its subnet file written) and every node routes to every
-/// other node's pods (one weft route per peer), so that the lab works when `up` returns: an
-/// agent is ready once its own lease is programmed, but learns of the nodes that start after it
-/// through the store a moment later.
-fn wait_ready(lab: &Lab) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let log = |node: &NodeInfo| std::fs::read_to_string(lab.node_dir(&node.name).join("agent.log")).unwrap_or_default();
-    for node in &lab.nodes {
-        let file = lab.node_dir(&node.name).join("subnet.env");
-        while !file.exists() {
-            if Instant::now() > deadline {
-                bail!("the agent of {} did not become ready within 20 s; its log:\n{}", node.name, log(node));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    let peers = lab.nodes.len() - 1;
-    for node in &lab.nodes {
-        let ns = NetNs::open(weft_netns::named_path(&node.namespace))?;
-        let mut nl = Netlink::in_netns(&ns)?;
-        loop {
-            let routes = nl.routes()?.into_iter().filter(|r| r.protocol == weft_dataplane::route::RTPROT_WEFT).count();
-            if routes >= peers {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{} routes to {routes} of its {peers} peers after 20 s; its agent's log:\n{}",
-                    node.name,
-                    log(node)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    Ok(())
-}
-
-pub fn up(opts: &UpOptions) -> Result<()> {
-    if let Some(existing) = Lab::load(&opts.name)? {
-        if existing.supervisor_pid.is_some_and(alive) && existing.nodes.iter().all(|n| weft_netns::exists(&n.namespace))
-        {
-            outln!(
-                "lab {} is already up ({} nodes, {} pods); `weft lab down --name {}` removes it",
-                existing.name,
-                existing.nodes.len(),
-                existing.pods.len(),
-                existing.name
-            );
-            return Ok(());
-        }
-        eprintln!("lab {}: removing what is left of an earlier run", opts.name);
-        down(&opts.name)?;
-    }
+/// Everything about the options that can be checked before anything is made.
+fn validate(opts: &UpOptions) -> Result<String> {
     if opts.nodes == 0 || opts.nodes > 200 {
-        bail!("--nodes must be between 1 and 200");
+        bail!(
+            "--nodes must be between 1 and 200 (the lab gives each node an agent and an address on its /16 underlay)"
+        );
+    }
+    let network: IpNet =
+        opts.network.parse().with_context(|| format!("--network {:?} is not a network", opts.network))?;
+    let underlay: IpNet = UNDERLAY.parse()?;
+    if network.contains(&underlay.network()) || underlay.contains(&network.network()) {
+        bail!("--network {} overlaps the lab's underlay {UNDERLAY}; pick another, e.g. 198.19.0.0/16", opts.network);
     }
     let mut conf = json!({"Network": opts.network, "Backend": {"Type": opts.backend}});
     if opts.direct_routing {
@@ -233,12 +134,27 @@ pub fn up(opts: &UpOptions) -> Result<()> {
     if let Some(len) = opts.subnet_len {
         conf["SubnetLen"] = json!(len);
     }
-    let network = weft_netconf::NetworkConfig::parse(&conf.to_string()).context("the lab's network config")?;
-    if network.subnets().count() < opts.nodes {
-        bail!("{} has room for {} node subnets, not {}", opts.network, network.subnets().count(), opts.nodes);
+    let parsed = weft_netconf::NetworkConfig::parse(&conf.to_string()).context("the lab's network config")?;
+    if parsed.subnets().count() < opts.nodes {
+        bail!("{} has room for {} node subnets, not {}", opts.network, parsed.subnets().count(), opts.nodes);
     }
+    // host-local hands out a subnet's addresses but its network, gateway and broadcast.
+    let per_node =
+        parsed.subnets().next().map_or(0, |s| (1usize << (32 - u32::from(s.prefix_len()).min(32))).saturating_sub(3));
+    if opts.pods > per_node {
+        bail!("--pods {}: each node's subnet holds {per_node} pods", opts.pods);
+    }
+    if opts.nodes * opts.pods > MAX_PODS {
+        bail!(
+            "{} pods in all: a lab makes at most {MAX_PODS} (each is a namespace with a veth pair)",
+            opts.nodes * opts.pods
+        );
+    }
+    Ok(conf.to_string())
+}
 
-    let store = match opts.store.split_once('=') {
+fn store_info(opts: &UpOptions) -> StoreInfo {
+    match opts.store.split_once('=') {
         Some((_, url)) => StoreInfo {
             kind: "etcd".into(),
             endpoint: url.to_string(),
@@ -249,7 +165,7 @@ pub fn up(opts: &UpOptions) -> Result<()> {
         None if opts.store == "etcd" => StoreInfo {
             kind: "etcd".into(),
             endpoint: format!("http://{ETCD_ADDRESS}:2379"),
-            namespace: Some(format!("{}-sw", opts.name)),
+            namespace: Some(super::switch_namespace(&opts.name)),
             pid: None,
             node_endpoint: None,
         },
@@ -260,28 +176,123 @@ pub fn up(opts: &UpOptions) -> Result<()> {
             pid: None,
             node_endpoint: None,
         },
+    }
+}
+
+/// `weft lab up`. `explicit` names the options given on the command line: only those count as
+/// differing from an existing lab's.
+pub fn up(opts: &UpOptions, explicit: &[String]) -> Result<()> {
+    let net_conf = validate(opts)?;
+    let existing = match Lab::load(&opts.name) {
+        Ok(lab) => lab,
+        Err(e) => {
+            eprintln!("lab {}: its state is unreadable ({e:#}); removing what is left of it", opts.name);
+            super::down::remove(&opts.name)?;
+            None
+        }
     };
+    if let Some(lab) = existing {
+        if let Some(had) = &lab.options {
+            let differences = had.differences(&opts.recorded(), explicit);
+            if !differences.is_empty() && !opts.recreate {
+                bail!(
+                    "lab {} exists with other options: {}; `weft lab up --recreate ...` rebuilds it, `weft lab down` removes it",
+                    lab.name,
+                    differences.join(", ")
+                );
+            }
+            if !differences.is_empty() {
+                eprintln!("lab {}: rebuilding it ({})", lab.name, differences.join(", "));
+                super::down::remove(&lab.name)?;
+                return build_new(opts, &net_conf);
+            }
+        }
+        let missing: Vec<String> = lab.namespaces().into_iter().filter(|ns| !weft_netns::exists(ns)).collect();
+        if !lab.complete || !missing.is_empty() {
+            let why = if lab.complete {
+                format!("namespaces {} are gone", missing.join(", "))
+            } else {
+                "its `up` did not finish".into()
+            };
+            eprintln!("lab {}: {why}; removing it and building it again", lab.name);
+            super::down::remove(&lab.name)?;
+            return build_new(opts, &net_conf);
+        }
+        return repair(lab);
+    }
+    build_new(opts, &net_conf)
+}
+
+/// Starts again what died of a complete lab (its etcd, its supervisor), keeping every address.
+fn repair(mut lab: Lab) -> Result<()> {
+    let mut repaired = Vec::new();
+    if lab.store.namespace.is_some() && !lab.store.pid.is_some_and(alive) {
+        let switch = NetNs::open(weft_netns::named_path(&lab.switch_namespace))?;
+        build::start_etcd(&mut lab, &switch)?;
+        repaired.push("etcd");
+    }
+    if !lab.supervisor_pid.is_some_and(alive) {
+        // Agents left running without it would be started a second time.
+        for node in &lab.nodes {
+            if let Some(pid) = lab.agent_pid(&node.name).filter(|p| alive(*p)) {
+                if let Ok(pid) = i32::try_from(pid) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+        }
+        build::start_supervisor(&mut lab)?;
+        repaired.push("the supervisor");
+    }
+    if repaired.is_empty() {
+        outln!(
+            "lab {} is already up ({} nodes, {} pods); `weft lab down --name {}` removes it",
+            lab.name,
+            lab.nodes.len(),
+            lab.pods.len(),
+            lab.name
+        );
+        return Ok(());
+    }
+    build::wait_ready(&lab, &|| Ok(()))?;
+    outln!("lab {}: started {} again; every address is as it was", lab.name, repaired.join(" and "));
+    Ok(())
+}
+
+/// Builds the lab from nothing; on any failure or signal, removes what it made.
+fn build_new(opts: &UpOptions, net_conf: &str) -> Result<()> {
+    catch_signals()?;
     let mut lab = Lab {
         name: opts.name.clone(),
         backend: opts.backend.clone(),
         network: opts.network.clone(),
-        switch_namespace: format!("{}-sw", opts.name),
-        store,
+        switch_namespace: super::switch_namespace(&opts.name),
+        store: store_info(opts),
         supervisor_pid: None,
         lease_ttl: opts.lease_ttl.as_secs().max(1),
         nodes: Vec::new(),
         pods: Vec::new(),
+        options: Some(opts.recorded()),
+        complete: false,
     };
-    lab.save()?;
-    let outcome = build(&mut lab, opts, &conf.to_string());
-    if outcome.is_err() {
-        let _ = down(&lab.name);
+    let outcome = lab.save().and_then(|()| build(&mut lab, opts, net_conf));
+    let Err(e) = outcome else { return Ok(()) };
+    let cleaned = super::down::remove(&lab.name);
+    if let Some(Interrupted(signal)) = e.downcast_ref::<Interrupted>() {
+        eprintln!("lab {}: interrupted by signal {signal}; removed what was made", lab.name);
+        if let Err(c) = cleaned {
+            eprintln!("{c:#}");
+        }
+        std::process::exit(128 + signal);
     }
-    outcome
+    match cleaned {
+        Ok(_) => Err(e.context(format!("lab {} was not built; nothing of it is left", lab.name))),
+        Err(c) => Err(e.context(format!("lab {} was not built, and removing it failed too: {c:#}", lab.name))),
+    }
 }
 
 fn build(lab: &mut Lab, opts: &UpOptions, net_conf: &str) -> Result<()> {
-    let switch = make_switch(&lab.switch_namespace)?;
+    interrupted()?;
+    let switch = build::make_switch(&lab.switch_namespace)?;
     if lab.store.node_endpoint.is_some() {
         // An etcd of the user's, reachable from here: the supervisor relays the nodes to it.
         weft_lease::etcd::EtcdStore::connect(
@@ -290,11 +301,9 @@ fn build(lab: &mut Lab, opts: &UpOptions, net_conf: &str) -> Result<()> {
         )
         .and_then(|s| s.set_network_config(net_conf))
         .with_context(|| format!("storing the network config in etcd at {}", lab.store.endpoint))?;
-        let mut nl = Netlink::in_netns(&switch).map_err(kernel("netlink"))?;
-        let sw = nl.require_link("sw0").map_err(kernel("switch"))?;
-        nl.add_address(sw.index, &format!("{ETCD_ADDRESS}/16").parse()?).map_err(kernel("the switch's address"))?;
+        build::switch_address(&switch)?;
     } else if lab.store.kind == "etcd" {
-        start_etcd(lab, &switch)?;
+        build::start_etcd(lab, &switch)?;
         let endpoint = lab.store.endpoint.clone();
         let text = net_conf.to_string();
         // The store is reachable on the underlay only: talk to it from the switch namespace.
@@ -308,50 +317,23 @@ fn build(lab: &mut Lab, opts: &UpOptions, net_conf: &str) -> Result<()> {
         weft_lease::file::FileStore::open(&lab.store.endpoint)?.set_network_config(net_conf)?;
     }
     for i in 1..=opts.nodes {
+        interrupted()?;
         let name = format!("node{i}");
-        let namespace = format!("{}-{name}", lab.name);
-        let address = Ipv4Addr::new(198, 18, (i / 250) as u8, (i % 250) as u8 + 1);
-        make_node(&switch, &namespace, &format!("p{i}"), IpNet::new(IpAddr::V4(address), 16)?)?;
-        std::fs::create_dir_all(lab.node_dir(&name))?;
-        lab.nodes.push(NodeInfo { name, namespace, address: address.to_string() });
+        let namespace = super::node_namespace(&lab.name, &name);
+        let address: Ipv4Addr = build::node_address(i);
+        lab.nodes.push(NodeInfo { name: name.clone(), namespace: namespace.clone(), address: address.to_string() });
         lab.save()?;
+        build::make_node(&switch, &namespace, &format!("p{i}"), address)?;
+        std::fs::create_dir_all(lab.node_dir(&name))?;
     }
-    let exe = std::env::current_exe()?;
-    let log = std::fs::File::create(lab.dir().join("supervisor.log"))?;
-    let child = Command::new(exe)
-        .args(["lab", "supervise", "--name", &lab.name])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .context("starting the lab supervisor")?;
-    lab.supervisor_pid = Some(child.id());
+    build::underlay_neighbours(lab)?;
+    interrupted()?;
+    build::start_supervisor(lab)?;
+    build::wait_ready(lab, &interrupted)?;
+    build::make_pods(lab, opts.pods, &interrupted)?;
+    interrupted()?;
+    lab.complete = true;
     lab.save()?;
-    wait_ready(lab)?;
-
-    let bin = plugin_dir(lab)?;
-    for node in lab.nodes.clone() {
-        let node_ns = NetNs::open(ns_path(&node.namespace))?;
-        let runner = Runner::new(vec![bin.clone()], lab.node_dir(&node.name).join("cache"));
-        let list = conflist(lab, &node.name)?;
-        for j in 1..=opts.pods {
-            let name = format!("{}-pod{j}", node.name);
-            let namespace = format!("{}-{name}", lab.name);
-            weft_netns::create_named(&namespace)?;
-            let rt = RuntimeConf {
-                container_id: name.clone(),
-                netns: ns_path(&namespace),
-                ifname: "eth0".into(),
-                ..Default::default()
-            };
-            let result =
-                node_ns.run(|| runner.add(&list, &rt))?.map_err(|e| anyhow::anyhow!("creating pod {name}: {e}"))?;
-            let address = result.ips.first().map(|ip| ip.address.addr().to_string()).unwrap_or_default();
-            lab.pods.push(PodInfo { name, node: node.name.clone(), namespace, address });
-            lab.save()?;
-        }
-    }
     outln!(
         "lab {} is up: {} {} nodes on the switch {}, {} pods",
         lab.name,
@@ -360,61 +342,12 @@ fn build(lab: &mut Lab, opts: &UpOptions, net_conf: &str) -> Result<()> {
         lab.switch_namespace,
         lab.pods.len()
     );
-    for pod in &lab.pods {
-        outln!("  {:<16} {:<8} {}", pod.name, pod.node, pod.address);
+    if lab.pods.len() <= 24 {
+        for pod in &lab.pods {
+            outln!("  {:<16} {:<8} {}", pod.name, pod.node, pod.address);
+        }
     }
     let flag = if lab.name == "weft" { String::new() } else { format!(" --name {}", lab.name) };
     outln!("next: weft lab check{flag}; weft lab show{flag} [NODE]; weft lab down{flag}");
     Ok(())
-}
-
-fn kill(pid: u32, signal: nix::sys::signal::Signal) {
-    if let Ok(pid) = i32::try_from(pid) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
-    }
-}
-
-/// Removes every namespace, process and file of the lab; a lab that is not there is fine.
-pub fn down(name: &str) -> Result<()> {
-    let Some(lab) = Lab::load(name)? else {
-        outln!("no lab named {name}");
-        return Ok(());
-    };
-    if let Some(pid) = lab.supervisor_pid {
-        kill(pid, nix::sys::signal::Signal::SIGKILL);
-    }
-    for node in &lab.nodes {
-        if let Some(pid) = lab.agent_pid(&node.name) {
-            kill(pid, nix::sys::signal::Signal::SIGKILL);
-        }
-    }
-    if let Some(pid) = lab.store.pid {
-        kill(pid, nix::sys::signal::Signal::SIGKILL);
-    }
-    let mut errors = Vec::new();
-    let namespaces = lab
-        .pods
-        .iter()
-        .map(|p| &p.namespace)
-        .chain(lab.nodes.iter().map(|n| &n.namespace))
-        .chain([&lab.switch_namespace]);
-    for ns in namespaces {
-        if let Err(e) = weft_netns::delete_named(ns) {
-            errors.push(e.to_string());
-        }
-    }
-    remove_dir(&lab.dir(), &mut errors);
-    if !errors.is_empty() {
-        bail!("lab {name}: {}", errors.join("; "));
-    }
-    outln!("lab {name} is down");
-    Ok(())
-}
-
-fn remove_dir(dir: &Path, errors: &mut Vec<String>) {
-    if let Err(e) = std::fs::remove_dir_all(dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            errors.push(format!("removing {}: {e}", dir.display()));
-        }
-    }
 }
