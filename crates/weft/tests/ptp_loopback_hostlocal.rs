@@ -163,4 +163,14 @@ fn host_local_is_compatible_with_the_reference_store() {
     Call::new(reference, "ref3", "").run(&node, "host-local", "DEL", &cfg).ok();
     assert!(reservations(data.path(), "mix").is_empty());
     assert_eq!(std::fs::read_dir(&index).unwrap().count(), 0);
+
+    // A node switched from the reference to weft: an attachment the reference gave an address
+    // is refused a second one, as the reference refuses it, and weft's DEL frees it.
+    Call::new(reference, "ref4", "/x").run(&node, "host-local", "ADD", &cfg).ok();
+    let again = Call::new(weft.path(), "ref4", "/x").run(&node, "host-local", "ADD", &cfg);
+    assert_ne!(again.code, 0, "{again:?}");
+    assert!(again.json()["msg"].as_str().unwrap().contains("duplicate allocation is not allowed"), "{again:?}");
+    assert_eq!(reservations(data.path(), "mix").len(), 1);
+    Call::new(weft.path(), "ref4", "").run(&node, "host-local", "DEL", &cfg).ok();
+    assert!(reservations(data.path(), "mix").is_empty());
 }
