@@ -118,7 +118,11 @@ fn load_network(cfg: &AgentConfig, store: &dyn LeaseStore) -> Result<NetworkConf
             AgentError::Config(format!("no network config: pass --net-conf or store one in the {}", store.describe()))
         })?,
     };
-    Ok(NetworkConfig::parse(&text)?)
+    let network = NetworkConfig::parse(&text)?;
+    for warning in &network.warnings {
+        eprintln!("weft agent: {warning}");
+    }
+    Ok(network)
 }
 
 fn random_index(n: usize) -> usize {
