@@ -130,10 +130,28 @@ fn random_index(n: usize) -> usize {
     (nanos ^ std::process::id() as usize) % n.max(1)
 }
 
-fn random_mac() -> [u8; 6] {
+/// Six random bytes for a new VTEP MAC. No randomness, no MAC: a fixed fallback would give every
+/// node the same one.
+fn random_mac() -> Result<[u8; 6]> {
     let mut b = [0u8; 6];
-    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
-    b
+    match rustix::rand::getrandom(&mut b[..], rustix::rand::GetRandomFlags::empty()) {
+        Ok(6) => Ok(b),
+        Ok(n) => Err(AgentError::Config(format!("the kernel gave {n} of 6 random bytes for the VTEP MAC"))),
+        Err(e) => Err(AgentError::Config(format!("no random bytes for the VTEP MAC: {e}"))),
+    }
+}
+
+/// Fails unless the subnet file can be written where asked: checked before anything is leased
+/// or programmed.
+fn check_subnet_file(path: &std::path::Path) -> Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let fail =
+        |e: std::io::Error| AgentError::Config(format!("the subnet file {} cannot be written: {e}", path.display()));
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let probe = dir.join(format!(".weft-probe.{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(fail)?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
 }
 
 /// The running agent's state.
@@ -191,6 +209,11 @@ impl Node {
         };
         let (index, created) = vtep::ensure(&mut self.nl, &cfg, mac)?;
         self.vtep = Some(index);
+        if created {
+            // Replacing a VTEP with other settings deletes it: this agent's own deletion is not
+            // news for the link watch.
+            let _ = self.monitor.deleted();
+        }
         Ok(created)
     }
 
@@ -319,6 +342,7 @@ impl Node {
 /// Runs the agent until the process is stopped. Start-up errors are returned; errors in the
 /// loop are logged and retried.
 pub fn run(cfg: AgentConfig) -> Result<()> {
+    check_subnet_file(&cfg.subnet_file)?;
     let store = cfg.store.open()?;
     let network = load_network(&cfg, store.as_ref())?;
     let mut nl = Netlink::new().map_err(kernel("opening netlink"))?;
@@ -336,7 +360,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         eprintln!("weft agent: health and metrics on http://{bound}");
     }
     let vtep_mac = match network.backend.kind {
-        BackendType::Vxlan => Some(vtep::stable_mac(&cfg.state_dir, random_mac())?),
+        BackendType::Vxlan => Some(vtep::stable_mac(&cfg.state_dir, random_mac()?)?),
         BackendType::HostGw => None,
     };
     let previous = SubnetEnv::read(&cfg.subnet_file).ok().and_then(|e| match e.subnet.trunc() {

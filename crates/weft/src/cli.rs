@@ -71,11 +71,12 @@ struct AgentArgs {
     /// Masquerade pod traffic leaving the cluster network (then the bridge plugin does not).
     #[arg(long)]
     ip_masq: bool,
-    /// How long a lease lives unless renewed (renewed an hour, or half the TTL, before).
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    /// How long a lease lives unless renewed (renewed an hour, or half the TTL, before): 10s to
+    /// 87600h.
+    #[arg(long, default_value = "24h", value_parser = parse_lease_ttl)]
     lease_ttl: std::time::Duration,
-    /// How often everything is checked and reprogrammed even without events.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    /// How often everything is checked and reprogrammed even without events: 1s to 24h.
+    #[arg(long, default_value = "10s", value_parser = parse_resync)]
     resync: std::time::Duration,
     /// Serve /healthz, /readyz and /metrics on this address (e.g. 127.0.0.1:9901).
     #[arg(long)]
@@ -131,14 +132,33 @@ pub(crate) fn parse_duration(text: &str) -> Result<std::time::Duration, String> 
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let n: u64 = number.parse().map_err(|_| format!("{text:?}: expected a number with a unit, e.g. 10s"))?;
-    let secs = match unit {
+    let scale = match unit {
         "ms" => return Ok(std::time::Duration::from_millis(n)),
-        "s" | "" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
         other => return Err(format!("unknown unit {other:?}: use ms, s, m or h")),
     };
-    Ok(std::time::Duration::from_secs(secs))
+    n.checked_mul(scale).map(std::time::Duration::from_secs).ok_or_else(|| format!("{text:?} is too long"))
+}
+
+/// A duration between `min` and `max`.
+fn parse_bounded(text: &str, min: u64, max: u64, what: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(text)?;
+    if d < std::time::Duration::from_secs(min) || d > std::time::Duration::from_secs(max) {
+        return Err(format!("{text:?}: {what} must be between {min}s and {}h", max / 3600));
+    }
+    Ok(d)
+}
+
+/// A lease TTL: at least 10 s (renewal runs every second), at most ten years.
+pub(crate) fn parse_lease_ttl(text: &str) -> Result<std::time::Duration, String> {
+    parse_bounded(text, 10, 87_600 * 3600, "a lease TTL")
+}
+
+/// The resync period: at least a second (the loop would do nothing else), at most a day.
+fn parse_resync(text: &str) -> Result<std::time::Duration, String> {
+    parse_bounded(text, 1, 24 * 3600, "the resync period")
 }
 
 #[derive(Subcommand)]

@@ -76,3 +76,24 @@ fn a_closed_pipe_ends_output_quietly() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.is_empty(), "{stderr}");
 }
+
+/// Durations an agent cannot run with are refused up front (they used to spin the loop or
+/// overflow the expiry time).
+#[test]
+fn durations_out_of_range_are_refused() {
+    for args in [
+        vec!["agent", "--lease-ttl", "0"],
+        vec!["agent", "--lease-ttl", "5s"],
+        vec!["agent", "--lease-ttl", "18446744073709551615h"],
+        vec!["agent", "--lease-ttl", "999999999h"],
+        vec!["agent", "--resync", "0s"],
+        vec!["agent", "--resync", "500ms"],
+        vec!["lab", "up", "--lease-ttl", "0"],
+    ] {
+        let out = Command::new(weft_bin()).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("must be between") || err.contains("too long"), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}

@@ -41,7 +41,7 @@ pub struct UpOptions {
     #[arg(long, default_value = "file", value_parser = crate::cli::parse_store)]
     pub store: String,
     /// The agents' lease TTL (short values show renewal at work).
-    #[arg(long, default_value = "24h", value_parser = crate::cli::parse_duration)]
+    #[arg(long, default_value = "24h", value_parser = crate::cli::parse_lease_ttl)]
     pub lease_ttl: Duration,
     /// The pod network.
     #[arg(long, default_value = "198.19.0.0/16")]

@@ -1,0 +1,119 @@
+//! The agent as a process in a node namespace of its own: what it refuses before touching
+//! anything, and how it starts over existing state.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A node namespace with an uplink `eth0` (198.18.41.1/24), a store and a net-conf.json.
+struct Node {
+    ns: Ns,
+    dir: Dir,
+}
+
+impl Node {
+    fn new(net_conf: &str) -> Node {
+        let ns = Ns::new("n");
+        ns.sh(&["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]);
+        ns.sh(&["ip", "addr", "add", "198.18.41.1/24", "dev", "eth0"]);
+        ns.sh(&["ip", "link", "set", "eth0", "up"]);
+        let dir = Dir::new("agent");
+        std::fs::write(dir.path().join("net-conf.json"), net_conf).unwrap();
+        Node { ns, dir }
+    }
+
+    fn command(&self, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(weft_bin());
+        cmd.args(["agent", "--iface", "eth0", "--store"])
+            .arg(self.dir.path().join("store"))
+            .arg("--net-conf")
+            .arg(self.dir.path().join("net-conf.json"))
+            .arg("--state-dir")
+            .arg(self.dir.path())
+            .args(extra)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, extra: &[&str]) -> std::process::Output {
+        let mut cmd = self.command(extra);
+        self.ns.handle.run(|| cmd.output()).unwrap().unwrap()
+    }
+
+    fn spawn(&self, extra: &[&str]) -> Agent {
+        let log = std::fs::File::create(self.dir.path().join("agent.log")).unwrap();
+        let mut cmd = self.command(extra);
+        cmd.stdout(log.try_clone().unwrap()).stderr(log);
+        Agent(self.ns.handle.run(|| cmd.spawn()).unwrap().unwrap())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    fn http(&self, path: &str) -> String {
+        self.ns
+            .handle
+            .run(|| {
+                let mut conn = std::net::TcpStream::connect("127.0.0.1:9901").unwrap();
+                conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                write!(conn, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+                let mut text = String::new();
+                let _ = conn.read_to_string(&mut text);
+                text
+            })
+            .unwrap()
+    }
+}
+
+/// The agent process, killed when dropped.
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn an_unwritable_subnet_file_is_refused_before_anything_is_leased_or_programmed() {
+    let node = Node::new(r#"{"Network": "198.19.0.0/16"}"#);
+    let not_a_dir = node.dir.path().join("file");
+    std::fs::write(&not_a_dir, "").unwrap();
+    let subnet_file = not_a_dir.join("subnet.env").display().to_string();
+    let out = node.run(&["--subnet-file", &subnet_file]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("subnet file") && err.contains("cannot be written"), "{err}");
+    assert!(!node.ns.links().iter().any(|l| l.starts_with("weft.")), "a VTEP was made: {:?}", node.ns.links());
+    let leases = std::fs::read_dir(node.dir.path().join("store/subnets")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(leases, 0, "a lease was taken");
+}
+
+#[test]
+fn a_vtep_replaced_at_start_is_not_reported_as_gone() {
+    let node = Node::new(r#"{"Network": "198.19.0.0/16"}"#);
+    // A VTEP of the right name with other settings (another port), as an older config left it.
+    node.ns.sh(&["ip", "link", "add", "weft.1", "type", "vxlan", "id", "1", "dstport", "4789", "dev", "eth0"]);
+    let subnet_file = node.dir.path().join("subnet.env");
+    let _agent = node.spawn(&["--subnet-file", subnet_file.to_str().unwrap(), "--health", "127.0.0.1:9901"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !subnet_file.exists() {
+        assert!(Instant::now() < deadline, "the agent did not become ready: {}", node.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A few ticks of the loop.
+    std::thread::sleep(Duration::from_millis(300));
+    let vxlan = node.ns.ip_json(&["-d", "link", "show", "weft.1"]);
+    assert_eq!(vxlan[0]["linkinfo"]["info_data"]["port"], 8472, "not replaced: {vxlan}");
+    let metrics = node.http("/metrics");
+    assert!(metrics.contains("weft_vtep_recreated_total 0"), "{metrics}");
+    assert!(!node.log().contains("is gone"), "{}", node.log());
+}
