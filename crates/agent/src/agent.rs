@@ -421,22 +421,46 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     node.write_subnet_file()?;
     {
         let mut s = node.status();
-        s.ready = true;
+        s.started = true;
         s.lease = Some(node.lease.subnet.to_string());
     }
     eprintln!("weft agent: ready; subnet file {}", node.cfg.subnet_file.display());
 
     let mut last_resync = Instant::now();
     let mut last_renew = Instant::now();
+    let mut failing: Option<String> = None;
     loop {
         // Wakes at once when the store changes, else every 50 ms for the VTEP check and timers.
         watcher.wait(Duration::from_millis(50));
-        if let Err(e) = tick(&mut node, &mut watcher, &mut last_resync, &mut last_renew) {
-            eprintln!("weft agent: {e}");
-            node.status().reconcile_errors += 1;
+        let outcome = tick(&mut node, &mut watcher, &mut last_resync, &mut last_renew);
+        // One line per change of state, not one per failed tick.
+        let now_failing = outcome.as_ref().err().map(|e| e.to_string());
+        if now_failing != failing {
+            match &now_failing {
+                Some(e) => eprintln!("weft agent: {e} (retrying)"),
+                None => eprintln!("weft agent: recovered"),
+            }
+            failing = now_failing;
+        }
+        let mut s = node.status();
+        match outcome {
+            Ok(()) => s.store_up = true,
+            Err(e) => match e {
+                AgentError::Lease(_) => {
+                    s.store_up = false;
+                    s.store_errors += 1;
+                }
+                _ => {
+                    s.dataplane_up = false;
+                    s.reconcile_errors += 1;
+                }
+            },
         }
     }
 }
+
+/// How often a dataplane that could not be programmed is tried again.
+const RETRY: Duration = Duration::from_secs(1);
 
 fn tick(
     node: &mut Node,
@@ -471,7 +495,9 @@ fn tick(
             replay = true;
         }
     }
-    if last_resync.elapsed() >= node.cfg.resync {
+    // The dataplane could not be programmed last time: try everything again now.
+    let retry = !node.status().dataplane_up && last_resync.elapsed() >= RETRY;
+    if retry || last_resync.elapsed() >= node.cfg.resync {
         *last_resync = Instant::now();
         if node.ensure_vtep()? {
             eprintln!("weft agent: VTEP recreated at resync");
@@ -483,6 +509,7 @@ fn tick(
     if replay {
         let peers: Vec<Lease> = watcher.leases();
         node.reconcile(&peers)?;
+        node.status().dataplane_up = true;
     } else if !events.is_empty() {
         node.apply_events(&events, watcher.count())?;
     }

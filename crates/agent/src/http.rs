@@ -1,36 +1,102 @@
-//! `/healthz`, `/readyz` and Prometheus `/metrics` on a small HTTP/1.0 listener (a thread, no
-//! framework: three fixed pages).
+//! `/healthz`, `/readyz` and Prometheus `/metrics`, served by hyper on a thread of its own (one
+//! small tokio runtime): every connection is a task, so an idle or half-written one never holds
+//! up a probe, and one that sends no complete request within [`HEADER_TIMEOUT`] is closed.
+//!
+//! Ready means the node can carry pods: its lease is held, its dataplane was programmed without
+//! error and its store answers. `/readyz` says which of these is missing.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+
+/// How long a client may take to send its request line and headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the agent reports; updated by the loop, read by the listener.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct Status {
-    pub ready: bool,
+    /// The lease is held, the rules and the subnet file are in place (set once at start).
+    pub started: bool,
+    /// The last attempt to program the dataplane (VTEP, peers, rules) succeeded.
+    pub dataplane_up: bool,
+    /// The last call to the store succeeded.
+    pub store_up: bool,
     pub lease: Option<String>,
     pub peers: usize,
     pub leases: usize,
     pub reconciles: u64,
     pub reconcile_errors: u64,
+    pub store_errors: u64,
     pub reconcile_seconds_sum: f64,
     pub last_event_to_kernel_seconds: f64,
     pub vtep_recreated: u64,
     pub lease_reacquired: u64,
 }
 
+impl Default for Status {
+    fn default() -> Self {
+        Status {
+            started: false,
+            dataplane_up: true,
+            store_up: true,
+            lease: None,
+            peers: 0,
+            leases: 0,
+            reconciles: 0,
+            reconcile_errors: 0,
+            store_errors: 0,
+            reconcile_seconds_sum: 0.0,
+            last_event_to_kernel_seconds: 0.0,
+            vtep_recreated: 0,
+            lease_reacquired: 0,
+        }
+    }
+}
+
 impl Status {
-    fn metrics(&self) -> String {
+    /// Ready, or what is missing.
+    pub fn readiness(&self) -> Result<(), String> {
+        let mut missing = Vec::new();
+        if !self.started {
+            missing.push("the lease, rules and subnet file are not in place yet");
+        }
+        if !self.dataplane_up {
+            missing.push("the dataplane could not be programmed (see the log)");
+        }
+        if !self.store_up {
+            missing.push("the lease store does not answer");
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(missing.join("; "))
+        }
+    }
+
+    pub fn metrics(&self) -> String {
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, value: String| {
             out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
         };
+        let gauge = |b: bool| u8::from(b).to_string();
+        metric("weft_ready", "gauge", "1 when the node can carry pods (see /readyz).", gauge(self.readiness().is_ok()));
         metric(
-            "weft_ready",
+            "weft_dataplane_up",
             "gauge",
-            "1 once the rules and the subnet file are in place.",
-            u8::from(self.ready).to_string(),
+            "1 when the dataplane was last programmed without error.",
+            gauge(self.dataplane_up),
+        );
+        metric("weft_store_up", "gauge", "1 when the lease store last answered.", gauge(self.store_up));
+        metric(
+            "weft_store_errors_total",
+            "counter",
+            "Calls to the lease store that failed.",
+            self.store_errors.to_string(),
         );
         metric("weft_leases", "gauge", "Leases in the store.", self.leases.to_string());
         metric("weft_peers", "gauge", "Peers programmed in the dataplane.", self.peers.to_string());
@@ -64,38 +130,95 @@ impl Status {
     }
 }
 
+/// The answer to one request.
+pub fn respond(path: &str, status: &Status) -> (StatusCode, String) {
+    match path {
+        "/healthz" => (StatusCode::OK, "ok\n".into()),
+        "/readyz" => match status.readiness() {
+            Ok(()) => (StatusCode::OK, "ready\n".into()),
+            Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        },
+        "/metrics" => (StatusCode::OK, status.metrics()),
+        _ => (StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n".into()),
+    }
+}
+
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    status: Arc<Mutex<Status>>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let snapshot = status.lock().map(|s| s.clone()).unwrap_or_else(|e| e.into_inner().clone());
+    let (code, body) = respond(req.uri().path(), &snapshot);
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = code;
+    if let Ok(value) = "text/plain; version=0.0.4".parse() {
+        response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+    }
+    Ok(response)
+}
+
 /// Serves the endpoints on `addr` from a background thread; returns the bound address.
 pub fn serve(addr: SocketAddr, status: Arc<Mutex<Status>>) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
     let bound = listener.local_addr()?;
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let mut reader = BufReader::new(&conn);
-            let mut line = String::new();
-            if reader.read_line(&mut line).is_err() {
-                continue;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
+    std::thread::Builder::new().name("weft-http".into()).spawn(move || {
+        runtime.block_on(async move {
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let status = status.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| handle(req, status.clone()));
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(HEADER_TIMEOUT)
+                        .keep_alive(false)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                    let _ = connection.await;
+                });
             }
-            let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-            let snapshot = status.lock().map(|s| s.clone()).unwrap_or_default();
-            let (code, body) = match path.as_str() {
-                "/healthz" => (200, "ok\n".to_string()),
-                "/readyz" if snapshot.ready => (200, "ready\n".to_string()),
-                "/readyz" => (503, "not ready\n".to_string()),
-                "/metrics" => (200, snapshot.metrics()),
-                _ => (404, "not found\n".to_string()),
-            };
-            let reason = match code {
-                200 => "OK",
-                503 => "Service Unavailable",
-                _ => "Not Found",
-            };
-            let mut conn = &conn;
-            let _ = write!(
-                conn,
-                "HTTP/1.0 {code} {reason}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
+        });
+    })?;
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_names_what_is_missing() {
+        let mut s = Status { started: true, ..Status::default() };
+        assert_eq!(respond("/readyz", &s).0, StatusCode::OK);
+        s.dataplane_up = false;
+        s.store_up = false;
+        let (code, body) = respond("/readyz", &s);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("dataplane") && body.contains("store"), "{body}");
+        let metrics = s.metrics();
+        assert!(metrics.contains("weft_ready 0") && metrics.contains("weft_store_up 0"), "{metrics}");
+        assert_eq!(respond("/healthz", &s).0, StatusCode::OK);
+        assert_eq!(respond("/nope", &s).0, StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn an_idle_connection_does_not_hold_up_a_probe() {
+        use std::io::{Read, Write};
+        let status = Arc::new(Mutex::new(Status { started: true, ..Status::default() }));
+        let addr = serve("127.0.0.1:0".parse().unwrap(), status).unwrap();
+        // One connection that says nothing, one that sends half a request line.
+        let _idle = std::net::TcpStream::connect(addr).unwrap();
+        let mut half = std::net::TcpStream::connect(addr).unwrap();
+        half.write_all(b"GET /hea").unwrap();
+        let started = std::time::Instant::now();
+        let mut probe = std::net::TcpStream::connect(addr).unwrap();
+        probe.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        probe.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut reply = String::new();
+        probe.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(started.elapsed() < Duration::from_secs(2), "the probe waited {:?}", started.elapsed());
+    }
 }

@@ -117,3 +117,35 @@ fn a_vtep_replaced_at_start_is_not_reported_as_gone() {
     assert!(metrics.contains("weft_vtep_recreated_total 0"), "{metrics}");
     assert!(!node.log().contains("is gone"), "{}", node.log());
 }
+
+/// `/readyz` follows the dataplane: with the uplink gone the VTEP cannot be made again, and the
+/// agent says so (503, the metric) once, not on every tick; probes are answered meanwhile even
+/// with an idle connection open.
+#[test]
+fn readiness_follows_the_dataplane_and_failures_are_logged_once() {
+    let node = Node::new(r#"{"Network": "198.19.0.0/16"}"#);
+    let subnet_file = node.dir.path().join("subnet.env");
+    let _agent = node.spawn(&["--subnet-file", subnet_file.to_str().unwrap(), "--health", "127.0.0.1:9901"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !subnet_file.exists() {
+        assert!(Instant::now() < deadline, "the agent did not become ready: {}", node.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(node.http("/readyz").starts_with("HTTP/1.0 200"), "{}", node.http("/readyz"));
+    let _idle = node.ns.handle.run(|| std::net::TcpStream::connect("127.0.0.1:9901").unwrap()).unwrap();
+    node.ns.sh(&["ip", "link", "del", "eth0"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ready = node.http("/readyz");
+        if ready.starts_with("HTTP/1.0 503") {
+            assert!(ready.contains("dataplane"), "{ready}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still ready with the uplink gone: {ready}\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(node.http("/metrics").contains("weft_dataplane_up 0"));
+    let failures = node.log().lines().filter(|l| l.contains("(retrying)")).count();
+    assert!((1..=3).contains(&failures), "{failures} failure lines in 2 s:\n{}", node.log());
+}
