@@ -516,5 +516,6 @@ fn tick(
     if !events.is_empty() {
         node.status().last_event_to_kernel_seconds = seen.elapsed().as_secs_f64();
     }
+    node.status().damaged_leases = watcher.damaged();
     Ok(())
 }

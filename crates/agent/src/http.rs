@@ -36,6 +36,8 @@ pub struct Status {
     pub last_event_to_kernel_seconds: f64,
     pub vtep_recreated: u64,
     pub lease_reacquired: u64,
+    /// Store entries that could not be read as leases (skipped).
+    pub damaged_leases: usize,
 }
 
 impl Default for Status {
@@ -54,6 +56,7 @@ impl Default for Status {
             last_event_to_kernel_seconds: 0.0,
             vtep_recreated: 0,
             lease_reacquired: 0,
+            damaged_leases: 0,
         }
     }
 }
@@ -99,6 +102,12 @@ impl Status {
             self.store_errors.to_string(),
         );
         metric("weft_leases", "gauge", "Leases in the store.", self.leases.to_string());
+        metric(
+            "weft_leases_damaged",
+            "gauge",
+            "Store entries that cannot be read as leases (skipped; see the log).",
+            self.damaged_leases.to_string(),
+        );
         metric("weft_peers", "gauge", "Peers programmed in the dataplane.", self.peers.to_string());
         metric("weft_reconciles_total", "counter", "Reconciles run.", self.reconciles.to_string());
         metric("weft_reconcile_errors_total", "counter", "Reconciles that failed.", self.reconcile_errors.to_string());

@@ -9,6 +9,12 @@
 //!
 //! Every file is replaced atomically (write, then rename), so readers never see half a lease.
 //! Expired leases count as absent; a watcher reports them removed when their time passes.
+//!
+//! Damage is contained: a lease file that cannot be read as a lease (garbage, an absurd
+//! `Expires`) is skipped with one warning and counted, never fails a listing; its subnet is not
+//! handed to another node (only its own node, by its previous subnet, takes it back). The
+//! revision never goes backwards: it is the larger of the `revision` file and the journal's last
+//! line, so a damaged `revision` file cannot make watchers skip changes.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -44,6 +50,27 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Le
 
 fn to_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// A lease file's content as a lease of `subnet`, or why it is not one.
+fn decode(subnet: Ipv4Net, bytes: &[u8]) -> std::result::Result<Lease, String> {
+    let stored: Stored = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let expires = match stored.expires {
+        None => None,
+        Some(s) => {
+            Some(UNIX_EPOCH.checked_add(Duration::from_secs(s)).ok_or_else(|| format!("Expires {s} is not a time"))?)
+        }
+    };
+    Ok(Lease { subnet, attrs: stored.attrs, expires })
+}
+
+/// Warns about a damaged entry once per process and content.
+fn warn_corrupt(key: &str, reason: &str) {
+    static SEEN: std::sync::Mutex<Option<HashSet<String>>> = std::sync::Mutex::new(None);
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if seen.get_or_insert_with(HashSet::new).insert(format!("{key}\0{reason}")) {
+        eprintln!("weft: lease store: skipping {key}: {reason}");
+    }
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -101,15 +128,35 @@ impl FileStore {
         self.bump("config")
     }
 
-    /// The current revision (changes with every write).
+    /// The current revision (changes with every write; never goes backwards): the `revision`
+    /// file, or the journal's last line when that is further on (a damaged file).
     pub fn revision(&self) -> u64 {
-        std::fs::read_to_string(self.dir.join("revision")).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0)
+        let file = std::fs::read_to_string(self.dir.join("revision")).ok().and_then(|t| t.trim().parse().ok());
+        match file {
+            Some(r) if r >= self.journal_revision() => r,
+            _ => self.journal_revision(),
+        }
+    }
+
+    /// The revision on the journal's last complete line (0 without one).
+    fn journal_revision(&self) -> u64 {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut file) = File::open(self.dir.join("journal")) else { return 0 };
+        let len = file.metadata().map_or(0, |m| m.len());
+        let start = len.saturating_sub(4096);
+        let mut tail = Vec::new();
+        if file.seek(SeekFrom::Start(start)).is_err() || file.read_to_end(&mut tail).is_err() {
+            return 0;
+        }
+        let text = String::from_utf8_lossy(&tail);
+        let complete = text.rfind('\n').map_or("", |i| &text[..i]);
+        complete.lines().rev().find_map(|l| l.split_once(' ').and_then(|(r, _)| r.parse().ok())).unwrap_or(0)
     }
 
     /// Records a change of `key`: a line in the journal (so watchers re-read only what changed),
     /// then the new revision (what watchers are woken by).
     fn bump(&self, key: &str) -> Result<()> {
-        let revision = self.revision() + 1;
+        let revision = self.revision().saturating_add(1);
         let path = self.dir.join("journal");
         let mut journal = OpenOptions::new().create(true).append(true).open(&path).map_err(io("opening", &path))?;
         if journal.metadata().map_err(io("reading", &path))?.len() > JOURNAL_LIMIT {
@@ -121,47 +168,59 @@ impl FileStore {
     }
 
     fn read_lease(&self, subnet: &Ipv4Net, now: SystemTime) -> Result<Option<Lease>> {
+        Ok(self.read_checked(subnet, now)?.ok().flatten())
+    }
+
+    /// The lease on `subnet` (`Ok(None)`: none, or expired), or `Err(())` when its file is damaged.
+    fn read_checked(&self, subnet: &Ipv4Net, now: SystemTime) -> Result<std::result::Result<Option<Lease>, ()>> {
         let path = self.lease_path(subnet);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Ok(None)),
             Err(e) => return Err(io("reading", &path)(e)),
         };
-        let stored: Stored = serde_json::from_slice(&bytes)
-            .map_err(|e| LeaseError::Corrupt { key: subnet_key(subnet), reason: e.to_string() })?;
-        let lease = Lease {
-            subnet: *subnet,
-            attrs: stored.attrs,
-            expires: stored.expires.map(|s| UNIX_EPOCH + Duration::from_secs(s)),
-        };
-        Ok(Some(lease).filter(|l| !l.is_expired(now)))
+        match decode(*subnet, &bytes) {
+            Ok(lease) => Ok(Ok(Some(lease).filter(|l| !l.is_expired(now)))),
+            Err(reason) => {
+                warn_corrupt(&subnet_key(subnet), &reason);
+                Ok(Err(()))
+            }
+        }
     }
 
-    /// Every lease that has not expired at `now`.
+    /// Every lease that has not expired at `now` (damaged entries skipped).
     pub fn list(&self, now: SystemTime) -> Result<Vec<Lease>> {
+        Ok(self.scan(now)?.0)
+    }
+
+    /// Every lease that has not expired at `now`, and the subnets of damaged entries.
+    fn scan(&self, now: SystemTime) -> Result<(Vec<Lease>, Vec<Ipv4Net>)> {
         let dir = self.dir.join("subnets");
         let mut out = Vec::new();
+        let mut damaged = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(io("reading", &dir))? {
             let entry = entry.map_err(io("reading", &dir))?;
             let name = entry.file_name().to_string_lossy().to_string();
             if name.contains(".tmp") {
                 continue;
             }
-            let Ok(subnet) = parse_key(&name) else { continue };
-            let Ok(bytes) = std::fs::read(entry.path()) else { continue }; // deleted meanwhile
-            let stored: Stored = serde_json::from_slice(&bytes)
-                .map_err(|e| LeaseError::Corrupt { key: name.clone(), reason: e.to_string() })?;
-            let lease = Lease {
-                subnet,
-                attrs: stored.attrs,
-                expires: stored.expires.map(|s| UNIX_EPOCH + Duration::from_secs(s)),
+            // Only canonical keys name a lease (`198.19.20.5-24` does not).
+            let Some(subnet) = parse_key(&name).ok().filter(|s| subnet_key(s) == name) else {
+                warn_corrupt(&name, "not a lease key");
+                continue;
             };
-            if !lease.is_expired(now) {
-                out.push(lease);
+            let Ok(bytes) = std::fs::read(entry.path()) else { continue }; // deleted meanwhile
+            match decode(subnet, &bytes) {
+                Ok(lease) if !lease.is_expired(now) => out.push(lease),
+                Ok(_) => {}
+                Err(reason) => {
+                    warn_corrupt(&name, &reason);
+                    damaged.push(subnet);
+                }
             }
         }
         out.sort_by_key(|l| l.subnet);
-        Ok(out)
+        Ok((out, damaged))
     }
 
     fn put(&self, lease: &Lease) -> Result<()> {
@@ -183,12 +242,18 @@ impl FileStore {
         random: &mut dyn FnMut(usize) -> usize,
     ) -> Result<Lease> {
         let _lock = self.lock()?;
-        let leases = self.list(now)?;
+        let (leases, damaged) = self.scan(now)?;
         let subnet = match leases.iter().find(|l| l.attrs.public_ip == attrs.public_ip && config.is_leasable(&l.subnet))
         {
             Some(own) => own.subnet,
             None => {
-                let taken: HashSet<Ipv4Net> = leases.iter().map(|l| l.subnet).collect();
+                // A damaged entry may be another node's lease: not handed out, except to the node
+                // that had that subnet (it takes its own key back).
+                let taken: HashSet<Ipv4Net> = leases
+                    .iter()
+                    .map(|l| l.subnet)
+                    .chain(damaged.into_iter().filter(|d| Some(*d) != previous))
+                    .collect();
                 choose_subnet(config, &taken, previous, random)
                     .ok_or_else(|| LeaseError::Exhausted(config.network.to_string()))?
             }
@@ -236,7 +301,14 @@ impl FileStore {
         let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK).ok().filter(|i| {
             i.add_watch(self.dir.as_path(), AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE).is_ok()
         });
-        Watcher { store: self.clone(), known: HashMap::new(), revision: None, offset: 0, inotify }
+        Watcher {
+            store: self.clone(),
+            known: HashMap::new(),
+            damaged: HashSet::new(),
+            revision: None,
+            offset: 0,
+            inotify,
+        }
     }
 }
 
@@ -245,6 +317,8 @@ impl FileStore {
 pub struct Watcher {
     store: FileStore,
     known: HashMap<Ipv4Net, Lease>,
+    /// Subnets whose entries are damaged, as of the last poll.
+    damaged: HashSet<Ipv4Net>,
     revision: Option<u64>,
     /// How much of the journal has been read.
     offset: u64,
@@ -267,6 +341,8 @@ impl Watcher {
         // Only whole lines: a writer may be in the middle of one.
         let complete = journal.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1) as u64;
         let changed = match self.revision {
+            // The revision went backwards (a damaged or replaced store): list everything.
+            Some(seen) if revision < seen => None,
             Some(seen) if complete >= self.offset => {
                 journal_keys(&journal[self.offset as usize..complete as usize], seen)
             }
@@ -278,15 +354,25 @@ impl Watcher {
             Some((keys, last)) => {
                 for key in keys {
                     let Ok(subnet) = parse_key(&key) else { continue };
-                    let current = self.store.read_lease(&subnet, now)?;
+                    let current = match self.store.read_checked(&subnet, now)? {
+                        Ok(lease) => {
+                            self.damaged.remove(&subnet);
+                            lease
+                        }
+                        Err(()) => {
+                            self.damaged.insert(subnet);
+                            None
+                        }
+                    };
                     self.apply(subnet, current, &mut events);
                 }
                 self.revision = Some(last.max(revision));
             }
             // First poll, or the journal was started afresh: list everything and diff.
             None => {
-                let current: HashMap<Ipv4Net, Lease> =
-                    self.store.list(now)?.into_iter().map(|l| (l.subnet, l)).collect();
+                let (leases, damaged) = self.store.scan(now)?;
+                self.damaged = damaged.into_iter().collect();
+                let current: HashMap<Ipv4Net, Lease> = leases.into_iter().map(|l| (l.subnet, l)).collect();
                 let gone: Vec<Ipv4Net> = self.known.keys().filter(|s| !current.contains_key(s)).copied().collect();
                 for subnet in gone {
                     self.apply(subnet, None, &mut events);
@@ -381,6 +467,10 @@ impl crate::LeaseWatcher for Watcher {
 
     fn known(&self) -> &HashMap<Ipv4Net, Lease> {
         &self.known
+    }
+
+    fn damaged(&self) -> usize {
+        self.damaged.len()
     }
 
     fn wait(&mut self, timeout: Duration) {
@@ -533,5 +623,71 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(2), "wait slept through the change");
         t.join().unwrap();
         assert_eq!(watcher.poll(SystemTime::now()).unwrap().len(), 1);
+    }
+
+    fn lease_file(dir: &Path, key: &str) -> PathBuf {
+        dir.join("subnets").join(key)
+    }
+
+    /// Damaged entries: an absurd `Expires` (it panicked every agent), garbage, a non-canonical
+    /// key. Each is skipped, the others listed, watched and acquired around.
+    #[test]
+    fn damaged_entries_are_skipped_and_not_handed_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let now = SystemTime::now();
+        let good =
+            store.acquire(&config(), &attrs("198.18.0.1", "0a:00:00:00:00:01"), None, None, now, &mut |_| 0).unwrap();
+        let mut watcher = store.watcher();
+        assert_eq!(watcher.poll(now).unwrap().len(), 1);
+        let absurd =
+            r#"{"PublicIP":"198.18.0.2","BackendType":"vxlan","BackendData":null,"Expires":18446744073709551615}"#;
+        std::fs::write(lease_file(dir.path(), "198.19.2.0-24"), absurd).unwrap();
+        std::fs::write(lease_file(dir.path(), "198.19.3.0-24"), "{garbage").unwrap();
+        std::fs::write(lease_file(dir.path(), "198.19.4.5-24"), serde_json::to_vec(&good.attrs).unwrap()).unwrap();
+        store.bump("198.19.2.0-24").unwrap();
+        assert_eq!(store.list(now).unwrap(), vec![good.clone()]);
+        assert!(watcher.poll(now).unwrap().is_empty());
+        assert_eq!(crate::LeaseWatcher::damaged(&watcher), 1, "the entry named in the journal");
+        let mut fresh = store.watcher();
+        assert_eq!(fresh.poll(now).unwrap(), vec![LeaseEvent::Added(good.clone())]);
+        assert_eq!(crate::LeaseWatcher::damaged(&fresh), 2, "every damaged entry with a lease key");
+        // Nodes asking for a subnet are not given the damaged ones...
+        for (i, ip) in ["198.18.0.7", "198.18.0.8"].iter().enumerate() {
+            let l = store.acquire(&config(), &attrs(ip, "0a:00:00:00:00:07"), None, None, now, &mut |_| 0).unwrap();
+            assert_eq!(l.subnet.to_string(), format!("198.19.{}.0/24", 4 + i), "{ip}");
+        }
+        // ... but the node that had one takes it back.
+        let prev = Some("198.19.3.0/24".parse().unwrap());
+        let back =
+            store.acquire(&config(), &attrs("198.18.0.3", "0a:00:00:00:00:03"), prev, None, now, &mut |_| 0).unwrap();
+        assert_eq!(back.subnet, prev.unwrap());
+        assert!(fresh.poll(now).unwrap().contains(&LeaseEvent::Added(back)));
+    }
+
+    /// A damaged or rewound `revision` file: running watchers still see every change.
+    #[test]
+    fn the_revision_never_goes_backwards() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let now = SystemTime::now();
+        for i in 1..=5 {
+            store
+                .acquire(&config(), &attrs(&format!("198.18.0.{i}"), "0a:00:00:00:00:01"), None, None, now, &mut |_| 0)
+                .unwrap();
+        }
+        let mut watcher = store.watcher();
+        assert_eq!(watcher.poll(now).unwrap().len(), 5);
+        for damage in ["garbage", "1", ""] {
+            std::fs::write(dir.path().join("revision"), damage).unwrap();
+            assert!(store.revision() >= 5, "{damage:?}: {}", store.revision());
+            let before = store.revision();
+            let l = store.acquire(&config(), &attrs("198.18.0.9", damage), None, None, now, &mut |_| 0).unwrap();
+            assert!(store.revision() > before, "{damage:?}");
+            let events = watcher.poll(now).unwrap();
+            assert_eq!(events, vec![LeaseEvent::Added(l.clone())], "{damage:?}: the change was skipped");
+            store.delete(&l.subnet).unwrap();
+            assert_eq!(watcher.poll(now).unwrap(), vec![LeaseEvent::Removed(l)], "{damage:?}");
+        }
     }
 }

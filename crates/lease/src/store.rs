@@ -52,6 +52,10 @@ pub trait LeaseWatcher: Send {
     fn count(&self) -> usize {
         self.known().len()
     }
+    /// How many entries could not be read as leases at the last poll (skipped).
+    fn damaged(&self) -> usize {
+        0
+    }
     /// Blocks until the store may have changed or `timeout` passed, whichever is first (so a
     /// loop reacts to a change at once and still wakes up for its periodic work).
     fn wait(&mut self, timeout: Duration) {

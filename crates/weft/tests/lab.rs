@@ -511,3 +511,44 @@ fn lab_on_an_etcd_of_ones_own() {
         assert!(keys.contains(&key), "{key} not in {keys}");
     }
 }
+
+/// Damage in the file store — a lease with an absurd `Expires` (it panicked every agent in a
+/// crash loop), garbage, a damaged `revision` file — is skipped and counted: running agents keep
+/// following changes, a restarted agent starts, every pod still reaches every other.
+#[test]
+fn file_store_damage_is_skipped_and_counted() {
+    let lab = TestLab::up("vxlan", 2, 1);
+    let dir = std::path::PathBuf::from(lab.show()["store"]["endpoint"].as_str().unwrap());
+    let absurd = r#"{"PublicIP":"198.18.9.9","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0a:00:00:00:09:09"},"Expires":18446744073709551615}"#;
+    std::fs::write(dir.join("subnets/198.19.250.0-24"), absurd).unwrap();
+    std::fs::write(dir.join("subnets/198.19.251.0-24"), "{garbage").unwrap();
+    std::fs::write(dir.join("revision"), "garbage").unwrap();
+    // A change after the damage reaches the running agents.
+    let extra = Lease {
+        subnet: "198.19.252.0/24".parse().unwrap(),
+        attrs: LeaseAttrs {
+            public_ip: "198.18.9.10".parse().unwrap(),
+            public_ipv6: None,
+            backend_type: "vxlan".into(),
+            backend_data: json!({"VNI": 1, "VtepMAC": "0a:00:00:00:09:0a"}),
+        },
+        expires: None,
+    };
+    lab.store().put_lease(&extra).unwrap();
+    within(Duration::from_secs(2), "the change after the damage programmed", || {
+        lab.peer_state("node1").0.iter().any(|r| r.starts_with("198.19.252.0/24"))
+    });
+    // A restarted agent starts (it listed the damage).
+    let pid = lab.agent_pid("node2");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    within(Duration::from_secs(5), "node2's agent back and serving", || {
+        lab.agent_pid("node2") != pid && http_get(&lab, "node2", "/readyz").0 == "HTTP/1.0 200 OK"
+    });
+    let restarted = lab.agent_pid("node2");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(lab.agent_pid("node2"), restarted, "the agent is in a crash loop");
+    let (_, metrics) = http_get(&lab, "node2", "/metrics");
+    assert!(metrics.contains("weft_leases_damaged 2"), "{metrics}");
+    lab.store().delete(&extra.subnet).unwrap();
+    lab.check_ok();
+}
