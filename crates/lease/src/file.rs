@@ -658,10 +658,11 @@ mod tests {
             assert_eq!(l.subnet.to_string(), format!("198.19.{}.0/24", 4 + i), "{ip}");
         }
         // ... but the node that had one takes it back.
-        let prev = Some("198.19.3.0/24".parse().unwrap());
-        let back =
-            store.acquire(&config(), &attrs("198.18.0.3", "0a:00:00:00:00:03"), prev, None, now, &mut |_| 0).unwrap();
-        assert_eq!(back.subnet, prev.unwrap());
+        let prev: Ipv4Net = "198.19.3.0/24".parse().unwrap();
+        let back = store
+            .acquire(&config(), &attrs("198.18.0.3", "0a:00:00:00:00:03"), Some(prev), None, now, &mut |_| 0)
+            .unwrap();
+        assert_eq!(back.subnet, prev);
         assert!(fresh.poll(now).unwrap().contains(&LeaseEvent::Added(back)));
     }
 
