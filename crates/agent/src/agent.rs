@@ -168,6 +168,8 @@ struct Node {
     lease: Lease,
     /// The peers programmed in the kernel, as last applied.
     programmed: HashMap<Ipv4Net, Lease>,
+    /// The warnings about ignored peers already logged.
+    warned: std::collections::HashSet<String>,
     status: Arc<Mutex<Status>>,
 }
 
@@ -246,9 +248,11 @@ impl Node {
     fn reconcile(&mut self, peers: &[Lease]) -> Result<usize> {
         let started = Instant::now();
         let (desired, warnings) = backend::desired(&self.context(), peers);
-        for w in warnings {
+        // Each ignored peer is reported once, not on every resync; again if it comes back.
+        for w in warnings.iter().filter(|w| !self.warned.contains(*w)) {
             eprintln!("weft agent: {w}");
         }
+        self.warned = warnings.into_iter().collect();
         let outcome = reconcile::apply(&mut self.nl, &desired, self.vtep);
         // Only the peers that are programmed (not this node, not rejected leases).
         let routed: std::collections::HashSet<ipnet::IpNet> = desired.routes.iter().map(|r| r.dst).collect();
@@ -272,7 +276,9 @@ impl Node {
             let (old_d, _) = backend::desired(&ctx, old.as_slice());
             let (new_d, warnings) = backend::desired(&ctx, new.as_slice());
             for w in warnings {
-                eprintln!("weft agent: {w}");
+                if self.warned.insert(w.clone()) {
+                    eprintln!("weft agent: {w}");
+                }
             }
             if let Err(e) = reconcile::apply_peer(&mut self.nl, &old_d, &new_d, self.vtep) {
                 outcome = Err(e);
@@ -376,6 +382,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
             backend_data: json!(null),
         },
         expires: None,
+        created: None,
     };
     let monitor = LinkMonitor::new().map_err(kernel("watching links"))?;
     let mut node = Node {
@@ -389,6 +396,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         vtep: None,
         lease: placeholder,
         programmed: HashMap::new(),
+        warned: Default::default(),
         status,
     };
     let attrs = node.attrs();
@@ -505,6 +513,15 @@ fn tick(
         firewall::apply(&node.network.network, node.cfg.ip_masq)?;
         node.write_subnet_file()?;
         replay = true;
+    }
+    // A change to a lease whose VTEP MAC another node's lease also claims: which of them counts
+    // depends on both, so everything is computed again.
+    if !replay {
+        let known: Vec<&Lease> = watcher.known().values().collect();
+        let leases = events.iter().map(|e| match e {
+            LeaseEvent::Added(l) | LeaseEvent::Removed(l) => l,
+        });
+        replay = leases.into_iter().any(|l| backend::shares_vtep_mac(l, &known));
     }
     if replay {
         let peers: Vec<Lease> = watcher.leases();

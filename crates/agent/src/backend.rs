@@ -74,10 +74,26 @@ pub fn desired(ctx: &Context<'_>, peers: &[Lease]) -> (Desired, Vec<String>) {
     let mut peers: Vec<&Lease> =
         peers.iter().filter(|p| p.subnet != ctx.own_subnet || p.attrs.public_ip != ctx.own_ip).collect();
     peers.sort_by_key(|p| p.subnet);
-    for peer in peers {
+    // One VTEP MAC, one node: of leases that share a MAC with other public IPs, the older claim
+    // counts (so the FDB entry never alternates between them).
+    let claimed = |peer: &Lease| -> Option<String> {
+        let mac = peer.vxlan().map(|d| d.vtep_mac.to_lowercase())?;
+        peers
+            .iter()
+            .filter(|o| o.attrs.public_ip != peer.attrs.public_ip && ctx.reject(o).is_none())
+            .find(|o| o.vxlan().is_some_and(|d| d.vtep_mac.to_lowercase() == mac) && o.outranks(peer))
+            .map(|o| format!("its VtepMAC {mac} belongs to the older lease {} of {}", o.subnet, o.attrs.public_ip))
+    };
+    for peer in peers.iter().copied() {
         if let Some(why) = ctx.reject(peer) {
             warnings.push(format!("ignoring peer {}: {why}", peer.attrs.public_ip));
             continue;
+        }
+        if ctx.kind == BackendType::Vxlan {
+            if let Some(why) = claimed(peer) {
+                warnings.push(format!("ignoring peer {} ({}): {why}", peer.attrs.public_ip, peer.subnet));
+                continue;
+            }
         }
         let dst = IpNet::V4(peer.subnet);
         let peer_ip = IpAddr::V4(peer.attrs.public_ip);
@@ -116,6 +132,15 @@ pub fn desired(ctx: &Context<'_>, peers: &[Lease]) -> (Desired, Vec<String>) {
     (out, warnings)
 }
 
+/// Whether `lease` shares its VTEP MAC with a lease of another node among `others`: then a
+/// change of it cannot be applied on its own (which of them counts depends on both).
+pub fn shares_vtep_mac(lease: &Lease, others: &[&Lease]) -> bool {
+    let Some(mac) = lease.vxlan().map(|d| d.vtep_mac.to_lowercase()) else { return false };
+    others.iter().any(|o| {
+        o.attrs.public_ip != lease.attrs.public_ip && o.vxlan().is_some_and(|d| d.vtep_mac.to_lowercase() == mac)
+    })
+}
+
 /// The MTU pods get: the uplink's minus the encapsulation overhead.
 pub fn pod_mtu(kind: BackendType, uplink_mtu: u32) -> u32 {
     match kind {
@@ -141,6 +166,7 @@ mod tests {
                 backend_data: json!({"VNI": 1, "VtepMAC": mac}),
             },
             expires: None,
+            created: None,
         }
     }
 
@@ -214,6 +240,29 @@ mod tests {
         {
             assert!(warnings.iter().any(|w| w.contains(expected)), "no warning says {expected:?}: {warnings:?}");
         }
+    }
+
+    /// Two leases with one VTEP MAC and different public IPs (one of them stale or forged): the
+    /// older claim is programmed, whatever order the leases come in, and the other is reported.
+    #[test]
+    fn a_vtep_mac_claimed_twice_goes_to_the_older_lease() {
+        let nets = ["198.18.0.0/24".parse().unwrap()];
+        let mut older = lease("198.19.5.0/24", "198.18.0.5", "0a:00:00:00:00:05");
+        older.created = Some(10);
+        let mut younger = lease("198.19.3.0/24", "198.18.0.9", "0A:00:00:00:00:05");
+        younger.created = Some(20);
+        for peers in [[older.clone(), younger.clone()], [younger.clone(), older.clone()]] {
+            let (d, warnings) = desired(&ctx(BackendType::Vxlan, &nets, false), &peers);
+            assert_eq!(d.fdb, vec![([10, 0, 0, 0, 0, 5], "198.18.0.5".parse().unwrap())]);
+            assert_eq!(d.routes.len(), 1);
+            assert_eq!(warnings.len(), 1, "{warnings:?}");
+            assert!(
+                warnings[0].contains("198.18.0.9") && warnings[0].contains("older lease 198.19.5.0/24"),
+                "{warnings:?}"
+            );
+        }
+        assert!(shares_vtep_mac(&younger, &[&older]));
+        assert!(!shares_vtep_mac(&younger, &[&younger]));
     }
 
     #[test]

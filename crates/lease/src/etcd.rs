@@ -49,30 +49,40 @@ async fn connect(endpoints: &[String]) -> Result<Client> {
         .map_err(|e| store_err(format!("connecting to etcd {endpoints:?}: {e}")))
 }
 
-fn decode(key: &str, prefix: &str, value: &[u8]) -> Result<Option<Lease>> {
+fn decode(key: &str, prefix: &str, value: &[u8], created: i64) -> Result<Option<Lease>> {
     let Some(name) = key.strip_prefix(&format!("{prefix}/subnets/")) else { return Ok(None) };
     let subnet = parse_key(name)?;
     let attrs: LeaseAttrs =
         serde_json::from_slice(value).map_err(|e| LeaseError::Corrupt { key: key.into(), reason: e.to_string() })?;
-    Ok(Some(Lease { subnet, attrs, expires: None }))
+    Ok(Some(Lease { subnet, attrs, expires: None, created: Some(created) }))
 }
 
 async fn list_with_revision(client: &mut Client, prefix: &str) -> Result<(Vec<Lease>, i64)> {
+    let (keyed, revision) = list_keyed(client, prefix).await?;
+    Ok((keyed.into_iter().map(|(_, l)| l).collect(), revision))
+}
+
+/// Every lease with its key. Of two keys naming one subnet, the older claim counts.
+async fn list_keyed(client: &mut Client, prefix: &str) -> Result<(Vec<(String, Lease)>, i64)> {
     let resp = client
         .get(format!("{prefix}/subnets/"), Some(GetOptions::new().with_prefix()))
         .await
         .map_err(|e| store_err(format!("listing leases: {e}")))?;
     let revision = resp.header().map_or(0, |h| h.revision());
-    let mut leases = Vec::new();
+    let mut leases: Vec<(String, Lease)> = Vec::new();
     for kv in resp.kvs() {
         let key = kv.key_str().map_err(store_err)?;
-        match decode(key, prefix, kv.value()) {
-            Ok(Some(lease)) => leases.push(lease),
+        match decode(key, prefix, kv.value(), kv.create_revision()) {
+            Ok(Some(lease)) => match leases.iter_mut().find(|(_, l)| l.subnet == lease.subnet) {
+                Some(slot) if lease.outranks(&slot.1) => *slot = (key.to_string(), lease),
+                Some(_) => {}
+                None => leases.push((key.to_string(), lease)),
+            },
             Ok(None) => {}
             Err(e) => eprintln!("weft: skipping {key}: {e}"),
         }
     }
-    leases.sort_by_key(|l| l.subnet);
+    leases.sort_by_key(|(_, l)| l.subnet);
     Ok((leases, revision))
 }
 
@@ -155,7 +165,7 @@ impl EtcdStore {
             .spawn(move || follow(endpoints, prefix, tx, revision))
             .map_err(store_err)?;
         let known = leases.into_iter().map(|l| (l.subnet, l)).collect();
-        Ok(Box::new(EtcdWatcher { rx, known, pending: None }))
+        Ok(Box::new(EtcdWatcher { rx, known, keys: HashMap::new(), pending: None }))
     }
 
     /// The store's current revision.
@@ -211,13 +221,18 @@ impl LeaseStore for EtcdStore {
                 leases.iter().find(|l| l.attrs.public_ip == attrs.public_ip && config.is_leasable(&l.subnet))
             {
                 self.put_lease(&own.subnet, attrs, ttl, false)?;
-                return Ok(Lease { subnet: own.subnet, attrs: attrs.clone(), expires: ttl.map(|t| now + t) });
+                return Ok(Lease {
+                    subnet: own.subnet,
+                    attrs: attrs.clone(),
+                    expires: ttl.map(|t| now + t),
+                    created: own.created,
+                });
             }
             let taken: HashSet<Ipv4Net> = leases.iter().map(|l| l.subnet).collect();
             let subnet = choose_subnet(config, &taken, previous, random)
                 .ok_or_else(|| LeaseError::Exhausted(config.network.to_string()))?;
             if self.put_lease(&subnet, attrs, ttl, true)? {
-                return Ok(Lease { subnet, attrs: attrs.clone(), expires: ttl.map(|t| now + t) });
+                return Ok(Lease { subnet, attrs: attrs.clone(), expires: ttl.map(|t| now + t), created: None });
             }
             // Another node was first: list again and pick another.
         }
@@ -233,7 +248,7 @@ impl LeaseStore for EtcdStore {
                 let resp =
                     client.get(key.clone(), None).await.map_err(|e| store_err(format!("reading a lease: {e}")))?;
                 match resp.kvs().first() {
-                    Some(kv) => decode(&key, &prefix, kv.value()),
+                    Some(kv) => decode(&key, &prefix, kv.value(), kv.create_revision()),
                     None => Ok(None),
                 }
             }
@@ -241,7 +256,7 @@ impl LeaseStore for EtcdStore {
         match current {
             Some(c) if c.attrs.public_ip == lease.attrs.public_ip => {
                 self.put_lease(&lease.subnet, &lease.attrs, ttl, false)?;
-                Ok(Lease { expires: ttl.map(|t| now + t), ..lease.clone() })
+                Ok(Lease { expires: ttl.map(|t| now + t), created: c.created, ..lease.clone() })
             }
             _ => Err(LeaseError::NotFound(lease.key())),
         }
@@ -264,11 +279,12 @@ impl LeaseStore for EtcdStore {
     }
 }
 
-/// What the background watch sends.
+/// What the background watch sends (with the key a lease came from: a dual-stack flannel node's
+/// `<v4>&<v6>` key and an IPv4-only key can both name one IPv4 subnet).
 enum Update {
-    Snapshot(Vec<Lease>),
-    Put(Lease),
-    Delete(Ipv4Net),
+    Snapshot(Vec<(String, Lease)>),
+    Put(String, Lease),
+    Delete(String, Ipv4Net),
 }
 
 /// List, then watch from the listed revision; on compaction, cancellation or a lost
@@ -293,7 +309,7 @@ async fn follow_once(endpoints: &[String], prefix: &str, tx: &Sender<Update>, re
     let revision = match resume {
         Some(revision) => revision,
         None => {
-            let (leases, revision) = list_with_revision(&mut client, prefix).await?;
+            let (leases, revision) = list_keyed(&mut client, prefix).await?;
             if tx.send(Update::Snapshot(leases)).is_err() {
                 return Ok(());
             }
@@ -314,8 +330,8 @@ async fn follow_once(endpoints: &[String], prefix: &str, tx: &Sender<Update>, re
             let Some(kv) = event.kv() else { continue };
             let key = kv.key_str().map_err(store_err)?;
             let update = match event.event_type() {
-                EventType::Put => match decode(key, prefix, kv.value()) {
-                    Ok(Some(lease)) => Update::Put(lease),
+                EventType::Put => match decode(key, prefix, kv.value(), kv.create_revision()) {
+                    Ok(Some(lease)) => Update::Put(key.to_string(), lease),
                     Ok(None) => continue,
                     Err(e) => {
                         eprintln!("weft: skipping {key}: {e}");
@@ -323,7 +339,7 @@ async fn follow_once(endpoints: &[String], prefix: &str, tx: &Sender<Update>, re
                     }
                 },
                 EventType::Delete => match key.strip_prefix(&format!("{prefix}/subnets/")).map(parse_key) {
-                    Some(Ok(subnet)) => Update::Delete(subnet),
+                    Some(Ok(subnet)) => Update::Delete(key.to_string(), subnet),
                     _ => continue,
                 },
             };
@@ -337,6 +353,8 @@ async fn follow_once(endpoints: &[String], prefix: &str, tx: &Sender<Update>, re
 struct EtcdWatcher {
     rx: Receiver<Update>,
     known: HashMap<Ipv4Net, Lease>,
+    /// The key each known lease came from.
+    keys: HashMap<Ipv4Net, String>,
     /// An update `wait` received before `poll` asked for it.
     pending: Option<Update>,
 }
@@ -347,7 +365,8 @@ impl LeaseWatcher for EtcdWatcher {
         while let Some(update) = self.pending.take().or_else(|| self.rx.try_recv().ok()) {
             match update {
                 Update::Snapshot(leases) => {
-                    let current: HashMap<Ipv4Net, Lease> = leases.into_iter().map(|l| (l.subnet, l)).collect();
+                    self.keys = leases.iter().map(|(k, l)| (l.subnet, k.clone())).collect();
+                    let current: HashMap<Ipv4Net, Lease> = leases.into_iter().map(|(_, l)| (l.subnet, l)).collect();
                     for (subnet, old) in &self.known {
                         if !current.contains_key(subnet) {
                             events.push(LeaseEvent::Removed(old.clone()));
@@ -360,15 +379,25 @@ impl LeaseWatcher for EtcdWatcher {
                     }
                     self.known = current;
                 }
-                Update::Put(lease) => {
+                Update::Put(key, lease) => {
+                    // Another key's older claim on the subnet keeps it.
+                    let other_key = self.keys.get(&lease.subnet).is_some_and(|k| *k != key);
+                    if other_key && self.known.get(&lease.subnet).is_some_and(|old| old.outranks(&lease)) {
+                        continue;
+                    }
                     if self.known.get(&lease.subnet).is_none_or(|old| old.attrs != lease.attrs) {
                         events.push(LeaseEvent::Added(lease.clone()));
                     }
+                    self.keys.insert(lease.subnet, key);
                     self.known.insert(lease.subnet, lease);
                 }
-                Update::Delete(subnet) => {
-                    if let Some(old) = self.known.remove(&subnet) {
-                        events.push(LeaseEvent::Removed(old));
+                Update::Delete(key, subnet) => {
+                    // Only the key the known lease came from removes it.
+                    if self.keys.get(&subnet).is_some_and(|k| *k == key) {
+                        self.keys.remove(&subnet);
+                        if let Some(old) = self.known.remove(&subnet) {
+                            events.push(LeaseEvent::Removed(old));
+                        }
                     }
                 }
             }

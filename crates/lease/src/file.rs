@@ -39,6 +39,9 @@ struct Stored {
     attrs: LeaseAttrs,
     #[serde(rename = "Expires", default, skip_serializing_if = "Option::is_none")]
     expires: Option<u64>,
+    /// The store revision that created the key (orders conflicting claims).
+    #[serde(rename = "Created", default, skip_serializing_if = "Option::is_none")]
+    created: Option<i64>,
 }
 
 /// The journal is started afresh past this size.
@@ -61,7 +64,7 @@ fn decode(subnet: Ipv4Net, bytes: &[u8]) -> std::result::Result<Lease, String> {
             Some(UNIX_EPOCH.checked_add(Duration::from_secs(s)).ok_or_else(|| format!("Expires {s} is not a time"))?)
         }
     };
-    Ok(Lease { subnet, attrs: stored.attrs, expires })
+    Ok(Lease { subnet, attrs: stored.attrs, expires, created: stored.created })
 }
 
 /// Warns about a damaged entry once per process and content.
@@ -224,7 +227,14 @@ impl FileStore {
     }
 
     fn put(&self, lease: &Lease) -> Result<()> {
-        let stored = Stored { attrs: lease.attrs.clone(), expires: lease.expires.map(to_secs) };
+        // A key keeps the revision it was created at; a new one gets this change's.
+        let created = match self.read_checked(&lease.subnet, UNIX_EPOCH)? {
+            Ok(Some(existing)) if existing.attrs.public_ip == lease.attrs.public_ip => existing.created,
+            _ => None,
+        }
+        .or(lease.created)
+        .or_else(|| i64::try_from(self.revision().saturating_add(1)).ok());
+        let stored = Stored { attrs: lease.attrs.clone(), expires: lease.expires.map(to_secs), created };
         let bytes = serde_json::to_vec(&stored).map_err(|e| LeaseError::Store(e.to_string()))?;
         write_atomic(&self.lease_path(&lease.subnet), &bytes)?;
         self.bump(&lease.key())
@@ -258,9 +268,9 @@ impl FileStore {
                     .ok_or_else(|| LeaseError::Exhausted(config.network.to_string()))?
             }
         };
-        let lease = Lease { subnet, attrs: attrs.clone(), expires: ttl.map(|t| now + t) };
+        let lease = Lease { subnet, attrs: attrs.clone(), expires: ttl.map(|t| now + t), created: None };
         self.put(&lease)?;
-        Ok(lease)
+        Ok(self.read_lease(&subnet, now)?.unwrap_or(lease))
     }
 
     /// Extends `lease` by `ttl` from `now`. Fails with `NotFound` when the lease is gone or
@@ -269,7 +279,7 @@ impl FileStore {
         let _lock = self.lock()?;
         match self.read_lease(&lease.subnet, now)? {
             Some(c) if c.attrs.public_ip == lease.attrs.public_ip => {
-                let renewed = Lease { expires: ttl.map(|t| now + t), ..lease.clone() };
+                let renewed = Lease { expires: ttl.map(|t| now + t), created: c.created, ..lease.clone() };
                 self.put(&renewed)?;
                 Ok(renewed)
             }

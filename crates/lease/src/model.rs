@@ -39,6 +39,10 @@ pub struct Lease {
     pub attrs: LeaseAttrs,
     /// When it expires unless renewed; `None` for a reservation (never expires).
     pub expires: Option<SystemTime>,
+    /// The store's revision when the key was created (etcd's create revision): of two claims
+    /// that conflict (one subnet, one VTEP MAC), the older one counts. `None` when unknown
+    /// (counts as the youngest).
+    pub created: Option<i64>,
 }
 
 impl Lease {
@@ -63,11 +67,24 @@ pub(crate) fn subnet_key(subnet: &Ipv4Net) -> String {
 }
 
 /// `10.244.1.0-24` → `10.244.1.0/24` (dual-stack keys `...&fc00::-64` keep their IPv4 part).
+/// Only a canonical key names a subnet: `10.244.1.5-24` (host bits set) is refused.
 pub(crate) fn parse_key(key: &str) -> Result<Ipv4Net> {
     let v4 = key.split('&').next().unwrap_or(key);
-    v4.replacen('-', "/", 1)
-        .parse()
-        .map_err(|_| LeaseError::Corrupt { key: key.to_string(), reason: "not a subnet key".into() })
+    let bad = |reason: &str| LeaseError::Corrupt { key: key.to_string(), reason: reason.into() };
+    let subnet: Ipv4Net = v4.replacen('-', "/", 1).parse().map_err(|_| bad("not a subnet key"))?;
+    if subnet_key(&subnet) != v4 {
+        return Err(bad("not a subnet's network address (host bits set)"));
+    }
+    Ok(subnet)
+}
+
+impl Lease {
+    /// Whether `self` counts over `other` when both claim the same thing: the older claim, and
+    /// between equally old ones the lower subnet (so the choice never alternates).
+    pub fn outranks(&self, other: &Lease) -> bool {
+        let age = |l: &Lease| l.created.unwrap_or(i64::MAX);
+        (age(self), self.subnet) < (age(other), other.subnet)
+    }
 }
 
 /// A change seen by a watch.
@@ -85,11 +102,14 @@ mod tests {
     fn flannel_json() {
         let text = r#"{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}"#;
         let attrs: LeaseAttrs = serde_json::from_str(text).unwrap();
-        let lease = Lease { subnet: "10.5.52.0/24".parse().unwrap(), attrs: attrs.clone(), expires: None };
+        let lease =
+            Lease { subnet: "10.5.52.0/24".parse().unwrap(), attrs: attrs.clone(), expires: None, created: None };
         assert_eq!(lease.key(), "10.5.52.0-24");
         assert_eq!(lease.vxlan().unwrap().vtep_mac, "c6:d2:32:6f:8f:44");
         assert_eq!(serde_json::to_string(&attrs).unwrap(), text);
         assert_eq!(parse_key("10.5.52.0-24&fc00::-64").unwrap().to_string(), "10.5.52.0/24");
         assert!(parse_key("nonsense").is_err());
+        assert!(parse_key("10.5.52.7-24").is_err(), "host bits");
+        assert!(parse_key("10.5.52.0-24 ").is_err());
     }
 }

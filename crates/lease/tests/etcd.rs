@@ -253,3 +253,51 @@ fn watch_from_a_compacted_revision_lists_again() {
     assert_eq!(events.len(), 2, "{events:?}");
     assert_eq!(watcher.leases().len(), 1);
 }
+
+/// Keys as flannel writes them, and what weft makes of odd ones: a key with host bits over a
+/// node's subnet is not a lease; a dual-stack key and an IPv4-only key naming one subnet are two
+/// claims (the older counts), and deleting the dual-stack one does not remove the other.
+#[test]
+fn only_canonical_keys_count_and_the_older_claim_wins() {
+    let etcd = Etcd::start();
+    let store = EtcdStore::connect(&[etcd.url()], DEFAULT_PREFIX).unwrap();
+    let key = |name: &str| format!("{DEFAULT_PREFIX}/subnets/{name}");
+    let value = |ip: &str, mac: &str| serde_json::to_string(&attrs(ip, mac)).unwrap();
+    assert!(etcd.ctl(&["put", &key("198.19.20.0-24"), &value("198.18.0.20", "0a:00:00:00:00:20")]).status.success());
+    let mut watcher = store.watch().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while watcher.count() < 1 {
+        assert!(Instant::now() < deadline);
+        watcher.wait(Duration::from_millis(100));
+        watcher.poll(SystemTime::now()).unwrap();
+    }
+    // Host bits: not a lease, neither listed nor watched.
+    assert!(etcd.ctl(&["put", &key("198.19.20.5-24"), &value("198.18.0.66", "0a:00:00:00:00:66")]).status.success());
+    // A dual-stack key over the same subnet, younger: it does not displace the older claim.
+    let dual = key("198.19.20.0-24&fc00::-64");
+    assert!(etcd.ctl(&["put", &dual, &value("198.18.0.77", "0a:00:00:00:00:77")]).status.success());
+    std::thread::sleep(Duration::from_millis(300));
+    watcher.poll(SystemTime::now()).unwrap();
+    let listed = store.list(SystemTime::now()).unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].attrs.public_ip.to_string(), "198.18.0.20");
+    let known = watcher.leases();
+    assert_eq!(known.len(), 1, "{known:?}");
+    assert_eq!(known[0].attrs.public_ip.to_string(), "198.18.0.20");
+    // Deleting the dual-stack key leaves the IPv4-only lease alone.
+    assert!(etcd.ctl(&["del", &dual]).status.success());
+    std::thread::sleep(Duration::from_millis(300));
+    let events = watcher.poll(SystemTime::now()).unwrap();
+    assert!(events.is_empty(), "{events:?}");
+    assert_eq!(watcher.count(), 1);
+    // A subnet taken only by a dual-stack key is not handed out.
+    assert!(etcd
+        .ctl(&["put", &key("198.19.1.0-24&fc00:1::-64"), &value("198.18.0.88", "0a:00:00:00:00:88")])
+        .status
+        .success());
+    let prev: Ipv4Net = "198.19.1.0/24".parse().unwrap();
+    let got = store
+        .acquire(&config(), &attrs("198.18.0.1", "0a:00:00:00:00:01"), Some(prev), None, SystemTime::now(), &mut |_| 0)
+        .unwrap();
+    assert_ne!(got.subnet, prev);
+}

@@ -45,6 +45,7 @@ fn lease(subnet: ipnet::Ipv4Net, i: usize) -> Lease {
             backend_data: json!({"VNI": 1, "VtepMAC": format!("0a:58:00:00:{:02x}:{:02x}", i / 256, i % 256)}),
         },
         expires: None,
+        created: None,
     }
 }
 
