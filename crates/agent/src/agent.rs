@@ -19,7 +19,8 @@ use weft_netconf::{BackendType, NetworkConfig, SubnetEnv};
 
 use crate::backend::{self, Context};
 use crate::http::{self, Status};
-use crate::{firewall, kernel, reconcile, vtep, AgentError, Result};
+use crate::renewer::{Renewer, Report};
+use crate::{firewall, kernel, reconcile, renewer, vtep, AgentError, Result};
 
 /// How the agent is run (`weft agent --help`).
 #[derive(Debug, Clone)]
@@ -158,7 +159,6 @@ fn check_subnet_file(path: &std::path::Path) -> Result<()> {
 struct Node {
     cfg: AgentConfig,
     network: NetworkConfig,
-    store: Box<dyn LeaseStore>,
     nl: Netlink,
     /// The netlink watch on links.
     monitor: LinkMonitor,
@@ -170,6 +170,8 @@ struct Node {
     programmed: HashMap<Ipv4Net, Lease>,
     /// The warnings about ignored peers already logged.
     warned: std::collections::HashSet<String>,
+    /// The watch last showed this node's lease missing (the renewer was told).
+    missing: bool,
     status: Arc<Mutex<Status>>,
 }
 
@@ -310,38 +312,111 @@ impl Node {
         Ok(())
     }
 
-    /// Renews the lease when less than an hour (or half the TTL) is left. A lease that is gone
-    /// from the store (`present` false: deleted, expired, taken over) is acquired again,
-    /// preferring the same subnet, without touching the dataplane. Returns whether the lease
-    /// changed hands (then every peer is replayed).
-    fn renew(&mut self, now: SystemTime, present: bool) -> Result<bool> {
-        let ttl = self.cfg.lease_ttl;
-        let margin = Duration::from_secs(3600).min(ttl / 2);
-        let due = self.lease.expires.is_some_and(|e| e.duration_since(now).unwrap_or_default() <= margin);
-        if present && !due {
-            return Ok(false);
-        }
-        if present {
-            match self.store.renew(&self.lease, Some(ttl), now) {
-                Ok(lease) => {
-                    self.lease = lease;
-                    return Ok(false);
+    /// Takes in what the renewer did. Returns whether every peer must be replayed (the lease
+    /// changed hands).
+    fn apply_report(&mut self, report: Report) -> Result<bool> {
+        match report {
+            Report::Held { lease, reacquired: false } => {
+                self.lease = lease;
+                self.status().store_up = true;
+                Ok(false)
+            }
+            Report::Held { lease, reacquired: true } => {
+                let before = self.lease.subnet;
+                self.lease = lease;
+                let mut s = self.status();
+                s.lease_reacquired += 1;
+                s.store_up = true;
+                s.lease = Some(self.lease.subnet.to_string());
+                drop(s);
+                if self.lease.subnet == before {
+                    eprintln!("weft agent: lease {before} was lost; acquired it again");
+                } else {
+                    eprintln!("weft agent: lease {before} was lost; now leasing {}", self.lease.subnet);
+                    self.ensure_vtep()?;
+                    self.write_subnet_file()?;
                 }
-                Err(LeaseError::NotFound(_)) => {}
-                Err(e) => return Err(e.into()),
+                Ok(true)
+            }
+            Report::Failed(e) => Err(AgentError::Lease(LeaseError::Store(format!("keeping the lease: {e}")))),
+        }
+    }
+}
+
+/// What start-up needs from the store, read with retries.
+struct Started {
+    store: Box<dyn LeaseStore>,
+    network: NetworkConfig,
+}
+
+/// Opens the store and reads the network config, trying again (with a backoff, one log line
+/// per change of state) while the store does not answer: an agent whose store is down at start
+/// stays up, serves its health endpoint and leaves the kernel as it is. A bad config is fatal.
+fn start_store(cfg: &AgentConfig, status: &Arc<Mutex<Status>>) -> Result<Started> {
+    let mut backoff = Duration::from_secs(1);
+    let mut said: Option<String> = None;
+    loop {
+        let attempt = cfg
+            .store
+            .open()
+            .and_then(|store| load_network(cfg, store.as_ref()).map(|network| Started { store, network }));
+        match attempt {
+            Ok(started) => {
+                if said.is_some() {
+                    eprintln!("weft agent: the store answers again");
+                }
+                return Ok(started);
+            }
+            Err(AgentError::Lease(e)) => {
+                let line = e.to_string();
+                if said.as_ref() != Some(&line) {
+                    eprintln!("weft agent: the store does not answer ({line}); trying again");
+                    said = Some(line);
+                }
+                {
+                    let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
+                    s.store_up = false;
+                    s.store_errors += 1;
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(renewer::MAX_BACKOFF);
+            }
+            Err(other) => return Err(other),
+        }
+    }
+}
+
+/// The first lease, tried again like [`start_store`] while the store fails.
+fn first_lease(node: &Node, store: &dyn LeaseStore, previous: Option<Ipv4Net>) -> Result<Lease> {
+    let mut backoff = Duration::from_secs(1);
+    let mut said: Option<String> = None;
+    loop {
+        let attrs = node.attrs();
+        match store.acquire(
+            &node.network,
+            &attrs,
+            previous,
+            Some(node.cfg.lease_ttl),
+            SystemTime::now(),
+            &mut random_index,
+        ) {
+            Ok(lease) => return Ok(lease),
+            Err(LeaseError::Exhausted(e)) => return Err(AgentError::Lease(LeaseError::Exhausted(e))),
+            Err(e) => {
+                let line = e.to_string();
+                if said.as_ref() != Some(&line) {
+                    eprintln!("weft agent: acquiring a lease failed ({line}); trying again");
+                    said = Some(line);
+                }
+                {
+                    let mut s = node.status();
+                    s.store_up = false;
+                    s.store_errors += 1;
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(renewer::MAX_BACKOFF);
             }
         }
-        eprintln!("weft agent: lease {} was lost; acquiring it again", self.lease.subnet);
-        let attrs = self.attrs();
-        let before = self.lease.subnet;
-        self.lease = self.store.acquire(&self.network, &attrs, Some(before), Some(ttl), now, &mut random_index)?;
-        self.status().lease_reacquired += 1;
-        if self.lease.subnet != before {
-            eprintln!("weft agent: now leasing {} (was {before})", self.lease.subnet);
-            self.ensure_vtep()?;
-            self.write_subnet_file()?;
-        }
-        Ok(true)
     }
 }
 
@@ -349,8 +424,14 @@ impl Node {
 /// loop are logged and retried.
 pub fn run(cfg: AgentConfig) -> Result<()> {
     check_subnet_file(&cfg.subnet_file)?;
-    let store = cfg.store.open()?;
-    let network = load_network(&cfg, store.as_ref())?;
+    let status = Arc::new(Mutex::new(Status::default()));
+    // Served before the store is reached: probes are answered (not ready) while it is down.
+    if let Some(addr) = cfg.health {
+        let bound = http::serve(addr, status.clone())
+            .map_err(|e| AgentError::Config(format!("health listener on {addr}: {e}")))?;
+        eprintln!("weft agent: health and metrics on http://{bound}");
+    }
+    let Started { store, network } = start_store(&cfg, &status)?;
     let mut nl = Netlink::new().map_err(kernel("opening netlink"))?;
     let uplink = find_uplink(&mut nl, &cfg)?;
     if let Some(clash) = uplink.nets.iter().find(|n| n.contains(&network.network) || network.network.contains(*n)) {
@@ -358,12 +439,6 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
             "the pod network {} overlaps the node network {clash} of {}: pick a Network that does not",
             network.network, uplink.link.name
         )));
-    }
-    let status = Arc::new(Mutex::new(Status::default()));
-    if let Some(addr) = cfg.health {
-        let bound = http::serve(addr, status.clone())
-            .map_err(|e| AgentError::Config(format!("health listener on {addr}: {e}")))?;
-        eprintln!("weft agent: health and metrics on http://{bound}");
     }
     let vtep_mac = match network.backend.kind {
         BackendType::Vxlan => Some(vtep::stable_mac(&cfg.state_dir, random_mac()?)?),
@@ -388,7 +463,6 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     let mut node = Node {
         cfg,
         network,
-        store,
         nl,
         monitor,
         uplink,
@@ -397,50 +471,32 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         lease: placeholder,
         programmed: HashMap::new(),
         warned: Default::default(),
+        missing: false,
         status,
     };
-    let attrs = node.attrs();
-    node.lease = node.store.acquire(
-        &node.network,
-        &attrs,
-        previous,
-        Some(node.cfg.lease_ttl),
-        SystemTime::now(),
-        &mut random_index,
-    )?;
+    node.lease = first_lease(&node, store.as_ref(), previous)?;
     eprintln!(
         "weft agent: {} leased {} ({} backend, uplink {}, {})",
         node.uplink.ip,
         node.lease.subnet,
         node.network.backend.kind.as_str(),
         node.uplink.link.name,
-        node.store.describe()
+        store.describe()
     );
+    node.status().lease = Some(node.lease.subnet.to_string());
     node.ensure_vtep()?;
     firewall::apply(&node.network.network, node.cfg.ip_masq)?;
-    let mut watcher = node.store.watch()?;
-    // The watch reports the current leases first; wait (briefly) for them.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while watcher.poll(SystemTime::now())?.is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let peers: Vec<Lease> = watcher.leases();
-    node.reconcile(&peers)?;
-    node.write_subnet_file()?;
-    {
-        let mut s = node.status();
-        s.started = true;
-        s.lease = Some(node.lease.subnet.to_string());
-    }
-    eprintln!("weft agent: ready; subnet file {}", node.cfg.subnet_file.display());
+    let mut watcher = store.watch()?;
+    let renewer =
+        Renewer::start(store, node.network.clone(), node.attrs(), node.lease.clone(), node.cfg.lease_ttl, random_index)
+            .map_err(|e| AgentError::Config(format!("starting the renewer: {e}")))?;
 
     let mut last_resync = Instant::now();
-    let mut last_renew = Instant::now();
     let mut failing: Option<String> = None;
     loop {
         // Wakes at once when the store changes, else every 50 ms for the VTEP check and timers.
         watcher.wait(Duration::from_millis(50));
-        let outcome = tick(&mut node, &mut watcher, &mut last_resync, &mut last_renew);
+        let outcome = tick(&mut node, &mut watcher, &renewer, &mut last_resync);
         // One line per change of state, not one per failed tick.
         let now_failing = outcome.as_ref().err().map(|e| e.to_string());
         if now_failing != failing {
@@ -452,7 +508,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         }
         let mut s = node.status();
         match outcome {
-            Ok(()) => s.store_up = true,
+            Ok(()) => {}
             Err(e) => match e {
                 AgentError::Lease(_) => {
                     s.store_up = false;
@@ -473,13 +529,18 @@ const RETRY: Duration = Duration::from_secs(1);
 fn tick(
     node: &mut Node,
     watcher: &mut Box<dyn LeaseWatcher>,
+    renewer: &Renewer,
     last_resync: &mut Instant,
-    last_renew: &mut Instant,
 ) -> Result<()> {
     let now = SystemTime::now();
     let seen = Instant::now();
     let events = watcher.poll(now)?;
-    let mut replay = false;
+    // Until the watch has listed every lease once, what it knows is partial: nothing is
+    // programmed or removed on its word (a restart must not drop peers it has not heard of yet).
+    if !watcher.synced() {
+        return Ok(());
+    }
+    let mut replay = !node.status().started;
     // The VTEP deleted by hand (or by another program): the link watch tells; recreate it and
     // replay every peer. (When notifications were lost, look.)
     if node.vtep_mac.is_some() {
@@ -495,12 +556,21 @@ fn tick(
             replay = true;
         }
     }
-    // Checked every tick: a lookup, not a copy of every lease.
+    // Checked every tick: a lookup, not a copy of every lease. The renewer is told once when
+    // the lease goes missing (deleted, expired, overwritten by someone else).
     let present = watcher.lease(&node.lease.subnet).is_some_and(|l| l.attrs.public_ip == node.uplink.ip);
-    if !present || last_renew.elapsed() >= Duration::from_secs(1) {
-        *last_renew = Instant::now();
-        if node.renew(now, present)? {
-            replay = true;
+    if !present && !node.missing {
+        renewer.lost();
+    }
+    node.missing = !present;
+    // What the renewer did; a store failure is reported after the peers are applied, so peer
+    // events keep flowing while this node's own lease is in trouble.
+    let mut store_error = None;
+    for report in renewer.reports() {
+        match node.apply_report(report) {
+            Ok(changed) => replay |= changed,
+            Err(e @ AgentError::Lease(_)) => store_error = Some(e),
+            Err(e) => return Err(e),
         }
     }
     // The dataplane could not be programmed last time: try everything again now.
@@ -527,6 +597,11 @@ fn tick(
         let peers: Vec<Lease> = watcher.leases();
         node.reconcile(&peers)?;
         node.status().dataplane_up = true;
+        if !node.status().started {
+            node.write_subnet_file()?;
+            node.status().started = true;
+            eprintln!("weft agent: ready; subnet file {}", node.cfg.subnet_file.display());
+        }
     } else if !events.is_empty() {
         node.apply_events(&events, watcher.count())?;
     }
@@ -534,5 +609,8 @@ fn tick(
         node.status().last_event_to_kernel_seconds = seen.elapsed().as_secs_f64();
     }
     node.status().damaged_leases = watcher.damaged();
+    if let Some(e) = store_error {
+        return Err(e);
+    }
     Ok(())
 }

@@ -8,6 +8,7 @@ pub mod backend;
 pub mod firewall;
 pub mod http;
 pub mod reconcile;
+pub mod renewer;
 pub mod vtep;
 
 #[derive(Debug, thiserror::Error)]

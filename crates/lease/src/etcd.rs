@@ -58,18 +58,20 @@ fn decode(key: &str, prefix: &str, value: &[u8], created: i64) -> Result<Option<
 }
 
 async fn list_with_revision(client: &mut Client, prefix: &str) -> Result<(Vec<Lease>, i64)> {
-    let (keyed, revision) = list_keyed(client, prefix).await?;
+    let (keyed, _, revision) = list_keyed(client, prefix).await?;
     Ok((keyed.into_iter().map(|(_, l)| l).collect(), revision))
 }
 
-/// Every lease with its key. Of two keys naming one subnet, the older claim counts.
-async fn list_keyed(client: &mut Client, prefix: &str) -> Result<(Vec<(String, Lease)>, i64)> {
+/// Every lease with its key, and the subnets of keys whose value is damaged. Of two keys naming
+/// one subnet, the older claim counts.
+async fn list_keyed(client: &mut Client, prefix: &str) -> Result<(Vec<(String, Lease)>, Vec<Ipv4Net>, i64)> {
     let resp = client
         .get(format!("{prefix}/subnets/"), Some(GetOptions::new().with_prefix()))
         .await
         .map_err(|e| store_err(format!("listing leases: {e}")))?;
     let revision = resp.header().map_or(0, |h| h.revision());
     let mut leases: Vec<(String, Lease)> = Vec::new();
+    let mut damaged = Vec::new();
     for kv in resp.kvs() {
         let key = kv.key_str().map_err(store_err)?;
         match decode(key, prefix, kv.value(), kv.create_revision()) {
@@ -79,11 +81,15 @@ async fn list_keyed(client: &mut Client, prefix: &str) -> Result<(Vec<(String, L
                 None => leases.push((key.to_string(), lease)),
             },
             Ok(None) => {}
-            Err(e) => eprintln!("weft: skipping {key}: {e}"),
+            Err(e) => {
+                eprintln!("weft: skipping {key}: {e}");
+                let name = key.strip_prefix(&format!("{prefix}/subnets/")).unwrap_or(key);
+                damaged.extend(parse_key(name).ok());
+            }
         }
     }
     leases.sort_by_key(|(_, l)| l.subnet);
-    Ok((leases, revision))
+    Ok((leases, damaged, revision))
 }
 
 impl EtcdStore {
@@ -119,36 +125,44 @@ impl EtcdStore {
     }
 
     /// Puts `attrs` on `subnet` with a fresh etcd lease of `ttl`; with `only_if_new`, only if
-    /// the key does not exist (false when someone was first).
+    /// the key does not exist (`None` when someone was first). Returns the revision written at.
     fn put_lease(
         &self,
         subnet: &Ipv4Net,
         attrs: &LeaseAttrs,
         ttl: Option<Duration>,
         only_if_new: bool,
-    ) -> Result<bool> {
+    ) -> Result<Option<i64>> {
         let key = self.key(subnet);
         let value = serde_json::to_vec(attrs).map_err(store_err)?;
         self.call(|mut client| {
             let (key, value) = (key.clone(), value.clone());
             async move {
                 let mut options = PutOptions::new();
+                let mut granted = None;
                 if let Some(ttl) = ttl {
                     let grant = client
                         .lease_grant(ttl.as_secs().max(1) as i64, None)
                         .await
                         .map_err(|e| store_err(format!("granting a lease: {e}")))?;
                     options = options.with_lease(grant.id());
+                    granted = Some(grant.id());
                 }
                 let mut txn = Txn::new();
                 if only_if_new {
                     txn = txn.when([Compare::version(key.clone(), CompareOp::Equal, 0)]);
                 }
-                let resp = client
+                let outcome = client
                     .txn(txn.and_then([TxnOp::put(key, value, Some(options))]))
                     .await
-                    .map_err(|e| store_err(format!("writing a lease: {e}")))?;
-                Ok(resp.succeeded())
+                    .map_err(|e| store_err(format!("writing a lease: {e}")))
+                    .map(|resp| resp.succeeded().then(|| resp.header().map_or(0, |h| h.revision())));
+                // A grant no key uses is given back at once, on every way this can fail: left
+                // alone, one would pile up per failed try until its TTL ran out.
+                if let (Some(id), false) = (granted, matches!(outcome, Ok(Some(_)))) {
+                    let _ = client.lease_revoke(id).await;
+                }
+                outcome
             }
         })
     }
@@ -165,7 +179,9 @@ impl EtcdStore {
             .spawn(move || follow(endpoints, prefix, tx, revision))
             .map_err(store_err)?;
         let known = leases.into_iter().map(|l| (l.subnet, l)).collect();
-        Ok(Box::new(EtcdWatcher { rx, known, keys: HashMap::new(), pending: None }))
+        // Resuming from a revision with what the caller listed then: already complete.
+        let synced = revision.is_some();
+        Ok(Box::new(EtcdWatcher { rx, known, keys: HashMap::new(), synced, pending: None }))
     }
 
     /// The store's current revision.
@@ -216,7 +232,18 @@ impl LeaseStore for EtcdStore {
         random: &mut dyn FnMut(usize) -> usize,
     ) -> Result<Lease> {
         for _ in 0..10 {
-            let leases = self.list(now)?;
+            let (leases, damaged) = self.call(|mut client| {
+                let prefix = self.prefix.clone();
+                async move { list_keyed(&mut client, &prefix).await.map(|(l, d, _)| (l, d)) }
+            })?;
+            let leases: Vec<Lease> = leases.into_iter().map(|(_, l)| l).collect();
+            // This node's own subnet (from its subnet file) under a damaged value: it is this
+            // node's key, taken back.
+            if let Some(prev) = previous.filter(|p| damaged.contains(p) && config.is_leasable(p)) {
+                eprintln!("weft: lease store: taking back {} (its value was damaged)", subnet_key(&prev));
+                self.put_lease(&prev, attrs, ttl, false)?;
+                return Ok(Lease { subnet: prev, attrs: attrs.clone(), expires: ttl.map(|t| now + t), created: None });
+            }
             if let Some(own) =
                 leases.iter().find(|l| l.attrs.public_ip == attrs.public_ip && config.is_leasable(&l.subnet))
             {
@@ -228,11 +255,18 @@ impl LeaseStore for EtcdStore {
                     created: own.created,
                 });
             }
-            let taken: HashSet<Ipv4Net> = leases.iter().map(|l| l.subnet).collect();
+            // A damaged value may be another node's lease: its subnet is not handed out.
+            let taken: HashSet<Ipv4Net> = leases.iter().map(|l| l.subnet).chain(damaged.iter().copied()).collect();
             let subnet = choose_subnet(config, &taken, previous, random)
                 .ok_or_else(|| LeaseError::Exhausted(config.network.to_string()))?;
-            if self.put_lease(&subnet, attrs, ttl, true)? {
-                return Ok(Lease { subnet, attrs: attrs.clone(), expires: ttl.map(|t| now + t), created: None });
+            if let Some(revision) = self.put_lease(&subnet, attrs, ttl, true)? {
+                // A key created by this write was created at its revision.
+                return Ok(Lease {
+                    subnet,
+                    attrs: attrs.clone(),
+                    expires: ttl.map(|t| now + t),
+                    created: Some(revision),
+                });
             }
             // Another node was first: list again and pick another.
         }
@@ -248,14 +282,23 @@ impl LeaseStore for EtcdStore {
                 let resp =
                     client.get(key.clone(), None).await.map_err(|e| store_err(format!("reading a lease: {e}")))?;
                 match resp.kvs().first() {
-                    Some(kv) => decode(&key, &prefix, kv.value(), kv.create_revision()),
+                    // A damaged value is not this node's lease any more: acquired again.
+                    Some(kv) => Ok(decode(&key, &prefix, kv.value(), kv.create_revision())
+                        .ok()
+                        .flatten()
+                        .map(|l| (l, kv.lease()))),
                     None => Ok(None),
                 }
             }
         })?;
         match current {
-            Some(c) if c.attrs.public_ip == lease.attrs.public_ip => {
+            Some((c, old)) if c.attrs.public_ip == lease.attrs.public_ip => {
                 self.put_lease(&lease.subnet, &lease.attrs, ttl, false)?;
+                // The key now holds a fresh etcd lease: the old one has nothing left to keep.
+                if old != 0 {
+                    let _ = self
+                        .call(|mut client| async move { client.lease_revoke(old).await.map(drop).map_err(store_err) });
+                }
                 Ok(Lease { expires: ttl.map(|t| now + t), created: c.created, ..lease.clone() })
             }
             _ => Err(LeaseError::NotFound(lease.key())),
@@ -309,7 +352,7 @@ async fn follow_once(endpoints: &[String], prefix: &str, tx: &Sender<Update>, re
     let revision = match resume {
         Some(revision) => revision,
         None => {
-            let (leases, revision) = list_keyed(&mut client, prefix).await?;
+            let (leases, _, revision) = list_keyed(&mut client, prefix).await?;
             if tx.send(Update::Snapshot(leases)).is_err() {
                 return Ok(());
             }
@@ -333,9 +376,14 @@ async fn follow_once(endpoints: &[String], prefix: &str, tx: &Sender<Update>, re
                 EventType::Put => match decode(key, prefix, kv.value(), kv.create_revision()) {
                     Ok(Some(lease)) => Update::Put(key.to_string(), lease),
                     Ok(None) => continue,
+                    // The key no longer holds a lease: whatever it held is gone (its owner, if
+                    // alive, takes it back).
                     Err(e) => {
                         eprintln!("weft: skipping {key}: {e}");
-                        continue;
+                        match key.strip_prefix(&format!("{prefix}/subnets/")).map(parse_key) {
+                            Some(Ok(subnet)) => Update::Delete(key.to_string(), subnet),
+                            _ => continue,
+                        }
                     }
                 },
                 EventType::Delete => match key.strip_prefix(&format!("{prefix}/subnets/")).map(parse_key) {
@@ -355,6 +403,8 @@ struct EtcdWatcher {
     known: HashMap<Ipv4Net, Lease>,
     /// The key each known lease came from.
     keys: HashMap<Ipv4Net, String>,
+    /// A complete listing has been received.
+    synced: bool,
     /// An update `wait` received before `poll` asked for it.
     pending: Option<Update>,
 }
@@ -365,6 +415,7 @@ impl LeaseWatcher for EtcdWatcher {
         while let Some(update) = self.pending.take().or_else(|| self.rx.try_recv().ok()) {
             match update {
                 Update::Snapshot(leases) => {
+                    self.synced = true;
                     self.keys = leases.iter().map(|(k, l)| (l.subnet, k.clone())).collect();
                     let current: HashMap<Ipv4Net, Lease> = leases.into_iter().map(|(_, l)| (l.subnet, l)).collect();
                     for (subnet, old) in &self.known {
@@ -407,6 +458,10 @@ impl LeaseWatcher for EtcdWatcher {
 
     fn known(&self) -> &HashMap<Ipv4Net, Lease> {
         &self.known
+    }
+
+    fn synced(&self) -> bool {
+        self.synced
     }
 
     fn wait(&mut self, timeout: Duration) {

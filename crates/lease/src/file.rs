@@ -483,6 +483,10 @@ impl crate::LeaseWatcher for Watcher {
         self.damaged.len()
     }
 
+    fn synced(&self) -> bool {
+        self.revision.is_some()
+    }
+
     fn wait(&mut self, timeout: Duration) {
         let Some(inotify) = &self.inotify else {
             std::thread::sleep(timeout);

@@ -52,6 +52,9 @@ pub trait LeaseWatcher: Send {
     fn count(&self) -> usize {
         self.known().len()
     }
+    /// Whether the watch has listed every lease at least once: before that, what it knows is
+    /// partial, and nothing may be removed on its word.
+    fn synced(&self) -> bool;
     /// How many entries could not be read as leases at the last poll (skipped).
     fn damaged(&self) -> usize {
         0

@@ -19,6 +19,20 @@ fn weft(args: &[&str]) -> Output {
     Command::new(weft_bin()).args(args).stdin(Stdio::null()).output().unwrap()
 }
 
+/// Kills `pid` and waits until it is gone (or a zombie nobody reaps yet).
+fn kill_and_wait(pid: i32) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.is_empty() || stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{pid} did not die");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
@@ -252,8 +266,7 @@ fn up_again_refuses_other_options_and_repairs_what_died() {
     let out = name.lab(&["up", "--nodes", "2"]);
     assert!(out.status.success() && text(&out).contains("already up"), "{}", text(&out));
     // A killed supervisor is started again; every address stays.
-    let pid = before["supervisor_pid"].as_u64().unwrap() as i32;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    kill_and_wait(before["supervisor_pid"].as_u64().unwrap() as i32);
     let out = name.lab(&["up"]);
     assert!(out.status.success() && text(&out).contains("started the supervisor again"), "{}", text(&out));
     let after = name.show();
@@ -273,8 +286,7 @@ fn a_killed_etcd_is_started_again_with_every_lease() {
     let name = Name::new();
     name.up_ok(&["--nodes", "2", "--pods", "1", "--store", "etcd"]);
     let before = name.show();
-    let pid = before["store"]["pid"].as_u64().unwrap() as i32;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    kill_and_wait(before["store"]["pid"].as_u64().unwrap() as i32);
     let out = name.lab(&["up"]);
     assert!(out.status.success() && text(&out).contains("started etcd again"), "{}", text(&out));
     let after = name.show();
