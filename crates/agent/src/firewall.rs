@@ -4,63 +4,47 @@
 //! table is replaced in one transaction, so there is never a moment without rules (a restart
 //! does not flush anything first).
 
-use ipnet::Ipv4Net;
-use serde_json::{json, Value};
+use ipnet::{IpNet, Ipv4Net};
+use serde_json::Value;
 use weft_dataplane::nft;
+use weft_dataplane::nft::build::{BaseChain, ChainKind, Expr, Family, Field, Op, Rule, Table};
 
 use crate::{AgentError, Result};
 
-pub const TABLE: &str = "weft-agent";
+pub const TABLE: Table = Table { family: Family::Ip, name: "weft-agent" };
+const FORWARD: BaseChain = BaseChain { name: "forward", kind: ChainKind::Filter, hook: "forward", prio: 0 };
+const POSTROUTING: BaseChain = BaseChain { name: "postrouting", kind: ChainKind::Nat, hook: "postrouting", prio: 100 };
 
-fn net(n: &Ipv4Net) -> Value {
-    json!({"prefix": {"addr": n.network().to_string(), "len": n.prefix_len()}})
-}
-
-fn m(field: &str, op: &str, right: Value) -> Value {
-    json!({"match": {"op": op, "left": {"payload": {"protocol": "ip", "field": field}}, "right": right}})
-}
-
-fn rule(chain: &str, expr: Vec<Value>) -> Value {
-    json!({"add": {"rule": {"family": "ip", "table": TABLE, "chain": chain, "expr": expr}}})
-}
+/// kube-proxy's masquerade mark: its traffic is left to it.
+const KUBE_PROXY_MARK: u32 = 0x4000;
 
 /// The transaction that makes the table exactly this.
 pub fn commands(network: &Ipv4Net, masquerade: bool) -> Vec<Value> {
-    let chain = |name: &str, kind: &str, hook: &str, prio: i32| json!({"add": {"chain": {"family": "ip", "table": TABLE, "name": name, "type": kind, "hook": hook, "prio": prio, "policy": "accept"}}});
+    let net = IpNet::V4(*network);
+    let src = |op| Expr::Addr { field: Field::Saddr, op, net };
+    let dst = |op| Expr::Addr { field: Field::Daddr, op, net };
+    let rule = |chain: &BaseChain, exprs| TABLE.add_rule(&Rule { chain: chain.name, comment: None, exprs });
     let mut cmds = vec![
-        json!({"add": {"table": {"family": "ip", "name": TABLE}}}),
-        json!({"flush": {"table": {"family": "ip", "name": TABLE}}}),
-        chain("forward", "filter", "forward", 0),
-        rule("forward", vec![m("saddr", "==", net(network)), json!({"accept": null})]),
-        rule("forward", vec![m("daddr", "==", net(network)), json!({"accept": null})]),
+        TABLE.add(),
+        TABLE.flush(),
+        TABLE.add_chain(&FORWARD),
+        rule(&FORWARD, vec![src(Op::Eq), Expr::Accept]),
+        rule(&FORWARD, vec![dst(Op::Eq), Expr::Accept]),
     ];
     if masquerade {
-        let multicast = json!({"prefix": {"addr": "224.0.0.0", "len": 4}});
-        let mark = json!({"match": {"op": "==", "left": {"&": [{"meta": {"key": "mark"}}, 0x4000]}, "right": 0x4000}});
-        cmds.push(chain("postrouting", "nat", "postrouting", 100));
-        cmds.push(rule("postrouting", vec![mark, json!({"return": null})]));
-        cmds.push(rule(
-            "postrouting",
-            vec![m("saddr", "==", net(network)), m("daddr", "==", net(network)), json!({"return": null})],
-        ));
-        cmds.push(rule(
-            "postrouting",
-            vec![
-                m("saddr", "==", net(network)),
-                m("daddr", "!=", multicast),
-                json!({"masquerade": {"flags": ["fully-random"]}}),
-            ],
-        ));
-        cmds.push(rule(
-            "postrouting",
-            vec![
-                m("saddr", "!=", net(network)),
-                m("daddr", "==", net(network)),
-                json!({"masquerade": {"flags": ["fully-random"]}}),
-            ],
-        ));
+        let multicast = Expr::Addr {
+            field: Field::Daddr,
+            op: Op::Ne,
+            net: IpNet::V4(Ipv4Net::new_assert([224, 0, 0, 0].into(), 4)),
+        };
+        let masq = Expr::Masquerade { fully_random: true };
+        cmds.push(TABLE.add_chain(&POSTROUTING));
+        cmds.push(rule(&POSTROUTING, vec![Expr::Mark { mask: KUBE_PROXY_MARK, value: KUBE_PROXY_MARK }, Expr::Return]));
+        cmds.push(rule(&POSTROUTING, vec![src(Op::Eq), dst(Op::Eq), Expr::Return]));
+        cmds.push(rule(&POSTROUTING, vec![src(Op::Eq), multicast, masq.clone()]));
+        cmds.push(rule(&POSTROUTING, vec![src(Op::Ne), dst(Op::Eq), masq]));
     } else {
-        cmds.push(json!({"delete": {"chain": {"family": "ip", "table": TABLE, "name": "postrouting"}}}));
+        cmds.push(TABLE.delete_chain(POSTROUTING.name));
     }
     cmds
 }
@@ -70,9 +54,9 @@ pub fn apply(network: &Ipv4Net, masquerade: bool) -> Result<()> {
     let mut cmds = commands(network, masquerade);
     if !masquerade {
         // Deleting a chain that does not exist would fail the transaction: only when present.
-        let present = nft::list_table("ip", TABLE)
+        let present = nft::list_table(TABLE.family.as_str(), TABLE.name)
             .map_err(|e| AgentError::Config(format!("nftables: {e}")))?
-            .is_some_and(|objs| nft::chains_of(&objs).any(|c| c == "postrouting"));
+            .is_some_and(|objs| nft::chains_of(&objs).any(|c| c == POSTROUTING.name));
         if !present {
             cmds.pop();
         }

@@ -13,11 +13,14 @@ use serde::Deserialize;
 use weft_cni::args::CmdArgs;
 use weft_cni::skel::{parse_plugin_conf, Attachment, Plugin};
 use weft_cni::{CniError, CniResult, ErrorCode, Interface, NetConf, Route};
-use weft_dataplane::{format_mac, sysctl, LinkKind, Netlink};
+use weft_dataplane::{format_mac, LinkKind, Netlink};
 use weft_netns::NetNs;
 
 use crate::attachment_lock::AttachmentLock;
-use crate::common::{attachment_key, create_veth, kernel, open_netns_for_teardown, prev_result, random_mac, Attach};
+use crate::common::{
+    attachment_key, create_veth, enable_forwarding, kernel, open_netns_for_teardown, prev_result, random_mac, Attach,
+};
+use crate::teardown::retire_container_link;
 use crate::{container, ipam, masq, rules, teardown};
 
 pub struct Bridge;
@@ -292,7 +295,7 @@ fn ensure_bridge(nl: &mut Netlink, bconf: &BridgeConf, created: &mut Created) ->
 }
 
 /// The first host address of a network (the reference's default gateway).
-pub fn first_host(net: &IpNet) -> Option<IpAddr> {
+fn first_host(net: &IpNet) -> Option<IpAddr> {
     match net.network() {
         IpAddr::V4(v4) => Some(IpAddr::V4((u32::from(v4) + 1).into())),
         IpAddr::V6(v6) => Some(IpAddr::V6((u128::from(v6) + 1).into())),
@@ -364,26 +367,6 @@ impl LinkLocal for IpAddr {
     fn is_unicast_link_local_v6(&self) -> bool {
         matches!(self, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80)
     }
-}
-
-/// `net.ipv4.ip_forward=1` (and IPv6 forwarding when the result has IPv6).
-pub fn enable_forwarding(result: &CniResult) -> Result<(), CniError> {
-    let sys = |key: &str| sysctl::set(key, "1").map_err(|e| CniError::internal(e.to_string()));
-    if result.ips.iter().any(|ip| ip.address.addr().is_ipv4()) {
-        sys("net/ipv4/ip_forward")?;
-    }
-    if result.ips.iter().any(|ip| ip.address.addr().is_ipv6()) {
-        sys("net/ipv6/conf/all/forwarding")?;
-    }
-    Ok(())
-}
-
-/// Retires `ifname` in the container and its host peer (see [`teardown`]); a missing link is
-/// success.
-pub fn retire_container_link(netns: &NetNs, ifname: &str) -> Result<(), CniError> {
-    let mut cnl = Netlink::in_netns_here(netns).map_err(kernel("opening netlink in the container"))?;
-    let mut hnl = Netlink::new().map_err(kernel("opening netlink"))?;
-    teardown::retire_veth(&mut cnl, &mut hnl, ifname)
 }
 
 /// Deletes the host-side veths that prevResult names, if they still exist and are ports of

@@ -189,6 +189,18 @@ impl Attach {
     }
 }
 
+/// `net.ipv4.ip_forward=1` (and IPv6 forwarding when the result has IPv6).
+pub fn enable_forwarding(result: &weft_cni::CniResult) -> Result<(), CniError> {
+    let sys = |key: &str| weft_dataplane::sysctl::set(key, "1").map_err(|e| CniError::internal(e.to_string()));
+    if result.ips.iter().any(|ip| ip.address.addr().is_ipv4()) {
+        sys("net/ipv4/ip_forward")?;
+    }
+    if result.ips.iter().any(|ip| ip.address.addr().is_ipv6()) {
+        sys("net/ipv6/conf/all/forwarding")?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

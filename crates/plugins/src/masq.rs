@@ -3,10 +3,9 @@
 //! with the attachment key, so DEL removes them even when the netns and addresses are gone.
 
 use ipnet::IpNet;
-use serde_json::json;
 use weft_cni::CniError;
 
-use crate::rules::{self, addr_match, MASQUERADE};
+use crate::rules::{self, Expr, Field, Op, MASQUERADE};
 
 /// Adds masquerade rules for `addresses` (each with its subnet) in one transaction.
 pub fn setup(key: &str, addresses: &[IpNet]) -> Result<(), CniError> {
@@ -18,10 +17,10 @@ pub fn setup(key: &str, addresses: &[IpNet]) -> Result<(), CniError> {
             &MASQUERADE,
             key,
             vec![
-                addr_match("saddr", "==", &own),
-                addr_match("daddr", "!=", &net.trunc()),
-                addr_match("daddr", "!=", &multicast),
-                json!({"masquerade": null}),
+                Expr::Addr { field: Field::Saddr, op: Op::Eq, net: own },
+                Expr::Addr { field: Field::Daddr, op: Op::Ne, net: net.trunc() },
+                Expr::Addr { field: Field::Daddr, op: Op::Ne, net: multicast },
+                Expr::Masquerade { fully_random: false },
             ],
         ));
     }

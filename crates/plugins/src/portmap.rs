@@ -8,14 +8,14 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use weft_cni::args::CmdArgs;
 use weft_cni::skel::{parse_plugin_conf, Attachment, Plugin};
 use weft_cni::{CniError, CniResult, NetConf};
 use weft_dataplane::sysctl;
 
 use crate::common::{attachment_key, prev_result};
-use crate::rules::{self, addr_match, BaseChain, HOSTPORTS_OUT, HOSTPORTS_PRE, HOSTPORTS_SNAT};
+use crate::rules::{self, BaseChain, Expr, Field, Op, HOSTPORTS_OUT, HOSTPORTS_PRE, HOSTPORTS_SNAT};
 
 pub struct Portmap;
 
@@ -81,22 +81,19 @@ impl PortmapConf {
 fn mapping_rules(key: &str, mappings: &[PortMapping], ips: &[IpAddr], snat: bool) -> Vec<Value> {
     let mut cmds = Vec::new();
     for ip in ips {
-        let (family, own) = if ip.is_ipv4() { ("ip", IpNet::from(*ip)) } else { ("ip6", IpNet::from(*ip)) };
+        let own = IpNet::from(*ip);
         for m in mappings {
             let host_ip: Option<IpAddr> = m.host_ip.parse().ok().filter(|h: &IpAddr| !h.is_unspecified());
             if host_ip.is_some_and(|h| h.is_ipv4() != ip.is_ipv4()) {
                 continue;
             }
-            let proto = m.protocol.to_lowercase();
             let dest = match host_ip {
-                Some(h) => addr_match("daddr", "==", &IpNet::from(h)),
-                None => {
-                    json!({"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}})
-                }
+                Some(h) => Expr::Addr { field: Field::Daddr, op: Op::Eq, net: IpNet::from(h) },
+                None => Expr::LocalDestination,
             };
-            let family_match = json!({"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": if ip.is_ipv4() { "ipv4" } else { "ipv6" }}});
-            let port = json!({"match": {"op": "==", "left": {"payload": {"protocol": proto, "field": "dport"}}, "right": m.host_port}});
-            let dnat = json!({"dnat": {"family": family, "addr": ip.to_string(), "port": m.container_port}});
+            let family_match = Expr::Nfproto { ipv6: ip.is_ipv6() };
+            let port = Expr::Dport { proto: m.protocol.to_lowercase(), port: m.host_port };
+            let dnat = Expr::Dnat { addr: *ip, port: m.container_port };
             for chain in [&HOSTPORTS_PRE, &HOSTPORTS_OUT] {
                 cmds.push(rules::rule(
                     chain,
@@ -106,19 +103,20 @@ fn mapping_rules(key: &str, mappings: &[PortMapping], ips: &[IpAddr], snat: bool
             }
         }
         if snat && !mappings.is_empty() {
-            let masquerade = json!({"masquerade": null});
+            let masquerade = Expr::Masquerade { fully_random: false };
+            let addr = |field, net| Expr::Addr { field, op: Op::Eq, net };
             // Hairpin: the pod reaching its own published port is answered through the host.
             cmds.push(rules::rule(
                 &HOSTPORTS_SNAT,
                 key,
-                vec![addr_match("saddr", "==", &own), addr_match("daddr", "==", &own), masquerade.clone()],
+                vec![addr(Field::Saddr, own), addr(Field::Daddr, own), masquerade.clone()],
             ));
             if ip.is_ipv4() {
                 let localhost: IpNet = "127.0.0.0/8".parse().unwrap_or(own);
                 cmds.push(rules::rule(
                     &HOSTPORTS_SNAT,
                     key,
-                    vec![addr_match("saddr", "==", &localhost), addr_match("daddr", "==", &own), masquerade],
+                    vec![addr(Field::Saddr, localhost), addr(Field::Daddr, own), masquerade],
                 ));
             }
         }

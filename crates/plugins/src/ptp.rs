@@ -11,8 +11,10 @@ use weft_cni::{CniError, CniResult, Interface, NetConf};
 use weft_dataplane::{format_mac, Netlink, RouteSpec};
 
 use crate::attachment_lock::AttachmentLock;
-use crate::bridge::{enable_forwarding, retire_container_link};
-use crate::common::{attachment_key, create_veth, kernel, open_netns_for_teardown, prev_result, Attach};
+use crate::common::{
+    attachment_key, create_veth, enable_forwarding, kernel, open_netns_for_teardown, prev_result, Attach,
+};
+use crate::teardown::retire_container_link;
 use crate::{container, ipam, masq, rules};
 
 pub struct Ptp;

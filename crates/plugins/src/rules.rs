@@ -1,53 +1,34 @@
 //! weft's nftables table for the plugins, `inet weft-cni`: the base chains, and rules tagged with
 //! an attachment key in their comment so DEL and GC find them without knowing the addresses.
 
-use ipnet::IpNet;
-use serde_json::{json, Value};
+use serde_json::Value;
 use weft_cni::CniError;
 use weft_dataplane::nft;
+use weft_dataplane::nft::build::Table;
+pub use weft_dataplane::nft::build::{BaseChain, ChainKind, Expr, Family, Field, Op, Rule};
 
-pub const FAMILY: &str = "inet";
-pub const TABLE: &str = "weft-cni";
+/// weft's table for the plugins.
+pub const TABLE: Table = Table { family: Family::Inet, name: "weft-cni" };
 
-/// A base chain: name, hook, priority.
-#[derive(Clone, Copy)]
-pub struct BaseChain {
-    pub name: &'static str,
-    pub hook: &'static str,
-    pub prio: i32,
-}
-
-pub const MASQUERADE: BaseChain = BaseChain { name: "masquerade", hook: "postrouting", prio: 100 };
-pub const HOSTPORTS_PRE: BaseChain = BaseChain { name: "hostports-prerouting", hook: "prerouting", prio: -100 };
-pub const HOSTPORTS_OUT: BaseChain = BaseChain { name: "hostports-output", hook: "output", prio: -100 };
-pub const HOSTPORTS_SNAT: BaseChain = BaseChain { name: "hostports-snat", hook: "postrouting", prio: 99 };
+pub const MASQUERADE: BaseChain =
+    BaseChain { name: "masquerade", kind: ChainKind::Nat, hook: "postrouting", prio: 100 };
+pub const HOSTPORTS_PRE: BaseChain =
+    BaseChain { name: "hostports-prerouting", kind: ChainKind::Nat, hook: "prerouting", prio: -100 };
+pub const HOSTPORTS_OUT: BaseChain =
+    BaseChain { name: "hostports-output", kind: ChainKind::Nat, hook: "output", prio: -100 };
+pub const HOSTPORTS_SNAT: BaseChain =
+    BaseChain { name: "hostports-snat", kind: ChainKind::Nat, hook: "postrouting", prio: 99 };
 
 /// `add table` and `add chain` commands for the given base chains (no-ops when they exist).
 pub fn ensure(chains: &[BaseChain]) -> Vec<Value> {
-    let mut cmds = vec![json!({"add": {"table": {"family": FAMILY, "name": TABLE}}})];
-    cmds.extend(chains.iter().map(|c| {
-        json!({"add": {"chain": {
-            "family": FAMILY, "table": TABLE, "name": c.name,
-            "type": "nat", "hook": c.hook, "prio": c.prio, "policy": "accept",
-        }}})
-    }));
+    let mut cmds = vec![TABLE.add()];
+    cmds.extend(chains.iter().map(|c| TABLE.add_chain(c)));
     cmds
 }
 
 /// An `add rule` command in `chain`, tagged with `key`.
-pub fn rule(chain: &BaseChain, key: &str, expr: Vec<Value>) -> Value {
-    json!({"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": chain.name, "comment": key, "expr": expr}}})
-}
-
-/// `ip saddr == X` / `ip6 daddr != NET` matches.
-pub fn addr_match(field: &str, op: &str, net: &IpNet) -> Value {
-    let protocol = if net.addr().is_ipv4() { "ip" } else { "ip6" };
-    let right = if net.prefix_len() == net.max_prefix_len() {
-        json!(net.addr().to_string())
-    } else {
-        json!({"prefix": {"addr": net.network().to_string(), "len": net.prefix_len()}})
-    };
-    json!({"match": {"op": op, "left": {"payload": {"protocol": protocol, "field": field}}, "right": right}})
+pub fn rule(chain: &BaseChain, key: &str, exprs: Vec<Expr>) -> Value {
+    TABLE.add_rule(&Rule { chain: chain.name, comment: Some(key.to_string()), exprs })
 }
 
 fn nft_error(e: weft_dataplane::DataplaneError) -> CniError {
@@ -65,15 +46,13 @@ pub fn delete_matching(objects: &[Value], matches: &dyn Fn(&str) -> bool) -> Vec
         .iter()
         .filter_map(|o| o.get("rule"))
         .filter(|r| r["comment"].as_str().is_some_and(matches))
-        .map(|r| {
-            json!({"delete": {"rule": {"family": FAMILY, "table": TABLE, "chain": r["chain"], "handle": r["handle"]}}})
-        })
+        .map(|r| TABLE.delete_rule(&r["chain"], &r["handle"]))
         .collect()
 }
 
 /// The current objects of the table (empty when it does not exist).
 pub fn list() -> Result<Vec<Value>, CniError> {
-    Ok(nft::list_table(FAMILY, TABLE).map_err(nft_error)?.unwrap_or_default())
+    Ok(nft::list_table(TABLE.family.as_str(), TABLE.name).map_err(nft_error)?.unwrap_or_default())
 }
 
 /// Removes every rule whose comment `matches`, in one transaction. A rule deleted concurrently

@@ -92,6 +92,14 @@ fn retire_container_end(nl: &mut Netlink, link: &Link) -> Result<(), CniError> {
     ignore_not_found(nl.set_name(link.index, &name)).map_err(kernel("renaming the retired interface"))
 }
 
+/// Retires `ifname` in the container and its host peer (see [`teardown`]); a missing link is
+/// success.
+pub fn retire_container_link(netns: &weft_netns::NetNs, ifname: &str) -> Result<(), CniError> {
+    let mut cnl = Netlink::in_netns_here(netns).map_err(kernel("opening netlink in the container"))?;
+    let mut hnl = Netlink::new().map_err(kernel("opening netlink"))?;
+    retire_veth(&mut cnl, &mut hnl, ifname)
+}
+
 /// Takes the namespace's reaper name: `Ok(None)` when another process holds it.
 fn claim() -> std::io::Result<Option<UnixListener>> {
     let addr = SocketAddr::from_abstract_name(REAPER_SOCKET)?;
