@@ -121,7 +121,7 @@ fn load_network(cfg: &AgentConfig, store: &dyn LeaseStore) -> Result<NetworkConf
     };
     let network = NetworkConfig::parse(&text)?;
     for warning in &network.warnings {
-        eprintln!("weft agent: {warning}");
+        tracing::warn!("{warning}");
     }
     Ok(network)
 }
@@ -252,7 +252,7 @@ impl Node {
         let (desired, warnings) = backend::desired(&self.context(), peers);
         // Each ignored peer is reported once, not on every resync; again if it comes back.
         for w in warnings.iter().filter(|w| !self.warned.contains(*w)) {
-            eprintln!("weft agent: {w}");
+            tracing::warn!("{w}");
         }
         self.warned = warnings.into_iter().collect();
         let outcome = reconcile::apply(&mut self.nl, &desired, self.vtep);
@@ -279,7 +279,7 @@ impl Node {
             let (new_d, warnings) = backend::desired(&ctx, new.as_slice());
             for w in warnings {
                 if self.warned.insert(w.clone()) {
-                    eprintln!("weft agent: {w}");
+                    tracing::warn!("{w}");
                 }
             }
             if let Err(e) = reconcile::apply_peer(&mut self.nl, &old_d, &new_d, self.vtep) {
@@ -330,9 +330,9 @@ impl Node {
                 s.lease = Some(self.lease.subnet.to_string());
                 drop(s);
                 if self.lease.subnet == before {
-                    eprintln!("weft agent: lease {before} was lost; acquired it again");
+                    tracing::warn!("lease {before} was lost; acquired it again");
                 } else {
-                    eprintln!("weft agent: lease {before} was lost; now leasing {}", self.lease.subnet);
+                    tracing::warn!("lease {before} was lost; now leasing {}", self.lease.subnet);
                     self.ensure_vtep()?;
                     self.write_subnet_file()?;
                 }
@@ -363,14 +363,14 @@ fn start_store(cfg: &AgentConfig, status: &Arc<Mutex<Status>>) -> Result<Started
         match attempt {
             Ok(started) => {
                 if said.is_some() {
-                    eprintln!("weft agent: the store answers again");
+                    tracing::info!("the store answers again");
                 }
                 return Ok(started);
             }
             Err(AgentError::Lease(e)) => {
                 let line = e.to_string();
                 if said.as_ref() != Some(&line) {
-                    eprintln!("weft agent: the store does not answer ({line}); trying again");
+                    tracing::warn!("the store does not answer ({line}); trying again");
                     said = Some(line);
                 }
                 {
@@ -405,7 +405,7 @@ fn first_lease(node: &Node, store: &dyn LeaseStore, previous: Option<Ipv4Net>) -
             Err(e) => {
                 let line = e.to_string();
                 if said.as_ref() != Some(&line) {
-                    eprintln!("weft agent: acquiring a lease failed ({line}); trying again");
+                    tracing::warn!("acquiring a lease failed ({line}); trying again");
                     said = Some(line);
                 }
                 {
@@ -429,7 +429,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     if let Some(addr) = cfg.health {
         let bound = http::serve(addr, status.clone())
             .map_err(|e| AgentError::Config(format!("health listener on {addr}: {e}")))?;
-        eprintln!("weft agent: health and metrics on http://{bound}");
+        tracing::info!("health and metrics on http://{bound}");
     }
     let Started { store, network } = start_store(&cfg, &status)?;
     let mut nl = Netlink::new().map_err(kernel("opening netlink"))?;
@@ -475,8 +475,8 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         status,
     };
     node.lease = first_lease(&node, store.as_ref(), previous)?;
-    eprintln!(
-        "weft agent: {} leased {} ({} backend, uplink {}, {})",
+    tracing::info!(
+        "{} leased {} ({} backend, uplink {}, {})",
         node.uplink.ip,
         node.lease.subnet,
         node.network.backend.kind.as_str(),
@@ -501,8 +501,8 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         let now_failing = outcome.as_ref().err().map(|e| e.to_string());
         if now_failing != failing {
             match &now_failing {
-                Some(e) => eprintln!("weft agent: {e} (retrying)"),
-                None => eprintln!("weft agent: recovered"),
+                Some(e) => tracing::warn!("{e} (retrying)"),
+                None => tracing::info!("recovered"),
             }
             failing = now_failing;
         }
@@ -550,7 +550,7 @@ fn tick(
             None => node.nl.link_by_name(&name).map_err(kernel("reading the VTEP"))?.is_none(),
         };
         if gone {
-            eprintln!("weft agent: {name} is gone; recreating it and replaying every peer");
+            tracing::warn!("{name} is gone; recreating it and replaying every peer");
             node.ensure_vtep()?;
             node.status().vtep_recreated += 1;
             replay = true;
@@ -578,7 +578,7 @@ fn tick(
     if retry || last_resync.elapsed() >= node.cfg.resync {
         *last_resync = Instant::now();
         if node.ensure_vtep()? {
-            eprintln!("weft agent: VTEP recreated at resync");
+            tracing::warn!("VTEP recreated at resync");
         }
         firewall::apply(&node.network.network, node.cfg.ip_masq)?;
         node.write_subnet_file()?;
@@ -600,7 +600,7 @@ fn tick(
         if !node.status().started {
             node.write_subnet_file()?;
             node.status().started = true;
-            eprintln!("weft agent: ready; subnet file {}", node.cfg.subnet_file.display());
+            tracing::info!("ready; subnet file {}", node.cfg.subnet_file.display());
         }
     } else if !events.is_empty() {
         node.apply_events(&events, watcher.count())?;

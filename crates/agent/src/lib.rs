@@ -7,6 +7,7 @@ pub mod agent;
 pub mod backend;
 pub mod firewall;
 pub mod http;
+pub mod log;
 pub mod reconcile;
 pub mod renewer;
 pub mod vtep;

@@ -82,7 +82,7 @@ async fn list_keyed(client: &mut Client, prefix: &str) -> Result<(Vec<(String, L
             },
             Ok(None) => {}
             Err(e) => {
-                eprintln!("weft: skipping {key}: {e}");
+                tracing::warn!("lease store: skipping {key}: {e}");
                 let name = key.strip_prefix(&format!("{prefix}/subnets/")).unwrap_or(key);
                 damaged.extend(parse_key(name).ok());
             }
@@ -240,7 +240,7 @@ impl LeaseStore for EtcdStore {
             // This node's own subnet (from its subnet file) under a damaged value: it is this
             // node's key, taken back.
             if let Some(prev) = previous.filter(|p| damaged.contains(p) && config.is_leasable(p)) {
-                eprintln!("weft: lease store: taking back {} (its value was damaged)", subnet_key(&prev));
+                tracing::warn!("lease store: taking back {} (its value was damaged)", subnet_key(&prev));
                 self.put_lease(&prev, attrs, ttl, false)?;
                 return Ok(Lease { subnet: prev, attrs: attrs.clone(), expires: ttl.map(|t| now + t), created: None });
             }
@@ -339,7 +339,7 @@ fn follow(endpoints: Vec<String>, prefix: String, tx: Sender<Update>, mut resume
             match follow_once(&endpoints, &prefix, &tx, resume.take()).await {
                 Ok(()) => return, // receiver gone
                 Err(e) => {
-                    eprintln!("weft: etcd watch: {e}; listing again in 1 s");
+                    tracing::warn!("etcd watch: {e}; listing again in 1 s");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
@@ -379,7 +379,7 @@ async fn follow_once(endpoints: &[String], prefix: &str, tx: &Sender<Update>, re
                     // The key no longer holds a lease: whatever it held is gone (its owner, if
                     // alive, takes it back).
                     Err(e) => {
-                        eprintln!("weft: skipping {key}: {e}");
+                        tracing::warn!("lease store: skipping {key}: {e}");
                         match key.strip_prefix(&format!("{prefix}/subnets/")).map(parse_key) {
                             Some(Ok(subnet)) => Update::Delete(key.to_string(), subnet),
                             _ => continue,

@@ -72,7 +72,7 @@ fn warn_corrupt(key: &str, reason: &str) {
     static SEEN: std::sync::Mutex<Option<HashSet<String>>> = std::sync::Mutex::new(None);
     let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
     if seen.get_or_insert_with(HashSet::new).insert(format!("{key}\0{reason}")) {
-        eprintln!("weft: lease store: skipping {key}: {reason}");
+        tracing::warn!("lease store: skipping {key}: {reason}");
     }
 }
 

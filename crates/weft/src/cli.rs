@@ -217,23 +217,26 @@ pub fn main() -> i32 {
             )),
         },
         Command::Demo => crate::demo::run(),
-        Command::Agent(a) => weft_agent::agent::run(weft_agent::agent::AgentConfig {
-            store: if a.etcd_endpoints.is_empty() {
-                weft_agent::agent::StoreConfig::File(a.store)
-            } else {
-                weft_agent::agent::StoreConfig::Etcd { endpoints: a.etcd_endpoints, prefix: a.etcd_prefix }
-            },
-            net_conf: a.net_conf,
-            iface: a.iface,
-            public_ip: a.public_ip,
-            subnet_file: a.subnet_file,
-            state_dir: a.state_dir,
-            ip_masq: a.ip_masq,
-            lease_ttl: a.lease_ttl,
-            resync: a.resync,
-            health: a.health,
-        })
-        .map_err(|e| anyhow::anyhow!("agent: {e}")),
+        Command::Agent(a) => {
+            weft_agent::log::init();
+            weft_agent::agent::run(weft_agent::agent::AgentConfig {
+                store: if a.etcd_endpoints.is_empty() {
+                    weft_agent::agent::StoreConfig::File(a.store)
+                } else {
+                    weft_agent::agent::StoreConfig::Etcd { endpoints: a.etcd_endpoints, prefix: a.etcd_prefix }
+                },
+                net_conf: a.net_conf,
+                iface: a.iface,
+                public_ip: a.public_ip,
+                subnet_file: a.subnet_file,
+                state_dir: a.state_dir,
+                ip_masq: a.ip_masq,
+                lease_ttl: a.lease_ttl,
+                resync: a.resync,
+                health: a.health,
+            })
+            .map_err(|e| anyhow::anyhow!("agent: {e}"))
+        }
         Command::Lab(LabCommand::Up(opts)) => crate::lab::up(&opts, &explicit_up_options(&matches)),
         Command::Lab(LabCommand::Down { name }) => crate::lab::down(&name),
         Command::Lab(LabCommand::Check(opts)) => crate::lab::check(&opts),
