@@ -41,6 +41,9 @@ pub struct Link {
     pub master: Option<u32>,
     /// For a veth: the peer's index (in the peer's namespace).
     pub peer_index: Option<u32>,
+    /// For a veth whose peer is in another namespace: that namespace's id as this namespace
+    /// knows it (`link-netnsid`); `None` when the peer is in this namespace.
+    pub peer_netnsid: Option<i32>,
     /// The link's group (`ip link set group`); 0 is the default.
     pub group: u32,
     /// For a bridge port: whether hairpin mode is on.
@@ -117,6 +120,7 @@ const IFLA_LINK: u16 = 5;
 const IFLA_MASTER: u16 = 10;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_GROUP: u16 = 27;
+const IFLA_LINK_NETNSID: u16 = 37;
 const IFLA_INFO_KIND: u16 = 1;
 const IFLA_INFO_DATA: u16 = 2;
 const IFLA_INFO_SLAVE_DATA: u16 = 5;
@@ -147,6 +151,7 @@ impl Link {
             kind: LinkKind::None,
             master: None,
             peer_index: None,
+            peer_netnsid: None,
             group: 0,
             hairpin: None,
             vxlan: None,
@@ -157,6 +162,7 @@ impl Link {
                 IFLA_IFNAME => link.name = string_of(value),
                 IFLA_MTU => link.mtu = u32_of(value).unwrap_or(0),
                 IFLA_LINK => link.peer_index = u32_of(value),
+                IFLA_LINK_NETNSID => link.peer_netnsid = u32_of(value).map(|v| v as i32),
                 IFLA_MASTER => link.master = u32_of(value),
                 IFLA_GROUP => link.group = u32_of(value).unwrap_or(0),
                 IFLA_LINKINFO => link.parse_link_info(value),
@@ -285,6 +291,28 @@ impl Netlink {
     /// Like [`Netlink::link_by_name`], but a missing link is an error.
     pub fn require_link(&mut self, name: &str) -> Result<Link> {
         self.link_by_name(name)?.ok_or_else(|| DataplaneError::LinkNotFound(name.to_string()))
+    }
+
+    /// The id this namespace knows `netns` by (`ip netns list-id`; -1 when it has none): what a
+    /// link's `peer_netnsid` is compared with.
+    pub fn netnsid_of(&mut self, netns: &NetNs) -> Result<i32> {
+        use netlink_packet_route::nsid::{NsidAttribute, NsidMessage};
+        let mut msg = NsidMessage::default();
+        msg.attributes.push(NsidAttribute::Fd(netns.as_raw_fd() as u32));
+        let replies = self.request_with(RouteNetlinkMessage::GetNsId(msg), 0, "get netns id", &"", |bytes| {
+            let msg = netlink_packet_core::NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes)
+                .map_err(|e| DataplaneError::Protocol(format!("decoding a netns id: {e}")))?;
+            Ok(match msg.payload {
+                netlink_packet_core::NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNsId(m)) => {
+                    m.attributes.iter().find_map(|a| match a {
+                        NsidAttribute::Id(id) => Some(*id),
+                        _ => None,
+                    })
+                }
+                _ => None,
+            })
+        })?;
+        replies.first().copied().ok_or_else(|| DataplaneError::Protocol("no netns id in the reply".into()))
     }
 
     /// `ip link add NAME [mtu MTU] [address MAC] type bridge`. A bridge given its MAC keeps it;

@@ -53,12 +53,28 @@ fn tombstone(index: u32) -> String {
 /// reaper takes the pair, whatever happens to the rest of this DEL.
 pub fn retire_veth(cnl: &mut Netlink, hnl: &mut Netlink, ifname: &str) -> Result<(), CniError> {
     let links = cnl.links().map_err(kernel("reading the container's links"))?;
+    let mut ours: Option<i32> = None;
     for cont in links.iter().filter(|l| l.name == ifname || l.name.starts_with(TOMBSTONE_PREFIX)) {
-        let host = match cont.peer_index {
-            Some(peer) => hnl.link_by_index(peer).map_err(kernel("reading the host veth"))?,
-            None => None,
+        // The peer is this namespace's link of that index only if the container's link says its
+        // peer lives here (by the id the container knows this namespace by) and that link's
+        // peer is the container's link: an index alone names a link in any namespace, and
+        // another pod's veth must never be taken for this one.
+        let here = match ours {
+            Some(id) => id,
+            None => {
+                let current = weft_netns::NetNs::current().map_err(|e| CniError::internal(e.to_string()))?;
+                let id = cnl.netnsid_of(&current).map_err(kernel("reading the namespace id"))?;
+                *ours.insert(id)
+            }
         };
-        match host.filter(|h| h.kind == LinkKind::Veth) {
+        let host = match (cont.peer_index, cont.peer_netnsid) {
+            (Some(peer), Some(nsid)) if nsid == here && nsid >= 0 => {
+                hnl.link_by_index(peer).map_err(kernel("reading the host veth"))?
+            }
+            _ => None,
+        };
+        let host = host.filter(|h| h.kind == LinkKind::Veth && h.peer_index == Some(cont.index));
+        match host {
             Some(host) => {
                 if host.group != RETIRED_GROUP || host.up {
                     retire_host_link(hnl, &host)?;

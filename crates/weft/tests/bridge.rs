@@ -335,3 +335,39 @@ fn the_plugins_own_namespace_is_refused() {
     assert_eq!(node.links(), links);
     assert!(reservations(data.path(), "brnet").is_empty());
 }
+
+/// A DEL whose container's interface has a peer in some other namespace with the index of
+/// another pod's host veth: that pod's veth is left alone (the index alone named it before, and
+/// the other pod lost its network). Only the container's own interface goes.
+#[test]
+fn del_never_takes_another_pods_veth_for_its_peer() {
+    let Env { node, cont, dir, data, br } = Env::new();
+    let cfg = conf(&br, data.path(), json!({})).to_string();
+    let victim = Call::new(dir.path(), "victim", &cont.path()).run(&node, "bridge", "ADD", &cfg).ok().json();
+    let veth = victim["interfaces"][1]["name"].as_str().unwrap().to_string();
+    let index = node.ip_json(&["link", "show", &veth])[0]["ifindex"].as_u64().unwrap().to_string();
+    // Elsewhere, a veth with the same index whose peer is the other container's eth0.
+    let other = Ns::new("c");
+    let elsewhere = Ns::new("x");
+    elsewhere.sh(&[
+        "ip",
+        "link",
+        "add",
+        "q",
+        "index",
+        &index,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &other.name,
+    ]);
+    Call::new(dir.path(), "unrelated", &other.path()).run(&node, "bridge", "DEL", &cfg).ok();
+    assert!(!other.links().contains(&"eth0".to_string()), "the DEL's own interface is still there");
+    let link = &node.ip_json(&["link", "show", &veth])[0];
+    assert!(link["flags"].as_array().unwrap().iter().any(|f| f == "UP"), "the other pod's veth was retired: {link}");
+    assert_ne!(link["group"], retired_group().as_str(), "{link}");
+    assert!(cont.links().contains(&"eth0".to_string()), "the other pod lost its interface");
+}
