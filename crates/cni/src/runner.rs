@@ -69,6 +69,8 @@ pub struct RuntimeConf {
 pub struct Runner {
     pub path: Vec<PathBuf>,
     pub cache_dir: PathBuf,
+    /// More environment for the plugins (besides the runner's own and the `CNI_*` variables).
+    pub env: Vec<(String, String)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -87,7 +89,7 @@ struct CacheEntry {
 
 impl Runner {
     pub fn new(path: Vec<PathBuf>, cache_dir: impl Into<PathBuf>) -> Self {
-        Self { path, cache_dir: cache_dir.into() }
+        Self { path, cache_dir: cache_dir.into(), env: Vec::new() }
     }
 
     /// ADD through the whole chain; the final result is cached and returned. As with libcni, a
@@ -223,13 +225,14 @@ impl Runner {
         let args = args.join(";");
         let path = std::env::join_paths(&self.path).map_err(|e| CniError::internal(e.to_string()))?;
         let path = path.to_string_lossy();
-        let env = [
+        let mut env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        env.extend([
             ("CNI_CONTAINERID", rt.container_id.as_str()),
             ("CNI_NETNS", rt.netns.as_str()),
             ("CNI_IFNAME", rt.ifname.as_str()),
             ("CNI_ARGS", args.as_str()),
             ("CNI_PATH", path.as_ref()),
-        ];
+        ]);
         exec_plugin(&binary, command, &env, stdin)
     }
 }

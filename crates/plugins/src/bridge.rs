@@ -110,7 +110,7 @@ impl Plugin for Bridge {
 
     fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
         let bconf = BridgeConf::load(&args.stdin)?;
-        let _lock = AttachmentLock::take(self.name(), &bconf.name, args)?;
+        let lock = AttachmentLock::take(self.name(), &bconf.name, args)?;
         let mut errors = Vec::new();
         if let Some(ipam_type) = ipam::ipam_type(conf) {
             if let Err(e) = ipam::del(&ipam_type, args) {
@@ -128,7 +128,7 @@ impl Plugin for Bridge {
                 errors.push(e);
             }
         }
-        errors.into_iter().next().map_or(Ok(()), Err)
+        lock.finish_del(errors)
     }
 
     fn check(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
@@ -169,6 +169,7 @@ impl Plugin for Bridge {
     fn gc(&self, args: &CmdArgs, conf: &NetConf, valid: &[Attachment]) -> Result<(), CniError> {
         let bconf = BridgeConf::load(&args.stdin)?;
         rules::gc("masq", &bconf.name, valid)?;
+        crate::attachment_lock::gc(self.name(), &bconf.name, valid);
         teardown::sweep(&mut Netlink::new().map_err(kernel("opening netlink"))?)?;
         if let Some(ipam_type) = ipam::ipam_type(conf) {
             ipam::gc(&ipam_type, args)?;

@@ -198,7 +198,7 @@ impl Plugin for Meta {
 
     fn del(&self, args: &CmdArgs, _conf: &NetConf) -> Result<(), CniError> {
         let conf = MetaConf::load(&args.stdin)?;
-        let _lock = AttachmentLock::take(self.name(), &conf.name, args)?;
+        let lock = AttachmentLock::take(self.name(), &conf.name, args)?;
         let saved = conf.saved(args).unwrap_or_else(|e| {
             eprintln!("weft: {}; deriving the delegate config from the subnet file", e.msg);
             None
@@ -213,6 +213,7 @@ impl Plugin for Meta {
                 Err(_) => {
                     eprintln!("weft: no saved config and no subnet file for {}; nothing to release", args.container_id);
                     remove(&conf.saved_path(&args.container_id, &args.ifname));
+                    lock.remove();
                     return Ok(());
                 }
             },
@@ -221,6 +222,7 @@ impl Plugin for Meta {
         delegate::run(&delegate_type(&delegate)?, Command::Del, args, &to_bytes(&delegate))?;
         remove(&conf.saved_path(&args.container_id, &args.ifname));
         remove(&conf.data_dir().join(&args.container_id));
+        lock.remove();
         Ok(())
     }
 
@@ -242,6 +244,7 @@ impl Plugin for Meta {
 
     fn gc(&self, args: &CmdArgs, _conf: &NetConf, valid: &[Attachment]) -> Result<(), CniError> {
         let conf = MetaConf::load(&args.stdin)?;
+        crate::attachment_lock::gc(self.name(), &conf.name, valid);
         let is_valid = |name: &str| valid.iter().any(|a| name == format!("{}@{}", a.container_id, a.ifname));
         if let Ok(entries) = std::fs::read_dir(conf.data_dir()) {
             for entry in entries.flatten() {

@@ -94,7 +94,7 @@ impl Plugin for Ptp {
 
     fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
         let pconf: PtpConf = parse_plugin_conf(&args.stdin)?;
-        let _lock = AttachmentLock::take(self.name(), &pconf.name, args)?;
+        let lock = AttachmentLock::take(self.name(), &pconf.name, args)?;
         let mut errors = Vec::new();
         if let Some(ipam_type) = ipam::ipam_type(conf) {
             errors.extend(ipam::del(&ipam_type, args).err());
@@ -105,7 +105,7 @@ impl Plugin for Ptp {
         if pconf.ip_masq {
             errors.extend(masq::teardown(&pconf.masq_key(args)).err());
         }
-        errors.into_iter().next().map_or(Ok(()), Err)
+        lock.finish_del(errors)
     }
 
     fn check(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
@@ -132,6 +132,7 @@ impl Plugin for Ptp {
     fn gc(&self, args: &CmdArgs, conf: &NetConf, valid: &[Attachment]) -> Result<(), CniError> {
         let pconf: PtpConf = parse_plugin_conf(&args.stdin)?;
         rules::gc("masq", &pconf.name, valid)?;
+        crate::attachment_lock::gc(self.name(), &pconf.name, valid);
         crate::teardown::sweep(&mut Netlink::new().map_err(kernel("opening netlink"))?)?;
         if let Some(ipam_type) = ipam::ipam_type(conf) {
             ipam::gc(&ipam_type, args)?;

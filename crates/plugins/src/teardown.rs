@@ -11,15 +11,14 @@
 //! A DEL killed half-way is finished by the next one: it retires `ifname` and also every
 //! `wdel*` link of the container whose host end is still live.
 //!
-//! One reaper works per network namespace at a time: it holds the abstract unix socket
-//! [`REAPER_SOCKET`] (per namespace by nature, gone with its process), and a DEL starts a reaper
-//! only when it can take that name itself. A reaper that never ran leaves down veths in the group
+//! One reaper works per network namespace at a time: it holds the lock file [`reaper_lock`] of
+//! its namespace in the root-only lock directory (see [`crate::attachment_lock`]; released with
+//! its process however that ends), and a DEL starts a reaper only when it can take that lock
+//! itself. A reaper that never ran leaves down veths in the group
 //! that the next DEL's reaper or the next GC removes; a container namespace that is deleted takes
 //! its pair with it.
 
-use std::io::ErrorKind;
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixListener};
+use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Stdio};
 
 use weft_cni::CniError;
@@ -37,8 +36,12 @@ pub const RETIRED_GROUP: u32 = 0x7765_6674;
 /// How long a reaper waits for more retired links before deleting them.
 const COALESCE: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// The abstract unix socket name the namespace's reaper holds while it works.
-pub const REAPER_SOCKET: &str = "weft-cni-reaper";
+/// The lock file the reaper of this network namespace holds while it works:
+/// `reaper.<namespace inode>`.
+pub fn reaper_lock() -> String {
+    let inode = std::fs::metadata("/proc/thread-self/ns/net").map_or(0, |m| m.ino());
+    format!("reaper.{inode}")
+}
 
 fn tombstone(index: u32) -> String {
     format!("{TOMBSTONE_PREFIX}{index:08x}")
@@ -116,14 +119,9 @@ pub fn retire_container_link(netns: &weft_netns::NetNs, ifname: &str) -> Result<
     retire_veth(&mut cnl, &mut hnl, ifname)
 }
 
-/// Takes the namespace's reaper name: `Ok(None)` when another process holds it.
-fn claim() -> std::io::Result<Option<UnixListener>> {
-    let addr = SocketAddr::from_abstract_name(REAPER_SOCKET)?;
-    match UnixListener::bind_addr(&addr) {
-        Ok(listener) => Ok(Some(listener)),
-        Err(e) if e.kind() == ErrorKind::AddrInUse => Ok(None),
-        Err(e) => Err(e),
-    }
+/// Takes the namespace's reaper lock: `Ok(None)` when another process holds it.
+fn claim() -> Result<Option<crate::attachment_lock::FileLock>, CniError> {
+    crate::attachment_lock::FileLock::try_take(&reaper_lock())
 }
 
 /// Starts `weft cni reap` detached (own process group, no stdio, not waited for) unless a

@@ -90,6 +90,7 @@ fn spawn(s: &Setup, command: &str, i: usize, conf: &str) -> std::process::Child 
         .env("CNI_NETNS", weft_netns::named_path(&s.conts[i]))
         .env("CNI_IFNAME", "eth0")
         .env("CNI_PATH", &s.bin)
+        .env(weft_plugins::attachment_lock::LOCK_DIR_ENV, s.data.join("locks"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -52,7 +52,8 @@ pub fn run() -> Result<()> {
     for name in &names.0[1..] {
         weft_netns::create_named(name)?;
     }
-    let runner = Runner::new(vec![plugin_dir(&root.0)?], root.0.join("cache"));
+    let mut runner = Runner::new(vec![plugin_dir(&root.0)?], root.0.join("cache"));
+    runner.env.push((weft_plugins::attachment_lock::LOCK_DIR_ENV.into(), root.0.join("locks").display().to_string()));
     let list = ConfList::from_bytes(
         json!({
             "cniVersion": "1.0.0",

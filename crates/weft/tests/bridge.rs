@@ -260,9 +260,9 @@ fn gc_removes_invalid_attachments() {
 
 #[test]
 fn one_reaper_per_namespace_deletes_the_retired_group() {
-    use std::os::linux::net::SocketAddrExt;
-    use std::os::unix::net::{SocketAddr, UnixListener};
     let node = Ns::new("n");
+    let locks = Dir::new("locks");
+    let lock_env = format!("{LOCK_DIR_ENV}={}", locks.path().display());
     // Ten pairs retired the way DEL retires a host veth: down, in the retired group.
     for i in 0..10 {
         let (host, peer) = (format!("rv{i}"), format!("rp{i}"));
@@ -270,26 +270,27 @@ fn one_reaper_per_namespace_deletes_the_retired_group() {
         node.sh(&["ip", "link", "set", "dev", &host, "group", &retired_group()]);
     }
     let weft = weft_bin().display().to_string();
-    // While another process holds the namespace's reaper name, a reaper leaves them be.
+    // While another process holds the namespace's reaper lock, a reaper leaves them be.
     let holder = node
         .handle
         .run(|| {
-            UnixListener::bind_addr(&SocketAddr::from_abstract_name(weft_plugins::teardown::REAPER_SOCKET).unwrap())
+            weft_plugins::attachment_lock::FileLock::try_take_in(locks.path(), &weft_plugins::teardown::reaper_lock())
         })
         .unwrap()
-        .unwrap();
-    node.sh(&[&weft, "cni", "reap"]);
+        .unwrap()
+        .expect("the reaper lock was free");
+    node.sh(&["env", &lock_env, &weft, "cni", "reap"]);
     assert_eq!(retired_links(&node).len(), 10);
-    // The name is per namespace: a reaper elsewhere is not held back by it.
+    // The lock is per namespace: a reaper elsewhere is not held back by it.
     let other = Ns::new("o");
     other.sh(&["ip", "link", "add", "rv0", "type", "veth", "peer", "name", "rp0"]);
     other.sh(&["ip", "link", "set", "dev", "rv0", "group", &retired_group()]);
-    other.sh(&[&weft, "cni", "reap"]);
+    other.sh(&["env", &lock_env, &weft, "cni", "reap"]);
     assert_eq!(other.links(), ["lo"]);
     // Once it is free, one reaper deletes the group, peers included, and nothing else.
     drop(holder);
     node.sh(&["ip", "link", "add", "keep0", "type", "veth", "peer", "name", "keep1"]);
-    node.sh(&[&weft, "cni", "reap"]);
+    node.sh(&["env", &lock_env, &weft, "cni", "reap"]);
     let mut left = node.links();
     left.sort();
     assert_eq!(left, ["keep0", "keep1", "lo"]);
@@ -370,4 +371,28 @@ fn del_never_takes_another_pods_veth_for_its_peer() {
     assert!(link["flags"].as_array().unwrap().iter().any(|f| f == "UP"), "the other pod's veth was retired: {link}");
     assert_ne!(link["group"], retired_group().as_str(), "{link}");
     assert!(cont.links().contains(&"eth0".to_string()), "the other pod lost its interface");
+}
+
+/// The plugins' lock files are in a directory only root may enter: no other user can take an
+/// attachment's lock and stall its ADD or DEL (an abstract socket name, which anyone may bind,
+/// allowed that).
+#[test]
+fn lock_files_are_root_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let Env { node, cont, dir, data, br } = Env::new();
+    let cfg = conf(&br, data.path(), json!({})).to_string();
+    Call::new(dir.path(), "lk1", &cont.path()).run(&node, "bridge", "ADD", &cfg).ok();
+    let locks = lock_dir_of(dir.path());
+    let mode = std::fs::metadata(&locks).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{locks:?}");
+    let file = std::fs::read_dir(&locks).unwrap().next().unwrap().unwrap().path();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "flock", "-n"])
+        .arg(&file)
+        .arg("true")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "another user took a lock: {}", String::from_utf8_lossy(&out.stderr));
+    Call::new(dir.path(), "lk1", &cont.path()).run(&node, "bridge", "DEL", &cfg).ok();
+    assert!(!file.exists(), "DEL left its lock file");
 }

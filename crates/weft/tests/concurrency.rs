@@ -34,6 +34,7 @@ fn run_at_once(node: &Ns, dir: &std::path::Path, calls: &[(&str, String, &Ns)], 
                         .env("CNI_NETNS", c.path())
                         .env("CNI_IFNAME", "eth0")
                         .env("CNI_PATH", dir)
+                        .env(LOCK_DIR_ENV, lock_dir_of(dir))
                         .stdin(Stdio::piped())
                         .stdout(Stdio::piped())
                         .stderr(Stdio::piped())

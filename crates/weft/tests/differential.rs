@@ -229,7 +229,7 @@ fn portmap_chain_same_result_and_ports_answer() {
             ]
         }));
         let list = weft_cni::runner::ConfList::from_bytes(list.to_string().as_bytes()).unwrap();
-        let runner = weft_cni::runner::Runner::new(vec![dir.to_path_buf()], cache.path());
+        let runner = runner(dir, cache.path());
         let mut rt = weft_cni::runner::RuntimeConf {
             container_id: "pm1".into(),
             netns: side.cont.path(),

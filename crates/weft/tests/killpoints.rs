@@ -101,6 +101,7 @@ impl Harness {
         let binary = self.bin.path().join(self.subject.plugin);
         let path = self.bin.path().display().to_string();
         let netns = cont.path();
+        let locks = lock_dir_of(self.bin.path());
         let out = self
             .node
             .handle
@@ -120,6 +121,7 @@ impl Harness {
                     .env("CNI_NETNS", &netns)
                     .env("CNI_IFNAME", "eth0")
                     .env("CNI_PATH", &path)
+                    .env(LOCK_DIR_ENV, &locks)
                     .stdin(Stdio::piped())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped())

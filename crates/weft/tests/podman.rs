@@ -31,6 +31,7 @@ impl Podman<'_> {
             .arg(self.root.join("run"))
             .args(args)
             .env("CONTAINERS_CONF", self.root.join("containers.conf"))
+            .env(LOCK_DIR_ENV, self.root.join("cni-locks"))
             .output()
             .expect("running podman (apt-get install podman runc)");
         (

@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-use weft_cni::runner::{ConfList, Runner, RuntimeConf};
+use weft_cni::runner::{ConfList, RuntimeConf};
 
 fn conflist(bridge: &str, data: &std::path::Path) -> ConfList {
     ConfList::from_bytes(
@@ -47,7 +47,7 @@ fn published_ports_answer_from_everywhere() {
     let bin = weft_plugin_dir();
     let data = Dir::new("ipam");
     let cache = Dir::new("cache");
-    let runner = Runner::new(vec![bin.path().to_path_buf()], cache.path());
+    let runner = runner(bin.path(), cache.path());
     let list = conflist(&unique("br"), data.path());
     let pod_rt = rt("web", &pod, json!([{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]));
     let result = node.handle.run(|| runner.add(&list, &pod_rt)).unwrap().unwrap();
@@ -86,9 +86,7 @@ fn re_add_replaces_and_host_ip_restricts() {
     let list = conflist(&unique("br"), data.path());
     let prev = node
         .handle
-        .run(|| {
-            Runner::new(vec![bin.path().to_path_buf()], Dir::new("c").path()).add(&list, &rt("db", &pod, json!([])))
-        })
+        .run(|| runner(bin.path(), Dir::new("c").path()).add(&list, &rt("db", &pod, json!([]))))
         .unwrap()
         .unwrap();
     let portmap = |mappings: Value, command: &str| {
@@ -120,7 +118,7 @@ fn gc_keeps_only_valid_attachments() {
     let bin = weft_plugin_dir();
     let data = Dir::new("ipam");
     let cache = Dir::new("cache");
-    let runner = Runner::new(vec![bin.path().to_path_buf()], cache.path());
+    let runner = runner(bin.path(), cache.path());
     let list = conflist(&unique("br"), data.path());
     let m = json!([{"hostPort": 9000, "containerPort": 90}]);
     node.handle.run(|| runner.add(&list, &rt("a1", &a, m.clone()))).unwrap().unwrap();

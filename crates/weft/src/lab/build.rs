@@ -265,7 +265,10 @@ pub fn make_pods(lab: &mut Lab, pods: usize, interrupted: &dyn Fn() -> Result<()
     let bin = plugin_dir(lab)?;
     for node in lab.nodes.clone() {
         let node_ns = NetNs::open(ns_path(&node.namespace))?;
-        let runner = Runner::new(vec![bin.clone()], lab.node_dir(&node.name).join("cache"));
+        let mut runner = Runner::new(vec![bin.clone()], lab.node_dir(&node.name).join("cache"));
+        // The plugins' lock files live with the lab's state (removed by `down`).
+        let locks = lab.node_dir(&node.name).join("cni-locks").display().to_string();
+        runner.env.push((weft_plugins::attachment_lock::LOCK_DIR_ENV.to_string(), locks));
         let list = conflist(lab, &node.name)?;
         let mut links = Vec::new();
         for j in 1..=pods {

@@ -162,6 +162,22 @@ pub fn weft_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_weft"))
 }
 
+pub use weft_plugins::attachment_lock::LOCK_DIR_ENV;
+
+/// Where the plugins of a test's bin directory keep their lock files: inside it, so they go
+/// with it.
+pub fn lock_dir_of(bin_dir: &Path) -> PathBuf {
+    bin_dir.join(".locks")
+}
+
+/// A libcni-style runner over `bin`, caching in `cache`, whose plugins keep their lock files in
+/// the test's bin directory.
+pub fn runner(bin: &Path, cache: &Path) -> weft_cni::runner::Runner {
+    let mut runner = weft_cni::runner::Runner::new(vec![bin.to_path_buf()], cache);
+    runner.env.push((LOCK_DIR_ENV.to_string(), lock_dir_of(bin).display().to_string()));
+    runner
+}
+
 /// A CNI bin directory with weft's plugins (symlinks to the binary under test).
 pub fn weft_plugin_dir() -> Dir {
     let dir = Dir::new("bin");
@@ -208,6 +224,7 @@ pub fn exec_in(node: &Ns, dir: &Path, plugin: &str, env: &[(&str, &str)], stdin:
             let mut child = Command::new(&binary)
                 .env_clear()
                 .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+                .env(LOCK_DIR_ENV, lock_dir_of(dir))
                 .envs(env.iter().copied())
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
