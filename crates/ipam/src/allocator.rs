@@ -41,7 +41,7 @@ impl<'a> Allocator<'a> {
     /// holds an address of these sets already is refused, as the reference refuses it. On
     /// failure nothing new stays reserved.
     pub fn allocate(&mut self, container_id: &str, ifname: &str, requested: &[IpAddr]) -> Result<Vec<Allocation>> {
-        let held = self.store.held(container_id, ifname);
+        let held = self.store.held(container_id, ifname)?;
         if let Some(ip) = held.iter().find(|ip| self.set_of(**ip).is_some()) {
             return Err(IpamError::Duplicate { ip: *ip, container_id: container_id.to_string() });
         }
@@ -104,7 +104,7 @@ impl<'a> Allocator<'a> {
     /// Releases every address `(container_id, ifname)` holds, and any of `hints` (addresses the
     /// caller believes it holds, from `prevResult`) that it owns. Returns what was released.
     pub fn release(&mut self, container_id: &str, ifname: &str, hints: &[IpAddr]) -> Result<Vec<IpAddr>> {
-        let mut candidates = self.store.held(container_id, ifname);
+        let mut candidates = self.store.held(container_id, ifname)?;
         for ip in hints {
             if !candidates.contains(ip) {
                 candidates.push(*ip);
@@ -229,7 +229,7 @@ mod tests {
             let retried = Allocator::new(&mut store, &sets).allocate("c1", "eth0", &[]);
             store.commit().unwrap();
             let mut store = Store::open(dir.path(), "net").unwrap();
-            let held = store.held("c1", "eth0");
+            let held = store.held("c1", "eth0").unwrap();
             match &retried {
                 Ok(a) => assert_eq!(held, a.iter().map(|a| a.address.addr()).collect::<Vec<_>>(), "cut {cut}"),
                 Err(IpamError::Duplicate { .. }) => assert!(!held.is_empty(), "cut {cut}"),
@@ -244,5 +244,84 @@ mod tests {
             assert!(store.reservations().unwrap().is_empty(), "cut {cut}");
             assert!(store.entries().is_empty(), "cut {cut}");
         }
+    }
+
+    /// Damage in weft's own files and the reference's old format, each as an adversarial test
+    /// found it: never a second address, never an address leaked, never a call that fails for good.
+    #[test]
+    fn damage_never_leaks_or_doubles_an_address() {
+        let sets = sets(&["10.0.0.0/24"]);
+        let fresh = || {
+            let dir = tempfile::tempdir().unwrap();
+            let mut store = Store::open(dir.path(), "net").unwrap();
+            Allocator::new(&mut store, &sets).allocate("c0", "eth0", &[]).unwrap();
+            store.commit().unwrap();
+            dir
+        };
+        let held = |dir: &std::path::Path, c: &str| -> Vec<String> {
+            Store::open(dir, "net")
+                .unwrap()
+                .reservations()
+                .unwrap()
+                .into_iter()
+                .filter(|(_, owner, _)| owner == c)
+                .map(|(ip, _, _)| ip.to_string())
+                .collect()
+        };
+
+        // The round-robin file cannot be written (a directory in its place): the ADD fails and
+        // takes nothing.
+        let dir = fresh();
+        std::fs::remove_file(dir.path().join("net/last_reserved_ip.0")).unwrap();
+        std::fs::create_dir(dir.path().join("net/last_reserved_ip.0")).unwrap();
+        let mut store = Store::open(dir.path(), "net").unwrap();
+        assert!(matches!(Allocator::new(&mut store, &sets).allocate("c1", "eth0", &[]), Err(IpamError::Io { .. })));
+        drop(store);
+        assert!(held(dir.path(), "c1").is_empty(), "{:?}", held(dir.path(), "c1"));
+
+        // A huge round-robin file: calls still work and mark the store clean.
+        let dir = fresh();
+        std::fs::write(dir.path().join("net/last_reserved_ip.1"), "x".repeat(8192)).unwrap();
+        let mut store = Store::open(dir.path(), "net").unwrap();
+        Allocator::new(&mut store, &sets).allocate("c1", "eth0", &[]).unwrap();
+        store.commit().unwrap();
+        assert!(!Store::open(dir.path(), "net").unwrap().was_walked());
+
+        // The index directory replaced by a file.
+        let dir = fresh();
+        std::fs::remove_dir_all(dir.path().join("net/.weft-index")).unwrap();
+        std::fs::write(dir.path().join("net/.weft-index"), "junk").unwrap();
+        let mut store = Store::open(dir.path(), "net").unwrap();
+        Allocator::new(&mut store, &sets).allocate("c1", "eth0", &[]).unwrap();
+        Allocator::new(&mut store, &sets).release("c1", "eth0", &[]).unwrap();
+        store.commit().unwrap();
+        assert!(held(dir.path(), "c1").is_empty());
+
+        // An entry's list damaged while the store is marked clean: the ADD is refused, not given
+        // a second address, and DEL frees the first.
+        let dir = fresh();
+        let entry = dir.path().join("net/.weft-index/c0@eth0");
+        rustix::fs::setxattr(&entry, "user.weft.ips", b"garbage\n", rustix::fs::XattrFlags::empty()).unwrap();
+        let mut store = Store::open(dir.path(), "net").unwrap();
+        assert!(!store.was_walked(), "the mark was still valid");
+        assert!(matches!(
+            Allocator::new(&mut store, &sets).allocate("c0", "eth0", &[]),
+            Err(IpamError::Duplicate { .. })
+        ));
+        Allocator::new(&mut store, &sets).release("c0", "eth0", &[]).unwrap();
+        store.commit().unwrap();
+        assert!(held(dir.path(), "c0").is_empty());
+
+        // The reference's old format (the container ID alone): the container holds it.
+        let dir = fresh();
+        std::fs::write(dir.path().join("net/10.0.0.9"), "old1").unwrap();
+        let mut store = Store::open(dir.path(), "net").unwrap();
+        assert!(matches!(
+            Allocator::new(&mut store, &sets).allocate("old1", "eth0", &[]),
+            Err(IpamError::Duplicate { .. })
+        ));
+        assert_eq!(Allocator::new(&mut store, &sets).release("old1", "eth0", &[]).unwrap().len(), 1);
+        store.commit().unwrap();
+        assert!(held(dir.path(), "old1").is_empty());
     }
 }

@@ -107,6 +107,11 @@ impl Store {
         &self.dir
     }
 
+    /// Whether opening walked the directory (it was not marked clean).
+    pub fn was_walked(&self) -> bool {
+        self.walked.is_some()
+    }
+
     /// Marks the store clean again (see the module doc): call once it is consistent. A store
     /// dropped without it stays marked dirty, and the next call repairs it.
     pub fn commit(self) -> Result<()> {
@@ -137,12 +142,15 @@ impl Store {
     /// an address changes one of them.
     fn fingerprint(&self) -> std::io::Result<String> {
         let meta = std::fs::metadata(&self.dir)?;
-        let mut mark = format!("{}.{:09}", meta.mtime(), meta.mtime_nsec());
-        for last in &self.last {
-            mark.push('|');
-            mark.push_str(last.as_deref().unwrap_or(""));
-        }
-        Ok(mark)
+        // The round-robin positions hashed, so the mark stays small whatever the files hold.
+        let positions = self.last.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, last| {
+            last.as_deref()
+                .unwrap_or("\0")
+                .bytes()
+                .chain([b'|'])
+                .fold(h, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+        });
+        Ok(format!("{}.{:09}.{}.{positions:016x}", meta.mtime(), meta.mtime_nsec(), self.last.len()))
     }
 
     fn marked_clean(&self) -> bool {
@@ -152,11 +160,14 @@ impl Store {
     }
 
     fn read_last_reserved(&self) -> Vec<Option<String>> {
+        use std::io::Read;
         let mut out = Vec::new();
         loop {
             let path = self.dir.join(format!("{LAST_RESERVED_PREFIX}{}", out.len()));
-            match std::fs::read_to_string(path) {
-                Ok(text) => out.push(Some(text)),
+            // An address is short: more than that is damage, and is not read whole.
+            let mut text = String::new();
+            match File::open(path).and_then(|f| f.take(64).read_to_string(&mut text)) {
+                Ok(_) => out.push(Some(text)),
                 Err(e) if e.kind() == ErrorKind::NotFound => return out,
                 Err(_) => out.push(None),
             }
@@ -174,23 +185,37 @@ impl Store {
         parse_owner(&text)
     }
 
+    /// Whether the attachment holds `ip`: its reservation names the container and the
+    /// interface, or only the container (the reference's old format, which it still honours).
     fn owned_by(&self, ip: IpAddr, container_id: &str, ifname: &str) -> bool {
-        self.owner(ip).is_some_and(|(c, i)| c == container_id.trim() && i == ifname)
+        self.owner(ip).is_some_and(|(c, i)| c == container_id.trim() && (i == ifname || i.is_empty()))
     }
 
     /// Every address the attachment holds. O(1): the entry's list, each address checked against
     /// its reservation (or the walk made at open, where there was one).
-    pub fn held(&self, container_id: &str, ifname: &str) -> Vec<IpAddr> {
-        let listed: Vec<IpAddr> = match &self.walked {
-            Some(walked) => {
-                walked.get(&(container_id.trim().to_string(), ifname.to_string())).cloned().unwrap_or_default()
+    pub fn held(&mut self, container_id: &str, ifname: &str) -> Result<Vec<IpAddr>> {
+        let mut listed = Vec::new();
+        // The attachment's entry, and the container's entry of the reference's old format.
+        for i in [ifname, ""] {
+            if self.walked.is_none() {
+                match read_index(&self.index_path(container_id, i)).map(|t| parse_index(&t)) {
+                    None => {}
+                    Some(Some(ips)) => listed.extend(ips),
+                    // A list that is not one is damage the mark cannot vouch for: walk.
+                    Some(None) => {
+                        self.dirty.set(true);
+                        self.walked = Some(self.repair()?);
+                    }
+                }
             }
-            None => match read_index(&self.index_path(container_id, ifname)) {
-                Some(text) => text.lines().filter_map(|l| l.trim().parse().ok()).collect(),
-                None => return Vec::new(),
-            },
-        };
-        listed.into_iter().filter(|ip| self.owned_by(*ip, container_id, ifname)).collect()
+            if let Some(walked) = &self.walked {
+                listed
+                    .extend(walked.get(&(container_id.trim().to_string(), i.to_string())).cloned().unwrap_or_default());
+            }
+        }
+        listed.sort();
+        listed.dedup();
+        Ok(listed.into_iter().filter(|ip| self.owned_by(*ip, container_id, ifname)).collect())
     }
 
     /// Makes sure the attachment has an entry that reservations can be linked to. An entry that
@@ -204,9 +229,8 @@ impl Store {
         remove_if_present(&path)?;
         let create = || OpenOptions::new().write(true).create_new(true).open(&path);
         let mut file = match create() {
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                let index = self.dir.join(INDEX_DIR);
-                std::fs::create_dir_all(&index).map_err(io("create", &index))?;
+            Err(e) if e.kind() == ErrorKind::NotFound || e.kind() == ErrorKind::NotADirectory => {
+                self.ensure_index_dir()?;
                 create()
             }
             other => other,
@@ -238,7 +262,12 @@ impl Store {
         // costs more than everything else host-local does.
         let last = self.dir.join(format!("{LAST_RESERVED_PREFIX}{set}"));
         let text = ip.to_string();
-        overwrite(&last, text.as_bytes())?;
+        if let Err(e) = overwrite(&last, text.as_bytes()) {
+            // Not handed out after all: the address goes back (no disk, no space, a directory
+            // in the file's place), so a failed ADD leaks nothing.
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
         if self.last.len() <= set {
             self.last.resize(set + 1, None);
         }
@@ -360,7 +389,7 @@ impl Store {
                 continue;
             }
             let path = self.index_path(&key.0, &key.1);
-            std::fs::create_dir_all(&index).map_err(io("create", &index))?;
+            self.ensure_index_dir()?;
             let first = self.dir.join(ip_file(ips[0]));
             if let Err(e) = std::fs::hard_link(&first, &path) {
                 if e.kind() != ErrorKind::AlreadyExists {
@@ -370,6 +399,16 @@ impl Store {
             self.close_entry(&key.0, &key.1, ips)?;
         }
         Ok(held)
+    }
+
+    /// The index directory, made when missing or when something else is in its place (not
+    /// weft's: it is made anew).
+    fn ensure_index_dir(&self) -> Result<()> {
+        let index = self.dir.join(INDEX_DIR);
+        if index.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
+            std::fs::remove_file(&index).map_err(io("remove", &index))?;
+        }
+        std::fs::create_dir_all(&index).map_err(io("create", &index))
     }
 
     fn index_path(&self, container_id: &str, ifname: &str) -> PathBuf {
@@ -385,6 +424,11 @@ fn parse_owner(text: &str) -> Option<Attachment> {
     }
     let (c, i) = text.split_once(LINE_BREAK).unwrap_or((text, ""));
     Some((c.trim().to_string(), i.trim().to_string()))
+}
+
+/// The addresses of an entry's list; `None` when it is not a list of addresses.
+fn parse_index(text: &str) -> Option<Vec<IpAddr>> {
+    text.lines().map(str::trim).filter(|l| !l.is_empty()).map(|l| l.parse().ok()).collect()
 }
 
 /// The addresses an index entry lists.
@@ -459,10 +503,10 @@ mod tests {
         assert_eq!(std::fs::metadata(&entry).unwrap().ino(), std::fs::metadata(&reservation).unwrap().ino());
         assert_eq!(std::fs::read_to_string(&reservation).unwrap(), "c1\r\neth0", "the reference's format");
         assert_eq!(std::fs::read_to_string(dir.path().join("net/fd00::2")).unwrap(), "c1\r\neth0");
-        let store = Store::open(dir.path(), "net").unwrap();
+        let mut store = Store::open(dir.path(), "net").unwrap();
         assert!(store.walked.is_none(), "a committed store is not walked again");
-        assert_eq!(store.held("c1", "eth0"), [ip("10.0.0.2"), ip("fd00::2")]);
-        assert!(store.held("c2", "eth0").is_empty());
+        assert_eq!(store.held("c1", "eth0").unwrap(), [ip("10.0.0.2"), ip("fd00::2")]);
+        assert!(store.held("c2", "eth0").unwrap().is_empty());
     }
 
     #[test]
@@ -473,12 +517,12 @@ mod tests {
         assert!(store.reserve("c1", "eth0", ip("10.0.0.2"), 0).unwrap());
         drop(store); // killed before the entry listed the address
 
-        let store = Store::open(dir.path(), "net").unwrap();
-        assert_eq!(store.held("c1", "eth0"), [ip("10.0.0.2")]);
+        let mut store = Store::open(dir.path(), "net").unwrap();
+        assert_eq!(store.held("c1", "eth0").unwrap(), [ip("10.0.0.2")]);
         store.commit().unwrap();
-        let store = Store::open(dir.path(), "net").unwrap();
+        let mut store = Store::open(dir.path(), "net").unwrap();
         assert!(store.walked.is_none());
-        assert_eq!(store.held("c1", "eth0"), [ip("10.0.0.2")], "the repair wrote the entry's list");
+        assert_eq!(store.held("c1", "eth0").unwrap(), [ip("10.0.0.2")], "the repair wrote the entry's list");
     }
 
     #[test]
@@ -502,12 +546,12 @@ mod tests {
         // last_reserved_ip.0.
         std::fs::write(dir.path().join("net/10.0.0.9"), "ref1\r\neth0").unwrap();
         std::fs::write(dir.path().join("net/last_reserved_ip.0"), "10.0.0.9").unwrap();
-        let store = Store::open(dir.path(), "net").unwrap();
-        assert_eq!(store.held("ref1", "eth0"), [ip("10.0.0.9")]);
+        let mut store = Store::open(dir.path(), "net").unwrap();
+        assert_eq!(store.held("ref1", "eth0").unwrap(), [ip("10.0.0.9")]);
         store.commit().unwrap();
-        let store = Store::open(dir.path(), "net").unwrap();
+        let mut store = Store::open(dir.path(), "net").unwrap();
         assert!(store.walked.is_none());
-        assert_eq!(store.held("ref1", "eth0"), [ip("10.0.0.9")], "indexed since");
+        assert_eq!(store.held("ref1", "eth0").unwrap(), [ip("10.0.0.9")], "indexed since");
         assert_eq!(std::fs::read_to_string(dir.path().join("net/10.0.0.9")).unwrap(), "ref1\r\neth0");
     }
 
@@ -529,10 +573,10 @@ mod tests {
         add(&mut store, "c1", &["10.0.0.2"]);
         // The reference plugin's DEL removes the address file; someone else takes the address.
         std::fs::remove_file(dir.path().join("net/10.0.0.2")).unwrap();
-        assert!(store.held("c1", "eth0").is_empty());
+        assert!(store.held("c1", "eth0").unwrap().is_empty());
         store.open_entry("c2", "eth0", false).unwrap();
         assert!(store.reserve("c2", "eth0", ip("10.0.0.2"), 0).unwrap());
-        assert!(store.held("c1", "eth0").is_empty());
+        assert!(store.held("c1", "eth0").unwrap().is_empty());
         assert_eq!(store.owner(ip("10.0.0.2")), Some(("c2".into(), "eth0".into())));
     }
 }

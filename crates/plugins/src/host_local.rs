@@ -113,6 +113,14 @@ fn ipam_error(e: IpamError) -> CniError {
     }
 }
 
+/// Marks the store clean. A failure only means the next call walks the directory once: the
+/// call's own outcome stands.
+fn commit(store: Store) {
+    if let Err(e) = store.commit() {
+        eprintln!("host-local: {e}; the next call checks the store");
+    }
+}
+
 fn open_store(loaded: &Loaded) -> Result<Store, CniError> {
     Store::open(&loaded.data_dir, &loaded.network).map_err(ipam_error)
 }
@@ -142,8 +150,11 @@ pub fn add(args: &CmdArgs) -> Result<CniResult, CniError> {
     let dns = loaded.resolv_conf.as_deref().map(read_resolv_conf).transpose()?.unwrap_or_default();
     let mut store = open_store(&loaded)?;
     let allocated = Allocator::new(&mut store, &loaded.sets).allocate(&args.container_id, &args.ifname, &requested);
-    // Consistent either way (a failed allocation undid itself): marked clean.
-    store.commit().map_err(ipam_error)?;
+    // A refused or exhausted allocation undid itself: the store is consistent. After an I/O
+    // failure it may not be: left unmarked, the next call repairs it.
+    if !matches!(allocated, Err(IpamError::Io { .. })) {
+        commit(store);
+    }
     let allocations = allocated.map_err(ipam_error)?;
     Ok(CniResult {
         cni_version: String::new(),
@@ -167,15 +178,16 @@ pub fn del(args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
         .unwrap_or_default();
     let mut store = open_store(&loaded)?;
     Allocator::new(&mut store, &loaded.sets).release(&args.container_id, &args.ifname, &hints).map_err(ipam_error)?;
-    store.commit().map_err(ipam_error)
+    commit(store);
+    Ok(())
 }
 
 /// CHECK: the attachment still holds an address.
 pub fn check(args: &CmdArgs) -> Result<(), CniError> {
     let loaded = load(&args.stdin)?;
-    let store = open_store(&loaded)?;
-    let held = store.held(&args.container_id, &args.ifname);
-    store.commit().map_err(ipam_error)?;
+    let mut store = open_store(&loaded)?;
+    let held = store.held(&args.container_id, &args.ifname).map_err(ipam_error)?;
+    commit(store);
     if held.is_empty() {
         return Err(CniError::internal(format!(
             "host-local: Failed to find address added by container {}",
@@ -200,7 +212,8 @@ pub fn gc(args: &CmdArgs, valid: &[Attachment]) -> Result<(), CniError> {
             store.close_entry(&c, &i, &[]).map_err(ipam_error)?;
         }
     }
-    store.commit().map_err(ipam_error)
+    commit(store);
+    Ok(())
 }
 
 impl Plugin for HostLocal {
@@ -222,9 +235,7 @@ impl Plugin for HostLocal {
 
     fn status(&self, args: &CmdArgs, _conf: &NetConf) -> Result<(), CniError> {
         let loaded = load(&args.stdin)?;
-        open_store(&loaded)
-            .and_then(|s| s.commit().map_err(ipam_error))
-            .map_err(|e| CniError::new(ErrorCode::NotAvailable, e.msg))
+        open_store(&loaded).map(commit).map_err(|e| CniError::new(ErrorCode::NotAvailable, e.msg))
     }
 
     fn gc(&self, args: &CmdArgs, _conf: &NetConf, valid: &[Attachment]) -> Result<(), CniError> {
