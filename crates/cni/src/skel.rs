@@ -18,6 +18,11 @@ pub trait Plugin {
     fn add(&self, args: &CmdArgs, conf: &NetConf) -> Result<CniResult>;
     fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<()>;
     fn check(&self, args: &CmdArgs, conf: &NetConf) -> Result<()>;
+    /// Whether the plugin works in `CNI_NETNS` (then naming its own namespace there is refused);
+    /// an IPAM plugin never enters it.
+    fn uses_netns(&self) -> bool {
+        true
+    }
     /// STATUS (1.1.0): ready unless the plugin knows better.
     fn status(&self, _args: &CmdArgs, _conf: &NetConf) -> Result<()> {
         Ok(())
@@ -95,7 +100,10 @@ fn dispatch(
         return Ok(Some(json!({"cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS})));
     }
     let args = CmdArgs::from_env(command, env, input)?;
-    if matches!(command, Command::Add | Command::Del | Command::Check) && is_own_netns(&args.netns) {
+    if plugin.uses_netns()
+        && matches!(command, Command::Add | Command::Del | Command::Check)
+        && is_own_netns(&args.netns)
+    {
         return Err(CniError::new(
             ErrorCode::InvalidEnvironment,
             format!("CNI_NETNS {:?} is the namespace the plugin runs in, not a container's", args.netns),

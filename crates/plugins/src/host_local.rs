@@ -221,6 +221,10 @@ impl Plugin for HostLocal {
         "host-local"
     }
 
+    fn uses_netns(&self) -> bool {
+        false
+    }
+
     fn add(&self, args: &CmdArgs, _conf: &NetConf) -> Result<CniResult, CniError> {
         add(args)
     }

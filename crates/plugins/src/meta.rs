@@ -116,9 +116,18 @@ impl MetaConf {
         let Some((path, bytes)) = paths.iter().find_map(|p| Some((p, std::fs::read(p).ok()?))) else {
             return Ok(None);
         };
-        parse_saved(&bytes).map(Some).map_err(|e| {
-            CniError::new(ErrorCode::Decoding, format!("the saved delegate config {} is damaged: {e}", path.display()))
-        })
+        parse_saved(&bytes)
+            .and_then(|map| {
+                delegate_type(&Value::Object(map.clone())).map_err(|e| e.msg)?;
+                Ok(map)
+            })
+            .map(Some)
+            .map_err(|e| {
+                CniError::new(
+                    ErrorCode::Decoding,
+                    format!("the saved delegate config {} is damaged: {e}", path.display()),
+                )
+            })
     }
 
     pub(crate) fn with_prev(&self, mut delegate: Map<String, Value>) -> Value {
@@ -148,11 +157,15 @@ fn kind_of(v: &Value) -> &'static str {
     }
 }
 
+/// The delegate's plugin type: a name, and not this plugin's (it would call itself).
 fn delegate_type(delegate: &Value) -> Result<String, CniError> {
-    delegate["type"]
-        .as_str()
-        .map(String::from)
-        .ok_or_else(|| CniError::invalid_config("the delegate config has no type"))
+    match delegate.get("type").and_then(Value::as_str) {
+        Some("weft") => {
+            Err(CniError::invalid_config("the weft plugin cannot delegate to itself (delegate type \"weft\")"))
+        }
+        Some(t) if !t.is_empty() && !t.contains('/') => Ok(t.to_string()),
+        _ => Err(CniError::invalid_config("the delegate config has no plugin type")),
+    }
 }
 
 fn to_bytes(v: &Value) -> Vec<u8> {
@@ -189,6 +202,7 @@ impl Plugin for Meta {
         let _lock = AttachmentLock::take(self.name(), &conf.name, args)?;
         let env = conf.subnet_env()?;
         let delegate = Value::Object(conf.render(&env));
+        delegate_type(&delegate)?;
         let path = conf.saved_path(&args.container_id, &args.ifname);
         save(&path, &delegate)?;
         // A failed ADD is followed by the runtime's DEL, which finds the saved config.

@@ -143,7 +143,8 @@ fn status_and_add_follow_agent_readiness() {
 fn a_damaged_saved_config_is_an_error_not_a_crash() {
     let f = Fixture::new();
     let conf = f.conf("1.0.0");
-    for (i, damaged) in ["[1,2]", "null", "\"bridge\"", "{\"type\":"].iter().enumerate() {
+    let damage = ["[1,2]", "null", "\"bridge\"", "{\"type\":", "{}", "{\"type\":5}", "{\"type\":\"weft\"}"];
+    for (i, damaged) in damage.iter().enumerate() {
         let id = format!("bad{i}");
         let result = f.call(&id).run(&f.node, "weft", "ADD", &conf.to_string()).ok().json();
         std::fs::write(f.state.path().join(format!("saved/{id}@eth0")), damaged).unwrap();
@@ -156,4 +157,22 @@ fn a_damaged_saved_config_is_an_error_not_a_crash() {
         assert!(f.reservations().is_empty(), "{damaged}: address leaked");
         assert!(!f.state.path().join(format!("saved/{id}@eth0")).exists());
     }
+}
+
+/// A delegate of type `weft` would call the plugin itself (it waited on its own lock for good):
+/// refused at once, before anything is made or saved.
+#[test]
+fn the_meta_plugin_does_not_delegate_to_itself() {
+    let f = Fixture::new();
+    let mut conf = f.conf("1.0.0");
+    conf["delegate"]["type"] = serde_json::json!("weft");
+    for command in ["ADD", "DEL"] {
+        let started = std::time::Instant::now();
+        let out = f.call("self1").run(&f.node, "weft", command, &conf.to_string());
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "{command} hung");
+        assert_eq!(out.error_code(), 7, "{command}: {out:?}");
+        assert!(out.json()["msg"].as_str().unwrap().contains("cannot delegate to itself"), "{out:?}");
+    }
+    assert!(!f.state.path().join("saved/self1@eth0").exists());
+    assert!(f.reservations().is_empty());
 }
