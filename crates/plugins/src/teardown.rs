@@ -169,7 +169,10 @@ fn reap_after(coalesce: std::time::Duration) -> Result<(), CniError> {
         // deletion while the burst's own DELs want it.
         std::thread::sleep(coalesce);
         while nl.delete_group(RETIRED_GROUP).map_err(kernel("deleting retired links"))? {}
-        drop(claimed);
+        // Its lock file goes with it: a DEL after this makes a new one (and a new reaper).
+        if let Some(lock) = claimed {
+            lock.remove();
+        }
         // A DEL that retired a link after the last batch and found the name taken left it to
         // this reaper: one more look after letting go of the name.
         if !nl.delete_group(RETIRED_GROUP).map_err(kernel("deleting retired links"))? {

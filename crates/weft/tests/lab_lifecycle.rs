@@ -77,8 +77,10 @@ impl Name {
             .map(|n| format!("namespace {n}"))
             .collect();
         let dir = format!("/run/weft-lab/{}", self.0);
-        if std::path::Path::new(&dir).exists() {
-            out.push(dir.clone());
+        for path in [dir.clone(), format!("/run/weft-lab/.{}.lock", self.0)] {
+            if std::path::Path::new(&path).exists() {
+                out.push(path);
+            }
         }
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
             let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else { continue };
@@ -124,7 +126,7 @@ fn names_are_refused_before_anything_is_made() {
     let after: Vec<String> = std::fs::read_dir("/run/weft-lab")
         .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
         .unwrap_or_default();
-    assert!(after.iter().all(|n| before.contains(n) || n.starts_with("wt")), "{after:?}");
+    assert!(after.iter().all(|n| before.contains(n) || n.trim_start_matches('.').starts_with("wt")), "{after:?}");
     assert!(!std::path::Path::new("/run/weft-lab/a").exists() && !std::path::Path::new("/run/weft-lab/a b").exists());
 }
 
@@ -147,13 +149,12 @@ fn refused_and_failed_ups_leave_nothing() {
         assert!(started.elapsed() < Duration::from_secs(2), "{args:?} refused only after {:?}", started.elapsed());
         name.assert_gone(&format!("refused {args:?}"));
     }
-    // Half-way: a namespace the lab is about to make is taken.
-    let taken = format!("{}-node2", name.0);
-    weft_netns::create_named(&taken).unwrap();
-    let out = name.lab(&["up", "--nodes", "3"]);
+    // Half-way: the switch is made, then the store cannot be reached (nothing listens there).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let out = name.lab(&["up", "--nodes", "3", "--store", &format!("etcd=http://127.0.0.1:{port}")]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("nothing of it is left"), "{}", text(&out));
-    name.assert_gone("up failed at node2");
+    name.assert_gone("up failed after making the switch");
 }
 
 /// Sends `signal` to `up` after each delay: `up` ends with the lab complete (and working) or
@@ -383,4 +384,73 @@ fn a_hundred_node_lab() {
         "100 nodes: up {up:.1?}, check of 9900 pairs {checked:.1?}, down {:.1?}, {counted} counted neighbour entries",
         started.elapsed()
     );
+}
+
+/// Found by an adversarial test: two `up`s of one lab at once (one is refused, the other builds
+/// it); a binary replaced in place under a running lab (agents restart with the new one); a pid
+/// file naming someone else's process (repair leaves it alive); a state file deleted by hand
+/// (`up` rebuilds in one go); `check --pairs 0` (refused).
+#[test]
+fn operators_worst_day_on_the_lab() {
+    let name = Name::new();
+    let bin = Dir::new("bin");
+    let exe = bin.path().join("weft");
+    std::fs::copy(weft_bin(), &exe).unwrap();
+    let up = |extra: &[&str]| {
+        Command::new(&exe)
+            .args(["lab", "up", "--name", &name.0, "--nodes", "2", "--pods", "1"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (first, second) = (up(&[]), up(&[]));
+    let outs = [first.wait_with_output().unwrap(), second.wait_with_output().unwrap()];
+    let ok = outs.iter().filter(|o| o.status.success()).count();
+    assert_eq!(ok, 1, "{}\n{}", text(&outs[0]), text(&outs[1]));
+    assert!(outs.iter().any(|o| text(o).contains("is at work")), "{}\n{}", text(&outs[0]), text(&outs[1]));
+    let check = name.lab(&["check"]);
+    assert!(check.status.success(), "{}", text(&check));
+
+    // The binary replaced in place, then an agent dies: the supervisor starts the new binary.
+    let staged = bin.path().join("weft.new");
+    std::fs::copy(weft_bin(), &staged).unwrap();
+    std::fs::rename(&staged, &exe).unwrap();
+    let show = name.show();
+    let old = show["nodes"][0]["agent_pid"].as_i64().unwrap() as i32;
+    kill_and_wait(old);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = name.show()["nodes"][0]["agent_pid"].as_i64().unwrap() as i32;
+        if now != old && std::fs::read_to_string(format!("/proc/{now}/stat")).is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node1's agent was not restarted after the binary was replaced");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A pid file naming another process: `up` repairs the lab and leaves that process alone.
+    let mut bystander = Command::new("sleep").arg("60").spawn().unwrap();
+    kill_and_wait(name.show()["supervisor_pid"].as_i64().unwrap() as i32);
+    kill_and_wait(name.show()["nodes"][0]["agent_pid"].as_i64().unwrap() as i32);
+    std::fs::write(format!("/run/weft-lab/{}/node1/agent.pid", name.0), bystander.id().to_string()).unwrap();
+    let out = name.lab(&["up"]);
+    assert!(out.status.success() && text(&out).contains("started the supervisor again"), "{}", text(&out));
+    assert!(bystander.try_wait().unwrap().is_none(), "repair killed a process that is not the lab's");
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+    let check = name.lab(&["check"]);
+    assert!(check.status.success(), "{}", text(&check));
+
+    // No sampling of zero pairs.
+    let out = name.lab(&["check", "--pairs", "0"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+
+    // The state file deleted by hand: one `up` rebuilds the lab.
+    std::fs::remove_file(format!("/run/weft-lab/{}/lab.json", name.0)).unwrap();
+    name.up_ok(&["--nodes", "2", "--pods", "1"]);
+    let check = name.lab(&["check"]);
+    assert!(check.status.success(), "{}", text(&check));
 }

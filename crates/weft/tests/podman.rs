@@ -116,6 +116,9 @@ fn prepare(root: &Path, plugins: &Path, ipam: &Path, bridge: &str) {
 
 #[test]
 fn podman_runs_two_containers_on_weft() {
+    // podman runs the plugins with an environment of its own: their lock files go to the
+    // default directory, removed again below if this test made it.
+    let _locks = DefaultLockDir::watch();
     let node = Ns::new("n");
     let plugins = weft_plugin_dir();
     let root = Dir::new("podman");
@@ -149,4 +152,26 @@ fn podman_runs_two_containers_on_weft() {
     assert_reaped(&node);
     let rules = node.nft();
     assert!(!rules.contains("weftnet/"), "rules left: {rules}");
+}
+
+/// Removes the plugins' default lock directory on drop if it did not exist before (it is empty
+/// then: every DEL removes its attachment's lock file).
+struct DefaultLockDir(bool);
+
+impl DefaultLockDir {
+    fn watch() -> DefaultLockDir {
+        DefaultLockDir(Path::new(weft_plugins::attachment_lock::LOCK_DIR).exists())
+    }
+}
+
+impl Drop for DefaultLockDir {
+    fn drop(&mut self) {
+        if !self.0 {
+            let dir = Path::new(weft_plugins::attachment_lock::LOCK_DIR);
+            let _ = std::fs::remove_dir(dir);
+            if let Some(parent) = dir.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
+    }
 }

@@ -170,7 +170,7 @@ pub fn underlay_neighbours(lab: &Lab) -> Result<()> {
 pub fn plugin_dir(lab: &Lab) -> Result<std::path::PathBuf> {
     let dir = lab.dir().join("bin");
     std::fs::create_dir_all(&dir)?;
-    let exe = std::env::current_exe()?;
+    let exe = lab.exe()?;
     for name in weft_plugins::PLUGIN_NAMES {
         let link = dir.join(name);
         if link.symlink_metadata().is_err() {
@@ -197,7 +197,7 @@ pub fn conflist(lab: &Lab, node: &str) -> Result<ConfList> {
 
 /// Starts the supervisor (it runs the agents), detached from this process.
 pub fn start_supervisor(lab: &mut Lab) -> Result<()> {
-    let exe = std::env::current_exe()?;
+    let exe = lab.exe()?;
     let log = std::fs::OpenOptions::new().create(true).append(true).open(lab.dir().join("supervisor.log"))?;
     let child = Command::new(exe)
         .args(["lab", "supervise", "--name", &lab.name])

@@ -99,6 +99,9 @@ pub fn check(opts: &CheckOptions) -> Result<()> {
     if lab.pods.len() < 2 {
         bail!("lab {name} has {} pod(s); `weft lab up --pods N` makes more", lab.pods.len());
     }
+    if opts.pairs == Some(0) {
+        bail!("--pairs 0 probes nothing: give at least 1 (or leave it out for every pair)");
+    }
     let todo = pairs(lab.pods.len(), opts.pairs);
     let stop = Arc::new(AtomicBool::new(false));
     let servers: Vec<_> = lab.pods.iter().map(|p| serve(p, stop.clone())).collect::<Result<_>>()?;

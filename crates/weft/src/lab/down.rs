@@ -11,13 +11,22 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use super::{is_lab_namespace, Lab};
 
-/// Removes every namespace, process and file of the lab; a lab that is not there is fine.
+/// Removes every namespace, process and file of the lab; a lab that is not there is fine. An
+/// `up` of the lab at work is waited for (an interrupted one removes what it made itself).
 pub fn down(name: &str) -> Result<()> {
+    let lock = match super::LabLock::take(name, false)? {
+        Some(lock) => lock,
+        None => {
+            eprintln!("lab {name}: waiting for the `weft lab up` at work to finish");
+            super::LabLock::take(name, true)?.context("locking the lab")?
+        }
+    };
     let found = remove(name)?;
+    lock.remove();
     if found {
         outln!("lab {name} is down");
     } else {
@@ -93,7 +102,8 @@ fn netns_inode(pid: u32) -> Option<u64> {
     Some(std::fs::metadata(Path::new("/proc").join(pid.to_string()).join("ns/net")).ok()?.ino())
 }
 
-fn kill(pid: u32) {
+/// SIGKILL, then waits until the process is gone (or a zombie).
+pub(super) fn kill(pid: u32) {
     if let Ok(pid) = i32::try_from(pid) {
         let pid = nix::unistd::Pid::from_raw(pid);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);

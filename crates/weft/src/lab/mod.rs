@@ -107,6 +107,10 @@ pub struct Lab {
     /// Set once `up` finished: a lab without it was interrupted half-way.
     #[serde(default)]
     pub complete: bool,
+    /// The weft binary the lab runs (its path, so that a binary replaced in place is the one
+    /// restarted agents run).
+    #[serde(default)]
+    pub exe: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -187,6 +191,33 @@ impl Lab {
     pub fn agent_pid(&self, node: &str) -> Option<u32> {
         std::fs::read_to_string(self.node_dir(node).join("agent.pid")).ok()?.trim().parse().ok()
     }
+
+    /// The binary to run for the lab's processes.
+    pub fn exe(&self) -> std::io::Result<PathBuf> {
+        match &self.exe {
+            Some(path) if path.exists() => Ok(path.clone()),
+            _ => std::env::current_exe(),
+        }
+    }
+
+    /// Whether `pid` is this lab's supervisor, alive.
+    pub fn supervisor_alive(&self) -> bool {
+        self.supervisor_pid.is_some_and(|pid| {
+            alive(pid) && cmdline(pid).windows(4).any(|w| w == ["lab", "supervise", "--name", self.name.as_str()])
+        })
+    }
+
+    /// Whether the recorded agent of `node` is alive and is that agent.
+    pub fn agent_alive(&self, node: &str) -> bool {
+        let dir = self.node_dir(node).display().to_string();
+        self.agent_pid(node).is_some_and(|pid| alive(pid) && cmdline(pid).contains(&dir))
+    }
+
+    /// Whether the lab's own etcd is alive.
+    pub fn etcd_alive(&self) -> bool {
+        let data = self.dir().join("etcd").join("data").display().to_string();
+        self.store.pid.is_some_and(|pid| alive(pid) && cmdline(pid).contains(&data))
+    }
 }
 
 /// The namespace of a lab's switch, node and pod.
@@ -210,6 +241,59 @@ pub fn is_lab_namespace(lab: &str, ns: &str) -> bool {
     match rest.split_once('-') {
         None => numbered(rest, "node"),
         Some((node, pod)) => numbered(node, "node") && numbered(pod, "pod"),
+    }
+}
+
+/// A process's command line, split.
+pub fn cmdline(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|c| *c == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Holds the lab's lock: one `up` or `down` of a lab at a time. The lock file sits beside the
+/// lab's directory (`/run/weft-lab/.NAME.lock`) and goes with the lab.
+pub struct LabLock {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl LabLock {
+    fn path(name: &str) -> PathBuf {
+        Path::new(STATE_ROOT).join(format!(".{name}.lock"))
+    }
+
+    /// Takes the lock; `wait` says whether to wait for another holder or fail at once.
+    pub fn take(name: &str, wait: bool) -> Result<Option<LabLock>> {
+        use std::os::unix::fs::MetadataExt;
+        let path = Self::path(name);
+        std::fs::create_dir_all(STATE_ROOT).with_context(|| format!("creating {STATE_ROOT}"))?;
+        loop {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            if wait {
+                file.lock().with_context(|| format!("locking {}", path.display()))?;
+            } else if file.try_lock().is_err() {
+                return Ok(None);
+            }
+            // Removed by the holder before us (a `down`): take the current file.
+            let same = std::fs::metadata(&path).is_ok_and(|m| file.metadata().is_ok_and(|h| h.ino() == m.ino()));
+            if same {
+                return Ok(Some(LabLock { file, path }));
+            }
+        }
+    }
+
+    /// The lab is gone: so is its lock file.
+    pub fn remove(self) {
+        let _ = std::fs::remove_file(&self.path);
+        drop(self.file);
     }
 }
 

@@ -73,7 +73,7 @@ pub fn show(name: &str, node: Option<&str>, as_json: bool) -> Result<()> {
         let out = json!({
             "name": lab.name, "backend": lab.backend, "network": lab.network,
             "lease_ttl": lab.lease_ttl, "complete": lab.complete,
-            "supervisor_pid": lab.supervisor_pid.filter(|p| super::alive(*p)),
+            "supervisor_pid": lab.supervisor_pid.filter(|_| lab.supervisor_alive()),
             "store": {"kind": lab.store.kind, "endpoint": lab.store.endpoint, "namespace": lab.store.namespace, "pid": lab.store.pid},
             "underlay": {"namespace": lab.switch_namespace, "bridge": "sw0", "network": super::UNDERLAY,
                          "free_address": super::FREE_ADDRESS},

@@ -17,7 +17,7 @@ fn start(lab: &Lab, node: &super::NodeInfo) -> Result<Child> {
     let ns = NetNs::open(weft_netns::named_path(&node.namespace))?;
     let dir = lab.node_dir(&node.name);
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("agent.log"))?;
-    let exe = std::env::current_exe()?;
+    let exe = lab.exe()?;
     let child = ns.run(|| {
         let mut cmd = Command::new(&exe);
         cmd.arg("agent");
@@ -74,19 +74,36 @@ pub fn supervise(name: &str) -> Result<()> {
         relay(&lab, &lab.store.endpoint)?;
     }
     let mut children: Vec<Option<Child>> = lab.nodes.iter().map(|_| None).collect();
+    // Per node: the last failure to start its agent (said once) and when to try again.
+    let mut failing: Vec<Option<(String, std::time::Instant)>> = lab.nodes.iter().map(|_| None).collect();
     loop {
-        for (node, slot) in lab.nodes.iter().zip(children.iter_mut()) {
+        for ((node, slot), failed) in lab.nodes.iter().zip(children.iter_mut()).zip(failing.iter_mut()) {
             let running = match slot {
                 Some(child) => matches!(child.try_wait(), Ok(None)),
                 None => false,
             };
-            if !running {
-                if slot.is_some() {
-                    eprintln!("lab supervisor: the agent of {} exited; starting it again", node.name);
+            if running || failed.as_ref().is_some_and(|(_, retry)| std::time::Instant::now() < *retry) {
+                continue;
+            }
+            if slot.take().is_some() {
+                eprintln!("lab supervisor: the agent of {} exited; starting it again", node.name);
+            }
+            match start(&lab, node) {
+                Ok(child) => {
+                    if failed.take().is_some() {
+                        eprintln!("lab supervisor: the agent of {} runs again", node.name);
+                    }
+                    *slot = Some(child);
                 }
-                match start(&lab, node) {
-                    Ok(child) => *slot = Some(child),
-                    Err(e) => eprintln!("lab supervisor: starting the agent of {}: {e:#}", node.name),
+                Err(e) => {
+                    let said = format!("{e:#}");
+                    if failed.as_ref().is_none_or(|(before, _)| *before != said) {
+                        eprintln!(
+                            "lab supervisor: starting the agent of {}: {said} (trying again every second)",
+                            node.name
+                        );
+                    }
+                    *failed = Some((said, std::time::Instant::now() + Duration::from_secs(1)));
                 }
             }
         }

@@ -16,7 +16,7 @@ use serde_json::json;
 use weft_netns::NetNs;
 
 use super::build::{self, ETCD_ADDRESS};
-use super::{alive, Lab, NodeInfo, Recorded, StoreInfo, UNDERLAY};
+use super::{Lab, NodeInfo, Recorded, StoreInfo, UNDERLAY};
 
 /// What `weft lab up` was asked for.
 #[derive(clap::Args)]
@@ -182,7 +182,13 @@ fn store_info(opts: &UpOptions) -> StoreInfo {
 /// `weft lab up`. `explicit` names the options given on the command line: only those count as
 /// differing from an existing lab's.
 pub fn up(opts: &UpOptions, explicit: &[String]) -> Result<()> {
+    // From here on a signal only sets a flag: before anything is made.
+    catch_signals()?;
     let net_conf = validate(opts)?;
+    // One `up` or `down` of a lab at a time (held until this process ends).
+    let Some(lock) = super::LabLock::take(&opts.name, false)? else {
+        bail!("another `weft lab up` or `weft lab down` of lab {} is at work; try again when it is done", opts.name);
+    };
     let existing = match Lab::load(&opts.name) {
         Ok(lab) => lab,
         Err(e) => {
@@ -204,7 +210,7 @@ pub fn up(opts: &UpOptions, explicit: &[String]) -> Result<()> {
             if !differences.is_empty() {
                 eprintln!("lab {}: rebuilding it ({})", lab.name, differences.join(", "));
                 super::down::remove(&lab.name)?;
-                return build_new(opts, &net_conf);
+                return build_new(opts, &net_conf, lock);
             }
         }
         let missing: Vec<String> = lab.namespaces().into_iter().filter(|ns| !weft_netns::exists(ns)).collect();
@@ -216,28 +222,41 @@ pub fn up(opts: &UpOptions, explicit: &[String]) -> Result<()> {
             };
             eprintln!("lab {}: {why}; removing it and building it again", lab.name);
             super::down::remove(&lab.name)?;
-            return build_new(opts, &net_conf);
+            return build_new(opts, &net_conf, lock);
         }
         return repair(lab);
     }
-    build_new(opts, &net_conf)
+    // No state, but maybe what an `up` killed before writing any left (namespaces, processes).
+    if super::down::remove(&opts.name)? {
+        eprintln!("lab {}: removed what an earlier run left without a state file", opts.name);
+    }
+    build_new(opts, &net_conf, lock)
 }
 
-/// Starts again what died of a complete lab (its etcd, its supervisor), keeping every address.
+/// Starts again what died of a complete lab (its etcd, its supervisor, agents the supervisor
+/// cannot restart), keeping every address. Processes are recognised by their command line, not
+/// by a pid alone (pids are reused).
 fn repair(mut lab: Lab) -> Result<()> {
     let mut repaired = Vec::new();
-    if lab.store.namespace.is_some() && !lab.store.pid.is_some_and(alive) {
+    if lab.store.namespace.is_some() && !lab.etcd_alive() {
         let switch = NetNs::open(weft_netns::named_path(&lab.switch_namespace))?;
         build::start_etcd(&mut lab, &switch)?;
         repaired.push("etcd");
     }
-    if !lab.supervisor_pid.is_some_and(alive) {
+    // A supervisor restarts a dead agent within a second: only agents that stay dead count.
+    let dead = |lab: &Lab| lab.nodes.iter().any(|n| !lab.agent_alive(&n.name));
+    let agents_down = dead(&lab) && {
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        dead(&lab)
+    };
+    if !lab.supervisor_alive() || agents_down {
+        if let Some(pid) = lab.supervisor_pid.filter(|_| lab.supervisor_alive()) {
+            super::down::kill(pid);
+        }
         // Agents left running without it would be started a second time.
         for node in &lab.nodes {
-            if let Some(pid) = lab.agent_pid(&node.name).filter(|p| alive(*p)) {
-                if let Ok(pid) = i32::try_from(pid) {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-                }
+            if let Some(pid) = lab.agent_pid(&node.name).filter(|_| lab.agent_alive(&node.name)) {
+                super::down::kill(pid);
             }
         }
         build::start_supervisor(&mut lab)?;
@@ -253,14 +272,20 @@ fn repair(mut lab: Lab) -> Result<()> {
         );
         return Ok(());
     }
-    build::wait_ready(&lab, &|| Ok(()))?;
+    if let Err(e) = build::wait_ready(&lab, &interrupted) {
+        if let Some(Interrupted(signal)) = e.downcast_ref::<Interrupted>() {
+            eprintln!("lab {}: interrupted by signal {signal} while waiting for the repaired lab", lab.name);
+            std::process::exit(128 + signal);
+        }
+        return Err(e);
+    }
     outln!("lab {}: started {} again; every address is as it was", lab.name, repaired.join(" and "));
     Ok(())
 }
 
-/// Builds the lab from nothing; on any failure or signal, removes what it made.
-fn build_new(opts: &UpOptions, net_conf: &str) -> Result<()> {
-    catch_signals()?;
+/// Builds the lab from nothing; on any failure or signal, removes what it made (its lock file
+/// too).
+fn build_new(opts: &UpOptions, net_conf: &str, lock: super::LabLock) -> Result<()> {
     let mut lab = Lab {
         name: opts.name.clone(),
         backend: opts.backend.clone(),
@@ -273,10 +298,12 @@ fn build_new(opts: &UpOptions, net_conf: &str) -> Result<()> {
         pods: Vec::new(),
         options: Some(opts.recorded()),
         complete: false,
+        exe: std::env::current_exe().ok(),
     };
     let outcome = lab.save().and_then(|()| build(&mut lab, opts, net_conf));
     let Err(e) = outcome else { return Ok(()) };
     let cleaned = super::down::remove(&lab.name);
+    lock.remove();
     if let Some(Interrupted(signal)) = e.downcast_ref::<Interrupted>() {
         eprintln!("lab {}: interrupted by signal {signal}; removed what was made", lab.name);
         if let Err(c) = cleaned {
