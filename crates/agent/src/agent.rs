@@ -493,9 +493,13 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
 
     let mut last_resync = Instant::now();
     let mut failing: Option<String> = None;
+    let mut first = true;
     loop {
-        // Wakes at once when the store changes, else every 50 ms for the VTEP check and timers.
-        watcher.wait(Duration::from_millis(50));
+        // Wakes at once when the store changes, else every 50 ms for the VTEP check and timers
+        // (the first tick runs at once: a store that lists synchronously is synced already).
+        if !std::mem::take(&mut first) {
+            watcher.wait(Duration::from_millis(if node.status().started { 50 } else { 10 }));
+        }
         let outcome = tick(&mut node, &mut watcher, &renewer, &mut last_resync);
         // One line per change of state, not one per failed tick.
         let now_failing = outcome.as_ref().err().map(|e| e.to_string());

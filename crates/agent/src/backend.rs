@@ -75,22 +75,32 @@ pub fn desired(ctx: &Context<'_>, peers: &[Lease]) -> (Desired, Vec<String>) {
         peers.iter().filter(|p| p.subnet != ctx.own_subnet || p.attrs.public_ip != ctx.own_ip).collect();
     peers.sort_by_key(|p| p.subnet);
     // One VTEP MAC, one node: of leases that share a MAC with other public IPs, the older claim
-    // counts (so the FDB entry never alternates between them).
-    let claimed = |peer: &Lease| -> Option<String> {
-        let mac = peer.vxlan().map(|d| d.vtep_mac.to_lowercase())?;
-        peers
-            .iter()
-            .filter(|o| o.attrs.public_ip != peer.attrs.public_ip && ctx.reject(o).is_none())
-            .find(|o| o.vxlan().is_some_and(|d| d.vtep_mac.to_lowercase() == mac) && o.outranks(peer))
-            .map(|o| format!("its VtepMAC {mac} belongs to the older lease {} of {}", o.subnet, o.attrs.public_ip))
+    // counts (so the FDB entry never alternates between them). One pass: the claim that counts
+    // for each MAC.
+    let macs: Vec<Option<String>> = peers.iter().map(|p| vtep_mac(p).map(str::to_lowercase)).collect();
+    let mut owner: std::collections::HashMap<&str, &Lease> = std::collections::HashMap::new();
+    for (peer, mac) in peers.iter().zip(&macs) {
+        let Some(mac) = mac else { continue };
+        if ctx.reject(peer).is_some() {
+            continue;
+        }
+        let slot = owner.entry(mac.as_str()).or_insert(peer);
+        if peer.outranks(slot) {
+            *slot = peer;
+        }
+    }
+    let claimed = |peer: &Lease, mac: &Option<String>| -> Option<String> {
+        let mac = mac.as_deref()?;
+        let o = owner.get(mac).filter(|o| o.attrs.public_ip != peer.attrs.public_ip)?;
+        Some(format!("its VtepMAC {mac} belongs to the older lease {} of {}", o.subnet, o.attrs.public_ip))
     };
-    for peer in peers.iter().copied() {
+    for (peer, mac) in peers.iter().copied().zip(&macs) {
         if let Some(why) = ctx.reject(peer) {
             warnings.push(format!("ignoring peer {}: {why}", peer.attrs.public_ip));
             continue;
         }
         if ctx.kind == BackendType::Vxlan {
-            if let Some(why) = claimed(peer) {
+            if let Some(why) = claimed(peer, mac) {
                 warnings.push(format!("ignoring peer {} ({}): {why}", peer.attrs.public_ip, peer.subnet));
                 continue;
             }
@@ -135,10 +145,15 @@ pub fn desired(ctx: &Context<'_>, peers: &[Lease]) -> (Desired, Vec<String>) {
 /// Whether `lease` shares its VTEP MAC with a lease of another node among `others`: then a
 /// change of it cannot be applied on its own (which of them counts depends on both).
 pub fn shares_vtep_mac(lease: &Lease, others: &[&Lease]) -> bool {
-    let Some(mac) = lease.vxlan().map(|d| d.vtep_mac.to_lowercase()) else { return false };
-    others.iter().any(|o| {
-        o.attrs.public_ip != lease.attrs.public_ip && o.vxlan().is_some_and(|d| d.vtep_mac.to_lowercase() == mac)
-    })
+    let Some(mac) = vtep_mac(lease) else { return false };
+    others
+        .iter()
+        .any(|o| o.attrs.public_ip != lease.attrs.public_ip && vtep_mac(o).is_some_and(|m| m.eq_ignore_ascii_case(mac)))
+}
+
+/// A lease's `VtepMAC` as written (read in place: this runs over every lease per event).
+fn vtep_mac(lease: &Lease) -> Option<&str> {
+    lease.attrs.backend_data.get("VtepMAC").and_then(serde_json::Value::as_str)
 }
 
 /// The MTU pods get: the uplink's minus the encapsulation overhead.

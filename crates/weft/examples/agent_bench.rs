@@ -95,8 +95,12 @@ fn main() {
                 .arg(&subnet_file)
                 .arg("--state-dir")
                 .arg(&dir)
+                .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(match std::env::var_os("WEFT_BENCH_AGENT_LOG") {
+                    Some(path) => Stdio::from(std::fs::File::create(path).expect("the agent log")),
+                    None => Stdio::null(),
+                })
                 .spawn()
         })
         .unwrap()

@@ -53,6 +53,18 @@ impl Node {
         Agent(self.ns.handle.run(|| cmd.spawn()).unwrap().unwrap())
     }
 
+    /// The agent with its health endpoint, once it has written its subnet file.
+    fn spawn_ready(&self) -> Agent {
+        let subnet_file = self.dir.path().join("subnet.env");
+        let agent = self.spawn(&["--subnet-file", subnet_file.to_str().unwrap(), "--health", "127.0.0.1:9901"]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !subnet_file.exists() {
+            assert!(Instant::now() < deadline, "the agent did not become ready: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        agent
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
     }
@@ -102,13 +114,7 @@ fn a_vtep_replaced_at_start_is_not_reported_as_gone() {
     let node = Node::new(r#"{"Network": "198.19.0.0/16"}"#);
     // A VTEP of the right name with other settings (another port), as an older config left it.
     node.ns.sh(&["ip", "link", "add", "weft.1", "type", "vxlan", "id", "1", "dstport", "4789", "dev", "eth0"]);
-    let subnet_file = node.dir.path().join("subnet.env");
-    let _agent = node.spawn(&["--subnet-file", subnet_file.to_str().unwrap(), "--health", "127.0.0.1:9901"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !subnet_file.exists() {
-        assert!(Instant::now() < deadline, "the agent did not become ready: {}", node.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let _agent = node.spawn_ready();
     // A few ticks of the loop.
     std::thread::sleep(Duration::from_millis(300));
     let vxlan = node.ns.ip_json(&["-d", "link", "show", "weft.1"]);
@@ -124,13 +130,7 @@ fn a_vtep_replaced_at_start_is_not_reported_as_gone() {
 #[test]
 fn readiness_follows_the_dataplane_and_failures_are_logged_once() {
     let node = Node::new(r#"{"Network": "198.19.0.0/16"}"#);
-    let subnet_file = node.dir.path().join("subnet.env");
-    let _agent = node.spawn(&["--subnet-file", subnet_file.to_str().unwrap(), "--health", "127.0.0.1:9901"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !subnet_file.exists() {
-        assert!(Instant::now() < deadline, "the agent did not become ready: {}", node.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let _agent = node.spawn_ready();
     assert!(node.http("/readyz").starts_with("HTTP/1.0 200"), "{}", node.http("/readyz"));
     let _idle = node.ns.handle.run(|| std::net::TcpStream::connect("127.0.0.1:9901").unwrap()).unwrap();
     node.ns.sh(&["ip", "link", "del", "eth0"]);

@@ -59,18 +59,42 @@ fn run_at_once(node: &Ns, dir: &std::path::Path, calls: &[(&str, String, &Ns)], 
         .unwrap()
 }
 
+/// A node with N containers, weft's plugins, an IPAM directory and a bridge name.
+struct Fixture {
+    node: Ns,
+    conts: Vec<Ns>,
+    dir: Dir,
+    data: Dir,
+    br: String,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        Fixture {
+            node: Ns::new("n"),
+            conts: (0..N).map(|_| Ns::new("c")).collect(),
+            dir: weft_plugin_dir(),
+            data: Dir::new("ipam"),
+            br: unique("br"),
+        }
+    }
+
+    /// A bridge config of network `name` in `subnet`, with `ipMasq` as given.
+    fn conf(&self, name: &str, subnet: &str, masq: bool) -> String {
+        json!({
+            "cniVersion": "1.0.0", "name": name, "type": "bridge", "bridge": self.br, "isGateway": true,
+            "ipMasq": masq,
+            "ipam": {"type": "host-local", "dataDir": self.data.path(), "ranges": [[{"subnet": subnet}]]}
+        })
+        .to_string()
+    }
+}
+
 #[test]
 fn hundred_parallel_adds_and_dels() {
-    let node = Ns::new("n");
-    let conts: Vec<Ns> = (0..N).map(|_| Ns::new("c")).collect();
-    let dir = weft_plugin_dir();
-    let data = Dir::new("ipam");
-    let br = unique("br");
-    let conf = json!({
-        "cniVersion": "1.0.0", "name": "conc", "type": "bridge", "bridge": br, "isGateway": true, "ipMasq": true,
-        "ipam": {"type": "host-local", "dataDir": data.path(), "ranges": [[{"subnet": "198.19.70.0/24"}]]}
-    })
-    .to_string();
+    let f = Fixture::new();
+    let conf = f.conf("conc", "198.19.70.0/24", true);
+    let Fixture { node, conts, dir, data, br } = f;
 
     let outs = run_all(&node, dir.path(), "ADD", &conts, &conf);
     let mut addrs: Vec<String> =
@@ -100,16 +124,9 @@ fn hundred_parallel_adds_and_dels() {
 /// without holds none, and no address is ever in two places.
 #[test]
 fn hundred_concurrent_add_del_pairs_of_the_same_attachments() {
-    let node = Ns::new("n");
-    let conts: Vec<Ns> = (0..N).map(|_| Ns::new("c")).collect();
-    let dir = weft_plugin_dir();
-    let data = Dir::new("ipam");
-    let br = unique("br");
-    let conf = json!({
-        "cniVersion": "1.0.0", "name": "pairs", "type": "bridge", "bridge": br, "isGateway": true,
-        "ipam": {"type": "host-local", "dataDir": data.path(), "ranges": [[{"subnet": "198.19.71.0/24"}]]}
-    })
-    .to_string();
+    let f = Fixture::new();
+    let conf = f.conf("pairs", "198.19.71.0/24", false);
+    let Fixture { node, conts, dir, data, .. } = f;
     // Interleaved, so each pair's two processes start next to each other.
     let calls: Vec<(&str, String, &Ns)> = conts
         .iter()
