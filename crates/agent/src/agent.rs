@@ -459,7 +459,8 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         expires: None,
         created: None,
     };
-    let monitor = LinkMonitor::new().map_err(kernel("watching links"))?;
+    let mut monitor = LinkMonitor::new().map_err(kernel("watching links"))?;
+    monitor.follow_mtu(uplink.link.index);
     let mut node = Node {
         cfg,
         network,
@@ -547,9 +548,27 @@ fn tick(
     let mut replay = !node.status().started;
     // The VTEP deleted by hand (or by another program): the link watch tells; recreate it and
     // replay every peer. (When notifications were lost, look.)
+    let deleted = node.monitor.deleted();
+    // The uplink's MTU changed: pods made from now on, the VTEP and the subnet file follow it.
+    let mtu = match &deleted {
+        Some(_) => node.monitor.take_mtu(),
+        None => node.nl.link_by_index(node.uplink.link.index).map_err(kernel("reading the uplink"))?.map(|l| l.mtu),
+    };
+    if let Some(mtu) = mtu.filter(|m| *m != node.uplink.link.mtu) {
+        tracing::info!(
+            "the uplink's MTU is now {mtu} (was {}); pods get {} from now on",
+            node.uplink.link.mtu,
+            backend::pod_mtu(node.network.backend.kind, mtu)
+        );
+        node.uplink.link.mtu = mtu;
+        node.ensure_vtep()?;
+        if node.status().started {
+            node.write_subnet_file()?;
+        }
+    }
     if node.vtep_mac.is_some() {
         let name = vtep::name(node.network.backend.vni);
-        let gone = match node.monitor.deleted() {
+        let gone = match &deleted {
             Some(deleted) => deleted.contains(&name),
             None => node.nl.link_by_name(&name).map_err(kernel("reading the VTEP"))?.is_none(),
         };

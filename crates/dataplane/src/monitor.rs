@@ -1,5 +1,5 @@
-//! A netlink watch on links (`ip monitor link`): the kernel tells us when a link is deleted, so
-//! the agent notices its VTEP gone without asking.
+//! A netlink watch on links (`ip monitor link`): the kernel tells us when a link is deleted or
+//! changed, so the agent notices its VTEP gone or its uplink's MTU changed without asking.
 
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::link::LinkAttribute;
@@ -11,6 +11,9 @@ use crate::error::{DataplaneError, Result};
 /// Subscribed to link notifications of the calling thread's namespace; never blocks.
 pub struct LinkMonitor {
     socket: Socket,
+    /// The link whose MTU is followed, and the MTU it last announced (untaken).
+    followed: Option<u32>,
+    mtu: Option<u32>,
 }
 
 impl LinkMonitor {
@@ -18,7 +21,18 @@ impl LinkMonitor {
         let mut socket = Socket::new(NETLINK_ROUTE).map_err(DataplaneError::Socket)?;
         socket.bind(&SocketAddr::new(0, libc::RTMGRP_LINK as u32)).map_err(DataplaneError::Socket)?;
         socket.set_non_blocking(true).map_err(DataplaneError::Socket)?;
-        Ok(LinkMonitor { socket })
+        Ok(LinkMonitor { socket, followed: None, mtu: None })
+    }
+
+    /// Follows the MTU of link `index` (the agent's uplink).
+    pub fn follow_mtu(&mut self, index: u32) {
+        self.followed = Some(index);
+    }
+
+    /// The MTU the followed link announced last since the last call (drain with
+    /// [`LinkMonitor::deleted`] first); `None` when it announced none.
+    pub fn take_mtu(&mut self) -> Option<u32> {
+        self.mtu.take()
     }
 
     /// The names of links deleted since the last call. An overrun (too many notifications)
@@ -35,11 +49,22 @@ impl LinkMonitor {
             while offset < data.len() {
                 let Ok(msg) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..]) else { break };
                 let len = msg.header.length as usize;
-                if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) = msg.payload {
-                    names.extend(link.attributes.iter().find_map(|a| match a {
-                        LinkAttribute::IfName(n) => Some(n.clone()),
-                        _ => None,
-                    }));
+                match msg.payload {
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
+                        names.extend(link.attributes.iter().find_map(|a| match a {
+                            LinkAttribute::IfName(n) => Some(n.clone()),
+                            _ => None,
+                        }));
+                    }
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link))
+                        if Some(link.header.index) == self.followed =>
+                    {
+                        self.mtu = link.attributes.iter().find_map(|a| match a {
+                            LinkAttribute::Mtu(m) => Some(*m),
+                            _ => None,
+                        });
+                    }
+                    _ => {}
                 }
                 if len == 0 {
                     break;

@@ -149,3 +149,20 @@ fn readiness_follows_the_dataplane_and_failures_are_logged_once() {
     let failures = node.log().lines().filter(|l| l.contains("(retrying)")).count();
     assert!((1..=3).contains(&failures), "{failures} failure lines in 2 s:\n{}", node.log());
 }
+
+/// The uplink's MTU changes: the VTEP and the subnet file (what new pods get) follow within a
+/// moment, without a restart.
+#[test]
+fn the_pod_mtu_follows_the_uplink() {
+    let node = Node::new(r#"{"Network": "198.19.0.0/16"}"#);
+    let _agent = node.spawn_ready();
+    let subnet_file = node.dir.path().join("subnet.env");
+    assert!(std::fs::read_to_string(&subnet_file).unwrap().contains("FLANNEL_MTU=1450"));
+    node.ns.sh(&["ip", "link", "set", "eth0", "mtu", "1400"]);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !std::fs::read_to_string(&subnet_file).unwrap().contains("FLANNEL_MTU=1350") {
+        assert!(Instant::now() < deadline, "the subnet file did not follow: {}", node.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(node.ns.ip_json(&["link", "show", "weft.1"])[0]["mtu"], 1350);
+}
