@@ -196,6 +196,27 @@ impl Node {
         }
     }
 
+    /// Finds the uplink again (by the same `--iface`, address or default route): one deleted and
+    /// made again has another index, and everything built on it follows.
+    fn refresh_uplink(&mut self) {
+        let Ok(found) = find_uplink(&mut self.nl, &self.cfg) else { return };
+        if found.link.index == self.uplink.link.index {
+            return;
+        }
+        if found.ip != self.uplink.ip {
+            tracing::warn!(
+                "the uplink {} is back with another address, {} (the lease says {}); restart the agent to publish it",
+                found.link.name,
+                found.ip,
+                self.uplink.ip
+            );
+            return;
+        }
+        tracing::info!("the uplink {} is back (index {}); rebuilding on it", found.link.name, found.link.index);
+        self.monitor.follow_mtu(found.link.index);
+        self.uplink = found;
+    }
+
     fn pod_mtu(&self) -> u32 {
         backend::pod_mtu(self.network.backend.kind, self.uplink.link.mtu)
     }
@@ -476,6 +497,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         status,
     };
     node.lease = first_lease(&node, store.as_ref(), previous)?;
+    node.status().store_up = true;
     tracing::info!(
         "{} leased {} ({} backend, uplink {}, {})",
         node.uplink.ip,
@@ -502,14 +524,23 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
             watcher.wait(Duration::from_millis(if node.status().started { 50 } else { 10 }));
         }
         let outcome = tick(&mut node, &mut watcher, &renewer, &mut last_resync);
-        // One line per change of state, not one per failed tick.
-        let now_failing = outcome.as_ref().err().map(|e| e.to_string());
-        if now_failing != failing {
-            match &now_failing {
-                Some(e) => tracing::warn!("{e} (retrying)"),
-                None => tracing::info!("recovered"),
+        // One line per change of state, not one per failed tick: a failure when it is new,
+        // "recovered" once the dataplane and the store are both well again (a tick between two
+        // retries that has nothing to do is no recovery).
+        match &outcome {
+            Err(e) => {
+                let line = e.to_string();
+                if failing.as_ref() != Some(&line) {
+                    tracing::warn!("{line} (retrying)");
+                    failing = Some(line);
+                }
             }
-            failing = now_failing;
+            Ok(()) => {
+                let well = node.status().readiness().is_ok();
+                if well && failing.take().is_some() {
+                    tracing::info!("recovered");
+                }
+            }
         }
         let mut s = node.status();
         match outcome {
@@ -581,7 +612,9 @@ fn tick(
     }
     // Checked every tick: a lookup, not a copy of every lease. The renewer is told once when
     // the lease goes missing (deleted, expired, overwritten by someone else).
-    let present = watcher.lease(&node.lease.subnet).is_some_and(|l| l.attrs.public_ip == node.uplink.ip);
+    // Present means as this node wrote it: the same address and backend data (a restored backup
+    // or another writer may have put other data, a stale VTEP MAC, on this node's key).
+    let present = watcher.lease(&node.lease.subnet).is_some_and(|l| l.attrs == node.lease.attrs);
     if !present && !node.missing {
         renewer.lost();
     }
@@ -600,6 +633,9 @@ fn tick(
     let retry = !node.status().dataplane_up && last_resync.elapsed() >= RETRY;
     if retry || last_resync.elapsed() >= node.cfg.resync {
         *last_resync = Instant::now();
+        if retry {
+            node.refresh_uplink();
+        }
         if node.ensure_vtep()? {
             tracing::warn!("VTEP recreated at resync");
         }

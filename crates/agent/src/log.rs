@@ -36,7 +36,12 @@ fn level(text: &str) -> Option<LevelFilter> {
 impl Filter {
     /// Parses `RUST_LOG`; what it cannot read is reported and ignored.
     pub fn parse(text: &str) -> (Filter, Vec<String>) {
-        let mut filter = Filter { default: LevelFilter::INFO, targets: Vec::new() };
+        // As RUST_LOG reads: with only `target=level` directives, every other target is off;
+        // nothing at all means `info`.
+        let bare = text.split(',').map(str::trim).any(|d| !d.is_empty() && !d.contains('='));
+        let named = text.split(',').any(|d| d.contains('='));
+        let default = if named && !bare { LevelFilter::OFF } else { LevelFilter::INFO };
+        let mut filter = Filter { default, targets: Vec::new() };
         let mut bad = Vec::new();
         for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
             match directive.split_once('=') {
@@ -183,6 +188,8 @@ mod tests {
         assert!(!f.allows("weft_agentx", &Level::DEBUG), "a prefix of a name is not its target");
         let (f, _) = Filter::parse("");
         assert!(f.allows("anything", &Level::INFO) && !f.allows("anything", &Level::DEBUG));
+        let (f, _) = Filter::parse("weft_lease=warn");
+        assert!(f.allows("weft_lease::etcd", &Level::WARN) && !f.allows("weft_agent::agent", &Level::ERROR));
     }
 
     #[test]

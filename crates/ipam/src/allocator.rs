@@ -312,6 +312,29 @@ mod tests {
         store.commit().unwrap();
         assert!(held(dir.path(), "c0").is_empty());
 
+        // Index entries tampered with by hand while the store is marked clean: removed, emptied,
+        // stripped of their list. DEL still frees every address and ADD never gives a second.
+        for tamper in ["remove", "empty", "strip"] {
+            let dir = fresh();
+            let entry = dir.path().join("net/.weft-index/c0@eth0");
+            match tamper {
+                "remove" => std::fs::remove_file(&entry).unwrap(),
+                "empty" => rustix::fs::setxattr(&entry, "user.weft.ips", b"", rustix::fs::XattrFlags::empty()).unwrap(),
+                _ => rustix::fs::removexattr(&entry, "user.weft.ips").unwrap(),
+            }
+            let mut store = Store::open(dir.path(), "net").unwrap();
+            assert!(
+                matches!(
+                    Allocator::new(&mut store, &sets).allocate("c0", "eth0", &[]),
+                    Err(IpamError::Duplicate { .. })
+                ),
+                "{tamper}"
+            );
+            Allocator::new(&mut store, &sets).release("c0", "eth0", &[]).unwrap();
+            store.commit().unwrap();
+            assert!(held(dir.path(), "c0").is_empty(), "{tamper}");
+        }
+
         // The reference's old format (the container ID alone): the container holds it.
         let dir = fresh();
         std::fs::write(dir.path().join("net/10.0.0.9"), "old1").unwrap();

@@ -60,6 +60,28 @@ pub struct Store {
     dirty: std::cell::Cell<bool>,
 }
 
+/// The longest a call waits for the store's lock.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Takes `file`'s lock, waiting at most `wait`.
+fn lock_within(file: &File, path: &Path, wait: std::time::Duration) -> Result<()> {
+    let deadline = std::time::Instant::now() + wait;
+    let mut pause = std::time::Duration::from_micros(200);
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(50));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(io("lock", path)(std::io::Error::other(format!("held by another process for {wait:?}"))))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io("lock", path)(e)),
+        }
+    }
+}
+
 fn io<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -> IpamError + 'p {
     move |source| IpamError::Io { op, path: path.display().to_string(), source }
 }
@@ -83,7 +105,10 @@ impl Store {
     pub fn open(data_dir: &Path, network: &str) -> Result<Store> {
         let dir = data_dir.join(network);
         let lock_path = dir.join("lock");
-        let open_lock = || OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&lock_path);
+        let open_lock = || {
+            use std::os::unix::fs::OpenOptionsExt;
+            OpenOptions::new().create(true).truncate(false).read(true).write(true).mode(0o600).open(&lock_path)
+        };
         // The directory exists after the first call: create it only when the lock cannot be.
         let lock = match open_lock() {
             Err(e) if e.kind() == ErrorKind::NotFound => {
@@ -93,7 +118,12 @@ impl Store {
             other => other,
         }
         .map_err(io("open", &lock_path))?;
-        lock.lock().map_err(io("lock", &lock_path))?;
+        // Root's alone (the reference makes it 0644: any user could open it and hold the lock).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = lock.set_permissions(std::fs::Permissions::from_mode(0o600));
+        }
+        lock_within(&lock, &lock_path, LOCK_WAIT)?;
         let mut store = Store { dir, lock, last: Vec::new(), walked: None, dirty: std::cell::Cell::new(false) };
         store.last = store.read_last_reserved();
         if !store.marked_clean() {
@@ -142,6 +172,8 @@ impl Store {
     /// an address changes one of them.
     fn fingerprint(&self) -> std::io::Result<String> {
         let meta = std::fs::metadata(&self.dir)?;
+        // The index directory too: an entry removed by hand changes it.
+        let index = std::fs::metadata(self.dir.join(INDEX_DIR)).map_or(0, |m| m.mtime_nsec() ^ (m.mtime() << 30));
         // The round-robin positions hashed, so the mark stays small whatever the files hold.
         let positions = self.last.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, last| {
             last.as_deref()
@@ -150,7 +182,7 @@ impl Store {
                 .chain([b'|'])
                 .fold(h, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
         });
-        Ok(format!("{}.{:09}.{}.{positions:016x}", meta.mtime(), meta.mtime_nsec(), self.last.len()))
+        Ok(format!("{}.{:09}.{}.{positions:016x}.{index:x}", meta.mtime(), meta.mtime_nsec(), self.last.len()))
     }
 
     fn marked_clean(&self) -> bool {
@@ -198,11 +230,13 @@ impl Store {
         // The attachment's entry, and the container's entry of the reference's old format.
         for i in [ifname, ""] {
             if self.walked.is_none() {
-                match read_index(&self.index_path(container_id, i)).map(|t| parse_index(&t)) {
-                    None => {}
-                    Some(Some(ips)) => listed.extend(ips),
-                    // A list that is not one is damage the mark cannot vouch for: walk.
-                    Some(None) => {
+                let path = self.index_path(container_id, i);
+                match read_index(&path).map(|t| parse_index(&t)) {
+                    None if !path.exists() => {}
+                    Some(Some(ips)) if !ips.is_empty() => listed.extend(ips),
+                    // An entry without a list, an empty one or one that is not a list: damage
+                    // the mark cannot vouch for. Walk.
+                    _ => {
                         self.dirty.set(true);
                         self.walked = Some(self.repair()?);
                     }

@@ -82,7 +82,7 @@ async fn list_keyed(client: &mut Client, prefix: &str) -> Result<(Vec<(String, L
             },
             Ok(None) => {}
             Err(e) => {
-                tracing::warn!("lease store: skipping {key}: {e}");
+                tracing::warn!("lease store: skipping {key:?}: {e}");
                 let name = key.strip_prefix(&format!("{prefix}/subnets/")).unwrap_or(key);
                 damaged.extend(parse_key(name).ok());
             }
@@ -167,6 +167,25 @@ impl EtcdStore {
         })
     }
 
+    /// The etcd lease (grant) the key of `subnet` is attached to (0: none).
+    fn lease_id(&self, subnet: &Ipv4Net) -> Result<i64> {
+        let key = self.key(subnet);
+        self.call(|mut client| {
+            let key = key.clone();
+            async move {
+                let resp = client.get(key, None).await.map_err(|e| store_err(format!("reading a lease: {e}")))?;
+                Ok(resp.kvs().first().map_or(0, |kv| kv.lease()))
+            }
+        })
+    }
+
+    /// Gives back grant `id` (best effort: an unused grant also ends with its TTL).
+    fn revoke(&self, id: i64) {
+        if id != 0 {
+            let _ = self.call(|mut client| async move { client.lease_revoke(id).await.map(drop).map_err(store_err) });
+        }
+    }
+
     /// A watch that resumes from `revision`, knowing `leases` as of then (what a caller that
     /// listed before has); with `None`, it lists first. When etcd has compacted past the
     /// revision, the watch lists again and reports the difference.
@@ -247,7 +266,11 @@ impl LeaseStore for EtcdStore {
             if let Some(own) =
                 leases.iter().find(|l| l.attrs.public_ip == attrs.public_ip && config.is_leasable(&l.subnet))
             {
+                // Rewritten with a fresh grant: the one the key had is given back (each restart
+                // left one behind until its TTL ran out).
+                let old = self.lease_id(&own.subnet)?;
                 self.put_lease(&own.subnet, attrs, ttl, false)?;
+                self.revoke(old);
                 return Ok(Lease {
                     subnet: own.subnet,
                     attrs: attrs.clone(),
@@ -295,10 +318,7 @@ impl LeaseStore for EtcdStore {
             Some((c, old)) if c.attrs.public_ip == lease.attrs.public_ip => {
                 self.put_lease(&lease.subnet, &lease.attrs, ttl, false)?;
                 // The key now holds a fresh etcd lease: the old one has nothing left to keep.
-                if old != 0 {
-                    let _ = self
-                        .call(|mut client| async move { client.lease_revoke(old).await.map(drop).map_err(store_err) });
-                }
+                self.revoke(old);
                 Ok(Lease { expires: ttl.map(|t| now + t), created: c.created, ..lease.clone() })
             }
             _ => Err(LeaseError::NotFound(lease.key())),
@@ -379,7 +399,7 @@ async fn follow_once(endpoints: &[String], prefix: &str, tx: &Sender<Update>, re
                     // The key no longer holds a lease: whatever it held is gone (its owner, if
                     // alive, takes it back).
                     Err(e) => {
-                        tracing::warn!("lease store: skipping {key}: {e}");
+                        tracing::warn!("lease store: skipping {key:?}: {e}");
                         match key.strip_prefix(&format!("{prefix}/subnets/")).map(parse_key) {
                             Some(Ok(subnet)) => Update::Delete(key.to_string(), subnet),
                             _ => continue,

@@ -72,7 +72,7 @@ fn warn_corrupt(key: &str, reason: &str) {
     static SEEN: std::sync::Mutex<Option<HashSet<String>>> = std::sync::Mutex::new(None);
     let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
     if seen.get_or_insert_with(HashSet::new).insert(format!("{key}\0{reason}")) {
-        tracing::warn!("lease store: skipping {key}: {reason}");
+        tracing::warn!("lease store: skipping {key:?}: {reason}");
     }
 }
 
@@ -105,8 +105,11 @@ impl FileStore {
 
     fn lock(&self) -> Result<Locked> {
         let path = self.dir.join("lock");
-        let file =
-            OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io("opening", &path))?;
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path)
+        }
+        .map_err(io("opening", &path))?;
         file.lock().map_err(io("locking", &path))?;
         Ok(Locked(file))
     }

@@ -118,7 +118,15 @@ impl MetaConf {
         };
         parse_saved(&bytes)
             .and_then(|map| {
-                delegate_type(&Value::Object(map.clone())).map_err(|e| e.msg)?;
+                let delegate = Value::Object(map.clone());
+                let kind = delegate_type(&delegate).map_err(|e| e.msg)?;
+                // A delegate that cannot run, or would release nothing, is no use to DEL.
+                weft_cni::exec::find_in_path(&kind, &args.path).map_err(|e| e.msg)?;
+                match delegate.get("ipam") {
+                    None => {}
+                    Some(Value::Object(ipam)) if ipam.get("type").is_some_and(Value::is_string) => {}
+                    Some(other) => return Err(format!("its ipam is not a plugin config: {other}")),
+                }
                 Ok(map)
             })
             .map(Some)

@@ -73,7 +73,8 @@ impl Node {
         self.ns
             .handle
             .run(|| {
-                let mut conn = std::net::TcpStream::connect("127.0.0.1:9901").unwrap();
+                // Not listening yet: no answer.
+                let Ok(mut conn) = std::net::TcpStream::connect("127.0.0.1:9901") else { return String::new() };
                 conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
                 write!(conn, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
                 let mut text = String::new();
@@ -148,6 +149,17 @@ fn readiness_follows_the_dataplane_and_failures_are_logged_once() {
     assert!(node.http("/metrics").contains("weft_dataplane_up 0"));
     let failures = node.log().lines().filter(|l| l.contains("(retrying)")).count();
     assert!((1..=3).contains(&failures), "{failures} failure lines in 2 s:\n{}", node.log());
+    assert!(!node.log().contains("recovered"), "recovered while still failing:\n{}", node.log());
+    // The uplink made again (another index, the same address): the agent rebuilds on it.
+    node.ns.sh(&["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]);
+    node.ns.sh(&["ip", "addr", "add", "198.18.41.1/24", "dev", "eth0"]);
+    node.ns.sh(&["ip", "link", "set", "eth0", "up"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !node.http("/readyz").starts_with("HTTP/1.0 200") {
+        assert!(Instant::now() < deadline, "not ready again with the uplink back:\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(node.log().lines().filter(|l| l.contains("recovered")).count(), 1, "{}", node.log());
 }
 
 /// The uplink's MTU changes: the VTEP and the subnet file (what new pods get) follow within a
@@ -165,4 +177,48 @@ fn the_pod_mtu_follows_the_uplink() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(node.ns.ip_json(&["link", "show", "weft.1"])[0]["mtu"], 1350);
+}
+
+/// A store that does not answer at start (here: a file where its directory should be): the
+/// agent waits, serving a 503; once the store is there it leases, programs and is ready — 200,
+/// not "the store does not answer" until the next renewal a day later.
+#[test]
+fn ready_once_the_store_answers_after_a_start_without_it() {
+    let node = Node::new(r#"{"Network": "198.19.0.0/16"}"#);
+    std::fs::write(node.dir.path().join("store"), "not a directory").unwrap();
+    let subnet_file = node.dir.path().join("subnet.env");
+    let _agent = node.spawn(&["--subnet-file", subnet_file.to_str().unwrap(), "--health", "127.0.0.1:9901"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !node.http("/readyz").contains("store does not answer") {
+        assert!(Instant::now() < deadline, "{}", node.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::remove_file(node.dir.path().join("store")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !node.http("/readyz").starts_with("HTTP/1.0 200") {
+        assert!(Instant::now() < deadline, "not ready with the store back: {}\n{}", node.http("/readyz"), node.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Another value written over this node's own key, valid-looking but with another VTEP MAC (a
+/// restored backup): the agent writes its own back, so peers never program the wrong MAC.
+#[test]
+fn other_data_on_the_own_key_is_taken_back() {
+    let node = Node::new(r#"{"Network": "198.19.0.0/16"}"#);
+    let _agent = node.spawn_ready();
+    let store = weft_lease::file::FileStore::open(node.dir.path().join("store")).unwrap();
+    let mine = store.list(std::time::SystemTime::now()).unwrap().pop().unwrap();
+    let mut forged = mine.clone();
+    forged.attrs.backend_data = serde_json::json!({"VNI": 1, "VtepMAC": "02:66:66:66:66:66"});
+    store.put_lease(&forged).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = store.list(std::time::SystemTime::now()).unwrap().pop().unwrap();
+        if now.attrs == mine.attrs {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the forged data stayed: {:?}\n{}", now.attrs, node.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -234,10 +234,20 @@ fn down_from_broken_states() {
         let name = Name::new();
         name.up_ok(&["--nodes", "2", "--pods", "1"]);
         let state = format!("/run/weft-lab/{}/lab.json", name.0);
+        let supervisor = name.show()["supervisor_pid"].as_u64().unwrap();
         match breakage {
             "garbage state" => std::fs::write(&state, "{not json").unwrap(),
             "no state" => std::fs::remove_file(&state).unwrap(),
             _ => weft_netns::delete_named(&format!("{}-node1", name.0)).unwrap(),
+        }
+        if breakage == "garbage state" {
+            // The supervisor keeps supervising what it knew (it used to exit without a word).
+            std::thread::sleep(Duration::from_millis(500));
+            let stat = std::fs::read_to_string(format!("/proc/{supervisor}/stat")).unwrap_or_default();
+            assert!(
+                stat.rsplit_once(')').is_some_and(|(_, r)| !r.trim_start().starts_with('Z')),
+                "the supervisor exited"
+            );
         }
         let out = name.lab(&["down"]);
         assert!(out.status.success(), "{breakage}: {}", text(&out));

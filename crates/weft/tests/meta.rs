@@ -143,7 +143,17 @@ fn status_and_add_follow_agent_readiness() {
 fn a_damaged_saved_config_is_an_error_not_a_crash() {
     let f = Fixture::new();
     let conf = f.conf("1.0.0");
-    let damage = ["[1,2]", "null", "\"bridge\"", "{\"type\":", "{}", "{\"type\":5}", "{\"type\":\"weft\"}"];
+    let damage = [
+        "[1,2]",
+        "null",
+        "\"bridge\"",
+        "{\"type\":",
+        "{}",
+        "{\"type\":5}",
+        "{\"type\":\"weft\"}",
+        "{\"type\":\"doesnotexist\"}",
+        "{\"type\":\"bridge\",\"bridge\":\"x\",\"ipam\":\"garbage\"}",
+    ];
     for (i, damaged) in damage.iter().enumerate() {
         let id = format!("bad{i}");
         let result = f.call(&id).run(&f.node, "weft", "ADD", &conf.to_string()).ok().json();
@@ -166,6 +176,11 @@ fn the_meta_plugin_does_not_delegate_to_itself() {
     let f = Fixture::new();
     let mut conf = f.conf("1.0.0");
     conf["delegate"]["type"] = serde_json::json!("weft");
+    let mut through_ipam = f.conf("1.0.0");
+    through_ipam["ipam"]["type"] = serde_json::json!("weft");
+    let add = f.call("self2").run(&f.node, "weft", "ADD", &through_ipam.to_string());
+    assert_eq!(add.error_code(), 7, "{add:?}");
+    assert!(add.json()["msg"].as_str().unwrap().contains("not an IPAM plugin"), "{add:?}");
     for command in ["ADD", "DEL"] {
         let started = std::time::Instant::now();
         let out = f.call("self1").run(&f.node, "weft", command, &conf.to_string());

@@ -146,6 +146,13 @@ fn host_local_is_compatible_with_the_reference_store() {
     Call::new(weft.path(), "ref1", "").run(&node, "host-local", "DEL", &cfg).ok();
     Call::new(reference, "weft1", "").run(&node, "host-local", "DEL", &cfg).ok();
     assert_eq!(reservations(data.path(), "mix"), ["198.19.51.4"]);
+    // The lock file is root's alone once weft has used it (the reference makes it 0644: anyone
+    // could open it and hold every call up).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(data.path().join("mix/lock")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
     // weft's index entry is a hard link to the reservation: the reference's DEL removes it too.
     // The reference's own reservations were adopted into the index (weft saw them) and are
     // still held by ref2.

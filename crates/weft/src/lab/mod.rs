@@ -271,10 +271,12 @@ impl LabLock {
         let path = Self::path(name);
         std::fs::create_dir_all(STATE_ROOT).with_context(|| format!("creating {STATE_ROOT}"))?;
         loop {
+            use std::os::unix::fs::OpenOptionsExt;
             let file = std::fs::OpenOptions::new()
                 .create(true)
                 .truncate(false)
                 .write(true)
+                .mode(0o600)
                 .open(&path)
                 .with_context(|| format!("opening {}", path.display()))?;
             if wait {

@@ -76,6 +76,7 @@ pub fn supervise(name: &str) -> Result<()> {
     let mut children: Vec<Option<Child>> = lab.nodes.iter().map(|_| None).collect();
     // Per node: the last failure to start its agent (said once) and when to try again.
     let mut failing: Vec<Option<(String, std::time::Instant)>> = lab.nodes.iter().map(|_| None).collect();
+    let mut damaged_state = false;
     loop {
         for ((node, slot), failed) in lab.nodes.iter().zip(children.iter_mut()).zip(failing.iter_mut()) {
             let running = match slot {
@@ -107,8 +108,15 @@ pub fn supervise(name: &str) -> Result<()> {
                 }
             }
         }
-        if Lab::load(name).ok().flatten().is_none() {
-            return Ok(()); // the lab was taken down
+        match Lab::load(name) {
+            Ok(Some(_)) => damaged_state = false,
+            Ok(None) => return Ok(()), // the lab was taken down
+            // Damaged by hand: the lab is still there; keep its agents running.
+            Err(e) => {
+                if !std::mem::replace(&mut damaged_state, true) {
+                    eprintln!("lab supervisor: the lab's state is unreadable ({e:#}); supervising as it was");
+                }
+            }
         }
         std::thread::sleep(Duration::from_millis(100));
     }
