@@ -168,6 +168,11 @@ impl Drop for DefaultLockDir {
     fn drop(&mut self) {
         if !self.0 {
             let dir = Path::new(weft_plugins::attachment_lock::LOCK_DIR);
+            // A reaper may still hold its lock file for a moment after the last DEL.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
             let _ = std::fs::remove_dir(dir);
             if let Some(parent) = dir.parent() {
                 let _ = std::fs::remove_dir(parent);
