@@ -27,6 +27,8 @@ pub fn down(name: &str) -> Result<()> {
     };
     let found = remove(name)?;
     lock.remove();
+    // The last lab gone: so is the state root (it stays while another lab has anything there).
+    let _ = std::fs::remove_dir(super::STATE_ROOT);
     if found {
         outln!("lab {name} is down");
     } else {

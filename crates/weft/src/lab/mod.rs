@@ -269,16 +269,18 @@ impl LabLock {
     pub fn take(name: &str, wait: bool) -> Result<Option<LabLock>> {
         use std::os::unix::fs::MetadataExt;
         let path = Self::path(name);
-        std::fs::create_dir_all(STATE_ROOT).with_context(|| format!("creating {STATE_ROOT}"))?;
         loop {
             use std::os::unix::fs::OpenOptionsExt;
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .mode(0o600)
-                .open(&path)
-                .with_context(|| format!("opening {}", path.display()))?;
+            let open = || std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path);
+            // The state root goes with the last lab: made again when missing.
+            let file = match open() {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    std::fs::create_dir_all(STATE_ROOT).with_context(|| format!("creating {STATE_ROOT}"))?;
+                    open()
+                }
+                other => other,
+            }
+            .with_context(|| format!("opening {}", path.display()))?;
             if wait {
                 file.lock().with_context(|| format!("locking {}", path.display()))?;
             } else if file.try_lock().is_err() {
