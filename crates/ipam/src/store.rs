@@ -230,13 +230,16 @@ impl Store {
         // The attachment's entry, and the container's entry of the reference's old format.
         for i in [ifname, ""] {
             if self.walked.is_none() {
-                let path = self.index_path(container_id, i);
-                match read_index(&path).map(|t| parse_index(&t)) {
-                    None if !path.exists() => {}
-                    Some(Some(ips)) if !ips.is_empty() => listed.extend(ips),
-                    // An entry without a list, an empty one or one that is not a list: damage
-                    // the mark cannot vouch for. Walk.
-                    _ => {
+                // An entry without a list, an empty one or one that is not a list: damage the
+                // mark cannot vouch for. Walk.
+                let found = match read_index(&self.index_path(container_id, i)) {
+                    Entry::Missing => Some(Vec::new()),
+                    Entry::Listed(text) => parse_index(&text).filter(|ips| !ips.is_empty()),
+                    Entry::Unlisted => None,
+                };
+                match found {
+                    Some(ips) => listed.extend(ips),
+                    None => {
                         self.dirty.set(true);
                         self.walked = Some(self.repair()?);
                     }
@@ -465,18 +468,35 @@ fn parse_index(text: &str) -> Option<Vec<IpAddr>> {
     text.lines().map(str::trim).filter(|l| !l.is_empty()).map(|l| l.parse().ok()).collect()
 }
 
-/// The addresses an index entry lists.
-fn read_index(path: &Path) -> Option<String> {
+/// What an index entry holds, read with one system call.
+enum Entry {
+    /// No entry.
+    Missing,
+    /// An entry without a readable list.
+    Unlisted,
+    /// The entry's list, as text.
+    Listed(String),
+}
+
+fn read_index(path: &Path) -> Entry {
+    use rustix::io::Errno;
+    let text = |bytes: Vec<u8>| String::from_utf8(bytes).map_or(Entry::Unlisted, Entry::Listed);
     let mut buf = [0u8; 512];
     match rustix::fs::getxattr(path, INDEX_XATTR, &mut buf[..]) {
-        Ok(n) => String::from_utf8(buf[..n].to_vec()).ok(),
-        Err(e) if e == rustix::io::Errno::RANGE => {
-            let mut big = vec![0u8; rustix::fs::getxattr_query(path, INDEX_XATTR).ok()?];
-            let n = rustix::fs::getxattr(path, INDEX_XATTR, &mut big[..]).ok()?;
-            big.truncate(n);
-            String::from_utf8(big).ok()
+        Ok(n) => text(buf[..n].to_vec()),
+        Err(e) if e == Errno::NOENT || e == Errno::NOTDIR => Entry::Missing,
+        Err(e) if e == Errno::RANGE => {
+            let Ok(size) = rustix::fs::getxattr_query(path, INDEX_XATTR) else { return Entry::Unlisted };
+            let mut big = vec![0u8; size];
+            match rustix::fs::getxattr(path, INDEX_XATTR, &mut big[..]) {
+                Ok(n) => {
+                    big.truncate(n);
+                    text(big)
+                }
+                Err(_) => Entry::Unlisted,
+            }
         }
-        Err(_) => None,
+        Err(_) => Entry::Unlisted,
     }
 }
 

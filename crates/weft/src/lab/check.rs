@@ -78,8 +78,7 @@ fn pairs(pods: usize, sample: Option<usize>) -> Vec<(usize, usize)> {
     if let Some(n) = sample.filter(|n| *n < all.len()) {
         // A partial Fisher-Yates shuffle with the kernel's randomness.
         for i in 0..n {
-            let mut r = [0u8; 8];
-            let _ = random_bytes(&mut r);
+            let r: [u8; 8] = weft_plugins::common::random_bytes();
             let j = i + (u64::from_le_bytes(r) % (all.len() - i) as u64) as usize;
             all.swap(i, j);
         }
@@ -87,10 +86,6 @@ fn pairs(pods: usize, sample: Option<usize>) -> Vec<(usize, usize)> {
         all.sort();
     }
     all
-}
-
-fn random_bytes(buf: &mut [u8]) -> std::io::Result<()> {
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(buf))
 }
 
 pub fn check(opts: &CheckOptions) -> Result<()> {
