@@ -1,14 +1,23 @@
-//! The node agent (flanneld's job). [`backend`] turns (own lease, peer leases) into the routes,
-//! neighbours and FDB entries that should exist — a pure function; [`reconcile`] makes the
-//! kernel hold exactly that, touching only weft's objects; [`vtep`] keeps the VXLAN device;
-//! [`firewall`] the masquerade and forward rules; [`agent`] runs the loop.
+//! The node agent (flanneld's job).
+//!
+//! - [`core`]: the decisions, a pure function of (state, event) → actions;
+//! - [`backend`]: the backend contract and its implementations (`vxlan`, `host-gw`), registered
+//!   by name: what a backend publishes and the kernel state that reaches its peers;
+//! - [`model`]: desired kernel state with owners, and the pure plan (current, desired) →
+//!   operations;
+//! - [`exec`]: the thin executor and the [`exec::Kernel`] interface (netlink, nftables, the
+//!   subnet file; a fake in tests); [`vtep`] and [`firewall`] are parts of the real one;
+//! - [`agent`]: start-up and the event loop; [`renewer`] keeps the lease on its own thread;
+//!   [`http`] serves health and metrics; [`log`] sets up logging.
 
 pub mod agent;
 pub mod backend;
+pub mod core;
+pub mod exec;
 pub mod firewall;
 pub mod http;
 pub mod log;
-pub mod reconcile;
+pub mod model;
 pub mod renewer;
 pub mod vtep;
 

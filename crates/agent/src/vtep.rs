@@ -11,30 +11,28 @@ use weft_dataplane::{format_mac, parse_mac, Link, LinkKind, Netlink, VxlanSpec};
 
 use crate::{kernel, AgentError, Result};
 
-/// What the VTEP must be.
-pub struct VtepConfig<'a> {
-    pub vni: u32,
-    pub port: u16,
-    pub local: Ipv4Addr,
-    pub uplink: u32,
-    pub mtu: u32,
-    /// The node's subnet: the VTEP gets its `.0/32`.
-    pub subnet: Ipv4Net,
-    /// Where the MAC is kept across restarts.
-    pub state_dir: &'a Path,
-}
-
 pub fn name(vni: u32) -> String {
     format!("weft.{vni}")
 }
 
-/// The VTEP MAC: the saved one, else a new locally administered one, saved.
-pub fn stable_mac(state_dir: &Path, random: [u8; 6]) -> Result<[u8; 6]> {
+/// Six random bytes for a new VTEP MAC. No randomness, no MAC: a fixed fallback would give every
+/// node the same one.
+pub fn random_mac() -> Result<[u8; 6]> {
+    let mut b = [0u8; 6];
+    match rustix::rand::getrandom(&mut b[..], rustix::rand::GetRandomFlags::empty()) {
+        Ok(6) => Ok(b),
+        Ok(n) => Err(AgentError::Config(format!("the kernel gave {n} of 6 random bytes for the VTEP MAC"))),
+        Err(e) => Err(AgentError::Config(format!("no random bytes for the VTEP MAC: {e}"))),
+    }
+}
+
+/// The VTEP MAC: the saved one, else a new locally administered one from `random`, saved.
+pub fn stable_mac(state_dir: &Path, random: fn() -> Result<[u8; 6]>) -> Result<[u8; 6]> {
     let path = state_dir.join("vtep-mac");
     if let Some(mac) = std::fs::read_to_string(&path).ok().and_then(|t| parse_mac(t.trim())) {
         return Ok(mac);
     }
-    let mut mac = random;
+    let mut mac = random()?;
     mac[0] = (mac[0] & 0xfe) | 0x02; // unicast, locally administered
     std::fs::create_dir_all(state_dir)
         .map_err(|e| AgentError::Config(format!("creating {}: {e}", state_dir.display())))?;
@@ -43,9 +41,22 @@ pub fn stable_mac(state_dir: &Path, random: [u8; 6]) -> Result<[u8; 6]> {
     Ok(mac)
 }
 
-fn matches(link: &Link, cfg: &VtepConfig<'_>, mac: &[u8; 6]) -> bool {
+/// What the VTEP must be, its uplink resolved to an index.
+pub struct VtepConfig<'a> {
+    pub name: &'a str,
+    pub vni: u32,
+    pub port: u16,
+    pub local: Ipv4Addr,
+    pub uplink: u32,
+    pub mtu: u32,
+    pub mac: [u8; 6],
+    /// The node subnet's `.0/32`.
+    pub address: Ipv4Net,
+}
+
+fn matches(link: &Link, cfg: &VtepConfig<'_>) -> bool {
     link.kind == LinkKind::Vxlan
-        && link.mac == mac
+        && link.mac == cfg.mac
         && link.vxlan.as_ref().is_some_and(|v| {
             v.vni == cfg.vni
                 && v.port == cfg.port
@@ -55,35 +66,34 @@ fn matches(link: &Link, cfg: &VtepConfig<'_>, mac: &[u8; 6]) -> bool {
         })
 }
 
-/// Makes sure the VTEP exists as configured, is up, has the MTU and the subnet's `.0/32`.
-/// Returns its index and whether it was (re)created (then every peer must be replayed).
-pub fn ensure(nl: &mut Netlink, cfg: &VtepConfig<'_>, mac: [u8; 6]) -> Result<(u32, bool)> {
-    let name = name(cfg.vni);
+/// Makes sure the VTEP exists as configured, is up, has the MTU and the address. Returns its
+/// index and whether it was (re)created (then every peer must be replayed).
+pub fn ensure(nl: &mut Netlink, cfg: &VtepConfig<'_>) -> Result<(u32, bool)> {
     let mut created = false;
-    let link = match nl.link_by_name(&name).map_err(kernel("reading the VTEP"))? {
-        Some(link) if matches(&link, cfg, &mac) => link,
+    let link = match nl.link_by_name(cfg.name).map_err(kernel("reading the VTEP"))? {
+        Some(link) if matches(&link, cfg) => link,
         existing => {
             if let Some(old) = existing {
                 nl.delete_link(old.index).map_err(kernel("replacing a VTEP with other settings"))?;
             }
             let spec = VxlanSpec {
-                name: &name,
+                name: cfg.name,
                 vni: cfg.vni,
                 port: cfg.port,
                 local: cfg.local,
                 underlay: cfg.uplink,
                 mtu: Some(cfg.mtu),
-                mac: Some(mac),
+                mac: Some(cfg.mac),
             };
             nl.create_vxlan(&spec).map_err(kernel("creating the VTEP"))?;
             created = true;
-            nl.require_link(&name).map_err(kernel("reading the VTEP"))?
+            nl.require_link(cfg.name).map_err(kernel("reading the VTEP"))?
         }
     };
     if link.mtu != cfg.mtu {
         nl.set_mtu(link.index, cfg.mtu).map_err(kernel("setting the VTEP MTU"))?;
     }
-    let addr = IpNet::new(cfg.subnet.network().into(), 32).map_err(|e| AgentError::Config(e.to_string()))?;
+    let addr = IpNet::V4(cfg.address);
     let have = nl.addresses(Some(link.index)).map_err(kernel("reading VTEP addresses"))?;
     for stale in have.iter().filter(|a| a.net.addr().is_ipv4() && a.net != addr) {
         nl.delete_address(link.index, &stale.net).map_err(kernel("removing an old VTEP address"))?;

@@ -11,8 +11,9 @@ use crate::error::{DataplaneError, Result};
 /// Subscribed to link notifications of the calling thread's namespace; never blocks.
 pub struct LinkMonitor {
     socket: Socket,
-    /// The link whose MTU is followed, and the MTU it last announced (untaken).
-    followed: Option<u32>,
+    /// The link whose MTU is followed (by name: one deleted and made again is still followed),
+    /// and the MTU it last announced (untaken).
+    followed: Option<String>,
     mtu: Option<u32>,
 }
 
@@ -24,9 +25,9 @@ impl LinkMonitor {
         Ok(LinkMonitor { socket, followed: None, mtu: None })
     }
 
-    /// Follows the MTU of link `index` (the agent's uplink).
-    pub fn follow_mtu(&mut self, index: u32) {
-        self.followed = Some(index);
+    /// Follows the MTU of the link named `name` (the agent's uplink).
+    pub fn follow_mtu(&mut self, name: &str) {
+        self.followed = Some(name.to_string());
     }
 
     /// The MTU the followed link announced last since the last call (drain with
@@ -56,13 +57,17 @@ impl LinkMonitor {
                             _ => None,
                         }));
                     }
-                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link))
-                        if Some(link.header.index) == self.followed =>
-                    {
-                        self.mtu = link.attributes.iter().find_map(|a| match a {
-                            LinkAttribute::Mtu(m) => Some(*m),
-                            _ => None,
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                        let named = link.attributes.iter().any(|a| match a {
+                            LinkAttribute::IfName(n) => Some(n) == self.followed.as_ref(),
+                            _ => false,
                         });
+                        if named {
+                            self.mtu = link.attributes.iter().find_map(|a| match a {
+                                LinkAttribute::Mtu(m) => Some(*m),
+                                _ => None,
+                            });
+                        }
                     }
                     _ => {}
                 }

@@ -12,8 +12,17 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use crate::error::Result;
 use crate::socket::{Mode, Netlink};
 
-/// The `proto` number of routes the weft plugins and agent own (`ip route ... proto 0xc8`).
+/// The `proto` number of the agent's routes to peers' subnets (`ip route ... proto 0xc8`).
 pub const RTPROT_WEFT: u8 = 200;
+/// Each producer of routes has its own protocol number, so a reconciler lists and removes only
+/// its own (`/etc/iproute2/rt_protos.d` may name them): peer routes...
+pub const RTPROT_WEFT_PEERS: u8 = RTPROT_WEFT;
+/// ... host routes to this node's pods (routed mode) ...
+pub const RTPROT_WEFT_POD: u8 = 201;
+/// ... routes learned over BGP ...
+pub const RTPROT_WEFT_BGP: u8 = 202;
+/// ... and blackholes for this node's own address blocks.
+pub const RTPROT_WEFT_BLACKHOLE: u8 = 203;
 /// `RTPROT_BOOT`, what `ip route add` uses; the reference plugins' routes carry it.
 pub const RTPROT_BOOT: u8 = 3;
 pub const RT_TABLE_MAIN: u8 = 254;

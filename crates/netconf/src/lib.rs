@@ -6,7 +6,7 @@
 mod network;
 mod subnet_env;
 
-pub use network::{Backend, BackendType, NetworkConfig};
+pub use network::{invalid_option, Backend, NetworkConfig, Options};
 pub use subnet_env::SubnetEnv;
 
 #[derive(Debug, thiserror::Error)]

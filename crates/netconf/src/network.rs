@@ -3,36 +3,29 @@
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{ConfigError, Result};
 
-/// The backends weft implements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum BackendType {
-    #[serde(rename = "vxlan")]
-    Vxlan,
-    #[serde(rename = "host-gw")]
-    HostGw,
-}
-
-impl BackendType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BackendType::Vxlan => "vxlan",
-            BackendType::HostGw => "host-gw",
-        }
-    }
-}
-
-/// The `Backend` section.
+/// The `Backend` section: its `Type` (flannel's default `vxlan`) and the rest of its keys, which
+/// that backend reads by its own rules ([`Options`]): a new backend adds its own parser, not a
+/// field here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
-    pub kind: BackendType,
-    pub vni: u32,
-    pub port: u16,
-    pub direct_routing: bool,
+    pub kind: String,
+    options: serde_json::Map<String, Value>,
+}
+
+impl Backend {
+    /// A section of type `kind` with `options` (the keys besides `Type`).
+    pub fn new(kind: &str, options: serde_json::Map<String, Value>) -> Backend {
+        Backend { kind: kind.to_string(), options }
+    }
+
+    /// The section's keys, read as flannel reads them.
+    pub fn options(&self) -> Options<'_> {
+        Options { object: &self.options }
+    }
 }
 
 /// The cluster network, checked and with every default filled in.
@@ -52,32 +45,51 @@ pub struct NetworkConfig {
 const KEYS: &[&str] = &["Network", "SubnetLen", "SubnetMin", "SubnetMax", "Backend"];
 const FLANNEL_ONLY_KEYS: &[&str] =
     &["EnableIPv4", "EnableIPv6", "IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax", "EnableNFTables"];
-const VXLAN_KEYS: &[&str] = &["Type", "VNI", "Port", "DirectRouting"];
-const VXLAN_FLANNEL_ONLY_KEYS: &[&str] = &["GBP", "Learning", "MTU", "MacPrefix"];
-const HOST_GW_KEYS: &[&str] = &["Type"];
 
 /// A JSON object's keys as flannel (Go's `encoding/json`) matches them: the exact name, else
 /// the name in any case. Keys matching none of `known` or `ignored` are reported.
-struct Keys<'a> {
+#[derive(Debug, Clone, Copy)]
+pub struct Options<'a> {
     object: &'a serde_json::Map<String, Value>,
 }
 
-impl<'a> Keys<'a> {
-    fn of(value: &'a Value, what: &str) -> Result<Keys<'a>> {
+impl<'a> Options<'a> {
+    fn of(value: &'a Value, what: &str) -> Result<Options<'a>> {
         match value {
-            Value::Object(object) => Ok(Keys { object }),
+            Value::Object(object) => Ok(Options { object }),
             _ => Err(invalid(format!("{what} must be a JSON object"))),
         }
     }
 
-    fn get(&self, name: &str) -> Option<&'a Value> {
+    /// The value of `name` (null counts as absent).
+    pub fn get(&self, name: &str) -> Option<&'a Value> {
         self.object
             .get(name)
             .or_else(|| self.object.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v))
             .filter(|v| !v.is_null())
     }
 
-    fn unknown(&self, known: &[&str], ignored: &[&str], what: &str, warnings: &mut Vec<String>) {
+    /// `name` as a string, if present; an error when it is something else.
+    pub fn string(&self, name: &str) -> Result<Option<&'a str>> {
+        string(self.get(name), name)
+    }
+
+    /// `name` as a whole number, if present.
+    pub fn number(&self, name: &str) -> Result<Option<u64>> {
+        number(self.get(name), name)
+    }
+
+    /// `name` as true or false, if present.
+    pub fn boolean(&self, name: &str) -> Result<Option<bool>> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(other) => Err(invalid(format!("{name} must be true or false, not {other}"))),
+        }
+    }
+
+    /// A warning for every key that is neither `known` nor a flannel setting weft ignores.
+    pub fn unknown(&self, known: &[&str], ignored: &[&str], what: &str, warnings: &mut Vec<String>) {
         for key in self.object.keys() {
             if ignored.iter().any(|k| k.eq_ignore_ascii_case(key)) {
                 warnings.push(format!("{what}: {key:?} is a flannel setting weft does not implement; ignored"));
@@ -86,6 +98,11 @@ impl<'a> Keys<'a> {
             }
         }
     }
+}
+
+/// An invalid-config error (for backends reading their options).
+pub fn invalid_option(msg: impl Into<String>) -> ConfigError {
+    invalid(msg)
 }
 
 fn string<'v>(value: Option<&'v Value>, name: &str) -> Result<Option<&'v str>> {
@@ -120,7 +137,7 @@ impl NetworkConfig {
     /// Unknown keys are reported in `warnings`.
     pub fn parse(text: &str) -> Result<NetworkConfig> {
         let value: Value = serde_json::from_str(text).map_err(|e| invalid(format!("net-conf.json: {e}")))?;
-        let keys = Keys::of(&value, "net-conf.json")?;
+        let keys = Options::of(&value, "net-conf.json")?;
         let mut warnings = Vec::new();
         keys.unknown(KEYS, FLANNEL_ONLY_KEYS, "net-conf.json", &mut warnings);
         let network: Ipv4Net = string(keys.get("Network"), "Network")?
@@ -159,7 +176,7 @@ impl NetworkConfig {
         if u32::from(subnet_min) > u32::from(subnet_max) {
             return Err(invalid(format!("SubnetMin {subnet_min} is after SubnetMax {subnet_max}")));
         }
-        let backend = parse_backend(keys.get("Backend"), &mut warnings)?;
+        let backend = parse_backend(keys.get("Backend"))?;
         Ok(NetworkConfig { network, subnet_len, subnet_min, subnet_max, backend, warnings })
     }
 
@@ -181,34 +198,19 @@ impl NetworkConfig {
     }
 }
 
-/// The `Backend` section, read by its `Type`'s own rules.
-fn parse_backend(v: Option<&Value>, warnings: &mut Vec<String>) -> Result<Backend> {
+/// The `Backend` section: an object whose `Type` is a string (default `vxlan`); the rest is the
+/// backend's to read.
+fn parse_backend(v: Option<&Value>) -> Result<Backend> {
     let empty = Value::Object(serde_json::Map::new());
-    let keys = Keys::of(v.unwrap_or(&empty), "Backend")?;
-    let kind = match string(keys.get("Type"), "Backend.Type")?.unwrap_or("vxlan") {
-        "vxlan" => BackendType::Vxlan,
-        "host-gw" => BackendType::HostGw,
-        other => {
-            return Err(invalid(format!("unknown backend type {other:?}; weft supports \"vxlan\" and \"host-gw\"")));
-        }
-    };
-    match kind {
-        BackendType::Vxlan => keys.unknown(VXLAN_KEYS, VXLAN_FLANNEL_ONLY_KEYS, "Backend (vxlan)", warnings),
-        BackendType::HostGw => keys.unknown(HOST_GW_KEYS, &[], "Backend (host-gw)", warnings),
-    }
-    let vni = number(keys.get("VNI"), "VNI")?.unwrap_or(1);
-    if vni == 0 || vni >= 1 << 24 {
-        return Err(invalid(format!("VNI {vni} out of range 1-16777215")));
-    }
-    let port = number(keys.get("Port"), "Port")?.unwrap_or(8472);
-    let port =
-        u16::try_from(port).ok().filter(|p| *p != 0).ok_or_else(|| invalid(format!("Port {port} out of range")))?;
-    let direct_routing = match keys.get("DirectRouting") {
-        None => false,
-        Some(Value::Bool(b)) => *b,
-        Some(other) => return Err(invalid(format!("DirectRouting must be true or false, not {other}"))),
-    };
-    Ok(Backend { kind, vni: vni as u32, port, direct_routing })
+    let keys = Options::of(v.unwrap_or(&empty), "Backend")?;
+    let kind = keys.string("Type")?.unwrap_or("vxlan");
+    let options = keys
+        .object
+        .iter()
+        .filter(|(k, _)| !k.eq_ignore_ascii_case("Type"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    Ok(Backend::new(kind, options))
 }
 
 #[cfg(test)]
@@ -221,7 +223,7 @@ mod tests {
         assert_eq!(c.subnet_len, 24);
         assert_eq!(c.subnet_min.to_string(), "10.244.1.0");
         assert_eq!(c.subnet_max.to_string(), "10.244.255.0");
-        assert_eq!(c.backend, Backend { kind: BackendType::Vxlan, vni: 1, port: 8472, direct_routing: false });
+        assert_eq!(c.backend, Backend::new("vxlan", Default::default()));
         assert_eq!(c.subnets().count(), 255);
         let small = NetworkConfig::parse(r#"{"Network": "10.5.0.0/24"}"#).unwrap();
         assert_eq!(small.subnet_len, 26, "flannel: four subnets");
@@ -237,19 +239,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!((c.network.to_string().as_str(), c.subnet_len), ("10.244.0.0/16", 26));
-        assert_eq!((c.backend.vni, c.backend.port), (7, 4789));
+        assert_eq!(
+            (c.backend.options().number("VNI").unwrap(), c.backend.options().number("Port").unwrap()),
+            (Some(7), Some(4789))
+        );
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
         // The exact name wins over another case.
         let c = NetworkConfig::parse(r#"{"Network": "10.244.0.0/16", "Backend": {"vni": 5, "VNI": 6}}"#).unwrap();
-        assert_eq!(c.backend.vni, 6);
+        assert_eq!(c.backend.options().number("VNI").unwrap(), Some(6));
         let c = NetworkConfig::parse(
             r#"{"Network": "10.244.0.0/16", "SubnetLenght": 26, "EnableIPv6": false, "Backend": {"VNi": 3, "Learning": true, "Vni2": 1}}"#,
         )
         .unwrap();
         assert_eq!(c.subnet_len, 24);
-        assert_eq!(c.backend.vni, 3);
-        let all = c.warnings.join("\n");
-        assert_eq!(c.warnings.len(), 4, "{all}");
+        assert_eq!(c.backend.options().number("VNI").unwrap(), Some(3));
+        let mut warnings = c.warnings.clone();
+        c.backend.options().unknown(&["VNI"], &["Learning"], "Backend (vxlan)", &mut warnings);
+        let all = warnings.join("\n");
+        assert_eq!(warnings.len(), 4, "{all}");
         for said in
             ["\"SubnetLenght\"", "\"EnableIPv6\" is a flannel setting", "\"Learning\" is a flannel setting", "\"Vni2\""]
         {
@@ -268,7 +275,7 @@ mod tests {
             c.subnets().map(|s| s.to_string()).collect::<Vec<_>>(),
             ["198.19.1.0/26", "198.19.1.64/26", "198.19.1.128/26", "198.19.1.192/26"]
         );
-        assert_eq!(c.backend.kind, BackendType::HostGw);
+        assert_eq!(c.backend.kind, "host-gw");
         assert!(c.is_leasable(&"198.19.1.64/26".parse().unwrap()));
         assert!(!c.is_leasable(&"198.19.1.32/26".parse().unwrap()));
         assert!(!c.is_leasable(&"198.19.2.0/26".parse().unwrap()));
@@ -279,10 +286,9 @@ mod tests {
         let err = |t: &str| NetworkConfig::parse(t).unwrap_err().to_string();
         assert!(err(r#"{"Network": "10.0.0.0/29"}"#).contains("too small"));
         assert!(err(r#"{"Network": "10.0.0.1/16"}"#).contains("host bits"));
-        assert!(err(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "ipip"}}"#).contains("unknown backend"));
+        assert!(err(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": 7}}"#).contains("Type must be a string"));
         assert!(err(r#"{"Network": "10.0.0.0/16", "SubnetLen": 16}"#).contains("at least four subnets, so at least 18"));
         assert!(err(r#"{"Network": "10.0.0.0/16", "SubnetLen": 17}"#).contains("at least 18"));
-        assert!(err(r#"{"Network": "10.0.0.0/16", "Backend": {"VNI": "7"}}"#).contains("whole number"));
         assert!(err(r#"{"Network": "10.0.0.0/16", "Backend": []}"#).contains("JSON object"));
         assert!(err(r#"[]"#).contains("JSON object"));
         assert!(err(r#"{}"#).contains("Network is missing"));

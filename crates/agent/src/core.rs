@@ -1,0 +1,496 @@
+//! The agent's decisions, with no I/O: [`Core::decide`] takes one [`Event`] (lease changes,
+//! link changes, the renewer's reports, a timer tick, the outcome of actions it asked for) and
+//! returns the [`Action`]s to carry out. Time comes in as an argument, so tests run the agent's
+//! whole life — start-up, restarts over existing kernel state, store outages, a lost lease, a
+//! deleted VTEP, an uplink MTU change — in milliseconds, without root.
+//!
+//! The rules it keeps:
+//! - nothing about peers is programmed or removed before the watch has listed every lease once
+//!   (a restart must not drop peers it has not heard of yet); the device and the rules are made
+//!   at once;
+//! - the first complete programming (device, rules, every peer) comes before the subnet file,
+//!   and the node is ready only then;
+//! - a change of some leases is applied on its own ([`Action::Change`], without listing the
+//!   kernel); anything that may have lost kernel state (a device made again, the lease changing
+//!   hands, a failure, the periodic resync) replays everything ([`Action::Reconcile`]);
+//! - a failure is retried every [`RETRY`] with everything; it is logged once, and "recovered"
+//!   once the node is well again;
+//! - peer changes keep flowing while the node's own lease is in trouble.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use ipnet::{IpNet, Ipv4Net};
+use weft_lease::{Lease, LeaseEvent};
+use weft_netconf::SubnetEnv;
+
+use crate::backend::{self, Backend, Node};
+use crate::http::Status;
+use crate::model::{Desired, DeviceSpec, Owner, PEER_ROUTES};
+use crate::renewer::Report;
+
+/// How often a dataplane that could not be programmed is tried again.
+pub const RETRY: Duration = Duration::from_secs(1);
+
+/// What the agent is told.
+#[derive(Debug)]
+pub enum Event {
+    /// The loop's turn: whatever the events before asked for is decided now.
+    Tick,
+    /// The watch was polled: the changes since the last poll, whether it has listed every lease
+    /// once, and how many store entries it could not read.
+    Leases { changes: Vec<LeaseEvent>, synced: bool, damaged: usize },
+    /// Polling the watch failed.
+    StoreFailed(String),
+    /// Links were deleted (by name).
+    LinksDeleted(Vec<String>),
+    /// The uplink's MTU is now this.
+    UplinkMtu(u32),
+    /// What the renewer did.
+    Renewer(Report),
+    /// How the last actions went: whether the device was (re)made and what changed, or the error.
+    Executed(Result<Done, String>),
+}
+
+/// What the executor reports of a batch of actions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Done {
+    pub device_created: bool,
+    pub added: usize,
+    pub removed: usize,
+}
+
+/// What the agent asks for. Kernel actions are carried out in order; the first failure stops
+/// the rest and comes back as [`Event::Executed`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Make the backend's device as specified (if it differs, it is made again).
+    EnsureDevice(DeviceSpec),
+    /// Keep the masquerade and forward rules.
+    Firewall { network: Ipv4Net, masquerade: bool },
+    /// Make the kernel hold exactly `desired` of `owner`: its routes, and the permanent
+    /// neighbours and remote FDB entries of `devices`.
+    Reconcile { owner: Owner, desired: Desired, devices: Vec<String> },
+    /// Some peers changed: remove what `old` has that `new` does not, put `new`.
+    Change { owner: Owner, old: Desired, new: Desired },
+    /// Write the subnet file (when it differs).
+    WriteSubnetFile(SubnetEnv),
+    /// Tell the renewer that the watch shows the node's lease missing or someone else's.
+    LeaseLost,
+}
+
+impl Action {
+    /// Carried out by the kernel executor (the rest by the loop).
+    pub fn is_kernel(&self) -> bool {
+        !matches!(self, Action::LeaseLost)
+    }
+}
+
+/// How the agent is set up.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub network: Ipv4Net,
+    pub subnet_len: u8,
+    pub ip_masq: bool,
+    pub resync: Duration,
+}
+
+/// The interface peers are reached through.
+#[derive(Debug, Clone)]
+pub struct Uplink {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub nets: Vec<Ipv4Net>,
+    pub mtu: u32,
+}
+
+/// What the actions in flight are for.
+#[derive(Debug)]
+enum Batch {
+    /// The device and the rules, before the first listing.
+    Prepare,
+    /// Everything; `peers` are what it programs; `resync` when it was the periodic one.
+    Full { peers: Vec<Lease>, resync: bool },
+    /// Some peers: their new lease (`None`: removed) and whether it is programmed.
+    Change { peers: Vec<(Ipv4Net, Option<Lease>, bool)> },
+}
+
+/// The agent's state (see the module's documentation).
+pub struct Core {
+    settings: Settings,
+    backend: Box<dyn Backend>,
+    uplink: Uplink,
+    lease: Lease,
+    /// Every lease as the watch reported them.
+    leases: HashMap<Ipv4Net, Lease>,
+    synced: bool,
+    /// The peers programmed, as last applied.
+    programmed: HashMap<Ipv4Net, Lease>,
+    /// Subnets whose lease changed since they were last applied.
+    dirty: BTreeSet<Ipv4Net>,
+    /// Everything is applied again at the next tick.
+    replay: bool,
+    prepared: bool,
+    next_resync: Option<Instant>,
+    retry_at: Option<Instant>,
+    in_flight: Option<Batch>,
+    /// The watch last showed the node's lease missing (the renewer was told).
+    missing: bool,
+    /// The device was reported deleted (its recreation is no surprise).
+    device_lost: bool,
+    warned: HashSet<String>,
+    failing: Option<String>,
+    store_polls_ok: bool,
+    renewer_ok: bool,
+    status: Status,
+}
+
+impl Core {
+    /// The agent of a node that holds `lease`.
+    pub fn new(settings: Settings, backend: Box<dyn Backend>, uplink: Uplink, lease: Lease) -> Core {
+        let status = Status { lease: Some(lease.subnet.to_string()), ..Status::default() };
+        Core {
+            settings,
+            backend,
+            uplink,
+            lease,
+            leases: HashMap::new(),
+            synced: false,
+            programmed: HashMap::new(),
+            dirty: BTreeSet::new(),
+            replay: true,
+            prepared: false,
+            next_resync: None,
+            retry_at: None,
+            in_flight: None,
+            missing: false,
+            device_lost: false,
+            warned: HashSet::new(),
+            failing: None,
+            store_polls_ok: true,
+            renewer_ok: true,
+            status,
+        }
+    }
+
+    /// What the health endpoint reports.
+    pub fn status(&self) -> &Status {
+        &self.status
+    }
+
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    /// The peers programmed now, by subnet.
+    pub fn programmed(&self) -> impl Iterator<Item = &Ipv4Net> {
+        self.programmed.keys()
+    }
+
+    /// The name of the backend's device, if it has one.
+    pub fn device_name(&self) -> Option<String> {
+        self.backend.device(&self.node()).map(|d| d.name().to_string())
+    }
+
+    pub fn uplink(&self) -> &Uplink {
+        &self.uplink
+    }
+
+    fn node(&self) -> Node<'_> {
+        Node {
+            network: self.settings.network,
+            subnet_len: self.settings.subnet_len,
+            subnet: self.lease.subnet,
+            ip: self.uplink.ip,
+            uplink: &self.uplink.name,
+            uplink_nets: &self.uplink.nets,
+            uplink_mtu: self.uplink.mtu,
+        }
+    }
+
+    /// The MTU pods get.
+    pub fn pod_mtu(&self) -> u32 {
+        self.uplink.mtu.saturating_sub(self.backend.overhead())
+    }
+
+    fn subnet_env(&self) -> SubnetEnv {
+        let first = Ipv4Addr::from(u32::from(self.lease.subnet.network()) + 1);
+        SubnetEnv {
+            network: IpNet::V4(self.settings.network),
+            subnet: IpNet::new(IpAddr::V4(first), self.lease.subnet.prefix_len()).expect("a subnet's prefix"),
+            mtu: self.pod_mtu(),
+            ipmasq: self.settings.ip_masq,
+            ipv6_network: None,
+            ipv6_subnet: None,
+        }
+    }
+
+    /// One event in, the actions it calls for out.
+    pub fn decide(&mut self, now: Instant, event: Event) -> Vec<Action> {
+        match event {
+            Event::Tick => return self.tick(now),
+            Event::Leases { changes, synced, damaged } => {
+                self.store_polls_ok = true;
+                self.status.damaged_leases = damaged;
+                for change in changes {
+                    self.take_change(change);
+                }
+                if synced && !self.synced {
+                    tracing::debug!("the watch listed {} leases", self.leases.len());
+                }
+                self.synced |= synced;
+                self.status.leases = self.leases.len();
+            }
+            Event::StoreFailed(e) => {
+                self.store_polls_ok = false;
+                self.status.store_errors += 1;
+                self.fail(format!("watching the store: {e}"));
+            }
+            Event::LinksDeleted(names) => {
+                if let Some(device) = self.device_name().filter(|d| names.contains(d)) {
+                    tracing::warn!("{device} is gone; recreating it and replaying every peer");
+                    self.status.vtep_recreated += 1;
+                    self.device_lost = true;
+                    self.replay = true;
+                }
+                if names.contains(&self.uplink.name) {
+                    tracing::warn!("the uplink {} is gone; waiting for it to come back", self.uplink.name);
+                    self.replay = true;
+                }
+            }
+            Event::UplinkMtu(mtu) if mtu != self.uplink.mtu => {
+                let pods = mtu.saturating_sub(self.backend.overhead());
+                tracing::info!("the uplink's MTU is now {mtu} (was {}); pods get {pods} from now on", self.uplink.mtu);
+                self.uplink.mtu = mtu;
+                self.replay = true;
+            }
+            Event::UplinkMtu(_) => {}
+            Event::Renewer(report) => self.take_report(report),
+            Event::Executed(outcome) => self.take_outcome(now, outcome),
+        }
+        Vec::new()
+    }
+
+    fn take_change(&mut self, change: LeaseEvent) {
+        let lease = match &change {
+            LeaseEvent::Added(l) | LeaseEvent::Removed(l) => l,
+        };
+        let subnet = lease.subnet;
+        // Which lease counts may depend on others too (one VTEP MAC claimed twice): all again.
+        if self.backend.coupled(lease, &self.leases) {
+            self.replay = true;
+        }
+        match change {
+            LeaseEvent::Added(l) => self.leases.insert(subnet, l),
+            LeaseEvent::Removed(_) => self.leases.remove(&subnet),
+        };
+        self.dirty.insert(subnet);
+    }
+
+    fn take_report(&mut self, report: Report) {
+        match report {
+            Report::Held { lease, reacquired } => {
+                self.renewer_ok = true;
+                if reacquired {
+                    self.status.lease_reacquired += 1;
+                    if lease.subnet == self.lease.subnet {
+                        tracing::warn!("lease {} was lost; acquired it again", lease.subnet);
+                    } else {
+                        tracing::warn!("lease {} was lost; now leasing {}", self.lease.subnet, lease.subnet);
+                    }
+                    self.status.lease = Some(lease.subnet.to_string());
+                    self.replay = true;
+                }
+                self.lease = lease;
+            }
+            Report::Failed(e) => {
+                self.renewer_ok = false;
+                self.status.store_errors += 1;
+                self.fail(format!("keeping the lease: {e}"));
+            }
+        }
+    }
+
+    fn tick(&mut self, now: Instant) -> Vec<Action> {
+        self.status.store_up = self.store_polls_ok && self.renewer_ok;
+        let mut actions = Vec::new();
+        if !self.synced {
+            // What the watch knows is partial: the device and the rules, nothing about peers.
+            if !self.prepared {
+                self.prepared = true;
+                actions.extend(self.prepare());
+                self.in_flight = Some(Batch::Prepare);
+            }
+            return actions;
+        }
+        // The node's own lease as the watch shows it: present only with this node's data (a
+        // restored backup or another writer may have put a stale VTEP MAC over it). The renewer
+        // is told once when it goes missing.
+        let present = self.leases.get(&self.lease.subnet).is_some_and(|l| l.attrs == self.lease.attrs);
+        if !present && !self.missing {
+            actions.push(Action::LeaseLost);
+        }
+        self.missing = !present;
+
+        // After a failure, everything is tried again once the retry is due (changes meanwhile
+        // are part of it).
+        if self.retry_at.is_some_and(|t| now < t) {
+            return actions;
+        }
+        let resync = self.next_resync.is_some_and(|t| now >= t);
+        if self.replay || !self.status.dataplane_up || !self.status.started {
+            actions.extend(self.full(false));
+        } else if resync {
+            actions.extend(self.full(true));
+        } else if !self.dirty.is_empty() {
+            actions.extend(self.change());
+        } else {
+            self.well_again();
+        }
+        actions
+    }
+
+    fn prepare(&self) -> Vec<Action> {
+        let mut actions: Vec<Action> =
+            self.backend.device(&self.node()).into_iter().map(Action::EnsureDevice).collect();
+        actions.push(Action::Firewall { network: self.settings.network, masquerade: self.settings.ip_masq });
+        actions
+    }
+
+    /// Everything: the device, the rules, every peer, the subnet file.
+    fn full(&mut self, resync: bool) -> Vec<Action> {
+        self.prepared = true;
+        self.replay = false;
+        self.dirty.clear();
+        let mut leases: Vec<&Lease> = self.leases.values().collect();
+        leases.sort_by_key(|l| l.subnet);
+        let node = self.node();
+        let out = backend::desired(self.backend.as_ref(), &node, &leases);
+        let devices: Vec<String> = self.backend.device(&node).map(|d| d.name().to_string()).into_iter().collect();
+        // Each ignored peer is reported once, not on every resync; again if it comes back.
+        for w in out.warnings.iter().filter(|w| !self.warned.contains(*w)) {
+            tracing::warn!("{w}");
+        }
+        self.warned = out.warnings.into_iter().collect();
+        let programmed: HashSet<Ipv4Net> = out.programmed.into_iter().collect();
+        let peers = leases.into_iter().filter(|l| programmed.contains(&l.subnet)).cloned().collect();
+        let mut actions = self.prepare();
+        actions.push(Action::Reconcile { owner: PEER_ROUTES, desired: out.state, devices });
+        actions.push(Action::WriteSubnetFile(self.subnet_env()));
+        self.in_flight = Some(Batch::Full { peers, resync });
+        actions
+    }
+
+    /// Just the peers whose leases changed, from what was programmed for them to what they are.
+    fn change(&mut self) -> Vec<Action> {
+        let subnets = std::mem::take(&mut self.dirty);
+        let node = self.node();
+        let old: Vec<&Lease> = subnets.iter().filter_map(|s| self.programmed.get(s)).collect();
+        let new: Vec<&Lease> = subnets.iter().filter_map(|s| self.leases.get(s)).collect();
+        let before = backend::desired(self.backend.as_ref(), &node, &old);
+        let after = backend::desired(self.backend.as_ref(), &node, &new);
+        for w in after.warnings {
+            if self.warned.insert(w.clone()) {
+                tracing::warn!("{w}");
+            }
+        }
+        let programmed: HashSet<Ipv4Net> = after.programmed.into_iter().collect();
+        let peers = subnets.iter().map(|s| (*s, self.leases.get(s).cloned(), programmed.contains(s))).collect();
+        self.in_flight = Some(Batch::Change { peers });
+        vec![Action::Change { owner: PEER_ROUTES, old: before.state, new: after.state }]
+    }
+
+    fn take_outcome(&mut self, now: Instant, outcome: Result<Done, String>) {
+        let Some(batch) = self.in_flight.take() else { return };
+        let done = match outcome {
+            Ok(done) => done,
+            Err(e) => {
+                self.status.dataplane_up = false;
+                self.status.reconcile_errors += 1;
+                if !matches!(batch, Batch::Prepare) {
+                    self.status.reconciles += 1;
+                }
+                self.retry_at = Some(now + RETRY);
+                self.replay = true;
+                self.fail(e);
+                return;
+            }
+        };
+        match batch {
+            Batch::Prepare => {
+                if done.device_created {
+                    tracing::info!("made the {} device", self.backend.name());
+                }
+                return;
+            }
+            Batch::Full { peers, resync } => {
+                if done.device_created && self.status.started && !self.device_lost {
+                    tracing::warn!(
+                        "the {} device was missing or had other settings; made it again",
+                        self.backend.name()
+                    );
+                }
+                let before: HashSet<Ipv4Net> = self.programmed.keys().copied().collect();
+                self.programmed = peers.into_iter().map(|l| (l.subnet, l)).collect();
+                let added = self.programmed.keys().filter(|s| !before.contains(s)).count();
+                let removed = before.iter().filter(|s| !self.programmed.contains_key(s)).count();
+                if resync && (done.added > 0 || done.removed > 0) {
+                    tracing::warn!(
+                        "resync: the kernel differed from the desired state ({} objects put, {} removed)",
+                        done.added,
+                        done.removed
+                    );
+                } else if added + removed > 0 {
+                    tracing::info!("{} peers programmed ({added} added, {removed} removed)", self.programmed.len());
+                }
+                self.device_lost = false;
+                self.next_resync = Some(now + self.settings.resync);
+                if !self.status.started {
+                    self.status.started = true;
+                    tracing::info!("ready: {} peers, pod MTU {}", self.programmed.len(), self.pod_mtu());
+                }
+            }
+            Batch::Change { peers } => {
+                for (subnet, lease, programmed) in peers {
+                    let was = self.programmed.remove(&subnet);
+                    match (lease.filter(|_| programmed), was) {
+                        (Some(l), None) => {
+                            tracing::info!("peer {subnet} added (via {})", l.attrs.public_ip);
+                            self.programmed.insert(subnet, l);
+                        }
+                        (Some(l), Some(_)) => {
+                            tracing::info!("peer {subnet} changed (via {})", l.attrs.public_ip);
+                            self.programmed.insert(subnet, l);
+                        }
+                        (None, Some(old)) => tracing::info!("peer {subnet} removed (was via {})", old.attrs.public_ip),
+                        (None, None) => {}
+                    }
+                }
+            }
+        }
+        self.status.reconciles += 1;
+        self.status.peers = self.programmed.len();
+        self.status.dataplane_up = true;
+        self.retry_at = None;
+        self.well_again();
+    }
+
+    /// A failure, logged when it is new (not once per retry).
+    fn fail(&mut self, line: String) {
+        if self.failing.as_ref() != Some(&line) {
+            tracing::warn!("{line} (retrying)");
+            self.failing = Some(line);
+        }
+    }
+
+    /// "recovered" once the dataplane and the store are both well again (a turn between two
+    /// retries with nothing to do is no recovery).
+    fn well_again(&mut self) {
+        self.status.store_up = self.store_polls_ok && self.renewer_ok;
+        if self.failing.is_some() && self.status.readiness().is_ok() {
+            self.failing = None;
+            tracing::info!("recovered");
+        }
+    }
+}

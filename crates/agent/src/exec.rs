@@ -1,0 +1,209 @@
+//! The thin executor: carries out the core's kernel actions through [`Kernel`], an interface a
+//! test replaces with a fake ([`NetlinkKernel`] is the real one). Desired state names devices;
+//! they are resolved to indexes here, just before planning, and a reconcile reads only what its
+//! owner holds.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use ipnet::Ipv4Net;
+use weft_dataplane::error::ignore_not_found;
+use weft_dataplane::{Netlink, RouteSpec};
+use weft_netconf::SubnetEnv;
+
+use crate::core::{Action, Done};
+use crate::model::{plan, plan_change, DeviceSpec, Fdb, Neighbour, Op, Owner, Resolved, Route};
+use crate::{firewall, kernel, vtep, AgentError, Result};
+
+/// A link, as the agent needs to know it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub index: u32,
+    pub mtu: u32,
+}
+
+/// What the agent does to the node.
+pub trait Kernel {
+    /// The link named `name`, if there is one.
+    fn link(&mut self, name: &str) -> Result<Option<LinkInfo>>;
+    /// Makes the device as specified (made again when it differs); true when it was made.
+    fn ensure_device(&mut self, spec: &DeviceSpec) -> Result<bool>;
+    /// What the kernel holds of `owner`: its routes, and the permanent neighbours and remote
+    /// FDB entries of `devices`.
+    fn read(&mut self, owner: &Owner, devices: &[u32]) -> Result<Resolved>;
+    /// One change, as `owner`'s.
+    fn apply(&mut self, owner: &Owner, op: &Op) -> Result<()>;
+    /// Makes the masquerade and forward rules exactly these.
+    fn firewall(&mut self, network: &Ipv4Net, masquerade: bool) -> Result<()>;
+    /// Writes the subnet file unless it already says this.
+    fn write_subnet_file(&mut self, env: &SubnetEnv) -> Result<()>;
+}
+
+/// Carries out `actions` in order (those for the kernel); the first failure stops the rest.
+pub fn execute(kernel: &mut dyn Kernel, actions: &[Action]) -> Result<Done> {
+    let mut done = Done::default();
+    // Names resolved once per batch (a device made in it is looked up after).
+    let mut names: HashMap<String, u32> = HashMap::new();
+    let mut resolve = |kernel: &mut dyn Kernel, name: &String| -> Result<u32> {
+        if let Some(index) = names.get(name) {
+            return Ok(*index);
+        }
+        let link = kernel.link(name)?.ok_or_else(|| AgentError::Config(format!("the device {name} is missing")))?;
+        names.insert(name.clone(), link.index);
+        Ok(link.index)
+    };
+    for action in actions {
+        match action {
+            Action::EnsureDevice(spec) => done.device_created |= kernel.ensure_device(spec)?,
+            Action::Firewall { network, masquerade } => kernel.firewall(network, *masquerade)?,
+            Action::Reconcile { owner, desired, devices } => {
+                let desired = desired.resolve(|d| resolve(kernel, d))?;
+                let devices = devices.iter().map(|d| resolve(kernel, d)).collect::<Result<Vec<u32>>>()?;
+                let current = kernel.read(owner, &devices)?;
+                for op in plan(&current, &desired) {
+                    count(&mut done, &op);
+                    kernel.apply(owner, &op)?;
+                }
+            }
+            Action::Change { owner, old, new } => {
+                // What was programmed on a device that is gone went with it.
+                let old = old.resolve(|d| resolve(kernel, d))?;
+                let new = new.resolve(|d| resolve(kernel, d))?;
+                for op in plan_change(&old, &new) {
+                    count(&mut done, &op);
+                    kernel.apply(owner, &op)?;
+                }
+            }
+            Action::WriteSubnetFile(env) => kernel.write_subnet_file(env)?,
+            Action::LeaseLost => {}
+        }
+    }
+    Ok(done)
+}
+
+fn count(done: &mut Done, op: &Op) {
+    if op.is_removal() {
+        done.removed += 1;
+    } else {
+        done.added += 1;
+    }
+}
+
+/// The real kernel, through netlink and nftables.
+pub struct NetlinkKernel {
+    nl: Netlink,
+    subnet_file: PathBuf,
+}
+
+impl NetlinkKernel {
+    pub fn new(nl: Netlink, subnet_file: PathBuf) -> NetlinkKernel {
+        NetlinkKernel { nl, subnet_file }
+    }
+
+    fn route_spec(owner: &Owner, r: &Route<u32>) -> RouteSpec {
+        let mut spec = RouteSpec::new(r.dst).protocol(owner.protocol);
+        spec.table = owner.table;
+        if let Some(via) = r.via {
+            spec = spec.via(via);
+        }
+        if r.dev != 0 {
+            spec = spec.dev(r.dev);
+        }
+        if r.onlink {
+            spec = spec.onlink();
+        }
+        spec
+    }
+}
+
+fn mac6(mac: &[u8]) -> [u8; 6] {
+    // Another length cannot be what weft wants: all zeros, so it is replaced or removed.
+    <[u8; 6]>::try_from(mac).unwrap_or_default()
+}
+
+impl Kernel for NetlinkKernel {
+    fn link(&mut self, name: &str) -> Result<Option<LinkInfo>> {
+        Ok(self
+            .nl
+            .link_by_name(name)
+            .map_err(kernel(format!("reading the link {name}")))?
+            .map(|l| LinkInfo { index: l.index, mtu: l.mtu }))
+    }
+
+    fn ensure_device(&mut self, spec: &DeviceSpec) -> Result<bool> {
+        match spec {
+            DeviceSpec::Vxlan { name, vni, port, local, uplink, mtu, mac, address } => {
+                let uplink = self
+                    .link(uplink)?
+                    .ok_or_else(|| AgentError::Config(format!("the uplink {uplink} is missing")))?
+                    .index;
+                let cfg = vtep::VtepConfig {
+                    name,
+                    vni: *vni,
+                    port: *port,
+                    local: *local,
+                    uplink,
+                    mtu: *mtu,
+                    mac: *mac,
+                    address: *address,
+                };
+                Ok(vtep::ensure(&mut self.nl, &cfg)?.1)
+            }
+        }
+    }
+
+    fn read(&mut self, owner: &Owner, devices: &[u32]) -> Result<Resolved> {
+        let routes = self
+            .nl
+            .routes()
+            .map_err(kernel("listing routes"))?
+            .into_iter()
+            .filter(|r| r.protocol == owner.protocol && r.table == owner.table)
+            .map(|r| Route { dst: r.dst, via: r.gateway, dev: r.oif.unwrap_or(0), onlink: r.onlink })
+            .collect();
+        let mut state = Resolved { routes, ..Resolved::default() };
+        for &dev in devices {
+            let neighbours = self.nl.neighbours(Some(dev)).map_err(kernel("listing neighbours"))?;
+            state.neighbours.extend(neighbours.into_iter().filter(|n| n.permanent).map(|n| Neighbour {
+                dev,
+                ip: n.ip,
+                mac: mac6(&n.mac),
+            }));
+            let fdb = self.nl.fdb(dev).map_err(kernel("listing fdb"))?;
+            state.fdb.extend(fdb.into_iter().filter_map(|e| Some(Fdb { dev, mac: mac6(&e.mac), dst: e.dst? })));
+        }
+        Ok(state)
+    }
+
+    fn apply(&mut self, owner: &Owner, op: &Op) -> Result<()> {
+        let nl = &mut self.nl;
+        match op {
+            Op::DelRoute(r) => ignore_not_found(nl.delete_route(&Self::route_spec(owner, r)))
+                .map_err(kernel(format!("removing route {}", r.dst))),
+            Op::DelFdb(e) => ignore_not_found(nl.delete_fdb(e.dev, &e.mac, Some(e.dst)))
+                .map_err(kernel(format!("removing the fdb entry for {}", e.dst))),
+            Op::DelNeighbour(n) => ignore_not_found(nl.delete_neighbour(n.dev, n.ip))
+                .map_err(kernel(format!("removing neighbour {}", n.ip))),
+            Op::PutNeighbour(n) => {
+                nl.replace_neighbour(n.dev, n.ip, &n.mac).map_err(kernel(format!("adding neighbour {}", n.ip)))
+            }
+            Op::PutFdb(e) => nl
+                .replace_fdb(e.dev, &e.mac, Some(e.dst))
+                .map_err(kernel(format!("adding the fdb entry for {}", e.dst))),
+            Op::PutRoute(r) => {
+                nl.replace_route(&Self::route_spec(owner, r)).map_err(kernel(format!("adding route {}", r.dst)))
+            }
+        }
+    }
+
+    fn firewall(&mut self, network: &Ipv4Net, masquerade: bool) -> Result<()> {
+        firewall::apply(network, masquerade)
+    }
+
+    fn write_subnet_file(&mut self, env: &SubnetEnv) -> Result<()> {
+        if SubnetEnv::read(&self.subnet_file).ok().as_ref() != Some(env) {
+            env.write(&self.subnet_file)?;
+        }
+        Ok(())
+    }
+}
