@@ -222,3 +222,28 @@ fn other_data_on_the_own_key_is_taken_back() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Owners on the real kernel: the agent removes its own stale peer routes (IPv4 and IPv6) and
+/// leaves every other producer's routes alone, BGP-learned and pod routes included.
+#[test]
+fn the_agent_removes_only_routes_it_owns() {
+    let node = Node::new(r#"{"Network": "198.19.0.0/16"}"#);
+    node.ns.sh(&["ip", "route", "add", "198.19.99.0/24", "via", "198.18.41.3", "dev", "eth0", "proto", "200"]);
+    node.ns.sh(&["ip", "-6", "addr", "add", "fd00:41::1/64", "dev", "eth0", "nodad"]);
+    node.ns.sh(&["ip", "-6", "route", "add", "fd00:99::/64", "via", "fd00:41::3", "dev", "eth0", "proto", "200"]);
+    node.ns.sh(&["ip", "route", "add", "198.19.200.0/24", "via", "198.18.41.2", "dev", "eth0", "proto", "202"]);
+    node.ns.sh(&["ip", "route", "add", "198.19.77.5/32", "dev", "eth0", "proto", "201"]);
+    node.ns.sh(&["ip", "route", "add", "10.9.0.0/16", "via", "198.18.41.2", "dev", "eth0"]);
+    let _agent = node.spawn_ready();
+    let routes = |family: &str| {
+        let out = node.ns.sh(&["ip", family, "route", "show"]);
+        out.lines().map(|l| l.split_whitespace().next().unwrap_or_default().to_string()).collect::<Vec<_>>()
+    };
+    let v4 = routes("-4");
+    assert!(!v4.contains(&"198.19.99.0/24".to_string()), "a stale peer route stayed: {v4:?}");
+    for kept in ["198.19.200.0/24", "198.19.77.5", "10.9.0.0/16"] {
+        assert!(v4.contains(&kept.to_string()), "{kept} was removed: {v4:?}");
+    }
+    let v6 = routes("-6");
+    assert!(!v6.contains(&"fd00:99::/64".to_string()), "a stale IPv6 peer route stayed: {v6:?}");
+}
