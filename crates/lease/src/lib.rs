@@ -2,14 +2,19 @@
 //! (its public IP, its backend's data such as the VTEP MAC) in flannel's JSON, so weft and
 //! flannel nodes can share a store. [`file::FileStore`] keeps leases in a directory for a single
 //! machine (the lab, tests, one-node clusters); [`etcd::EtcdStore`] keeps them in etcd v3 in
-//! flannel's key layout, for clusters.
+//! flannel's key layout, for clusters. Both are [`Leases`] on a versioned key-value store
+//! ([`kv::Kv`]: create-if-absent, compare-and-swap, delete, list and watch from a revision),
+//! implemented once per store; the lease rules and the watch-diff exist once.
 
 pub mod etcd;
 pub mod file;
+pub mod kv;
+mod leases;
 mod model;
 mod pick;
 mod store;
 
+pub use leases::{LeaseWatch, Leases};
 pub use model::{Lease, LeaseAttrs, LeaseEvent, VxlanData};
 pub use pick::choose_subnet;
 pub use store::{LeaseStore, LeaseWatcher};

@@ -4,77 +4,17 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::HashSet;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
+use common::Etcd;
 use ipnet::Ipv4Net;
 use serde_json::{json, Value};
 use weft_lease::etcd::{EtcdStore, DEFAULT_PREFIX};
 use weft_lease::{LeaseAttrs, LeaseEvent, LeaseStore};
 use weft_netconf::NetworkConfig;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// An etcd on loopback, killed and its data removed when dropped.
-struct Etcd {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-    client: u16,
-    peer: u16,
-}
-
-impl Etcd {
-    fn start() -> Etcd {
-        let mut etcd = Etcd { child: None, dir: tempfile::tempdir().unwrap(), client: free_port(), peer: free_port() };
-        etcd.run();
-        etcd
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client)
-    }
-
-    fn run(&mut self) {
-        let peer = format!("http://127.0.0.1:{}", self.peer);
-        let child = Command::new("etcd")
-            .args(["--name", "weft-test", "--data-dir"])
-            .arg(self.dir.path().join("data"))
-            .args(["--listen-client-urls", &self.url(), "--advertise-client-urls", &self.url()])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("weft-test={peer}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd (apt-get install etcd-server)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !self.ctl(&["endpoint", "health"]).status.success() {
-            assert!(Instant::now() < deadline, "etcd did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn ctl(&self, args: &[&str]) -> std::process::Output {
-        Command::new("etcdctl").env("ETCDCTL_API", "3").args(["--endpoints", &self.url()]).args(args).output().unwrap()
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 fn attrs(ip: &str, mac: &str) -> LeaseAttrs {
     LeaseAttrs {
@@ -245,7 +185,7 @@ fn watch_from_a_compacted_revision_lists_again() {
     assert_ne!(a.subnet, b.subnet);
     let current = store.revision().unwrap();
     assert!(etcd.ctl(&["compact", &current.to_string()]).status.success());
-    let mut watcher = store.watch_from(known, Some(revision)).unwrap();
+    let mut watcher: Box<dyn weft_lease::LeaseWatcher> = Box::new(store.watch_from(known, revision).unwrap());
     let events = poll_until(&mut watcher, "the difference after compaction", |e| {
         e.iter().any(|ev| matches!(ev, LeaseEvent::Removed(l) if l.subnet == a.subnet))
             && e.iter().any(|ev| matches!(ev, LeaseEvent::Added(l) if l.subnet == b.subnet))
