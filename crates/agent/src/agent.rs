@@ -227,7 +227,11 @@ impl Loop {
         }
         let device = self.core.device_name();
         let uplink = self.core.uplink().name.clone();
-        events.extend(self.links.events(self.kernel.as_mut(), device.as_deref(), &uplink));
+        let links = self.links.events(self.kernel.as_mut(), device.as_deref(), &uplink);
+        if links.iter().any(|e| matches!(e, Event::LinksDeleted(_))) {
+            self.kernel.forget_links();
+        }
+        events.extend(links);
         events.extend(self.keeper.reports().into_iter().map(Event::Renewer));
         events.push(Event::Tick);
         let mut reconcile_seconds = 0.0;
@@ -253,10 +257,13 @@ impl Loop {
         }
         let started = Instant::now();
         let outcome = exec::execute(self.kernel.as_mut(), &actions);
-        if outcome.as_ref().is_ok_and(|d| d.device_created) {
+        match &outcome {
             // Replacing a device with other settings deletes it: this agent's own deletion is
             // not news.
-            self.links.forget_deletions();
+            Ok(done) if done.device_created => self.links.forget_deletions(),
+            Ok(_) => {}
+            // A remembered link index may be what failed.
+            Err(_) => self.kernel.forget_links(),
         }
         let spent = started.elapsed().as_secs_f64();
         let more = self.core.decide(now, Event::Executed(outcome.map_err(|e| e.to_string())));

@@ -19,6 +19,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv4Net};
@@ -111,9 +112,9 @@ enum Batch {
     /// The device and the rules, before the first listing.
     Prepare,
     /// Everything; `peers` are what it programs; `resync` when it was the periodic one.
-    Full { peers: Vec<Lease>, resync: bool },
+    Full { peers: Vec<Arc<Lease>>, resync: bool },
     /// Some peers: their new lease (`None`: removed) and whether it is programmed.
-    Change { peers: Vec<(Ipv4Net, Option<Lease>, bool)> },
+    Change { peers: Vec<(Ipv4Net, Option<Arc<Lease>>, bool)> },
 }
 
 /// The agent's state (see the module's documentation).
@@ -123,10 +124,12 @@ pub struct Core {
     uplink: Uplink,
     lease: Lease,
     /// Every lease as the watch reported them.
-    leases: HashMap<Ipv4Net, Lease>,
+    leases: HashMap<Ipv4Net, Arc<Lease>>,
     synced: bool,
-    /// The peers programmed, as last applied.
-    programmed: HashMap<Ipv4Net, Lease>,
+    /// The peers programmed, as last applied (sharing the leases).
+    programmed: HashMap<Ipv4Net, Arc<Lease>>,
+    /// Which subnets' leases make each claim no two nodes may share (see [`Backend::claim`]).
+    claimants: HashMap<String, BTreeSet<Ipv4Net>>,
     /// Subnets whose lease changed since they were last applied.
     dirty: BTreeSet<Ipv4Net>,
     /// Everything is applied again at the next tick.
@@ -158,6 +161,7 @@ impl Core {
             leases: HashMap::new(),
             synced: false,
             programmed: HashMap::new(),
+            claimants: HashMap::new(),
             dirty: BTreeSet::new(),
             replay: true,
             prepared: false,
@@ -273,18 +277,43 @@ impl Core {
     }
 
     fn take_change(&mut self, change: LeaseEvent) {
-        let lease = match &change {
-            LeaseEvent::Added(l) | LeaseEvent::Removed(l) => l,
+        let (subnet, new) = match change {
+            LeaseEvent::Added(l) => (l.subnet, Some(Arc::new(l))),
+            LeaseEvent::Removed(l) => (l.subnet, None),
         };
-        let subnet = lease.subnet;
-        // Which lease counts may depend on others too (one VTEP MAC claimed twice): all again.
-        if self.backend.coupled(lease, &self.leases) {
-            self.replay = true;
+        let old = match &new {
+            Some(l) => self.leases.insert(subnet, l.clone()),
+            None => self.leases.remove(&subnet),
+        };
+        // What the old and the new lease claim that no two nodes may share (one VTEP MAC):
+        // when another node's lease claims it too, which of them counts depends on both, so
+        // everything is computed again. (Not looked at when everything is applied again anyway.)
+        let old_claim = old.as_ref().and_then(|l| self.backend.claim(l));
+        let new_claim = new.as_ref().and_then(|l| self.backend.claim(l));
+        if old_claim != new_claim {
+            if let Some(c) = &old_claim {
+                if let Some(set) = self.claimants.get_mut(c) {
+                    set.remove(&subnet);
+                    if set.is_empty() {
+                        self.claimants.remove(c);
+                    }
+                }
+            }
+            if let Some(c) = &new_claim {
+                self.claimants.entry(c.clone()).or_default().insert(subnet);
+            }
         }
-        match change {
-            LeaseEvent::Added(l) => self.leases.insert(subnet, l),
-            LeaseEvent::Removed(_) => self.leases.remove(&subnet),
-        };
+        if !self.replay && self.status.started {
+            let ip = |l: &Option<Arc<Lease>>| l.as_ref().map(|l| l.attrs.public_ip);
+            let shared = |claim: &Option<String>, me: Option<Ipv4Addr>| {
+                claim.as_ref().and_then(|c| self.claimants.get(c)).is_some_and(|set| {
+                    set.iter().any(|s| *s != subnet && self.leases.get(s).map(|l| l.attrs.public_ip) != me)
+                })
+            };
+            if shared(&old_claim, ip(&old)) || shared(&new_claim, ip(&new)) {
+                self.replay = true;
+            }
+        }
         self.dirty.insert(subnet);
     }
 
@@ -363,10 +392,11 @@ impl Core {
         self.prepared = true;
         self.replay = false;
         self.dirty.clear();
-        let mut leases: Vec<&Lease> = self.leases.values().collect();
+        let mut leases: Vec<&Arc<Lease>> = self.leases.values().collect();
         leases.sort_by_key(|l| l.subnet);
+        let refs: Vec<&Lease> = leases.iter().map(|l| l.as_ref()).collect();
         let node = self.node();
-        let out = backend::desired(self.backend.as_ref(), &node, &leases);
+        let out = backend::desired(self.backend.as_ref(), &node, &refs);
         let devices: Vec<String> = self.backend.device(&node).map(|d| d.name().to_string()).into_iter().collect();
         // Each ignored peer is reported once, not on every resync; again if it comes back.
         for w in out.warnings.iter().filter(|w| !self.warned.contains(*w)) {
@@ -386,8 +416,8 @@ impl Core {
     fn change(&mut self) -> Vec<Action> {
         let subnets = std::mem::take(&mut self.dirty);
         let node = self.node();
-        let old: Vec<&Lease> = subnets.iter().filter_map(|s| self.programmed.get(s)).collect();
-        let new: Vec<&Lease> = subnets.iter().filter_map(|s| self.leases.get(s)).collect();
+        let old: Vec<&Lease> = subnets.iter().filter_map(|s| self.programmed.get(s)).map(|l| l.as_ref()).collect();
+        let new: Vec<&Lease> = subnets.iter().filter_map(|s| self.leases.get(s)).map(|l| l.as_ref()).collect();
         let before = backend::desired(self.backend.as_ref(), &node, &old);
         let after = backend::desired(self.backend.as_ref(), &node, &new);
         for w in after.warnings {

@@ -26,6 +26,12 @@ pub struct LinkInfo {
 pub trait Kernel {
     /// The link named `name`, if there is one.
     fn link(&mut self, name: &str) -> Result<Option<LinkInfo>>;
+    /// The index of the link named `name`; it may be remembered until [`Kernel::forget_links`].
+    fn index(&mut self, name: &str) -> Result<Option<u32>> {
+        Ok(self.link(name)?.map(|l| l.index))
+    }
+    /// Links were deleted or made again: remembered indexes are forgotten.
+    fn forget_links(&mut self) {}
     /// Makes the device as specified (made again when it differs); true when it was made.
     fn ensure_device(&mut self, spec: &DeviceSpec) -> Result<bool>;
     /// What the kernel holds of `owner`: its routes, and the permanent neighbours and remote
@@ -48,9 +54,9 @@ pub fn execute(kernel: &mut dyn Kernel, actions: &[Action]) -> Result<Done> {
         if let Some(index) = names.get(name) {
             return Ok(*index);
         }
-        let link = kernel.link(name)?.ok_or_else(|| AgentError::Config(format!("the device {name} is missing")))?;
-        names.insert(name.clone(), link.index);
-        Ok(link.index)
+        let index = kernel.index(name)?.ok_or_else(|| AgentError::Config(format!("the device {name} is missing")))?;
+        names.insert(name.clone(), index);
+        Ok(index)
     };
     for action in actions {
         match action {
@@ -93,11 +99,13 @@ fn count(done: &mut Done, op: &Op) {
 pub struct NetlinkKernel {
     nl: Netlink,
     subnet_file: PathBuf,
+    /// Link indexes by name, as last looked up (one lookup less per lease event).
+    indexes: HashMap<String, u32>,
 }
 
 impl NetlinkKernel {
     pub fn new(nl: Netlink, subnet_file: PathBuf) -> NetlinkKernel {
-        NetlinkKernel { nl, subnet_file }
+        NetlinkKernel { nl, subnet_file, indexes: HashMap::new() }
     }
 
     fn route_spec(owner: &Owner, r: &Route<u32>) -> RouteSpec {
@@ -130,7 +138,23 @@ impl Kernel for NetlinkKernel {
             .map(|l| LinkInfo { index: l.index, mtu: l.mtu }))
     }
 
+    fn index(&mut self, name: &str) -> Result<Option<u32>> {
+        if let Some(index) = self.indexes.get(name) {
+            return Ok(Some(*index));
+        }
+        let index = self.link(name)?.map(|l| l.index);
+        if let Some(index) = index {
+            self.indexes.insert(name.to_string(), index);
+        }
+        Ok(index)
+    }
+
+    fn forget_links(&mut self) {
+        self.indexes.clear();
+    }
+
     fn ensure_device(&mut self, spec: &DeviceSpec) -> Result<bool> {
+        self.indexes.remove(spec.name());
         match spec {
             DeviceSpec::Vxlan { name, vni, port, local, uplink, mtu, mac, address } => {
                 let uplink = self

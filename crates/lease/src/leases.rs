@@ -11,6 +11,7 @@
 //! [`LeaseWatch`] turns the store's updates into lease events: the one watch-diff.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use ipnet::Ipv4Net;
@@ -60,7 +61,7 @@ fn decode(entry: &Entry) -> Option<std::result::Result<Lease, String>> {
 #[derive(Default)]
 struct Claims {
     /// Subnet → key → (lease, the entry's last change).
-    valid: BTreeMap<Ipv4Net, BTreeMap<String, (Lease, i64)>>,
+    valid: BTreeMap<Ipv4Net, BTreeMap<String, (Arc<Lease>, i64)>>,
     /// Damaged entries with a lease key: key → its last change.
     damaged: BTreeMap<String, i64>,
 }
@@ -79,7 +80,10 @@ impl Claims {
         match decode(entry) {
             None => {}
             Some(Ok(lease)) => {
-                self.valid.entry(lease.subnet).or_default().insert(entry.key.clone(), (lease, entry.modified));
+                self.valid
+                    .entry(lease.subnet)
+                    .or_default()
+                    .insert(entry.key.clone(), (Arc::new(lease), entry.modified));
             }
             Some(Err(why)) => {
                 warn_damaged(&entry.key, &why);
@@ -102,9 +106,9 @@ impl Claims {
 
     /// The claim that counts on `subnet` at `now`: the older unexpired one (its key, lease and
     /// last change).
-    fn winner(&self, subnet: &Ipv4Net, now: SystemTime) -> Option<(&String, &Lease, i64)> {
+    fn winner(&self, subnet: &Ipv4Net, now: SystemTime) -> Option<(&String, &Arc<Lease>, i64)> {
         let keys = self.valid.get(subnet)?;
-        let mut best: Option<(&String, &Lease, i64)> = None;
+        let mut best: Option<(&String, &Arc<Lease>, i64)> = None;
         for (key, (lease, modified)) in keys {
             if lease.is_expired(now) {
                 continue;
@@ -117,7 +121,7 @@ impl Claims {
     }
 
     fn leases(&self, now: SystemTime) -> Vec<Lease> {
-        self.valid.keys().filter_map(|s| self.winner(s, now)).map(|(_, l, _)| l.clone()).collect()
+        self.valid.keys().filter_map(|s| self.winner(s, now)).map(|(_, l, _)| Lease::clone(l)).collect()
     }
 
     /// Subnets under a damaged entry.
@@ -328,7 +332,8 @@ impl<K: Kv + 'static> LeaseStore for Leases<K> {
 pub struct LeaseWatch {
     kv: Box<dyn KvWatch>,
     claims: Claims,
-    known: HashMap<Ipv4Net, Lease>,
+    /// The claim that counts per subnet, as last reported (shared with `claims`).
+    known: HashMap<Ipv4Net, Arc<Lease>>,
     synced: bool,
 }
 
@@ -336,10 +341,12 @@ impl LeaseWatch {
     /// Over `kv`, knowing `leases` (complete when `synced`).
     pub fn new(kv: Box<dyn KvWatch>, leases: Vec<Lease>, synced: bool) -> LeaseWatch {
         let mut claims = Claims::default();
-        for lease in &leases {
+        let mut known = HashMap::new();
+        for lease in leases {
+            let lease = Arc::new(lease);
             claims.valid.entry(lease.subnet).or_default().insert(lease_key(&lease.subnet), (lease.clone(), 0));
+            known.insert(lease.subnet, lease);
         }
-        let known = leases.into_iter().map(|l| (l.subnet, l)).collect();
         LeaseWatch { kv, claims, known, synced }
     }
 
@@ -349,11 +356,11 @@ impl LeaseWatch {
         match self.claims.winner(&subnet, now).map(|(_, l, _)| l.clone()) {
             Some(lease) => {
                 if self.known.get(&subnet).is_none_or(|old| old.attrs != lease.attrs) {
-                    events.push(LeaseEvent::Added(lease.clone()));
+                    events.push(LeaseEvent::Added(Lease::clone(&lease)));
                 }
                 self.known.insert(subnet, lease);
             }
-            None => events.extend(self.known.remove(&subnet).map(LeaseEvent::Removed)),
+            None => events.extend(self.known.remove(&subnet).map(|l| LeaseEvent::Removed(Lease::clone(&l)))),
         }
     }
 
@@ -394,8 +401,16 @@ impl LeaseWatcher for LeaseWatch {
         LeaseWatch::poll(self, now)
     }
 
-    fn known(&self) -> &HashMap<Ipv4Net, Lease> {
-        &self.known
+    fn leases(&self) -> Vec<Lease> {
+        self.known.values().map(|l| Lease::clone(l)).collect()
+    }
+
+    fn lease(&self, subnet: &Ipv4Net) -> Option<Lease> {
+        self.known.get(subnet).map(|l| Lease::clone(l))
+    }
+
+    fn count(&self) -> usize {
+        self.known.len()
     }
 
     fn synced(&self) -> bool {

@@ -1,7 +1,6 @@
 //! The interface every lease store offers the agent (synchronous: the etcd store runs its own
 //! small runtime inside).
 
-use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use ipnet::Ipv4Net;
@@ -38,20 +37,12 @@ pub trait LeaseStore: Send {
 /// A watch; `poll` never blocks for long.
 pub trait LeaseWatcher: Send {
     fn poll(&mut self, now: SystemTime) -> Result<Vec<LeaseEvent>>;
-    /// The leases as of the last poll, by subnet.
-    fn known(&self) -> &HashMap<Ipv4Net, Lease>;
     /// Every lease as of the last poll (a copy).
-    fn leases(&self) -> Vec<Lease> {
-        self.known().values().cloned().collect()
-    }
+    fn leases(&self) -> Vec<Lease>;
     /// The lease on `subnet` as of the last poll.
-    fn lease(&self, subnet: &Ipv4Net) -> Option<&Lease> {
-        self.known().get(subnet)
-    }
+    fn lease(&self, subnet: &Ipv4Net) -> Option<Lease>;
     /// How many leases there were at the last poll.
-    fn count(&self) -> usize {
-        self.known().len()
-    }
+    fn count(&self) -> usize;
     /// Whether the watch has listed every lease at least once: before that, what it knows is
     /// partial, and nothing may be removed on its word.
     fn synced(&self) -> bool;

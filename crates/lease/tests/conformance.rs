@@ -124,7 +124,7 @@ fn delete_when_unchanged() {
 fn list_a_prefix_at_a_revision() {
     conform(|b| {
         let kv = b.open();
-        for (i, key) in ["things/b", "things/a", "other/c"].iter().enumerate() {
+        for (i, key) in ["things/b", "things/a", "other/c", "thingsx/d"].iter().enumerate() {
             kv.create(key, &value(i as u64), None).unwrap().unwrap();
         }
         let (entries, revision) = kv.list("things").unwrap();

@@ -14,7 +14,6 @@
 mod host_gw;
 mod vxlan;
 
-use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::path::Path;
 
@@ -100,10 +99,11 @@ pub trait Backend: Send + std::fmt::Debug {
     /// The kernel state that reaches `peers` (each valid, sorted by subnet, none of them this
     /// node).
     fn program(&self, node: &Node<'_>, peers: &[&Lease]) -> PeerState;
-    /// Whether a change of `lease` cannot be applied on its own because what counts for it
-    /// depends on other leases too (then everything is computed again).
-    fn coupled(&self, _lease: &Lease, _leases: &HashMap<Ipv4Net, Lease>) -> bool {
-        false
+    /// What `lease` claims that no two nodes may share (VXLAN: its VTEP MAC), if anything. A
+    /// change of a lease whose claim another node's lease also makes cannot be applied on its
+    /// own: which of them counts depends on both, so everything is computed again.
+    fn claim(&self, _lease: &Lease) -> Option<String> {
+        None
     }
 }
 

@@ -278,8 +278,16 @@ impl LeaseWatcher for FakeWatcher {
         Ok(events)
     }
 
-    fn known(&self) -> &HashMap<Ipv4Net, Lease> {
-        &self.known
+    fn leases(&self) -> Vec<Lease> {
+        self.known.values().cloned().collect()
+    }
+
+    fn lease(&self, subnet: &Ipv4Net) -> Option<Lease> {
+        self.known.get(subnet).cloned()
+    }
+
+    fn count(&self) -> usize {
+        self.known.len()
     }
 
     fn synced(&self) -> bool {

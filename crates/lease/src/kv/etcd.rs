@@ -58,9 +58,14 @@ fn entry(prefix: &str, kv: &KeyValue) -> Option<Entry> {
     })
 }
 
+/// The etcd key prefix of the directory `under` (`things` holds `things/a`, not `things2/a`).
+fn directory(prefix: &str, under: &str) -> String {
+    format!("{prefix}/{}/", under.trim_end_matches('/'))
+}
+
 async fn list(client: &mut Client, prefix: &str, under: &str) -> Result<(Vec<Entry>, i64)> {
     let resp = client
-        .get(format!("{prefix}/{under}"), Some(GetOptions::new().with_prefix()))
+        .get(directory(prefix, under), Some(GetOptions::new().with_prefix()))
         .await
         .map_err(|e| store_err(format!("listing {under}: {e}")))?;
     let revision = resp.header().map_or(0, |h| h.revision());
@@ -298,7 +303,7 @@ async fn follow_once(
         }
     };
     let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
-    let mut stream = client.watch(format!("{prefix}/{under}"), Some(options)).await.map_err(store_err)?;
+    let mut stream = client.watch(directory(prefix, under), Some(options)).await.map_err(store_err)?;
     loop {
         let resp = match stream.message().await.map_err(store_err)? {
             Some(resp) => resp,

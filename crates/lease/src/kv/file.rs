@@ -9,7 +9,8 @@
 //! ```
 //!
 //! A value is a JSON object; the store keeps its bookkeeping (`Created`, `Modified`, `Expires`)
-//! in it, so a lease file is flannel's lease JSON with three more fields. Every file is replaced
+//! in it, so a lease file is flannel's lease JSON with three more fields (and readers see them:
+//! readers of JSON objects ignore fields they do not know). Every file is replaced
 //! atomically (write, then rename): readers never see half a value. A file that is not such an
 //! object (garbage, an absurd `Expires`) is reported as a damaged entry, never fails a listing.
 //! The revision never goes backwards: it is the larger of the `revision` file and the journal's
@@ -46,32 +47,43 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(io("renaming", path))
 }
 
-/// A file's content as an entry of `key`.
+/// The bookkeeping fields of a value (the rest is ignored here).
+#[derive(serde::Deserialize)]
+struct Bookkeeping {
+    #[serde(rename = "Created")]
+    created: Option<u64>,
+    #[serde(rename = "Modified")]
+    modified: Option<u64>,
+    #[serde(rename = "Expires")]
+    expires: Option<u64>,
+}
+
+/// A file's content as an entry of `key`: the value is the content as stored (its bookkeeping
+/// fields left in: readers of JSON objects ignore fields they do not know), read once.
 fn decode(key: &str, bytes: &[u8]) -> Entry {
     let mut entry =
         Entry { key: key.to_string(), value: Vec::new(), created: 0, modified: 0, expires: None, damaged: None };
     let parsed = (|| -> std::result::Result<(), String> {
-        let mut object: Map<String, Value> = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        let number = |v: Option<Value>, name: &str| -> std::result::Result<Option<u64>, String> {
-            match v {
-                None | Some(Value::Null) => Ok(None),
-                Some(v) => v.as_u64().map(Some).ok_or_else(|| format!("{name} {v} is not a revision or time")),
-            }
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err("not a JSON object".into());
+        }
+        let meta: Bookkeeping = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let revision = |n: Option<u64>, name: &str| -> std::result::Result<i64, String> {
+            i64::try_from(n.unwrap_or(0)).map_err(|_| format!("{name} {n:?} is not a revision"))
         };
-        entry.created = number(object.remove(CREATED), CREATED)?.unwrap_or(0) as i64;
-        entry.modified = number(object.remove(MODIFIED), MODIFIED)?.unwrap_or(0) as i64;
-        entry.expires = match number(object.remove(EXPIRES), EXPIRES)? {
+        entry.created = revision(meta.created, CREATED)?;
+        entry.modified = revision(meta.modified, MODIFIED)?;
+        entry.expires = match meta.expires {
             None => None,
             Some(s) => {
                 Some(UNIX_EPOCH.checked_add(Duration::from_secs(s)).ok_or(format!("Expires {s} is not a time"))?)
             }
         };
-        entry.value = serde_json::to_vec(&object).map_err(|e| e.to_string())?;
         Ok(())
     })();
-    if let Err(reason) = parsed {
-        entry.value.clear();
-        entry.damaged = Some(reason);
+    match parsed {
+        Ok(()) => entry.value = bytes.to_vec(),
+        Err(reason) => entry.damaged = Some(reason),
     }
     entry
 }
@@ -397,12 +409,13 @@ mod tests {
     fn bookkeeping_is_kept_in_the_value_and_damage_is_reported() {
         let e = decode("subnets/a", br#"{"PublicIP":"198.18.0.1","Created":3,"Modified":9,"Expires":100}"#);
         assert_eq!((e.created, e.modified, e.expires), (3, 9, Some(UNIX_EPOCH + Duration::from_secs(100))));
-        assert_eq!(e.value, br#"{"PublicIP":"198.18.0.1"}"#);
+        assert!(e.damaged.is_none() && e.value.starts_with(br#"{"PublicIP":"198.18.0.1""#));
         for (bytes, why) in [
             (&br#"{"Expires":18446744073709551615}"#[..], "not a time"),
             (b"{garbage", "key must be a string"),
-            (b"[1]", "invalid type"),
-            (br#"{"Created":"x"}"#, "not a revision"),
+            (b"[1]", "not a JSON object"),
+            (br#"{"Created":"x"}"#, "invalid type"),
+            (br#"{"Modified":18446744073709551615}"#, "not a revision"),
         ] {
             let e = decode("subnets/a", bytes);
             assert!(

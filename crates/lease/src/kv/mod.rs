@@ -23,7 +23,8 @@ use crate::Result;
 pub struct Entry {
     /// Relative to the store's root: `subnets/10.244.1.0-24`.
     pub key: String,
-    /// The value (a JSON object), as bytes; empty when `damaged`.
+    /// The value (a JSON object), as bytes; empty when `damaged`. (The file store's carries its
+    /// bookkeeping fields too.)
     pub value: Vec<u8>,
     /// The revision that created the key, and the one of its last change.
     pub created: i64,
