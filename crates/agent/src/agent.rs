@@ -149,6 +149,8 @@ pub trait Keeper {
     fn lost(&self);
     /// What happened since the last call.
     fn reports(&self) -> Vec<Report>;
+    /// Write `attrs` over the lease from now on.
+    fn publish(&self, attrs: LeaseAttrs);
 }
 
 impl Keeper for Renewer {
@@ -158,6 +160,10 @@ impl Keeper for Renewer {
 
     fn reports(&self) -> Vec<Report> {
         Renewer::reports(self)
+    }
+
+    fn publish(&self, attrs: LeaseAttrs) {
+        Renewer::publish(self, attrs)
     }
 }
 
@@ -210,6 +216,8 @@ pub struct Loop {
     pub keeper: Box<dyn Keeper>,
     pub links: Box<dyn Links>,
     pub status: Arc<Mutex<Status>>,
+    /// Where the backend keeps what must survive restarts.
+    pub state_dir: PathBuf,
 }
 
 impl Loop {
@@ -251,6 +259,13 @@ impl Loop {
     fn carry_out(&mut self, now: Instant, actions: Vec<Action>) -> f64 {
         if actions.iter().any(|a| matches!(a, Action::LeaseLost)) {
             self.keeper.lost();
+        }
+        if actions.iter().any(|a| matches!(a, Action::RenewClaim)) {
+            match self.core.renew_claim(&Setup { state_dir: &self.state_dir }) {
+                Ok(Some(attrs)) => self.keeper.publish(attrs),
+                Ok(None) => {}
+                Err(e) => tracing::warn!("making a new claim: {e}"),
+            }
         }
         if !actions.iter().any(Action::is_kernel) {
             return 0.0;
@@ -411,6 +426,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         keeper: Box::new(keeper),
         links: Box::new(monitor),
         status,
+        state_dir: cfg.state_dir.clone(),
     };
     // The first turn at once (a store that lists synchronously is synced already); then on
     // every change, or every 50 ms for the timers (10 ms until ready).

@@ -79,12 +79,15 @@ pub enum Action {
     WriteSubnetFile(SubnetEnv),
     /// Tell the renewer that the watch shows the node's lease missing or someone else's.
     LeaseLost,
+    /// This node's claim (its VTEP MAC) is made by an older lease of another node: make a new
+    /// one ([`Core::renew_claim`]) and publish it.
+    RenewClaim,
 }
 
 impl Action {
     /// Carried out by the kernel executor (the rest by the loop).
     pub fn is_kernel(&self) -> bool {
-        !matches!(self, Action::LeaseLost)
+        !matches!(self, Action::LeaseLost | Action::RenewClaim)
     }
 }
 
@@ -142,6 +145,8 @@ pub struct Core {
     missing: bool,
     /// The device was reported deleted (its recreation is no surprise).
     device_lost: bool,
+    /// A new claim was asked for and is not in the store yet.
+    renewing_claim: bool,
     warned: HashSet<String>,
     failing: Option<String>,
     store_polls_ok: bool,
@@ -170,6 +175,7 @@ impl Core {
             in_flight: None,
             missing: false,
             device_lost: false,
+            renewing_claim: false,
             warned: HashSet::new(),
             failing: None,
             store_polls_ok: true,
@@ -357,10 +363,27 @@ impl Core {
         // restored backup or another writer may have put a stale VTEP MAC over it). The renewer
         // is told once when it goes missing.
         let present = self.leases.get(&self.lease.subnet).is_some_and(|l| l.attrs == self.lease.attrs);
-        if !present && !self.missing {
+        // (While a new claim is being published the watch shows the old one: no loss.)
+        if !present && !self.missing && !self.renewing_claim {
             actions.push(Action::LeaseLost);
         }
         self.missing = !present;
+        if present {
+            self.renewing_claim = false;
+        }
+        if self.status.started && !self.renewing_claim {
+            if let Some(older) = self.claimed_by_another() {
+                tracing::warn!(
+                    "this node's {} claim is made by the older lease {} of {} (peers ignore this node while it \
+                     stays so); making a new one",
+                    self.backend.name(),
+                    older.subnet,
+                    older.attrs.public_ip
+                );
+                self.renewing_claim = true;
+                actions.push(Action::RenewClaim);
+            }
+        }
 
         // After a failure, everything is tried again once the retry is due (changes meanwhile
         // are part of it).
@@ -378,6 +401,31 @@ impl Core {
             self.well_again();
         }
         actions
+    }
+
+    /// An older lease of another node that makes this node's claim, if there is one.
+    fn claimed_by_another(&self) -> Option<Arc<Lease>> {
+        let own = self.leases.get(&self.lease.subnet)?;
+        let claim = self.backend.claim(own)?;
+        let subnets = self.claimants.get(&claim)?;
+        subnets
+            .iter()
+            .filter(|s| **s != own.subnet)
+            .filter_map(|s| self.leases.get(s))
+            .find(|o| o.attrs.public_ip != self.uplink.ip && o.outranks(own))
+            .cloned()
+    }
+
+    /// Carries out [`Action::RenewClaim`]: the backend makes a new claim (it may keep it in
+    /// `setup`'s state directory); the attributes to publish are returned, and everything is
+    /// applied again (the device changes).
+    pub fn renew_claim(&mut self, setup: &backend::Setup<'_>) -> crate::Result<Option<weft_lease::LeaseAttrs>> {
+        if !self.backend.renew_claim(setup)? {
+            return Ok(None);
+        }
+        self.lease.attrs.backend_data = self.backend.lease_data();
+        self.replay = true;
+        Ok(Some(self.lease.attrs.clone()))
     }
 
     fn prepare(&self) -> Vec<Action> {

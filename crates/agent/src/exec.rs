@@ -81,7 +81,7 @@ pub fn execute(kernel: &mut dyn Kernel, actions: &[Action]) -> Result<Done> {
                 }
             }
             Action::WriteSubnetFile(env) => kernel.write_subnet_file(env)?,
-            Action::LeaseLost => {}
+            Action::LeaseLost | Action::RenewClaim => {}
         }
     }
     Ok(done)

@@ -24,9 +24,17 @@ pub enum Report {
     Failed(String),
 }
 
+/// What the loop tells the renewer.
+enum Request {
+    /// The watch shows the lease missing or someone else's.
+    Lost,
+    /// Publish these attributes from now on.
+    Publish(LeaseAttrs),
+}
+
 /// The loop's handle on the renewer thread.
 pub struct Renewer {
-    tx: Sender<bool>,
+    tx: Sender<Request>,
     rx: Receiver<Report>,
 }
 
@@ -50,22 +58,32 @@ impl Renewer {
         let (reports, rx) = channel();
         std::thread::Builder::new().name("weft-renewer".into()).spawn(move || {
             let mut lease = lease;
+            let mut attrs = attrs;
             let mut lost = false;
+            // New attributes to write over the lease (not a loss).
+            let mut publish = false;
             let mut backoff = Duration::from_secs(1);
             let mut wait = Duration::from_secs(1);
             loop {
                 // A lost lease reported meanwhile cuts any wait short.
                 match requests.recv_timeout(wait) {
-                    Ok(missing) => lost |= missing,
+                    Ok(Request::Lost) => lost = true,
+                    Ok(Request::Publish(new)) => {
+                        attrs = new;
+                        publish = true;
+                    }
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
                 let now = SystemTime::now();
-                if !lost && !due(&lease, ttl, now) {
+                if !lost && !publish && !due(&lease, ttl, now) {
                     continue;
                 }
-                let outcome = if lost {
-                    acquire(store.as_ref(), &network, &attrs, &lease, ttl, now, random)
+                let outcome = if lost || publish {
+                    acquire(store.as_ref(), &network, &attrs, &lease, ttl, now, random).map(|(l, _)| {
+                        let moved = l.subnet != lease.subnet;
+                        (l, lost || moved)
+                    })
                 } else {
                     match store.renew(&lease, Some(ttl), now) {
                         Err(LeaseError::NotFound(_)) => {
@@ -78,6 +96,7 @@ impl Renewer {
                     Ok((held, reacquired)) => {
                         lease = held.clone();
                         lost = false;
+                        publish = false;
                         backoff = Duration::from_secs(1);
                         wait = Duration::from_secs(1);
                         Report::Held { lease: held, reacquired }
@@ -98,7 +117,12 @@ impl Renewer {
 
     /// The watch shows the lease missing or someone else's: acquire it again.
     pub fn lost(&self) {
-        let _ = self.tx.send(true);
+        let _ = self.tx.send(Request::Lost);
+    }
+
+    /// Write `attrs` over the lease from now on.
+    pub fn publish(&self, attrs: LeaseAttrs) {
+        let _ = self.tx.send(Request::Publish(attrs));
     }
 
     /// What the renewer did since the last call.

@@ -32,6 +32,12 @@ pub fn stable_mac(state_dir: &Path, random: fn() -> Result<[u8; 6]>) -> Result<[
     if let Some(mac) = std::fs::read_to_string(&path).ok().and_then(|t| parse_mac(t.trim())) {
         return Ok(mac);
     }
+    new_mac(state_dir, random)
+}
+
+/// A new locally administered VTEP MAC from `random`, saved in place of the old one.
+pub fn new_mac(state_dir: &Path, random: fn() -> Result<[u8; 6]>) -> Result<[u8; 6]> {
+    let path = state_dir.join("vtep-mac");
     let mut mac = random()?;
     mac[0] = (mac[0] & 0xfe) | 0x02; // unicast, locally administered
     std::fs::create_dir_all(state_dir)

@@ -296,6 +296,37 @@ fn a_vtep_mac_claimed_twice_never_flips() {
     h.remove(forged.subnet);
     h.turn();
     assert!(h.reaches(2));
+    assert!(h.keeper.borrow().published.is_empty(), "the older claim is this node's: nothing to renew");
+}
+
+/// A node whose VTEP MAC an older lease of another node claims (its address changed, say, and
+/// its old lease is still there) is ignored by its peers: it makes a new MAC, once, publishes it
+/// and makes its VTEP again with it.
+#[test]
+fn a_claim_made_by_an_older_lease_of_another_node_is_renewed() {
+    let mut stale = peer(9);
+    stale.attrs.backend_data["VtepMAC"] = mac(1).into();
+    stale.created = Some(0);
+    let mut h = Harness::new(VXLAN, &[peer(2), stale]);
+    h.run_for(Duration::from_millis(100));
+    let published = h.keeper.borrow().published.clone();
+    assert_eq!(published.len(), 1, "{published:?}");
+    let new_mac = published[0].backend_data["VtepMAC"].as_str().unwrap().to_string();
+    assert_ne!(new_mac, mac(1));
+    h.turn();
+    let weft_agent::model::DeviceSpec::Vxlan { mac: device_mac, .. } = h.kernel.borrow().devices["weft.1"].clone();
+    assert_eq!(weft_dataplane::format_mac(&device_mac), new_mac, "the VTEP keeps the old MAC");
+    // The renewer wrote it; the watch shows it.
+    let mut own = h.own.clone();
+    own.attrs = published[0].clone();
+    h.put(own.clone());
+    h.keeper.borrow_mut().reports.push(Report::Held { lease: own, reacquired: false });
+    h.run_for(Duration::from_secs(3));
+    let keeper = h.keeper.borrow();
+    assert_eq!((keeper.published.len(), keeper.lost), (1, 0), "renewed again, or taken for a loss");
+    drop(keeper);
+    assert!(h.reaches(2) && h.ready());
+    assert_eq!(h.status().lease_reacquired, 0);
 }
 
 #[test]

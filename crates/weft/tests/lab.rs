@@ -664,3 +664,42 @@ fn etcd_garbage_over_the_own_lease_is_taken_back() {
     assert!(after <= before + 2, "etcd leases piled up: {before} before, {after} after");
     lab.check_ok();
 }
+
+/// A lease of another address holding node2's VTEP MAC and older than node2's (what a node whose
+/// address changed leaves behind until it expires): peers count the older claim, so node2 would
+/// be unreachable; node2 makes itself a new VTEP MAC, publishes it, and every pod reaches every
+/// other again.
+#[test]
+fn a_vtep_mac_taken_by_an_older_lease_is_replaced() {
+    let lab = TestLab::up("vxlan", 2, 1);
+    let show = lab.show();
+    let node2_subnet: ipnet::Ipv4Net = show["nodes"][1]["subnet"].as_str().unwrap().parse().unwrap();
+    let node2_ip = show["nodes"][1]["address"].as_str().unwrap().to_string();
+    let lease_of = |subnet: ipnet::Ipv4Net| {
+        lab.store().list(SystemTime::now()).unwrap().into_iter().find(|l| l.subnet == subnet).unwrap()
+    };
+    let old_mac = lease_of(node2_subnet).vxlan().unwrap().vtep_mac;
+    // Written by hand with the oldest creation revision there is.
+    let dir = std::path::PathBuf::from(show["store"]["endpoint"].as_str().unwrap());
+    let stale = json!({"PublicIP": "198.18.9.77", "BackendType": "vxlan", "BackendData": {"VNI": 1, "VtepMAC": old_mac},
+        "Created": 1, "Modified": 1});
+    std::fs::write(dir.join("subnets/198.19.250.0-24"), stale.to_string()).unwrap();
+    // Watchers list again (the journal lost track) and see it.
+    let revision: u64 = std::fs::read_to_string(dir.join("revision")).unwrap().trim().parse().unwrap();
+    std::fs::write(dir.join("journal"), "").unwrap();
+    std::fs::write(dir.join("revision"), (revision + 1).to_string()).unwrap();
+    within(Duration::from_secs(10), "node2 publishes a new VTEP MAC", || {
+        lease_of(node2_subnet).vxlan().unwrap().vtep_mac != old_mac
+    });
+    let new_mac = lease_of(node2_subnet).vxlan().unwrap().vtep_mac;
+    within(Duration::from_secs(5), "node1 programs node2's new MAC", || {
+        lab.peer_state("node1").1.contains(&format!("{new_mac} dst {node2_ip}"))
+    });
+    within(Duration::from_secs(5), "node2's VTEP has its new MAC", || {
+        let links = lab.ip("node2", &["ip", "link", "show"]);
+        links.as_array().unwrap().iter().any(|l| l["ifname"] == "weft.1" && l["address"] == new_mac.as_str())
+    });
+    lab.check_ok();
+    let (_, metrics) = http_get(&lab, "node2", "/metrics");
+    assert!(metrics.contains("weft_lease_reacquired_total 0"), "{metrics}");
+}

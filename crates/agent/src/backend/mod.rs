@@ -105,6 +105,13 @@ pub trait Backend: Send + std::fmt::Debug {
     fn claim(&self, _lease: &Lease) -> Option<String> {
         None
     }
+    /// Makes this node a new claim, when its own is made by an older lease of another node
+    /// (peers then ignore this node's lease: it would stay unreachable — a node whose address
+    /// changed leaves such a lease behind until it expires). VXLAN picks a new VTEP MAC and
+    /// keeps it. Whether it did.
+    fn renew_claim(&mut self, _setup: &Setup<'_>) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// The desired state for `peers` (this node's own lease among them is skipped; invalid ones

@@ -140,6 +140,11 @@ impl Backend for Vxlan {
     fn claim(&self, lease: &Lease) -> Option<String> {
         vtep_mac(lease).map(str::to_lowercase)
     }
+
+    fn renew_claim(&mut self, setup: &Setup<'_>) -> Result<bool> {
+        self.mac = vtep::new_mac(setup.state_dir, vtep::random_mac)?;
+        Ok(true)
+    }
 }
 
 #[cfg(test)]

@@ -300,6 +300,7 @@ impl LeaseWatcher for FakeWatcher {
 pub struct KeeperState {
     pub lost: usize,
     pub reports: Vec<Report>,
+    pub published: Vec<LeaseAttrs>,
 }
 
 pub struct FakeKeeper(pub Rc<RefCell<KeeperState>>);
@@ -311,6 +312,10 @@ impl Keeper for FakeKeeper {
 
     fn reports(&self) -> Vec<Report> {
         std::mem::take(&mut self.0.borrow_mut().reports)
+    }
+
+    fn publish(&self, attrs: LeaseAttrs) {
+        self.0.borrow_mut().published.push(attrs);
     }
 }
 
@@ -397,6 +402,7 @@ impl Harness {
             keeper: Box::new(FakeKeeper(keeper.clone())),
             links: Box::new(FakeLinks(kernel.clone())),
             status: Arc::new(Mutex::new(Status::default())),
+            state_dir: dir.path().to_path_buf(),
         };
         Harness { agent, kernel, store, keeper, own, t0: Instant::now(), now: Duration::ZERO, _dir: dir }
     }
