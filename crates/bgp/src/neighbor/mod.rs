@@ -1,0 +1,437 @@
+//! One neighbour's session, sans-IO (RFC 4271 §8): the finite state machine takes events — a
+//! start or stop, the transport connected or lost, a timer expired, bytes received — and
+//! returns actions — connect, send these bytes, close, start or stop a timer, the session is up
+//! or down, an UPDATE arrived. The I/O layer carries the actions out and reports what happens.
+//! Graceful restart (RFC 4724) is negotiated here; keeping a restarting peer's routes is the
+//! RIB's, told by [`Action::Down`].
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use crate::packet::{self, error, Capability, Codec, Family, Message, Notification, Open, RouteRefresh, Update};
+
+/// The session's state, with the RFC's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Idle,
+    Connect,
+    Active,
+    OpenSent,
+    OpenConfirm,
+    Established,
+}
+
+impl State {
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Idle => "Idle",
+            State::Connect => "Connect",
+            State::Active => "Active",
+            State::OpenSent => "OpenSent",
+            State::OpenConfirm => "OpenConfirm",
+            State::Established => "Established",
+        }
+    }
+}
+
+/// The session's timers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Timer {
+    /// Try to connect again (and, in Idle after an error, start again).
+    ConnectRetry,
+    Hold,
+    Keepalive,
+}
+
+/// How a neighbour is configured.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub local_as: u32,
+    pub router_id: Ipv4Addr,
+    /// The AS the neighbour must have (equal to `local_as`: iBGP).
+    pub peer_as: u32,
+    /// Wait for the neighbour to connect; never connect to it.
+    pub passive: bool,
+    /// The hold time offered (0: no keepalives; else at least 3 s).
+    pub hold_time: u16,
+    pub connect_retry: Duration,
+    pub families: Vec<Family>,
+    /// Offer graceful restart with this restart time; `restarting` when this speaker has just
+    /// restarted and kept its forwarding state.
+    pub graceful_restart: Option<u16>,
+    pub restarting: bool,
+}
+
+impl Config {
+    pub fn new(local_as: u32, router_id: Ipv4Addr, peer_as: u32) -> Config {
+        Config {
+            local_as,
+            router_id,
+            peer_as,
+            passive: false,
+            hold_time: 90,
+            connect_retry: Duration::from_secs(5),
+            families: vec![Family::IPV4_UNICAST, Family::IPV6_UNICAST],
+            graceful_restart: Some(120),
+            restarting: false,
+        }
+    }
+
+    pub fn ibgp(&self) -> bool {
+        self.local_as == self.peer_as
+    }
+
+    /// The OPEN this speaker sends.
+    pub fn open(&self) -> Open {
+        let mut capabilities: Vec<Capability> = self.families.iter().map(|f| Capability::Multiprotocol(*f)).collect();
+        capabilities.push(Capability::RouteRefresh);
+        if let Some(time) = self.graceful_restart {
+            capabilities.push(Capability::GracefulRestart {
+                restarting: self.restarting,
+                time,
+                families: self.families.iter().map(|f| (*f, self.restarting)).collect(),
+            });
+        }
+        capabilities.push(Capability::FourOctetAs(self.local_as));
+        Open { asn: self.local_as, hold_time: self.hold_time, router_id: self.router_id, capabilities }
+    }
+}
+
+/// What both sides agreed on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiated {
+    pub peer_as: u32,
+    pub peer_id: Ipv4Addr,
+    pub hold_time: u16,
+    pub families: Vec<Family>,
+    pub codec: Codec,
+    pub route_refresh: bool,
+    /// The neighbour's graceful restart capability: its restart time and whether it says it
+    /// restarted, and the families whose forwarding state it kept.
+    pub peer_restart: Option<(u16, bool, Vec<Family>)>,
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    /// This speaker sent this NOTIFICATION.
+    Sent(Notification),
+    /// The neighbour sent this NOTIFICATION.
+    Received(Notification),
+    /// The transport closed or failed.
+    TransportLost,
+    /// Stopped by its operator.
+    Stopped,
+}
+
+/// What the I/O layer is to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Connect,
+    Send(Vec<u8>),
+    Close,
+    StartTimer(Timer, Duration),
+    StopTimer(Timer),
+    /// The session is up.
+    Established(Negotiated),
+    /// The session that was up is down. `keep_for`: the neighbour's routes are to be kept, as
+    /// stale, this long (graceful restart) rather than withdrawn now.
+    Down {
+        reason: Reason,
+        keep_for: Option<Duration>,
+    },
+    /// An UPDATE from the neighbour.
+    Received(Update),
+    /// The neighbour asks for `family` again (route refresh).
+    RefreshRequested(Family),
+}
+
+/// One neighbour.
+pub struct Neighbor {
+    pub config: Config,
+    state: State,
+    /// Bytes received that do not make a whole message yet.
+    buffer: Vec<u8>,
+    negotiated: Option<Negotiated>,
+    /// Stopped by the operator: no automatic restart.
+    stopped: bool,
+}
+
+/// The hold time while waiting for the neighbour's OPEN (RFC 4271 suggests 4 minutes).
+const OPEN_HOLD: Duration = Duration::from_secs(240);
+
+impl Neighbor {
+    pub fn new(config: Config) -> Neighbor {
+        Neighbor { config, state: State::Idle, buffer: Vec::new(), negotiated: None, stopped: true }
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    pub fn negotiated(&self) -> Option<&Negotiated> {
+        self.negotiated.as_ref()
+    }
+
+    fn codec(&self) -> Codec {
+        self.negotiated.as_ref().map_or_else(Codec::default, |n| n.codec)
+    }
+
+    fn send(&self, message: &Message) -> Action {
+        Action::Send(packet::to_bytes(message, self.codec()))
+    }
+
+    /// Starts the session (automatic restarts follow errors until [`Neighbor::stop`]).
+    pub fn start(&mut self) -> Vec<Action> {
+        self.stopped = false;
+        if self.state != State::Idle {
+            return Vec::new();
+        }
+        self.begin()
+    }
+
+    fn begin(&mut self) -> Vec<Action> {
+        self.buffer.clear();
+        if self.config.passive {
+            self.state = State::Active;
+            return Vec::new();
+        }
+        self.state = State::Connect;
+        vec![Action::Connect, Action::StartTimer(Timer::ConnectRetry, self.config.connect_retry)]
+    }
+
+    /// Stops the session: a Cease to the neighbour if it was talking, then Idle for good.
+    pub fn stop(&mut self) -> Vec<Action> {
+        self.stopped = true;
+        match self.state {
+            State::Idle => Vec::new(),
+            State::Connect | State::Active => {
+                self.state = State::Idle;
+                vec![Action::Close, Action::StopTimer(Timer::ConnectRetry)]
+            }
+            _ => self.end(Reason::Sent(Notification::new(error::CEASE, error::CEASE_ADMIN_SHUTDOWN, []))),
+        }
+    }
+
+    /// A transport connection to the neighbour is up (ours, or one it made and the I/O layer
+    /// handed to this neighbour).
+    pub fn connected(&mut self) -> Vec<Action> {
+        match self.state {
+            State::Connect | State::Active => {
+                self.state = State::OpenSent;
+                self.buffer.clear();
+                vec![
+                    Action::StopTimer(Timer::ConnectRetry),
+                    self.send(&Message::Open(self.config.open())),
+                    Action::StartTimer(Timer::Hold, OPEN_HOLD),
+                ]
+            }
+            // Not expecting one (stopped, or a session already): refused.
+            _ => vec![Action::Close],
+        }
+    }
+
+    /// The transport failed or the neighbour closed it.
+    pub fn transport_lost(&mut self) -> Vec<Action> {
+        match self.state {
+            State::Idle => Vec::new(),
+            State::Connect | State::Active => {
+                self.state = State::Active;
+                vec![Action::StartTimer(Timer::ConnectRetry, self.config.connect_retry)]
+            }
+            _ => self.end(Reason::TransportLost),
+        }
+    }
+
+    /// A timer expired.
+    pub fn timer(&mut self, timer: Timer) -> Vec<Action> {
+        match (timer, self.state) {
+            (Timer::ConnectRetry, State::Idle) if !self.stopped => self.begin(),
+            (Timer::ConnectRetry, State::Connect | State::Active) if !self.config.passive => {
+                self.state = State::Connect;
+                vec![Action::Close, Action::Connect, Action::StartTimer(Timer::ConnectRetry, self.config.connect_retry)]
+            }
+            (Timer::Hold, State::OpenSent | State::OpenConfirm | State::Established) => {
+                self.end(Reason::Sent(Notification::new(error::HOLD_TIMER_EXPIRED, 0, [])))
+            }
+            (Timer::Keepalive, State::OpenConfirm | State::Established) => {
+                vec![self.send(&Message::Keepalive), Action::StartTimer(Timer::Keepalive, self.keepalive_interval())]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn keepalive_interval(&self) -> Duration {
+        let hold = self.negotiated.as_ref().map_or(self.config.hold_time, |n| n.hold_time);
+        Duration::from_secs(u64::from(hold / 3).max(1))
+    }
+
+    /// Bytes from the neighbour.
+    pub fn received(&mut self, bytes: &[u8]) -> Vec<Action> {
+        self.buffer.extend_from_slice(bytes);
+        let mut actions = Vec::new();
+        loop {
+            if matches!(self.state, State::Idle | State::Connect | State::Active) {
+                self.buffer.clear();
+                return actions;
+            }
+            match packet::decode(&self.buffer, self.codec()) {
+                Ok(None) => return actions,
+                Ok(Some((message, used))) => {
+                    self.buffer.drain(..used);
+                    actions.extend(self.message(message));
+                }
+                Err(notification) => {
+                    actions.extend(self.end(Reason::Sent(notification)));
+                    return actions;
+                }
+            }
+        }
+    }
+
+    /// The session ends: a NOTIFICATION sent if that is the reason, the transport closed,
+    /// timers stopped, and Idle — restarted after the connect-retry time unless stopped.
+    fn end(&mut self, reason: Reason) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if let Reason::Sent(n) = &reason {
+            actions.push(self.send(&Message::Notification(n.clone())));
+        }
+        actions.extend([Action::Close, Action::StopTimer(Timer::Hold), Action::StopTimer(Timer::Keepalive)]);
+        if self.state == State::Established {
+            // RFC 4724: a neighbour that can restart gracefully keeps its routes in our RIB
+            // for its restart time when the session ends without a NOTIFICATION from it or us
+            // (its transport went, its hold timer ran out).
+            let graceful = matches!(reason, Reason::TransportLost)
+                || matches!(&reason, Reason::Sent(n) if n.code == error::HOLD_TIMER_EXPIRED);
+            let keep_for = self
+                .negotiated
+                .as_ref()
+                .and_then(|n| n.peer_restart.as_ref())
+                .filter(|_| graceful && self.config.graceful_restart.is_some())
+                .map(|(time, _, _)| Duration::from_secs(u64::from(*time)));
+            actions.push(Action::Down { reason, keep_for });
+        }
+        self.state = State::Idle;
+        self.negotiated = None;
+        self.buffer.clear();
+        if self.stopped {
+            actions.push(Action::StopTimer(Timer::ConnectRetry));
+        } else {
+            actions.push(Action::StartTimer(Timer::ConnectRetry, self.config.connect_retry));
+        }
+        actions
+    }
+
+    fn message(&mut self, message: Message) -> Vec<Action> {
+        let fsm_error = |state: State| {
+            let subcode = match state {
+                State::OpenSent => 1,
+                State::OpenConfirm => 2,
+                _ => 3,
+            };
+            Reason::Sent(Notification::new(error::FSM, subcode, []))
+        };
+        match (self.state, message) {
+            (_, Message::Notification(n)) => self.end(Reason::Received(n)),
+            (State::OpenSent, Message::Open(open)) => match self.check_open(&open) {
+                Err(n) => self.end(Reason::Sent(n)),
+                Ok(negotiated) => {
+                    let hold = negotiated.hold_time;
+                    self.negotiated = Some(negotiated);
+                    self.state = State::OpenConfirm;
+                    let mut actions = vec![self.send(&Message::Keepalive)];
+                    if hold == 0 {
+                        actions.push(Action::StopTimer(Timer::Hold));
+                    } else {
+                        actions.push(Action::StartTimer(Timer::Hold, Duration::from_secs(u64::from(hold))));
+                        actions.push(Action::StartTimer(Timer::Keepalive, self.keepalive_interval()));
+                    }
+                    actions
+                }
+            },
+            (State::OpenConfirm, Message::Keepalive) => {
+                self.state = State::Established;
+                let mut actions = self.hold_again();
+                actions.extend(self.negotiated.clone().map(Action::Established));
+                actions
+            }
+            (State::Established, Message::Keepalive) => self.hold_again(),
+            (State::Established, Message::Update(update)) => {
+                let mut actions = self.hold_again();
+                actions.push(Action::Received(update));
+                actions
+            }
+            (State::Established, Message::RouteRefresh(RouteRefresh { family })) => {
+                let mut actions = self.hold_again();
+                if self.negotiated.as_ref().is_some_and(|n| n.families.contains(&family)) {
+                    actions.push(Action::RefreshRequested(family));
+                }
+                actions
+            }
+            (state, _) => self.end(fsm_error(state)),
+        }
+    }
+
+    /// The hold timer starts again (a message arrived).
+    fn hold_again(&self) -> Vec<Action> {
+        match self.negotiated.as_ref().map(|n| n.hold_time) {
+            Some(0) | None => Vec::new(),
+            Some(hold) => vec![Action::StartTimer(Timer::Hold, Duration::from_secs(u64::from(hold)))],
+        }
+    }
+
+    /// The neighbour's OPEN, checked against the configuration (RFC 4271 §6.2).
+    fn check_open(&self, open: &Open) -> Result<Negotiated, Notification> {
+        if open.asn != self.config.peer_as {
+            let as2 = u16::try_from(open.asn).unwrap_or(packet::AS_TRANS);
+            return Err(Notification::new(error::OPEN, error::OPEN_BAD_PEER_AS, as2.to_be_bytes()));
+        }
+        if open.router_id == self.config.router_id {
+            return Err(Notification::new(error::OPEN, error::OPEN_BAD_IDENTIFIER, []));
+        }
+        let hold_time = open.hold_time.min(self.config.hold_time);
+        let families: Vec<Family> = self.config.families.iter().copied().filter(|f| open.offers(*f)).collect();
+        let peer_restart = open.graceful_restart().and_then(|c| match c {
+            Capability::GracefulRestart { restarting, time, families } => {
+                Some((*time, *restarting, families.iter().filter(|(_, kept)| *kept).map(|(f, _)| *f).collect()))
+            }
+            _ => None,
+        });
+        Ok(Negotiated {
+            peer_as: open.asn,
+            peer_id: open.router_id,
+            hold_time,
+            families,
+            codec: Codec { four_octet_as: open.four_octet_as() },
+            route_refresh: open.route_refresh(),
+            peer_restart,
+        })
+    }
+
+    /// Sends an UPDATE (only in Established; otherwise nothing).
+    pub fn send_update(&mut self, update: &Update) -> Vec<Action> {
+        if self.state != State::Established {
+            return Vec::new();
+        }
+        vec![self.send(&Message::Update(update.clone()))]
+    }
+
+    /// Asks the neighbour to send `family` again (when it can).
+    pub fn refresh(&mut self, family: Family) -> Vec<Action> {
+        match &self.negotiated {
+            Some(n) if self.state == State::Established && n.route_refresh => {
+                vec![self.send(&Message::RouteRefresh(RouteRefresh { family }))]
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// RFC 4271 §6.8: of two connections between the same speakers, the one opened by the speaker
+/// with the higher BGP identifier stays. Whether the connection this speaker opened stays.
+pub fn keep_own_connection(local_id: Ipv4Addr, remote_id: Ipv4Addr) -> bool {
+    u32::from(local_id) > u32::from(remote_id)
+}
+
+#[cfg(test)]
+mod tests;
