@@ -196,15 +196,8 @@ impl Update {
     /// An UPDATE announcing `prefixes` (any family; IPv6 in MP_REACH_NLRI with `v6_next_hop`)
     /// with `attributes` (ORIGIN, AS_PATH, ...; NEXT_HOP for IPv4 included by the caller).
     pub fn announce(prefixes: &[IpNet], attributes: Vec<Attribute>, v6_next_hop: Option<Ipv6Addr>) -> Update {
-        let mut update = Update { attributes, ..Update::default() };
-        let v6: Vec<IpNet> = prefixes.iter().filter(|p| matches!(p, IpNet::V6(_))).copied().collect();
-        update.nlri = prefixes
-            .iter()
-            .filter_map(|p| match p {
-                IpNet::V4(n) => Some(*n),
-                IpNet::V6(_) => None,
-            })
-            .collect();
+        let (nlri, v6) = split(prefixes);
+        let mut update = Update { attributes, nlri, ..Update::default() };
         if !v6.is_empty() {
             let next_hop = vec![IpAddr::V6(v6_next_hop.unwrap_or(Ipv6Addr::UNSPECIFIED))];
             update.attributes.push(Attribute::MpReach { family: Family::IPV6_UNICAST, next_hop, nlri: v6 });
@@ -214,20 +207,19 @@ impl Update {
 
     /// An UPDATE withdrawing `prefixes` (any family).
     pub fn withdraw(prefixes: &[IpNet]) -> Update {
-        let mut update = Update::default();
-        let v6: Vec<IpNet> = prefixes.iter().filter(|p| matches!(p, IpNet::V6(_))).copied().collect();
-        update.withdrawn = prefixes
-            .iter()
-            .filter_map(|p| match p {
-                IpNet::V4(n) => Some(*n),
-                IpNet::V6(_) => None,
-            })
-            .collect();
+        let (withdrawn, v6) = split(prefixes);
+        let mut update = Update { withdrawn, ..Update::default() };
         if !v6.is_empty() {
             update.attributes.push(Attribute::MpUnreach { family: Family::IPV6_UNICAST, withdrawn: v6 });
         }
         update
     }
+}
+
+/// IPv4 prefixes (for the UPDATE's own fields) and the others (for multiprotocol attributes).
+fn split(prefixes: &[IpNet]) -> (Vec<Ipv4Net>, Vec<IpNet>) {
+    let v6 = prefixes.iter().filter(|p| matches!(p, IpNet::V6(_))).copied().collect();
+    (v4(prefixes.to_vec()), v6)
 }
 
 /// A ROUTE-REFRESH (RFC 2918): send me family `family` again.
