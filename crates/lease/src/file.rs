@@ -241,3 +241,77 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod damage {
+    use std::time::{Duration, Instant, SystemTime};
+
+    use weft_netconf::NetworkConfig;
+
+    use crate::kv::FileKv;
+    use crate::leases::Leases;
+    use crate::{LeaseAttrs, LeaseEvent, LeaseWatcher};
+
+    fn attrs(ip: &str) -> LeaseAttrs {
+        LeaseAttrs {
+            public_ip: ip.parse().unwrap(),
+            public_ipv6: None,
+            backend_type: "host-gw".into(),
+            backend_data: serde_json::Value::Null,
+        }
+    }
+
+    fn config() -> NetworkConfig {
+        NetworkConfig::parse(r#"{"Network": "198.19.0.0/16"}"#).unwrap()
+    }
+
+    /// A revision beyond what a store can reach — in the revision file, or on a journal line —
+    /// is damage: writes go on from the last good one (it made every lease damaged, and a
+    /// saturated one froze every watch), entries stay readable, watches keep seeing changes.
+    #[test]
+    fn an_absurd_revision_is_not_continued_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::FileStore::open(dir.path()).unwrap();
+        let now = SystemTime::now();
+        store.acquire(&config(), &attrs("198.18.0.1"), None, None, now, &mut |_| 0).unwrap();
+        let mut watcher = store.watcher().unwrap();
+        assert_eq!(watcher.poll(now).unwrap().len(), 1);
+        let journal = dir.path().join("journal");
+        for (i, damage) in ["9223372036854775807", "18446744073709551615", "journal"].iter().enumerate() {
+            if *damage == "journal" {
+                let mut text = std::fs::read_to_string(&journal).unwrap();
+                text.push_str("18446744073709551615 subnets/none\n");
+                std::fs::write(&journal, text).unwrap();
+            } else {
+                std::fs::write(dir.path().join("revision"), damage).unwrap();
+            }
+            let ip = format!("198.18.0.{}", 10 + i);
+            let lease = store.acquire(&config(), &attrs(&ip), None, None, now, &mut |_| 0).unwrap();
+            let created = lease.created.unwrap();
+            assert!(created > 0 && created <= 1 << 53, "{damage}: created at {created}");
+            assert_eq!(watcher.poll(now).unwrap(), vec![LeaseEvent::Added(lease.clone())], "{damage}");
+            assert_eq!(watcher.damaged(), 0, "{damage}: the write made a damaged entry");
+            store.delete(&lease.subnet).unwrap();
+            assert_eq!(watcher.poll(now).unwrap(), vec![LeaseEvent::Removed(lease)], "{damage}");
+        }
+        assert_eq!(store.list(now).unwrap().len(), 1);
+    }
+
+    /// A process that holds the store's lock and hangs (a SIGSTOPped agent mid-write) makes the
+    /// others' changes fail after a while — reported, retried — instead of waiting for ever.
+    #[test]
+    fn a_held_lock_fails_a_change_instead_of_hanging() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Leases::new(FileKv::open(dir.path()).unwrap().with_lock_wait(Duration::from_millis(300)));
+        store.acquire(&config(), &attrs("198.18.0.1"), None, None, SystemTime::now(), &mut |_| 0).unwrap();
+        let holder = std::fs::File::options().write(true).open(dir.path().join("lock")).unwrap();
+        holder.lock().unwrap();
+        let started = Instant::now();
+        let err =
+            store.acquire(&config(), &attrs("198.18.0.2"), None, None, SystemTime::now(), &mut |_| 0).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(err.to_string().contains("held by another process"), "{err}");
+        drop(holder);
+        store.acquire(&config(), &attrs("198.18.0.2"), None, None, SystemTime::now(), &mut |_| 0).unwrap();
+    }
+}

@@ -32,6 +32,17 @@ use crate::{LeaseError, Result};
 
 /// The journal is started afresh past this size.
 const JOURNAL_LIMIT: u64 = 1 << 20;
+/// No store makes this many changes: a revision beyond it is damage, never continued from (it
+/// would run past what entries can hold, or saturate and stop every watch).
+pub const MAX_REVISION: u64 = 1 << 53;
+/// How long a change waits for the store's lock before failing (a holder that hangs must not
+/// hold up every writer for ever: the failure is reported, and retried).
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// A revision as written, unless it is beyond [`MAX_REVISION`].
+fn revision_of(text: &str) -> Option<u64> {
+    text.trim().parse().ok().filter(|r| *r <= MAX_REVISION)
+}
 /// The bookkeeping fields kept in every value.
 const CREATED: &str = "Created";
 const MODIFIED: &str = "Modified";
@@ -69,7 +80,10 @@ fn decode(key: &str, bytes: &[u8]) -> Entry {
         }
         let meta: Bookkeeping = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
         let revision = |n: Option<u64>, name: &str| -> std::result::Result<i64, String> {
-            i64::try_from(n.unwrap_or(0)).map_err(|_| format!("{name} {n:?} is not a revision"))
+            match n.unwrap_or(0) {
+                r if r <= MAX_REVISION => Ok(r as i64),
+                r => Err(format!("{name} {r} is not a revision")),
+            }
         };
         entry.created = revision(meta.created, CREATED)?;
         entry.modified = revision(meta.modified, MODIFIED)?;
@@ -92,6 +106,7 @@ fn decode(key: &str, bytes: &[u8]) -> Entry {
 #[derive(Debug, Clone)]
 pub struct FileKv {
     dir: PathBuf,
+    lock_wait: Duration,
 }
 
 /// Holds the store's lock while alive.
@@ -101,7 +116,13 @@ impl FileKv {
     pub fn open(dir: impl Into<PathBuf>) -> Result<FileKv> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
-        Ok(FileKv { dir })
+        Ok(FileKv { dir, lock_wait: LOCK_WAIT })
+    }
+
+    /// The same store, its changes waiting at most `wait` for the lock.
+    pub fn with_lock_wait(mut self, wait: Duration) -> FileKv {
+        self.lock_wait = wait;
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -115,8 +136,23 @@ impl FileKv {
             OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path)
         }
         .map_err(io("opening", &path))?;
-        file.lock().map_err(io("locking", &path))?;
-        Ok(Locked(file))
+        let deadline = std::time::Instant::now() + self.lock_wait;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(Locked(file)),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(LeaseError::Store(format!(
+                        "{} is held by another process for more than {} s",
+                        path.display(),
+                        self.lock_wait.as_secs_f64()
+                    )))
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(io("locking", &path)(e)),
+            }
+        }
     }
 
     fn path(&self, key: &str) -> Result<PathBuf> {
@@ -129,7 +165,7 @@ impl FileKv {
     fn current(&self) -> u64 {
         std::fs::read_to_string(self.dir.join("revision"))
             .ok()
-            .and_then(|t| t.trim().parse().ok())
+            .and_then(|t| revision_of(&t))
             .unwrap_or_else(|| self.journal_revision())
     }
 
@@ -144,7 +180,7 @@ impl FileKv {
         }
         let text = String::from_utf8_lossy(&tail);
         let complete = text.rfind('\n').map_or("", |i| &text[..i]);
-        complete.lines().rev().find_map(|l| l.split_once(' ').and_then(|(r, _)| r.parse().ok())).unwrap_or(0)
+        complete.lines().rev().find_map(|l| l.split_once(' ').and_then(|(r, _)| revision_of(r))).unwrap_or(0)
     }
 
     /// The revision the next change gets (never backwards, whatever the revision file says).
@@ -386,7 +422,7 @@ fn journal_keys(tail: &[u8], seen: u64) -> Option<(Vec<String>, u64)> {
     let mut last = seen;
     for line in text.lines() {
         let (rev, key) = line.split_once(' ')?;
-        let rev: u64 = rev.parse().ok()?;
+        let rev = revision_of(rev)?;
         if rev <= seen {
             continue;
         }
