@@ -241,3 +241,50 @@ fn only_canonical_keys_count_and_the_older_claim_wins() {
         .unwrap();
     assert_ne!(got.subnet, prev);
 }
+
+/// Polls `watcher` until `want` holds of its outcome.
+fn poll_outcome(
+    watcher: &mut Box<dyn weft_lease::LeaseWatcher>,
+    what: &str,
+    limit: Duration,
+    want: impl Fn(bool) -> bool,
+) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let ok = watcher.poll(SystemTime::now()).is_ok();
+        if want(ok) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        watcher.wait(Duration::from_millis(200));
+    }
+}
+
+/// A watch says when etcd stops answering — paused (its connections stay open and silent) or
+/// gone — and when it answers again, so an outage shows in readiness at once and not at the
+/// next renewal, up to 12 hours later.
+#[test]
+fn a_watch_reports_an_etcd_that_does_not_answer() {
+    let mut etcd = Etcd::start();
+    let store = EtcdStore::connect(&[etcd.url()], DEFAULT_PREFIX).unwrap();
+    let a = store
+        .acquire(&config(), &attrs("198.18.0.1", "0a:58:00:00:00:01"), None, None, SystemTime::now(), &mut |_| 0)
+        .unwrap();
+    let mut watcher = store.watch().unwrap();
+    poll_until(&mut watcher, "the first listing", |e| e.contains(&LeaseEvent::Added(a.clone())));
+    etcd.signal("STOP");
+    poll_outcome(&mut watcher, "a paused etcd reported", Duration::from_secs(15), |ok| !ok);
+    etcd.signal("CONT");
+    poll_outcome(&mut watcher, "etcd answering again", Duration::from_secs(15), |ok| ok);
+    etcd.stop();
+    poll_outcome(&mut watcher, "a stopped etcd reported", Duration::from_secs(15), |ok| !ok);
+    etcd.run();
+    poll_outcome(&mut watcher, "etcd back", Duration::from_secs(15), |ok| ok);
+    let other = EtcdStore::connect(&[etcd.url()], DEFAULT_PREFIX).unwrap();
+    let b = other
+        .acquire(&config(), &attrs("198.18.0.2", "0a:58:00:00:00:02"), None, None, SystemTime::now(), &mut |_| 0)
+        .unwrap();
+    poll_until(&mut watcher, "changes after the outage", |e| {
+        e.iter().any(|ev| matches!(ev, LeaseEvent::Added(l) if l.subnet == b.subnet))
+    });
+}

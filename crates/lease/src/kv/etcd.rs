@@ -251,7 +251,7 @@ impl Kv for EtcdKv {
             .name("etcd-watch".into())
             .spawn(move || follow(endpoints, prefix, under, tx, from))
             .map_err(store_err)?;
-        Ok(Box::new(EtcdWatch { rx, pending: None }))
+        Ok(Box::new(EtcdWatch { rx, pending: Vec::new(), failing: None }))
     }
 
     fn read_document(&self, key: &str) -> Result<Option<String>> {
@@ -267,16 +267,42 @@ impl Kv for EtcdKv {
     }
 }
 
-/// List, then watch from the listed revision; on compaction, cancellation or a lost
-/// connection, list again (a snapshot). Ends when the receiver is gone.
-fn follow(endpoints: Vec<String>, prefix: String, under: String, tx: Sender<Update>, mut resume: Option<i64>) {
+/// What the watch thread tells its watch: updates, and whether etcd answers.
+enum Signal {
+    Update(Update),
+    /// etcd does not answer (or the watch broke): the thread keeps trying.
+    Failing(String),
+    /// etcd answers again.
+    Healthy,
+}
+
+/// How often a quiet watch asks etcd whether it is still there (a paused etcd keeps its
+/// connections open and says nothing), and how long it waits for the answer.
+const PROBE_EVERY: Duration = Duration::from_secs(5);
+const PROBE_WAIT: Duration = Duration::from_secs(3);
+
+/// List, then watch from the listed revision; on compaction, cancellation, a lost connection
+/// or an unanswered probe, list again (a snapshot). A failure is logged once per change of
+/// state, not on every retry. Ends when the receiver is gone.
+fn follow(endpoints: Vec<String>, prefix: String, under: String, tx: Sender<Signal>, mut resume: Option<i64>) {
     let Ok(rt) = runtime() else { return };
     rt.block_on(async move {
+        let mut failing = false;
         loop {
-            match follow_once(&endpoints, &prefix, &under, &tx, resume.take()).await {
+            match follow_once(&endpoints, &prefix, &under, &tx, resume.take(), &mut failing).await {
                 Ok(()) => return, // receiver gone
-                Err(e) => {
-                    tracing::warn!("etcd watch: {e}; listing again in 1 s");
+                // etcd answers; it no longer has the history the watch needs: list again.
+                Err(Broken::Compacted(revision)) => {
+                    tracing::info!("etcd watch: compacted at revision {revision}; listing again");
+                }
+                Err(Broken::Failed(e)) => {
+                    if !failing {
+                        tracing::warn!("etcd watch: {e}; listing again every second until it answers");
+                        failing = true;
+                    }
+                    if tx.send(Signal::Failing(e.to_string())).is_err() {
+                        return;
+                    }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
@@ -284,33 +310,68 @@ fn follow(endpoints: Vec<String>, prefix: String, under: String, tx: Sender<Upda
     });
 }
 
+/// Why a watch stopped.
+enum Broken {
+    Compacted(i64),
+    Failed(LeaseError),
+}
+
+impl From<LeaseError> for Broken {
+    fn from(e: LeaseError) -> Broken {
+        Broken::Failed(e)
+    }
+}
+
 async fn follow_once(
     endpoints: &[String],
     prefix: &str,
     under: &str,
-    tx: &Sender<Update>,
+    tx: &Sender<Signal>,
     resume: Option<i64>,
-) -> Result<()> {
+    failing: &mut bool,
+) -> std::result::Result<(), Broken> {
     let mut client = connect(endpoints).await?;
     let revision = match resume {
         Some(revision) => revision,
         None => {
-            let (entries, revision) = list(&mut client, prefix, under).await?;
-            if tx.send(Update::Snapshot(entries)).is_err() {
+            let (entries, revision) = tokio::time::timeout(RPC_TIMEOUT, list(&mut client, prefix, under))
+                .await
+                .map_err(|_| store_err("etcd did not answer within 5 s"))??;
+            if tx.send(Signal::Update(Update::Snapshot(entries))).is_err() {
                 return Ok(());
             }
             revision
         }
     };
     let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
-    let mut stream = client.watch(directory(prefix, under), Some(options)).await.map_err(store_err)?;
+    let mut stream = tokio::time::timeout(RPC_TIMEOUT, client.watch(directory(prefix, under), Some(options)))
+        .await
+        .map_err(|_| store_err("etcd did not answer within 5 s"))?
+        .map_err(store_err)?;
+    if std::mem::take(failing) {
+        tracing::info!("etcd watch: etcd answers again");
+    }
+    if tx.send(Signal::Healthy).is_err() {
+        return Ok(());
+    }
     loop {
-        let resp = match stream.message().await.map_err(store_err)? {
-            Some(resp) => resp,
-            None => return Err(store_err("the watch stream ended")),
+        let message = tokio::select! {
+            message = stream.message() => message.map_err(store_err)?,
+            _ = tokio::time::sleep(PROBE_EVERY) => {
+                let probe = client.get(format!("{prefix}/"), Some(GetOptions::new().with_count_only()));
+                match tokio::time::timeout(PROBE_WAIT, probe).await {
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(e)) => return Err(store_err(e).into()),
+                    Err(_) => return Err(store_err("etcd did not answer within 3 s").into()),
+                }
+            }
         };
-        if resp.canceled() || resp.compact_revision() > 0 {
-            return Err(store_err(format!("watch canceled (compacted at revision {})", resp.compact_revision())));
+        let Some(resp) = message else { return Err(store_err("the watch stream ended").into()) };
+        if resp.compact_revision() > 0 {
+            return Err(Broken::Compacted(resp.compact_revision()));
+        }
+        if resp.canceled() {
+            return Err(store_err(format!("the watch was canceled: {}", resp.cancel_reason())).into());
         }
         for event in resp.events() {
             let Some(kv) = event.kv() else { continue };
@@ -319,7 +380,7 @@ async fn follow_once(
                 EventType::Put => Update::Put(e),
                 EventType::Delete => Update::Delete(e.key),
             };
-            if tx.send(update).is_err() {
+            if tx.send(Signal::Update(update)).is_err() {
                 return Ok(());
             }
         }
@@ -327,21 +388,41 @@ async fn follow_once(
 }
 
 struct EtcdWatch {
-    rx: Receiver<Update>,
-    /// An update `wait` received before `poll` asked for it.
-    pending: Option<Update>,
+    rx: Receiver<Signal>,
+    /// What `wait` received before `poll` asked for it.
+    pending: Vec<Update>,
+    /// Why etcd does not answer, while it does not.
+    failing: Option<String>,
+}
+
+impl EtcdWatch {
+    fn take(&mut self, signal: Signal) {
+        match signal {
+            Signal::Update(u) => self.pending.push(u),
+            Signal::Failing(e) => self.failing = Some(e),
+            Signal::Healthy => self.failing = None,
+        }
+    }
 }
 
 impl KvWatch for EtcdWatch {
+    /// The updates so far; an error while etcd does not answer (the updates received are kept
+    /// for the next poll).
     fn poll(&mut self) -> Result<Vec<Update>> {
-        let mut updates: Vec<Update> = self.pending.take().into_iter().collect();
-        updates.extend(self.rx.try_iter());
-        Ok(updates)
+        while let Ok(signal) = self.rx.try_recv() {
+            self.take(signal);
+        }
+        match &self.failing {
+            Some(e) => Err(store_err(e)),
+            None => Ok(std::mem::take(&mut self.pending)),
+        }
     }
 
     fn wait(&mut self, timeout: Duration) {
-        if self.pending.is_none() {
-            self.pending = self.rx.recv_timeout(timeout).ok();
+        if self.pending.is_empty() {
+            if let Ok(signal) = self.rx.recv_timeout(timeout) {
+                self.take(signal);
+            }
         }
     }
 }

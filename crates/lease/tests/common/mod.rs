@@ -49,6 +49,12 @@ impl Etcd {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to etcd.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        assert!(Command::new("kill").args([&format!("-{signal}"), &pid]).status().unwrap().success());
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
