@@ -101,11 +101,13 @@ pub struct NetlinkKernel {
     subnet_file: PathBuf,
     /// Link indexes by name, as last looked up (one lookup less per lease event).
     indexes: HashMap<String, u32>,
+    /// Destinations whose route another owner holds (said once each).
+    foreign: std::collections::HashSet<ipnet::IpNet>,
 }
 
 impl NetlinkKernel {
     pub fn new(nl: Netlink, subnet_file: PathBuf) -> NetlinkKernel {
-        NetlinkKernel { nl, subnet_file, indexes: HashMap::new() }
+        NetlinkKernel { nl, subnet_file, indexes: HashMap::new(), foreign: Default::default() }
     }
 
     fn route_spec(owner: &Owner, r: &Route<u32>) -> RouteSpec {
@@ -215,7 +217,38 @@ impl Kernel for NetlinkKernel {
                 .replace_fdb(e.dev, &e.mac, Some(e.dst))
                 .map_err(kernel(format!("adding the fdb entry for {}", e.dst))),
             Op::PutRoute(r) => {
-                nl.replace_route(&Self::route_spec(owner, r)).map_err(kernel(format!("adding route {}", r.dst)))
+                let spec = Self::route_spec(owner, r);
+                // Added; only when the kernel has one to that destination already is it
+                // replaced — if it is this owner's: a replace takes any route to the same
+                // destination, and another producer's (a BGP-learned or a hand-made one) is not
+                // this owner's to take.
+                match nl.add_route(&spec) {
+                    Ok(()) => {
+                        self.foreign.remove(&r.dst);
+                        Ok(())
+                    }
+                    Err(e) if e.is_exists() => {
+                        let routes = nl.routes().map_err(kernel("listing routes"))?;
+                        let held = routes
+                            .iter()
+                            .find(|x| x.dst == spec.dst && x.table == spec.table && x.metric == spec.metric);
+                        match held {
+                            Some(other) if other.protocol != owner.protocol => {
+                                if self.foreign.insert(r.dst) {
+                                    tracing::warn!(
+                                        "the route to {} belongs to another producer (protocol {}); the {} leave it alone",
+                                        r.dst,
+                                        other.protocol,
+                                        owner.name
+                                    );
+                                }
+                                Ok(())
+                            }
+                            _ => nl.replace_route(&spec).map_err(kernel(format!("replacing route {}", r.dst))),
+                        }
+                    }
+                    Err(e) => Err(kernel(format!("adding route {}", r.dst))(e)),
+                }
             }
         }
     }

@@ -111,10 +111,7 @@ fn a_change_is_applied_on_its_own() {
     moved.attrs.backend_data["VtepMAC"] = mac(0x22).into();
     h.put(moved);
     h.turn();
-    assert_eq!(
-        peer_changes(&h),
-        ["del fdb 198.18.0.2", "put neighbour 198.19.2.0", "put fdb 198.18.0.2", "put route 198.19.2.0/24"]
-    );
+    assert_eq!(peer_changes(&h), ["del fdb 198.18.0.2", "put neighbour 198.19.2.0", "put fdb 198.18.0.2"]);
     assert_eq!(h.routes(), ["198.19.2.0/24", "198.19.6.0/24"]);
     assert_eq!(h.status().peers, 2);
 }
@@ -276,6 +273,27 @@ fn a_reconcile_removes_only_its_owners_routes() {
     assert_eq!(k.routes_of(POD_ROUTES.protocol), ["198.19.1.5/32"]);
     assert_eq!(k.routes_of(BGP_ROUTES.protocol), ["198.19.200.0/24"]);
     assert_eq!(k.routes_of(3), ["10.0.0.0/8"]);
+}
+
+/// A peer whose subnet another producer routes already: its route is neither taken over nor,
+/// when the peer goes, removed.
+#[test]
+fn another_owners_route_to_a_peer_subnet_is_left_alone() {
+    let kernel = std::rc::Rc::new(std::cell::RefCell::new(KernelState::default()));
+    {
+        let mut k = kernel.borrow_mut();
+        let eth0 = k.add_link(UPLINK, 1500);
+        let route = Route { dst: "198.19.3.0/24".parse().unwrap(), via: None, dev: eth0, onlink: false };
+        k.routes.push((BGP_ROUTES.protocol, route));
+    }
+    let mut h = Harness::on(VXLAN, &peers(&[2, 3]), kernel);
+    h.turn();
+    assert!(h.ready());
+    assert_eq!(h.kernel.borrow().routes_of(BGP_ROUTES.protocol), ["198.19.3.0/24"]);
+    h.remove(peer(3).subnet);
+    h.turn();
+    assert_eq!(h.kernel.borrow().routes_of(BGP_ROUTES.protocol), ["198.19.3.0/24"]);
+    assert!(h.reaches(2));
 }
 
 /// Fault 3: a lease that claims a live peer's VTEP MAC with another address never takes the

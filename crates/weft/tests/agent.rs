@@ -247,3 +247,35 @@ fn the_agent_removes_only_routes_it_owns() {
     let v6 = routes("-6");
     assert!(!v6.contains(&"fd00:99::/64".to_string()), "a stale IPv6 peer route stayed: {v6:?}");
 }
+
+/// A peer whose subnet another producer already routes (a BGP-learned route, a hand-made one):
+/// the agent neither takes that route over (a replace takes any route to the destination) nor,
+/// when the peer goes, removes it.
+#[test]
+fn another_producers_route_to_a_peer_subnet_is_left_alone() {
+    let node = Node::new(r#"{"Network": "198.19.0.0/16"}"#);
+    node.ns.sh(&["ip", "route", "add", "198.19.77.0/24", "via", "198.18.41.3", "dev", "eth0", "proto", "202"]);
+    let store = weft_lease::file::FileStore::open(node.dir.path().join("store")).unwrap();
+    let peer = |subnet: &str, ip: &str, mac: &str| weft_lease::Lease {
+        subnet: subnet.parse().unwrap(),
+        attrs: weft_lease::LeaseAttrs {
+            public_ip: ip.parse().unwrap(),
+            public_ipv6: None,
+            backend_type: "vxlan".into(),
+            backend_data: serde_json::json!({"VNI": 1, "VtepMAC": mac}),
+        },
+        expires: None,
+        created: None,
+    };
+    let taken = peer("198.19.77.0/24", "198.18.41.7", "02:00:00:00:00:77");
+    store.put_lease(&taken).unwrap();
+    store.put_lease(&peer("198.19.78.0/24", "198.18.41.8", "02:00:00:00:00:78")).unwrap();
+    let _agent = node.spawn_ready();
+    let route = |dst: &str| node.ns.sh(&["ip", "route", "show", dst]);
+    assert!(route("198.19.78.0/24").contains("proto 200"), "the other peer is programmed");
+    assert!(route("198.19.77.0/24").contains("via 198.18.41.3 dev eth0 proto 202"), "{}", route("198.19.77.0/24"));
+    store.delete(&taken.subnet).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(route("198.19.77.0/24").contains("proto 202"), "removed with the peer: {}", node.log());
+    assert_eq!(node.log().matches("belongs to another producer").count(), 1, "{}", node.log());
+}

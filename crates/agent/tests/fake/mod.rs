@@ -166,8 +166,12 @@ impl Kernel for FakeKernel {
                 k.fdb.push(e.clone());
             }
             Op::PutRoute(r) => {
+                // As the real one: added, or replacing a route to the destination that is this
+                // owner's; another producer's is left alone.
+                if k.routes.iter().any(|(p, x)| x.dst == r.dst && *p != owner.protocol) {
+                    return Ok(());
+                }
                 k.change(format!("put route {}", r.dst))?;
-                // The kernel's replace: one route per destination in a table, whoever made it.
                 k.routes.retain(|(_, x)| x.dst != r.dst);
                 k.routes.push((owner.protocol, r.clone()));
             }
