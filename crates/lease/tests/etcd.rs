@@ -288,3 +288,30 @@ fn a_watch_reports_an_etcd_that_does_not_answer() {
         e.iter().any(|ev| matches!(ev, LeaseEvent::Added(l) if l.subnet == b.subnet))
     });
 }
+
+/// The node's key deleted, or overwritten with garbage, by someone else: the node takes it back
+/// and gives back the etcd lease (grant) it had attached before — it was left to live out its
+/// TTL, a day by default, one per such event.
+#[test]
+fn a_key_taken_back_leaves_no_grant_behind() {
+    let etcd = Etcd::start();
+    let store = EtcdStore::connect(&[etcd.url()], DEFAULT_PREFIX).unwrap();
+    let ttl = Some(Duration::from_secs(86400));
+    let mine = attrs("198.18.0.1", "0a:58:00:00:00:01");
+    let lease = store.acquire(&config(), &mine, None, ttl, SystemTime::now(), &mut |_| 0).unwrap();
+    let key = format!("{DEFAULT_PREFIX}/subnets/{}", lease.key());
+    // etcdctl says "found N leases", then their ids.
+    let grants = || {
+        let out = String::from_utf8(etcd.ctl(&["lease", "list"]).stdout).unwrap();
+        out.split_whitespace().nth(1).and_then(|n| n.parse::<usize>().ok()).unwrap()
+    };
+    assert_eq!(grants(), 1, "{}", String::from_utf8_lossy(&etcd.ctl(&["lease", "list"]).stdout));
+    assert!(etcd.ctl(&["del", &key]).status.success());
+    store.acquire(&config(), &mine, Some(lease.subnet), ttl, SystemTime::now(), &mut |_| 0).unwrap();
+    assert_eq!(grants(), 1, "after a deletion: {}", String::from_utf8_lossy(&etcd.ctl(&["lease", "list"]).stdout));
+    assert!(etcd.ctl(&["put", &key, "garbage{"]).status.success());
+    store.acquire(&config(), &mine, Some(lease.subnet), ttl, SystemTime::now(), &mut |_| 0).unwrap();
+    assert_eq!(grants(), 1, "after garbage: {}", String::from_utf8_lossy(&etcd.ctl(&["lease", "list"]).stdout));
+    store.delete(&lease.subnet).unwrap();
+    assert_eq!(grants(), 0);
+}

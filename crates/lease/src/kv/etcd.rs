@@ -43,6 +43,10 @@ pub struct EtcdKv {
     rt: Arc<Runtime>,
     endpoints: Vec<String>,
     prefix: String,
+    /// The grant this store attached to each key it wrote last: given back when the key is
+    /// written or deleted again, even when someone else deleted or overwrote the key meanwhile
+    /// (the key no longer names it then, and it would live out its TTL — a day by default).
+    grants: std::sync::Mutex<std::collections::HashMap<String, i64>>,
     client: Client,
 }
 
@@ -77,7 +81,13 @@ impl EtcdKv {
         let rt = runtime()?;
         let endpoints = endpoints.to_vec();
         let client = rt.block_on(connect(&endpoints))?;
-        Ok(EtcdKv { rt: Arc::new(rt), endpoints, prefix: prefix.trim_end_matches('/').to_string(), client })
+        Ok(EtcdKv {
+            rt: Arc::new(rt),
+            endpoints,
+            prefix: prefix.trim_end_matches('/').to_string(),
+            client,
+            grants: Default::default(),
+        })
     }
 
     fn full(&self, key: &str) -> Result<String> {
@@ -110,7 +120,7 @@ impl EtcdKv {
     fn write(&self, key: &str, value: &[u8], ttl: Option<Ttl>, compare: Option<Compare>) -> Result<Option<Entry>> {
         let full = self.full(key)?;
         let prefix = self.prefix.clone();
-        self.call(|mut client| {
+        let (written, granted, revoked) = self.call(|mut client| {
             let (full, value, compare, prefix) = (full.clone(), value.to_vec(), compare.clone(), prefix.clone());
             async move {
                 let mut options = PutOptions::new();
@@ -137,6 +147,7 @@ impl EtcdKv {
                     TxnOp::get(full, None),
                 ];
                 let outcome = client.txn(txn.and_then(ops)).await.map_err(|e| store_err(format!("writing {e}")));
+                let mut old = 0;
                 let written = match &outcome {
                     Ok(resp) if resp.succeeded() => {
                         let responses = resp.op_responses();
@@ -148,7 +159,7 @@ impl EtcdKv {
                             })
                             .collect();
                         // The grant the key held before, now unused.
-                        let old = gets.first().filter(|_| gets.len() == 2).map_or(0, |kv| kv.lease());
+                        old = gets.first().filter(|_| gets.len() == 2).map_or(0, |kv| kv.lease());
                         if old != 0 && Some(old) != granted {
                             let _ = client.lease_revoke(old).await;
                         }
@@ -161,9 +172,31 @@ impl EtcdKv {
                         let _ = client.lease_revoke(id).await;
                     }
                 }
-                outcome.map(|_| written)
+                let revoked = written.as_ref().map(|_| old);
+                outcome.map(|_| (written, granted, revoked))
             }
-        })
+        })?;
+        if let Some(already) = revoked {
+            let before = self.remember(key, granted);
+            if let Some(id) = before.filter(|id| *id != already && Some(*id) != granted) {
+                self.revoke(id);
+            }
+        }
+        Ok(written)
+    }
+
+    /// Records `grant` as the one this store attached to `key`; returns the one before.
+    fn remember(&self, key: &str, grant: Option<i64>) -> Option<i64> {
+        let mut grants = self.grants.lock().unwrap_or_else(|e| e.into_inner());
+        match grant {
+            Some(id) => grants.insert(key.to_string(), id),
+            None => grants.remove(key),
+        }
+    }
+
+    /// Gives back grant `id` (best effort: an unused grant also ends with its TTL).
+    fn revoke(&self, id: i64) {
+        let _ = self.call(|mut client| async move { client.lease_revoke(id).await.map(drop).map_err(store_err) });
     }
 }
 
@@ -240,6 +273,14 @@ impl Kv for EtcdKv {
                     }
                 }
                 Ok(resp.succeeded() && removed)
+            }
+        })
+        .inspect(|removed| {
+            // The grant this store gave the key is free now too.
+            if *removed {
+                if let Some(id) = self.remember(key, None) {
+                    self.revoke(id);
+                }
             }
         })
     }
