@@ -390,13 +390,15 @@ impl Core {
         if self.retry_at.is_some_and(|t| now < t) {
             return actions;
         }
+        // Lease changes before a due resync, so the resync reports only what the kernel itself
+        // lost, not the peers that came and went.
         let resync = self.next_resync.is_some_and(|t| now >= t);
         if self.replay || !self.status.dataplane_up || !self.status.started {
             actions.extend(self.full(false));
-        } else if resync {
-            actions.extend(self.full(true));
         } else if !self.dirty.is_empty() {
             actions.extend(self.change());
+        } else if resync {
+            actions.extend(self.full(true));
         } else {
             self.well_again();
         }
@@ -425,6 +427,8 @@ impl Core {
         }
         self.lease.attrs.backend_data = self.backend.lease_data();
         self.replay = true;
+        // The device is made again with the new claim: expected, not a surprise to warn about.
+        self.device_lost = true;
         Ok(Some(self.lease.attrs.clone()))
     }
 

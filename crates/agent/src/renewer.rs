@@ -79,11 +79,22 @@ impl Renewer {
                 if !lost && !publish && !due(&lease, ttl, now) {
                     continue;
                 }
-                let outcome = if lost || publish {
+                let outcome = if publish {
                     acquire(store.as_ref(), &network, &attrs, &lease, ttl, now, random).map(|(l, _)| {
                         let moved = l.subnet != lease.subnet;
                         (l, lost || moved)
                     })
+                } else if lost {
+                    // The watch's word may be older than this thread's last renewal or
+                    // acquisition (each would then count as a loss): renewed if it is still
+                    // this node's, acquired again if not.
+                    let with_attrs = Lease { attrs: attrs.clone(), ..lease.clone() };
+                    match store.renew(&with_attrs, Some(ttl), now) {
+                        Err(LeaseError::NotFound(_)) => {
+                            acquire(store.as_ref(), &network, &attrs, &lease, ttl, now, random)
+                        }
+                        other => other.map(|l| (l, false)),
+                    }
                 } else {
                     match store.renew(&lease, Some(ttl), now) {
                         Err(LeaseError::NotFound(_)) => {
@@ -142,4 +153,48 @@ fn acquire(
 ) -> weft_lease::Result<(Lease, bool)> {
     let mut random = random;
     store.acquire(network, attrs, Some(lease.subnet), Some(ttl), now, &mut random).map(|l| (l, true))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use weft_lease::file::FileStore;
+
+    use super::*;
+
+    fn next_report(r: &Renewer) -> Report {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(report) = r.reports().into_iter().next() {
+                return report;
+            }
+            assert!(Instant::now() < deadline, "no report");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The loop's "lost" may be older than the renewer's last renewal (after a store outage the
+    /// watch catches up late): a lease still this node's is renewed, not counted as lost and
+    /// acquired again (each outage counted two losses).
+    #[test]
+    fn a_loss_that_is_not_one_is_a_renewal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let network = NetworkConfig::parse(r#"{"Network": "198.19.0.0/16"}"#).unwrap();
+        let attrs = LeaseAttrs {
+            public_ip: "198.18.0.1".parse().unwrap(),
+            public_ipv6: None,
+            backend_type: "host-gw".into(),
+            backend_data: serde_json::Value::Null,
+        };
+        let ttl = Duration::from_secs(3600);
+        let lease = store.acquire(&network, &attrs, None, Some(ttl), SystemTime::now(), &mut |_| 0).unwrap();
+        let renewer = Renewer::start(Box::new(store.clone()), network, attrs, lease.clone(), ttl, |_| 0).unwrap();
+        renewer.lost();
+        assert!(matches!(next_report(&renewer), Report::Held { reacquired: false, .. }));
+        store.delete(&lease.subnet).unwrap();
+        renewer.lost();
+        assert!(matches!(next_report(&renewer), Report::Held { reacquired: true, .. }));
+    }
 }
