@@ -185,7 +185,7 @@ impl Kernel for NetlinkKernel {
             .map_err(kernel("listing routes"))?
             .into_iter()
             .filter(|r| r.protocol == owner.protocol && r.table == owner.table)
-            .map(|r| Route { dst: r.dst, via: r.gateway, dev: r.oif.unwrap_or(0), onlink: r.onlink })
+            .map(|r| Route { dst: r.dst, via: r.gateway, dev: r.oif.unwrap_or(0), onlink: r.onlink, mtu: r.mtu })
             .collect();
         let mut state = Resolved { routes, ..Resolved::default() };
         for &dev in devices {

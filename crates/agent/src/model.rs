@@ -43,6 +43,8 @@ pub struct Route<D> {
     pub via: Option<IpAddr>,
     pub dev: D,
     pub onlink: bool,
+    /// The route's own MTU (weft's routes have none: one set by hand is drift, repaired).
+    pub mtu: Option<u32>,
 }
 
 /// A permanent neighbour: `ip` is at `mac` on `dev`.
@@ -88,7 +90,7 @@ impl<D: Clone> State<D> {
             routes: self
                 .routes
                 .iter()
-                .map(|r| Ok(Route { dst: r.dst, via: r.via, dev: f(&r.dev)?, onlink: r.onlink }))
+                .map(|r| Ok(Route { dst: r.dst, via: r.via, dev: f(&r.dev)?, onlink: r.onlink, mtu: r.mtu }))
                 .collect::<Result<_, E>>()?,
             neighbours: self
                 .neighbours
@@ -214,7 +216,7 @@ mod tests {
     use super::*;
 
     fn route(dst: &str, via: &str, dev: u32) -> Route<u32> {
-        Route { dst: dst.parse().unwrap(), via: Some(via.parse().unwrap()), dev, onlink: true }
+        Route { dst: dst.parse().unwrap(), via: Some(via.parse().unwrap()), dev, onlink: true, mtu: None }
     }
 
     fn neigh(ip: &str, last: u8) -> Neighbour<u32> {

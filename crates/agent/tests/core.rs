@@ -260,7 +260,7 @@ fn a_reconcile_removes_only_its_owners_routes() {
     {
         let mut k = kernel.borrow_mut();
         let eth0 = k.add_link(UPLINK, 1500);
-        let route = |dst: &str| Route { dst: dst.parse().unwrap(), via: None, dev: eth0, onlink: false };
+        let route = |dst: &str| Route { dst: dst.parse().unwrap(), via: None, dev: eth0, onlink: false, mtu: None };
         k.routes.push((PEER_ROUTES.protocol, route("198.19.99.0/24")));
         k.routes.push((POD_ROUTES.protocol, route("198.19.1.5/32")));
         k.routes.push((BGP_ROUTES.protocol, route("198.19.200.0/24")));
@@ -283,7 +283,7 @@ fn another_owners_route_to_a_peer_subnet_is_left_alone() {
     {
         let mut k = kernel.borrow_mut();
         let eth0 = k.add_link(UPLINK, 1500);
-        let route = Route { dst: "198.19.3.0/24".parse().unwrap(), via: None, dev: eth0, onlink: false };
+        let route = Route { dst: "198.19.3.0/24".parse().unwrap(), via: None, dev: eth0, onlink: false, mtu: None };
         k.routes.push((BGP_ROUTES.protocol, route));
     }
     let mut h = Harness::on(VXLAN, &peers(&[2, 3]), kernel);

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteMetric, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
@@ -39,6 +39,8 @@ pub struct RouteSpec {
     pub protocol: u8,
     pub table: u8,
     pub metric: Option<u32>,
+    /// The route's own MTU (`ip route ... mtu N`), if it has one.
+    pub mtu: Option<u32>,
 }
 
 impl RouteSpec {
@@ -53,6 +55,7 @@ impl RouteSpec {
             protocol: RTPROT_BOOT,
             table: RT_TABLE_MAIN,
             metric: None,
+            mtu: None,
         }
     }
 
@@ -104,6 +107,9 @@ impl RouteSpec {
         if let Some(metric) = self.metric {
             msg.attributes.push(RouteAttribute::Priority(metric));
         }
+        if let Some(mtu) = self.mtu {
+            msg.attributes.push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
+        }
         msg
     }
 
@@ -118,6 +124,7 @@ impl RouteSpec {
             protocol: u8::from(msg.header.protocol),
             table: msg.header.table,
             metric: None,
+            mtu: None,
         };
         for attr in &msg.attributes {
             match attr {
@@ -125,6 +132,12 @@ impl RouteSpec {
                 RouteAttribute::Gateway(a) => spec.gateway = address_of(a),
                 RouteAttribute::Oif(i) => spec.oif = Some(*i),
                 RouteAttribute::Priority(p) => spec.metric = Some(*p),
+                RouteAttribute::Metrics(metrics) => {
+                    spec.mtu = metrics.iter().find_map(|m| match m {
+                        RouteMetric::Mtu(mtu) => Some(*mtu),
+                        _ => None,
+                    })
+                }
                 RouteAttribute::Table(t) => spec.table = u8::try_from(*t).unwrap_or(u8::MAX),
                 _ => {}
             }

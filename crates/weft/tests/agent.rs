@@ -55,8 +55,15 @@ impl Node {
 
     /// The agent with its health endpoint, once it has written its subnet file.
     fn spawn_ready(&self) -> Agent {
+        self.spawn_ready_with(&[])
+    }
+
+    /// The same with more arguments.
+    fn spawn_ready_with(&self, extra: &[&str]) -> Agent {
         let subnet_file = self.dir.path().join("subnet.env");
-        let agent = self.spawn(&["--subnet-file", subnet_file.to_str().unwrap(), "--health", "127.0.0.1:9901"]);
+        let mut args = vec!["--subnet-file", subnet_file.to_str().unwrap(), "--health", "127.0.0.1:9901"];
+        args.extend_from_slice(extra);
+        let agent = self.spawn(&args);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !subnet_file.exists() {
             assert!(Instant::now() < deadline, "the agent did not become ready: {}", self.log());
@@ -278,4 +285,48 @@ fn another_producers_route_to_a_peer_subnet_is_left_alone() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(route("198.19.77.0/24").contains("proto 202"), "removed with the peer: {}", node.log());
     assert_eq!(node.log().matches("belongs to another producer").count(), 1, "{}", node.log());
+}
+
+/// A peer route changed by hand in a way the model once ignored (its own MTU) is repaired by
+/// the next resync, like any other drift.
+#[test]
+fn a_peer_route_given_an_mtu_by_hand_is_repaired() {
+    let node = Node::new(r#"{"Network": "198.19.0.0/16", "Backend": {"Type": "host-gw"}}"#);
+    let store = weft_lease::file::FileStore::open(node.dir.path().join("store")).unwrap();
+    store
+        .put_lease(&weft_lease::Lease {
+            subnet: "198.19.78.0/24".parse().unwrap(),
+            attrs: weft_lease::LeaseAttrs {
+                public_ip: "198.18.41.8".parse().unwrap(),
+                public_ipv6: None,
+                backend_type: "host-gw".into(),
+                backend_data: serde_json::Value::Null,
+            },
+            expires: None,
+            created: None,
+        })
+        .unwrap();
+    let _agent = node.spawn_ready_with(&["--resync", "1s"]);
+    let route = || node.ns.sh(&["ip", "route", "show", "198.19.78.0/24"]);
+    assert!(route().contains("via 198.18.41.8 dev eth0 proto 200"), "{}", route());
+    node.ns.sh(&[
+        "ip",
+        "route",
+        "replace",
+        "198.19.78.0/24",
+        "via",
+        "198.18.41.8",
+        "dev",
+        "eth0",
+        "proto",
+        "200",
+        "mtu",
+        "1000",
+    ]);
+    assert!(route().contains("mtu 1000"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while route().contains("mtu") {
+        assert!(Instant::now() < deadline, "the hand-set MTU stayed: {}\n{}", route(), node.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -55,6 +55,7 @@ impl Backend for HostGw {
                 via: Some(IpAddr::V4(ip)),
                 dev: node.uplink.to_string(),
                 onlink: false,
+                mtu: None,
             });
             out.programmed.push(peer.subnet);
         }

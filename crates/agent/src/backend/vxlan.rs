@@ -103,7 +103,13 @@ impl Backend for Vxlan {
             let dst = IpNet::V4(peer.subnet);
             let peer_ip = IpAddr::V4(peer.attrs.public_ip);
             if self.direct_routing && node.on_link(peer.attrs.public_ip) {
-                out.state.routes.push(Route { dst, via: Some(peer_ip), dev: node.uplink.to_string(), onlink: false });
+                out.state.routes.push(Route {
+                    dst,
+                    via: Some(peer_ip),
+                    dev: node.uplink.to_string(),
+                    onlink: false,
+                    mtu: None,
+                });
                 out.programmed.push(peer.subnet);
                 continue;
             }
@@ -130,7 +136,7 @@ impl Backend for Vxlan {
             let gw = IpAddr::V4(peer.subnet.network());
             out.state.neighbours.push(Neighbour { dev: dev.clone(), ip: gw, mac });
             out.state.fdb.push(Fdb { dev: dev.clone(), mac, dst: peer_ip });
-            out.state.routes.push(Route { dst, via: Some(gw), dev: dev.clone(), onlink: true });
+            out.state.routes.push(Route { dst, via: Some(gw), dev: dev.clone(), onlink: true, mtu: None });
             out.programmed.push(peer.subnet);
         }
         out
@@ -170,7 +176,13 @@ mod tests {
         assert_eq!(out.state.fdb, vec![Fdb { dev: "weft.1".into(), mac, dst: "198.18.0.2".parse().unwrap() }]);
         assert_eq!(
             out.state.routes,
-            vec![Route { dst: "198.19.2.0/24".parse().unwrap(), via: Some(gw), dev: "weft.1".into(), onlink: true }]
+            vec![Route {
+                dst: "198.19.2.0/24".parse().unwrap(),
+                via: Some(gw),
+                dev: "weft.1".into(),
+                onlink: true,
+                mtu: None
+            }]
         );
         assert_eq!(out.programmed, vec!["198.19.2.0/24".parse::<Ipv4Net>().unwrap()]);
         let Some(DeviceSpec::Vxlan { mtu, address, .. }) = b.device(&node(&nets)) else { panic!() };
