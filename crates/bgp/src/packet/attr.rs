@@ -29,7 +29,7 @@ const PARTIAL: u8 = 0x20;
 const EXTENDED: u8 = 0x10;
 
 /// ORIGIN.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Origin {
     Igp = 0,
     Egp = 1,
