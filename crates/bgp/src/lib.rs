@@ -6,3 +6,4 @@
 pub mod neighbor;
 pub mod packet;
 pub mod rib;
+pub mod speaker;

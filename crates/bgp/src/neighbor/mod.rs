@@ -202,6 +202,12 @@ impl Neighbor {
 
     /// Stops the session: a Cease to the neighbour if it was talking, then Idle for good.
     pub fn stop(&mut self) -> Vec<Action> {
+        self.cease(error::CEASE_ADMIN_SHUTDOWN)
+    }
+
+    /// Stops the session with a Cease of `subcode` (RFC 4486: 1, maximum number of prefixes
+    /// reached; 2, administrative shutdown; ...), then Idle until started again.
+    pub fn cease(&mut self, subcode: u8) -> Vec<Action> {
         self.stopped = true;
         match self.state {
             State::Idle => Vec::new(),
@@ -209,7 +215,7 @@ impl Neighbor {
                 self.state = State::Idle;
                 vec![Action::Close, Action::StopTimer(Timer::ConnectRetry)]
             }
-            _ => self.end(Reason::Sent(Notification::new(error::CEASE, error::CEASE_ADMIN_SHUTDOWN, []))),
+            _ => self.end(Reason::Sent(Notification::new(error::CEASE, subcode, []))),
         }
     }
 
@@ -316,6 +322,9 @@ impl Neighbor {
         self.buffer.clear();
         if self.stopped {
             actions.push(Action::StopTimer(Timer::ConnectRetry));
+        } else if self.config.passive {
+            // A passive neighbour waits for the next connection at once.
+            self.state = State::Active;
         } else {
             actions.push(Action::StartTimer(Timer::ConnectRetry, self.config.connect_retry));
         }

@@ -1,0 +1,235 @@
+//! The speaker, sans-IO: every neighbour's session and the RIBs together. Events for a
+//! neighbour go to its FSM; what the FSM says is carried on — an UPDATE into the RIB, a session
+//! up (the table goes out, then End-of-RIB), a session down (its paths withdrawn or kept stale)
+//! — and every change of a best path is sent to the neighbours it goes to and reported for the
+//! kernel. The I/O layer carries out [`Output`]s.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::neighbor::{self, Action, Config, Neighbor, State, Timer};
+use crate::packet::{error, Family, Update};
+use crate::rib::{Change, Path, Peer, PeerId, Rib};
+
+/// What the I/O layer is to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// For neighbour `PeerId`'s transport and timers.
+    Session(PeerId, Action),
+    /// Keep `PeerId`'s stale paths this long, then call [`Speaker::stale_expired`].
+    StaleTimer(PeerId, Duration),
+    /// The best path to a prefix changed: put this route in the kernel (`None`: remove it).
+    Route(IpNet, Option<IpAddr>),
+}
+
+/// One neighbour as the speaker holds it.
+struct Member {
+    session: Neighbor,
+    address: IpAddr,
+    rr_client: bool,
+}
+
+/// The speaker.
+pub struct Speaker {
+    pub rib: Rib,
+    members: BTreeMap<PeerId, Member>,
+    /// The address this speaker gives as next hop.
+    next_hop: IpAddr,
+    /// Prefixes each neighbour was last sent, so withdrawals go only where announcements went.
+    sent: HashMap<PeerId, std::collections::HashSet<IpNet>>,
+}
+
+impl Speaker {
+    pub fn new(rib: Rib, next_hop: IpAddr) -> Speaker {
+        Speaker { rib, members: BTreeMap::new(), next_hop, sent: HashMap::new() }
+    }
+
+    /// Adds neighbour `id` at `address` and starts its session.
+    pub fn add_neighbor(&mut self, id: PeerId, address: IpAddr, config: Config, rr_client: bool) -> Vec<Output> {
+        let mut session = Neighbor::new(config);
+        let actions = session.start();
+        self.members.insert(id, Member { session, address, rr_client });
+        actions.into_iter().map(|a| Output::Session(id, a)).collect()
+    }
+
+    pub fn state(&self, id: PeerId) -> Option<State> {
+        self.members.get(&id).map(|m| m.session.state())
+    }
+
+    /// The neighbour whose address is `address` (an incoming connection is matched by it).
+    pub fn neighbor_at(&self, address: IpAddr) -> Option<PeerId> {
+        self.members.iter().find(|(_, m)| m.address == address).map(|(id, _)| *id)
+    }
+
+    pub fn connected(&mut self, id: PeerId) -> Vec<Output> {
+        self.session(id, |n| n.connected())
+    }
+
+    pub fn transport_lost(&mut self, id: PeerId) -> Vec<Output> {
+        self.session(id, |n| n.transport_lost())
+    }
+
+    pub fn timer(&mut self, id: PeerId, timer: Timer) -> Vec<Output> {
+        self.session(id, |n| n.timer(timer))
+    }
+
+    pub fn received(&mut self, id: PeerId, bytes: &[u8]) -> Vec<Output> {
+        self.session(id, |n| n.received(bytes))
+    }
+
+    pub fn stop(&mut self, id: PeerId) -> Vec<Output> {
+        self.session(id, |n| n.stop())
+    }
+
+    /// A restarting neighbour's time ran out: its paths still stale go.
+    pub fn stale_expired(&mut self, id: PeerId) -> Vec<Output> {
+        let changes = self.rib.sweep(id);
+        self.propagate(changes)
+    }
+
+    /// This speaker announces `prefix`.
+    pub fn originate(&mut self, prefix: IpNet) -> Vec<Output> {
+        let changes: Vec<Change> = self.rib.originate(prefix, self.next_hop).into_iter().collect();
+        self.propagate(changes)
+    }
+
+    /// This speaker stops announcing `prefix`.
+    pub fn withdraw(&mut self, prefix: IpNet) -> Vec<Output> {
+        let changes: Vec<Change> = self.rib.withdraw_own(prefix).into_iter().collect();
+        self.propagate(changes)
+    }
+
+    /// Runs `f` on neighbour `id`'s session and carries its actions on.
+    fn session(&mut self, id: PeerId, f: impl FnOnce(&mut Neighbor) -> Vec<Action>) -> Vec<Output> {
+        let Some(member) = self.members.get_mut(&id) else { return Vec::new() };
+        let actions = f(&mut member.session);
+        self.carry_on(id, actions)
+    }
+
+    fn carry_on(&mut self, id: PeerId, actions: Vec<Action>) -> Vec<Output> {
+        let mut out = Vec::new();
+        for action in actions {
+            match action {
+                Action::Established(negotiated) => {
+                    out.push(Output::Session(id, Action::Established(negotiated.clone())));
+                    let member = &self.members[&id];
+                    self.rib.add_peer(
+                        id,
+                        Peer {
+                            address: member.address,
+                            asn: negotiated.peer_as,
+                            router_id: negotiated.peer_id,
+                            ibgp: member.session.config.ibgp(),
+                            rr_client: member.rr_client,
+                        },
+                    );
+                    out.extend(self.send_table(id, &negotiated.families));
+                }
+                Action::Received(update) => {
+                    // An empty UPDATE is End-of-RIB (RFC 4724): what is still stale goes.
+                    let end_of_rib =
+                        update.withdrawn.is_empty() && update.nlri.is_empty() && update.attributes.is_empty();
+                    if end_of_rib {
+                        let changes = self.rib.sweep(id);
+                        out.extend(self.propagate(changes));
+                        continue;
+                    }
+                    let imported = self.rib.import(id, &update);
+                    out.extend(self.propagate(imported.changes));
+                    if imported.over_limit {
+                        // RFC 4486: the session ends with a Cease, maximum number of prefixes
+                        // reached, and comes back only when started again.
+                        if let Some(member) = self.members.get_mut(&id) {
+                            let actions = member.session.cease(error::CEASE_MAX_PREFIXES);
+                            out.extend(self.carry_on(id, actions));
+                        }
+                    }
+                }
+                Action::Down { reason, keep_for } => {
+                    out.push(Output::Session(id, Action::Down { reason, keep_for }));
+                    self.sent.remove(&id);
+                    let changes = self.rib.peer_down(id, keep_for.is_some());
+                    if let Some(time) = keep_for {
+                        out.push(Output::StaleTimer(id, time));
+                    }
+                    out.extend(self.propagate(changes));
+                }
+                other => out.push(Output::Session(id, other)),
+            }
+        }
+        out
+    }
+
+    /// Each change to the kernel and to every established neighbour it goes to.
+    fn propagate(&mut self, changes: Vec<Change>) -> Vec<Output> {
+        let mut out = Vec::new();
+        for change in changes {
+            let best = change.best.as_ref();
+            out.push(Output::Route(change.prefix, best.filter(|p| p.from.is_some()).and_then(|p| p.attrs.next_hop)));
+            let ids: Vec<PeerId> = self
+                .members
+                .iter()
+                .filter(|(_, m)| m.session.state() == State::Established)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in ids {
+                out.extend(self.send_path(id, change.prefix, best));
+            }
+        }
+        out
+    }
+
+    /// `prefix`'s best path (or its withdrawal) to neighbour `id`, as export rules say.
+    fn send_path(&mut self, id: PeerId, prefix: IpNet, best: Option<&Path>) -> Vec<Output> {
+        let exported = best.and_then(|p| self.rib.export(p, id, self.next_hop));
+        let sent = self.sent.entry(id).or_default();
+        let update = match exported {
+            Some(attrs) => {
+                sent.insert(prefix);
+                Update::announce(&[prefix], attrs, v6_next_hop(self.next_hop))
+            }
+            None if sent.remove(&prefix) => Update::withdraw(&[prefix]),
+            None => return Vec::new(),
+        };
+        let Some(member) = self.members.get_mut(&id) else { return Vec::new() };
+        member.session.send_update(&update).into_iter().map(|a| Output::Session(id, a)).collect()
+    }
+
+    /// The whole table to a neighbour that just came up, then End-of-RIB per family.
+    fn send_table(&mut self, id: PeerId, families: &[Family]) -> Vec<Output> {
+        let best: Vec<(IpNet, Path)> = self.rib.best_paths().map(|(p, b)| (*p, b.clone())).collect();
+        let mut out = Vec::new();
+        for (prefix, path) in best {
+            out.extend(self.send_path(id, prefix, Some(&path)));
+        }
+        let Some(member) = self.members.get_mut(&id) else { return out };
+        for family in families {
+            let end = if *family == Family::IPV4_UNICAST {
+                Update::default()
+            } else {
+                Update {
+                    attributes: vec![crate::packet::Attribute::MpUnreach { family: *family, withdrawn: vec![] }],
+                    ..Update::default()
+                }
+            };
+            out.extend(member.session.send_update(&end).into_iter().map(|a| Output::Session(id, a)));
+        }
+        out
+    }
+}
+
+fn v6_next_hop(ip: IpAddr) -> Option<std::net::Ipv6Addr> {
+    match ip {
+        IpAddr::V6(a) => Some(a),
+        IpAddr::V4(a) => Some(a.to_ipv6_mapped()),
+    }
+}
+
+/// Re-exported for the I/O layer: which of two colliding connections stays.
+pub use neighbor::keep_own_connection;
+
+#[cfg(test)]
+mod tests;

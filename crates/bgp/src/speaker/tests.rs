@@ -1,0 +1,211 @@
+//! Speakers wired to each other in memory: what one sends, the other receives. Sessions come
+//! up, tables go out, changes propagate, reflection and graceful restart — no sockets.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use super::*;
+use crate::packet::{self, Codec, Message};
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+/// Speakers and the bytes in flight between them; link `(a, peer id at a) <-> (b, peer id at b)`.
+struct World {
+    speakers: Vec<Speaker>,
+    links: Vec<((usize, PeerId), (usize, PeerId))>,
+    wire: VecDeque<(usize, PeerId, Vec<u8>)>,
+    routes: Vec<Vec<(IpNet, Option<IpAddr>)>>,
+    stale: Vec<(usize, PeerId, Duration)>,
+    sent: Vec<(usize, PeerId, Message)>,
+}
+
+impl World {
+    fn new(ids: &[(u32, &str)]) -> World {
+        let speakers: Vec<Speaker> = ids
+            .iter()
+            .map(|(asn, ip)| {
+                let id: Ipv4Addr = ip.parse().unwrap();
+                Speaker::new(Rib::new(*asn, id), IpAddr::V4(id))
+            })
+            .collect();
+        let n = speakers.len();
+        World { speakers, links: vec![], wire: VecDeque::new(), routes: vec![vec![]; n], stale: vec![], sent: vec![] }
+    }
+
+    /// Neighbours `a` and `b` (`b_is_client`: `b` is `a`'s reflection client).
+    fn link(&mut self, a: usize, b: usize, b_is_client: bool) {
+        let (pa, pb) = (b as PeerId + 1, a as PeerId + 1);
+        let (asn_a, id_a) = (self.speakers[a].rib.local_as, self.speakers[a].rib.router_id);
+        let (asn_b, id_b) = (self.speakers[b].rib.local_as, self.speakers[b].rib.router_id);
+        let mut ca = Config::new(asn_a, id_a, asn_b);
+        let mut cb = Config::new(asn_b, id_b, asn_a);
+        ca.families = vec![Family::IPV4_UNICAST];
+        cb.families = vec![Family::IPV4_UNICAST];
+        cb.passive = true;
+        self.links.push(((a, pa), (b, pb)));
+        let out_a = self.speakers[a].add_neighbor(pa, IpAddr::V4(id_b), ca, b_is_client);
+        let out_b = self.speakers[b].add_neighbor(pb, IpAddr::V4(id_a), cb, false);
+        self.handle(a, out_a);
+        self.handle(b, out_b);
+    }
+
+    fn other_end(&self, s: usize, p: PeerId) -> (usize, PeerId) {
+        self.links
+            .iter()
+            .find_map(|(x, y)| {
+                if *x == (s, p) {
+                    Some(*y)
+                } else if *y == (s, p) {
+                    Some(*x)
+                } else {
+                    None
+                }
+            })
+            .unwrap()
+    }
+
+    fn handle(&mut self, s: usize, outputs: Vec<Output>) {
+        for o in outputs {
+            match o {
+                Output::Session(p, Action::Connect) => {
+                    // The transport comes up at both ends.
+                    let (t, q) = self.other_end(s, p);
+                    let here = self.speakers[s].connected(p);
+                    self.handle(s, here);
+                    let there = self.speakers[t].connected(q);
+                    self.handle(t, there);
+                }
+                Output::Session(p, Action::Send(bytes)) => {
+                    let (m, _) = packet::decode(&bytes, Codec::default()).unwrap().unwrap();
+                    self.sent.push((s, p, m));
+                    let (t, q) = self.other_end(s, p);
+                    self.wire.push_back((t, q, bytes));
+                }
+                Output::Route(prefix, nh) => self.routes[s].push((prefix, nh)),
+                Output::StaleTimer(p, d) => self.stale.push((s, p, d)),
+                _ => {}
+            }
+        }
+    }
+
+    /// Delivers everything in flight.
+    fn settle(&mut self) {
+        while let Some((t, q, bytes)) = self.wire.pop_front() {
+            let out = self.speakers[t].received(q, &bytes);
+            self.handle(t, out);
+        }
+    }
+
+    /// The route speaker `s` has for `prefix` in the kernel now.
+    fn route(&self, s: usize, prefix: &str) -> Option<IpAddr> {
+        self.routes[s].iter().rev().find(|(p, _)| *p == net(prefix)).and_then(|(_, nh)| *nh)
+    }
+}
+
+#[test]
+fn ebgp_sessions_exchange_tables_and_changes() {
+    let mut w = World::new(&[(64512, "198.18.0.1"), (64513, "198.18.0.2")]);
+    let out = w.speakers[0].originate(net("198.19.1.0/24"));
+    w.handle(0, out);
+    w.link(0, 1, false);
+    w.settle();
+    assert_eq!(w.speakers[0].state(2), Some(State::Established));
+    assert_eq!(w.speakers[1].state(1), Some(State::Established));
+    assert_eq!(w.route(1, "198.19.1.0/24"), Some("198.18.0.1".parse().unwrap()), "the table on coming up");
+    assert!(
+        w.sent.iter().any(|(s, _, m)| *s == 0 && *m == Message::Update(Update::default())),
+        "End-of-RIB after the table"
+    );
+    let out = w.speakers[1].originate(net("198.19.2.0/24"));
+    w.handle(1, out);
+    w.settle();
+    assert_eq!(w.route(0, "198.19.2.0/24"), Some("198.18.0.2".parse().unwrap()), "a change after");
+    let out = w.speakers[1].withdraw(net("198.19.2.0/24"));
+    w.handle(1, out);
+    w.settle();
+    assert_eq!(w.route(0, "198.19.2.0/24"), None);
+    assert!(w.routes[0].contains(&(net("198.19.2.0/24"), None)), "the kernel route removed");
+}
+
+/// RFC 4456 with three speakers in one AS: 0 reflects for its clients 1 and 2.
+#[test]
+fn a_route_reflector_reflects_between_its_clients() {
+    let mut w = World::new(&[(64512, "198.18.0.1"), (64512, "198.18.0.2"), (64512, "198.18.0.3")]);
+    w.link(0, 1, true);
+    w.link(0, 2, true);
+    w.settle();
+    let out = w.speakers[1].originate(net("198.19.1.0/24"));
+    w.handle(1, out);
+    w.settle();
+    assert_eq!(w.route(2, "198.19.1.0/24"), Some("198.18.0.2".parse().unwrap()), "reflected with the next hop kept");
+    let reflected = w
+        .sent
+        .iter()
+        .find_map(|(s, p, m)| match m {
+            Message::Update(u) if *s == 0 && *p == 3 && !u.nlri.is_empty() => Some(u.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(reflected.attribute(9), Some(&packet::Attribute::OriginatorId("198.18.0.2".parse().unwrap())));
+    assert_eq!(reflected.attribute(10), Some(&packet::Attribute::ClusterList(vec!["198.18.0.1".parse().unwrap()])));
+}
+
+/// A neighbour that goes away without a word (graceful restart): its routes stay in the kernel
+/// until it is back and done, or its time runs out.
+#[test]
+fn graceful_restart_keeps_routes_until_the_neighbour_is_back_or_late() {
+    let mut w = World::new(&[(64512, "198.18.0.1"), (64513, "198.18.0.2")]);
+    let out = w.speakers[1].originate(net("198.19.2.0/24"));
+    w.handle(1, out);
+    let out = w.speakers[1].originate(net("198.19.3.0/24"));
+    w.handle(1, out);
+    w.link(0, 1, false);
+    w.settle();
+    assert!(w.route(0, "198.19.2.0/24").is_some());
+    let routes_before = w.routes[0].len();
+    let out = w.speakers[0].transport_lost(2);
+    w.handle(0, out);
+    assert_eq!(w.routes[0].len(), routes_before, "nothing withdrawn");
+    assert_eq!(w.stale, vec![(0, 2, Duration::from_secs(120))]);
+    // It comes back without 198.19.3.0/24: that one goes at End-of-RIB.
+    let out = w.speakers[1].withdraw(net("198.19.3.0/24"));
+    w.handle(1, out);
+    let out = w.speakers[1].transport_lost(1);
+    w.handle(1, out);
+    w.wire.clear();
+    let out = w.speakers[0].timer(2, Timer::ConnectRetry);
+    w.handle(0, out);
+    w.settle();
+    assert_eq!(w.speakers[0].state(2), Some(State::Established));
+    assert!(w.route(0, "198.19.2.0/24").is_some());
+    assert_eq!(w.route(0, "198.19.3.0/24"), None, "swept at End-of-RIB");
+    // Gone for good: its time runs out.
+    let out = w.speakers[0].transport_lost(2);
+    w.handle(0, out);
+    assert!(w.route(0, "198.19.2.0/24").is_some());
+    let out = w.speakers[0].stale_expired(2);
+    w.handle(0, out);
+    assert_eq!(w.route(0, "198.19.2.0/24"), None);
+}
+
+#[test]
+fn a_neighbor_over_its_prefix_limit_is_ceased() {
+    let mut w = World::new(&[(64512, "198.18.0.1"), (64513, "198.18.0.2")]);
+    w.speakers[0].rib.policy.max_prefix = Some(1);
+    for p in ["198.19.2.0/24", "198.19.3.0/24"] {
+        let out = w.speakers[1].originate(net(p));
+        w.handle(1, out);
+    }
+    w.link(0, 1, false);
+    w.settle();
+    let cease = w.sent.iter().find_map(|(s, _, m)| match m {
+        Message::Notification(n) if *s == 0 => Some(n.clone()),
+        _ => None,
+    });
+    assert_eq!(cease.map(|n| (n.code, n.subcode)), Some((6, 1)));
+    assert_eq!(w.route(0, "198.19.2.0/24"), None, "its routes withdrawn");
+    assert_eq!(w.speakers[0].state(2), Some(State::Idle));
+}
