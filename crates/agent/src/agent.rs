@@ -231,6 +231,7 @@ impl Loop {
                 changed = !changes.is_empty();
                 events.push(Event::Leases { changes, synced: self.watcher.synced(), damaged: self.watcher.damaged() });
             }
+            Err(LeaseError::Store(e)) => events.push(Event::StoreFailed(e)),
             Err(e) => events.push(Event::StoreFailed(e.to_string())),
         }
         let device = self.core.device_name();

@@ -148,7 +148,10 @@ pub struct Core {
     /// A new claim was asked for and is not in the store yet.
     renewing_claim: bool,
     warned: HashSet<String>,
-    failing: Option<String>,
+    /// What is failing, by source (the watch, the lease, the dataplane): each logged when it
+    /// starts or changes, not on every retry, and without resetting the others.
+    failing: std::collections::BTreeMap<&'static str, String>,
+    was_failing: bool,
     store_polls_ok: bool,
     renewer_ok: bool,
     status: Status,
@@ -177,7 +180,8 @@ impl Core {
             device_lost: false,
             renewing_claim: false,
             warned: HashSet::new(),
-            failing: None,
+            failing: Default::default(),
+            was_failing: false,
             store_polls_ok: true,
             renewer_ok: true,
             status,
@@ -242,6 +246,7 @@ impl Core {
             Event::Tick => return self.tick(now),
             Event::Leases { changes, synced, damaged } => {
                 self.store_polls_ok = true;
+                self.failing.remove(WATCH);
                 self.status.damaged_leases = damaged;
                 for change in changes {
                     self.take_change(change);
@@ -255,7 +260,7 @@ impl Core {
             Event::StoreFailed(e) => {
                 self.store_polls_ok = false;
                 self.status.store_errors += 1;
-                self.fail(format!("watching the store: {e}"));
+                self.fail(WATCH, format!("watching the store: {e}"));
             }
             Event::LinksDeleted(names) => {
                 if let Some(device) = self.device_name().filter(|d| names.contains(d)) {
@@ -327,6 +332,7 @@ impl Core {
         match report {
             Report::Held { lease, reacquired } => {
                 self.renewer_ok = true;
+                self.failing.remove(LEASE);
                 if reacquired {
                     self.status.lease_reacquired += 1;
                     if lease.subnet == self.lease.subnet {
@@ -342,7 +348,7 @@ impl Core {
             Report::Failed(e) => {
                 self.renewer_ok = false;
                 self.status.store_errors += 1;
-                self.fail(format!("keeping the lease: {e}"));
+                self.fail(LEASE, format!("keeping the lease: {e}"));
             }
         }
     }
@@ -495,7 +501,7 @@ impl Core {
                 }
                 self.retry_at = Some(now + RETRY);
                 self.replay = true;
-                self.fail(e);
+                self.fail(DATAPLANE, e);
                 return;
             }
         };
@@ -555,24 +561,31 @@ impl Core {
         self.status.peers = self.programmed.len();
         self.status.dataplane_up = true;
         self.retry_at = None;
+        self.failing.remove(DATAPLANE);
         self.well_again();
     }
 
-    /// A failure, logged when it is new (not once per retry).
-    fn fail(&mut self, line: String) {
-        if self.failing.as_ref() != Some(&line) {
+    /// A failure of `source`, logged when it is new for that source (not once per retry).
+    fn fail(&mut self, source: &'static str, line: String) {
+        if self.failing.get(source) != Some(&line) {
             tracing::warn!("{line} (retrying)");
-            self.failing = Some(line);
+            self.failing.insert(source, line);
+            self.was_failing = true;
         }
     }
 
-    /// "recovered" once the dataplane and the store are both well again (a turn between two
+    /// "recovered" once the dataplane and the store are all well again (a turn between two
     /// retries with nothing to do is no recovery).
     fn well_again(&mut self) {
         self.status.store_up = self.store_polls_ok && self.renewer_ok;
-        if self.failing.is_some() && self.status.readiness().is_ok() {
-            self.failing = None;
+        if self.was_failing && self.failing.is_empty() && self.status.readiness().is_ok() {
+            self.was_failing = false;
             tracing::info!("recovered");
         }
     }
 }
+
+/// The sources of failures.
+const WATCH: &str = "watch";
+const LEASE: &str = "lease";
+const DATAPLANE: &str = "dataplane";

@@ -37,8 +37,9 @@ pub trait Kernel {
     /// What the kernel holds of `owner`: its routes, and the permanent neighbours and remote
     /// FDB entries of `devices`.
     fn read(&mut self, owner: &Owner, devices: &[u32]) -> Result<Resolved>;
-    /// One change, as `owner`'s.
-    fn apply(&mut self, owner: &Owner, op: &Op) -> Result<()>;
+    /// One change, as `owner`'s; whether it changed the kernel (a route another owner holds is
+    /// left alone: no change).
+    fn apply(&mut self, owner: &Owner, op: &Op) -> Result<bool>;
     /// Makes the masquerade and forward rules exactly these.
     fn firewall(&mut self, network: &Ipv4Net, masquerade: bool) -> Result<()>;
     /// Writes the subnet file unless it already says this.
@@ -66,19 +67,13 @@ pub fn execute(kernel: &mut dyn Kernel, actions: &[Action]) -> Result<Done> {
                 let desired = desired.resolve(|d| resolve(kernel, d))?;
                 let devices = devices.iter().map(|d| resolve(kernel, d)).collect::<Result<Vec<u32>>>()?;
                 let current = kernel.read(owner, &devices)?;
-                for op in plan(&current, &desired) {
-                    count(&mut done, &op);
-                    kernel.apply(owner, &op)?;
-                }
+                apply_all(kernel, owner, plan(&current, &desired), &mut done)?;
             }
             Action::Change { owner, old, new } => {
                 // What was programmed on a device that is gone went with it.
                 let old = old.resolve(|d| resolve(kernel, d))?;
                 let new = new.resolve(|d| resolve(kernel, d))?;
-                for op in plan_change(&old, &new) {
-                    count(&mut done, &op);
-                    kernel.apply(owner, &op)?;
-                }
+                apply_all(kernel, owner, plan_change(&old, &new), &mut done)?;
             }
             Action::WriteSubnetFile(env) => kernel.write_subnet_file(env)?,
             Action::LeaseLost | Action::RenewClaim => {}
@@ -87,12 +82,22 @@ pub fn execute(kernel: &mut dyn Kernel, actions: &[Action]) -> Result<Done> {
     Ok(done)
 }
 
-fn count(done: &mut Done, op: &Op) {
-    if op.is_removal() {
-        done.removed += 1;
-    } else {
-        done.added += 1;
+/// Applies every operation, also past one the kernel refuses (one bad object must not hold up
+/// every other peer's); the first failure is returned once all were tried. Only what changed
+/// the kernel is counted.
+fn apply_all(kernel: &mut dyn Kernel, owner: &Owner, ops: Vec<Op>, done: &mut Done) -> Result<()> {
+    let mut first = None;
+    for op in ops {
+        match kernel.apply(owner, &op) {
+            Ok(false) => {}
+            Ok(true) if op.is_removal() => done.removed += 1,
+            Ok(true) => done.added += 1,
+            Err(e) => {
+                first.get_or_insert(e);
+            }
+        }
     }
+    first.map_or(Ok(()), Err)
 }
 
 /// The real kernel, through netlink and nftables.
@@ -201,9 +206,9 @@ impl Kernel for NetlinkKernel {
         Ok(state)
     }
 
-    fn apply(&mut self, owner: &Owner, op: &Op) -> Result<()> {
+    fn apply(&mut self, owner: &Owner, op: &Op) -> Result<bool> {
         let nl = &mut self.nl;
-        match op {
+        let changed = match op {
             Op::DelRoute(r) => ignore_not_found(nl.delete_route(&Self::route_spec(owner, r)))
                 .map_err(kernel(format!("removing route {}", r.dst))),
             Op::DelFdb(e) => ignore_not_found(nl.delete_fdb(e.dev, &e.mac, Some(e.dst)))
@@ -242,7 +247,7 @@ impl Kernel for NetlinkKernel {
                                         owner.name
                                     );
                                 }
-                                Ok(())
+                                return Ok(false);
                             }
                             _ => nl.replace_route(&spec).map_err(kernel(format!("replacing route {}", r.dst))),
                         }
@@ -250,7 +255,8 @@ impl Kernel for NetlinkKernel {
                     Err(e) => Err(kernel(format!("adding route {}", r.dst))(e)),
                 }
             }
-        }
+        };
+        changed.map(|()| true)
     }
 
     fn firewall(&mut self, network: &Ipv4Net, masquerade: bool) -> Result<()> {

@@ -349,7 +349,9 @@ fn a_claim_made_by_an_older_lease_of_another_node_is_renewed() {
 
 #[test]
 fn host_gw_routes_via_peers_on_the_uplink() {
-    let mut h = Harness::new(r#"{"Network": "198.19.0.0/16", "Backend": {"Type": "host-gw"}}"#, &peers(&[2, 3]));
+    let mut gw = peers(&[2, 3]);
+    gw.iter_mut().for_each(|p| p.attrs.backend_type = "host-gw".into());
+    let mut h = Harness::new(r#"{"Network": "198.19.0.0/16", "Backend": {"Type": "host-gw"}}"#, &gw);
     h.turn();
     assert!(h.ready());
     let k = h.kernel.borrow();
@@ -358,4 +360,100 @@ fn host_gw_routes_via_peers_on_the_uplink() {
     let eth0 = k.links[UPLINK].index;
     assert!(k.routes.iter().all(|(_, r)| r.dev == eth0 && r.via.is_some()));
     assert_eq!(k.subnet_file.as_ref().unwrap().mtu, 1500);
+}
+
+/// Leases no node can have, or of another backend: ignored with a warning, never handed to the
+/// kernel — one of them held up every other peer's programming and made every node not ready
+/// (the kernel refuses an FDB entry for a multicast MAC, a route via a broadcast address).
+#[test]
+fn leases_the_kernel_would_refuse_are_ignored_and_hold_up_nothing() {
+    let mut h = Harness::new(VXLAN, &peers(&[2]));
+    h.turn();
+    let bad = |i: u8, edit: &dyn Fn(&mut weft_lease::Lease)| {
+        let mut l = peer(i);
+        edit(&mut l);
+        l
+    };
+    for lease in [
+        bad(60, &|l| l.attrs.backend_data["VtepMAC"] = "ff:ff:ff:ff:ff:ff".into()),
+        bad(61, &|l| l.attrs.backend_data["VtepMAC"] = "00:00:00:00:00:00".into()),
+        bad(62, &|l| l.attrs.backend_data["VtepMAC"] = "01:00:5e:00:00:01".into()),
+        bad(63, &|l| l.attrs.backend_data["VtepMAC"] = mac(1).into()),
+        bad(64, &|l| l.attrs.public_ip = "198.18.0.255".parse().unwrap()),
+        bad(65, &|l| l.attrs.public_ip = "0.0.0.0".parse().unwrap()),
+        bad(66, &|l| l.attrs.public_ip = "127.0.0.1".parse().unwrap()),
+        bad(67, &|l| l.attrs.public_ip = "224.0.0.1".parse().unwrap()),
+        bad(68, &|l| l.attrs.public_ip = "198.19.200.1".parse().unwrap()),
+        bad(69, &|l| l.attrs.backend_type = "udp".into()),
+    ] {
+        h.put(lease);
+    }
+    h.put(peer(7));
+    h.turn();
+    assert!(h.ready(), "{:?}", h.status().readiness());
+    assert!(h.reaches(2) && h.reaches(7));
+    assert_eq!(h.routes(), ["198.19.2.0/24", "198.19.7.0/24"]);
+}
+
+/// An object the kernel refuses fails the batch (not ready, retried) but every other peer is
+/// still programmed; a route left to another owner counts as no change (a resync warned about
+/// it, as drift, every time).
+#[test]
+fn one_refused_object_holds_up_no_other_peer() {
+    let mut h = Harness::new(VXLAN, &peers(&[2, 3, 4]));
+    h.kernel.borrow_mut().fail = Some("put neighbour 198.19.3.0".into());
+    h.turn();
+    assert!(!h.ready());
+    assert!(h.reaches(2) && h.reaches(4), "{:?}", h.kernel.borrow().journal);
+    h.kernel.borrow_mut().fail = None;
+    h.run_for(Duration::from_secs(2));
+    assert!(h.ready() && h.reaches(3));
+
+    let kernel = std::rc::Rc::new(std::cell::RefCell::new(KernelState::default()));
+    let eth0 = kernel.borrow_mut().add_link(UPLINK, 1500);
+    let foreign = Route { dst: "198.19.3.0/24".parse().unwrap(), via: None, dev: eth0, onlink: false, mtu: None };
+    kernel.borrow_mut().routes.push((BGP_ROUTES.protocol, foreign));
+    let mut fake = FakeKernel(kernel.clone());
+    let mut h = Harness::on(VXLAN, &peers(&[3]), kernel);
+    h.turn();
+    let action = weft_agent::core::Action::Reconcile {
+        owner: PEER_ROUTES,
+        desired: weft_agent::model::State {
+            routes: vec![Route {
+                dst: "198.19.3.0/24".parse().unwrap(),
+                via: None,
+                dev: UPLINK.into(),
+                onlink: false,
+                mtu: None,
+            }],
+            ..Default::default()
+        },
+        devices: vec![],
+    };
+    let done = weft_agent::exec::execute(&mut fake, &[action]).unwrap();
+    assert_eq!((done.added, done.removed), (0, 0));
+}
+
+/// A store outage fails the watch and the renewer alike: each failure is logged once, not once
+/// per alternation (they reset each other's memory and an outage logged a line every few
+/// seconds), and "recovered" once when both are well.
+#[test]
+fn failures_of_several_sources_are_each_logged_once() {
+    let mut h = Harness::new(VXLAN, &peers(&[2]));
+    h.turn();
+    let lines = logged(|| {
+        h.store.borrow_mut().fail = Some("etcd did not answer within 3 s".into());
+        for _ in 0..5 {
+            h.keeper.borrow_mut().reports.push(Report::Failed("etcd did not answer within 5 s".into()));
+            h.turn();
+            h.turn();
+        }
+        h.store.borrow_mut().fail = None;
+        h.keeper.borrow_mut().reports.push(Report::Held { lease: h.own.clone(), reacquired: false });
+        h.turn();
+    });
+    let warnings: Vec<&String> = lines.iter().filter(|l| l.starts_with("WARN")).collect();
+    assert_eq!(warnings.len(), 2, "{lines:#?}");
+    assert_eq!(lines.iter().filter(|l| l.contains("recovered")).count(), 1, "{lines:#?}");
+    assert!(h.ready());
 }

@@ -73,7 +73,8 @@ mod tests {
     fn routes_via_peers_and_unreachable_peers_ignored() {
         let nets = ["198.18.0.0/24".parse().unwrap()];
         let (b, _) = backend_of(r#"{"Network": "198.19.0.0/16", "Backend": {"Type": "host-gw"}}"#);
-        let peers = [lease("198.19.2.0/24", "198.18.0.2", "x"), lease("198.19.3.0/24", "198.18.5.3", "x")];
+        let mut peers = [lease("198.19.2.0/24", "198.18.0.2", "x"), lease("198.19.3.0/24", "198.18.5.3", "x")];
+        peers.iter_mut().for_each(|p| p.attrs.backend_type = "host-gw".into());
         let refs: Vec<&Lease> = peers.iter().collect();
         let out = desired(b.as_ref(), &node(&nets), &refs);
         assert_eq!(out.state.routes.len(), 1);

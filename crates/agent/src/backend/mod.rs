@@ -58,8 +58,22 @@ impl Node<'_> {
         if s.contains(&self.subnet) || self.subnet.contains(s) {
             return Some(format!("lease {s} overlaps this node's subnet {}", self.subnet));
         }
-        if peer.attrs.public_ip == self.ip {
+        let ip = peer.attrs.public_ip;
+        if ip == self.ip {
             return Some(format!("lease {s} claims this node's address {}", self.ip));
+        }
+        // An address no node can have (the kernel refuses a route via it, and one such lease
+        // would hold up every other peer's programming).
+        if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() || ip.is_link_local() {
+            return Some(format!("lease {s} has the address {ip}, which no node can have"));
+        }
+        if self.network.contains(&ip) {
+            return Some(format!("lease {s} has the address {ip}, inside the pod network"));
+        }
+        if let Some(net) =
+            self.uplink_nets.iter().find(|n| n.prefix_len() < 31 && (ip == n.network() || ip == n.broadcast()))
+        {
+            return Some(format!("lease {s} has the address {ip}, the network or broadcast address of {net}"));
         }
         None
     }
@@ -120,7 +134,10 @@ pub fn desired(backend: &dyn Backend, node: &Node<'_>, peers: &[&Lease]) -> Peer
     let mut warnings = Vec::new();
     let mut valid: Vec<&Lease> = Vec::with_capacity(peers.len());
     for peer in peers.iter().copied().filter(|p| !node.is_own(p)) {
-        match node.reject(peer) {
+        // flannel's rule: a node programs the leases of its own backend only.
+        let other_type = (peer.attrs.backend_type != backend.name())
+            .then(|| format!("lease {} is a {:?} lease, not {}", peer.subnet, peer.attrs.backend_type, backend.name()));
+        match other_type.or_else(|| node.reject(peer)) {
             Some(why) => warnings.push(format!("ignoring peer {}: {why}", peer.attrs.public_ip)),
             None => valid.push(peer),
         }

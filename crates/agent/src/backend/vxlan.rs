@@ -126,13 +126,22 @@ impl Backend for Vxlan {
                 ));
                 continue;
             }
-            let Some(mac) = vtep_mac(peer).and_then(parse_mac) else {
+            // A unicast MAC that is not this node's own (the kernel refuses the others, and one
+            // such lease would hold up every other peer's programming).
+            let Some(mac) = vtep_mac(peer).and_then(parse_mac).filter(|m| m[0] & 1 == 0 && *m != [0; 6]) else {
                 out.ignore(format!(
                     "ignoring peer {}: lease {} has no valid VtepMAC",
                     peer.attrs.public_ip, peer.subnet
                 ));
                 continue;
             };
+            if mac == self.mac {
+                out.ignore(format!(
+                    "ignoring peer {}: lease {} has this node's own VtepMAC",
+                    peer.attrs.public_ip, peer.subnet
+                ));
+                continue;
+            }
             let gw = IpAddr::V4(peer.subnet.network());
             out.state.neighbours.push(Neighbour { dev: dev.clone(), ip: gw, mac });
             out.state.fdb.push(Fdb { dev: dev.clone(), mac, dst: peer_ip });

@@ -136,7 +136,7 @@ impl Kernel for FakeKernel {
         })
     }
 
-    fn apply(&mut self, owner: &Owner, op: &Op) -> Result<()> {
+    fn apply(&mut self, owner: &Owner, op: &Op) -> Result<bool> {
         let mut k = self.0.borrow_mut();
         let dev_exists = |k: &KernelState, dev: u32| k.links.values().any(|l| l.index == dev);
         match op {
@@ -169,14 +169,14 @@ impl Kernel for FakeKernel {
                 // As the real one: added, or replacing a route to the destination that is this
                 // owner's; another producer's is left alone.
                 if k.routes.iter().any(|(p, x)| x.dst == r.dst && *p != owner.protocol) {
-                    return Ok(());
+                    return Ok(false);
                 }
                 k.change(format!("put route {}", r.dst))?;
                 k.routes.retain(|(_, x)| x.dst != r.dst);
                 k.routes.push((owner.protocol, r.clone()));
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     fn firewall(&mut self, network: &Ipv4Net, masquerade: bool) -> Result<()> {
@@ -455,4 +455,42 @@ impl Harness {
     pub fn remove(&self, subnet: Ipv4Net) {
         self.store.borrow_mut().leases.remove(&subnet);
     }
+}
+
+/// The lines logged while `f` runs (messages only).
+pub fn logged(f: impl FnOnce()) -> Vec<String> {
+    use tracing_core::field::{Field, Visit};
+    use tracing_core::span::{Attributes, Id, Record};
+    use tracing_core::{Event, Metadata, Subscriber};
+
+    struct Capture(Arc<Mutex<Vec<String>>>);
+    struct Message(String);
+    impl Visit for Message {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "message" {
+                self.0 = format!("{value:?}");
+            }
+        }
+    }
+    impl Subscriber for Capture {
+        fn enabled(&self, _: &Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &Attributes<'_>) -> Id {
+            Id::from_u64(1)
+        }
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, event: &Event<'_>) {
+            let mut m = Message(String::new());
+            event.record(&mut m);
+            self.0.lock().unwrap().push(format!("{} {}", event.metadata().level(), m.0));
+        }
+        fn enter(&self, _: &Id) {}
+        fn exit(&self, _: &Id) {}
+    }
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    tracing::subscriber::with_default(Capture(lines.clone()), f);
+    let out = lines.lock().unwrap().clone();
+    out
 }

@@ -341,7 +341,11 @@ fn follow(endpoints: Vec<String>, prefix: String, under: String, tx: Sender<Sign
                         tracing::warn!("etcd watch: {e}; listing again every second until it answers");
                         failing = true;
                     }
-                    if tx.send(Signal::Failing(e.to_string())).is_err() {
+                    let message = match e {
+                        LeaseError::Store(m) => m,
+                        other => other.to_string(),
+                    };
+                    if tx.send(Signal::Failing(message)).is_err() {
                         return;
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
