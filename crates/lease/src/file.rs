@@ -314,4 +314,70 @@ mod damage {
         drop(holder);
         store.acquire(&config(), &attrs("198.18.0.2"), None, None, SystemTime::now(), &mut |_| 0).unwrap();
     }
+
+    /// A node whose key went away while another lease carries its address (stale, or made by
+    /// hand) takes its previous subnet back: moving would strand its pods, whose addresses are
+    /// in the previous one.
+    #[test]
+    fn a_lost_lease_is_taken_back_on_the_previous_subnet() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::FileStore::open(dir.path()).unwrap();
+        let now = SystemTime::now();
+        let own = store.acquire(&config(), &attrs("198.18.0.1"), None, None, now, &mut |_| 0).unwrap();
+        let stale = crate::Lease {
+            subnet: "198.19.150.0/24".parse().unwrap(),
+            attrs: attrs("198.18.0.1"),
+            expires: None,
+            created: None,
+        };
+        store.put_lease(&stale).unwrap();
+        store.delete(&own.subnet).unwrap();
+        let again = store.acquire(&config(), &attrs("198.18.0.1"), Some(own.subnet), None, now, &mut |_| 5).unwrap();
+        assert_eq!(again.subnet, own.subnet);
+        // Its own lease on the previous subnet is kept even with the other one there.
+        let kept = store.acquire(&config(), &attrs("198.18.0.1"), Some(own.subnet), None, now, &mut |_| 5).unwrap();
+        assert_eq!(kept.subnet, own.subnet);
+    }
+
+    /// A revision just under the limit: writes reach it and the store starts a new epoch
+    /// (watchers list again) instead of writing damaged entries and freezing every watch.
+    #[test]
+    fn a_revision_at_the_limit_starts_a_new_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::FileStore::open(dir.path()).unwrap();
+        let now = SystemTime::now();
+        store.acquire(&config(), &attrs("198.18.0.1"), None, None, now, &mut |_| 0).unwrap();
+        let mut watcher = store.watcher().unwrap();
+        watcher.poll(now).unwrap();
+        std::fs::write(dir.path().join("revision"), ((1u64 << 53) - 2).to_string()).unwrap();
+        for i in 2..6 {
+            let lease =
+                store.acquire(&config(), &attrs(&format!("198.18.0.{i}")), None, None, now, &mut |_| 0).unwrap();
+            let events = watcher.poll(now).unwrap();
+            assert!(events.contains(&LeaseEvent::Added(lease)), "{i}: {events:?}");
+            assert_eq!(watcher.damaged(), 0, "{i}");
+        }
+        assert_eq!(store.list(now).unwrap().len(), 5);
+    }
+
+    /// The store's directory removed or moved away: an outage (listing fails), not an empty
+    /// store (every peer would be removed), and nothing writes a new empty one in its place.
+    #[test]
+    fn a_store_directory_gone_is_an_outage() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = super::FileStore::open(&root).unwrap();
+        let now = SystemTime::now();
+        store.acquire(&config(), &attrs("198.18.0.1"), None, None, now, &mut |_| 0).unwrap();
+        let mut watcher = store.watcher().unwrap();
+        assert_eq!(watcher.poll(now).unwrap().len(), 1);
+        std::fs::rename(&root, dir.path().join("moved")).unwrap();
+        assert!(watcher.poll(now).is_err());
+        assert!(store.list(now).is_err());
+        assert!(store.acquire(&config(), &attrs("198.18.0.2"), None, None, now, &mut |_| 0).is_err());
+        assert!(!root.exists(), "an empty store was made in its place");
+        std::fs::rename(dir.path().join("moved"), &root).unwrap();
+        assert!(watcher.poll(now).unwrap().is_empty(), "nothing changed meanwhile");
+        assert_eq!(watcher.count(), 1);
+    }
 }

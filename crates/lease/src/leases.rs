@@ -201,11 +201,22 @@ impl<K: Kv + 'static> Leases<K> {
                     }
                 }
             }
-            let own = claims
-                .valid
-                .keys()
-                .filter(|s| config.is_leasable(s))
-                .find_map(|s| claims.winner(s, now).filter(|(_, l, _)| l.attrs.public_ip == attrs.public_ip));
+            // The subnet this node had (its pods have their addresses there) comes first: its
+            // own lease on it, or it free; only then another lease with this node's address (a
+            // stale or hand-made one would move the node and strand its pods).
+            let previous = previous.filter(|p| config.is_leasable(p));
+            let on_previous = previous.and_then(|p| claims.winner(&p, now));
+            let previous_free = previous.is_some() && on_previous.is_none();
+            let mine = |l: &Lease| l.attrs.public_ip == attrs.public_ip;
+            let own = match on_previous {
+                Some(w) if mine(w.1) => Some(w),
+                _ if previous_free => None,
+                _ => claims
+                    .valid
+                    .keys()
+                    .filter(|s| config.is_leasable(s))
+                    .find_map(|s| claims.winner(s, now).filter(|(_, l, _)| mine(l))),
+            };
             if let Some((key, lease, modified)) = own {
                 let subnet = lease.subnet;
                 match self.kv.put(key, &value, ttl, Some(modified))? {

@@ -184,8 +184,16 @@ impl FileKv {
     }
 
     /// The revision the next change gets (never backwards, whatever the revision file says).
+    /// Past [`MAX_REVISION`] (only a damaged store gets there) the store starts a new epoch at 1
+    /// with an empty journal: watchers see the revision go back and list again.
     fn next(&self) -> u64 {
-        self.current().max(self.journal_revision()).saturating_add(1)
+        let next = self.current().max(self.journal_revision()).saturating_add(1);
+        if next <= MAX_REVISION {
+            return next;
+        }
+        tracing::warn!("file store {}: the revision ran past {MAX_REVISION}; starting again at 1", self.dir.display());
+        let _ = OpenOptions::new().write(true).open(self.dir.join("journal")).and_then(|j| j.set_len(0));
+        1
     }
 
     /// Records a change of `key` at `revision`: a line in the journal (so watchers re-read only
@@ -233,6 +241,11 @@ impl FileKv {
     }
 
     fn entries(&self, prefix: &str) -> Result<Vec<Entry>> {
+        // The store's own directory gone (removed, moved away) is an outage, not an empty store:
+        // a listing of nothing would remove every peer.
+        if !self.dir.is_dir() {
+            return Err(LeaseError::Store(format!("the store directory {} is gone", self.dir.display())));
+        }
         let dir = self.dir.join(prefix.trim_end_matches('/'));
         let mut out = Vec::new();
         let listing = match std::fs::read_dir(&dir) {
