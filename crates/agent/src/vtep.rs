@@ -61,8 +61,13 @@ pub struct VtepConfig<'a> {
 }
 
 fn matches(link: &Link, cfg: &VtepConfig<'_>) -> bool {
+    link.mac == cfg.mac && matches_but_mac(link, cfg)
+}
+
+/// Everything but the MAC as configured (a new MAC is set in place: making the device again
+/// would drop every peer's objects on it for a moment).
+fn matches_but_mac(link: &Link, cfg: &VtepConfig<'_>) -> bool {
     link.kind == LinkKind::Vxlan
-        && link.mac == cfg.mac
         && link.vxlan.as_ref().is_some_and(|v| {
             v.vni == cfg.vni
                 && v.port == cfg.port
@@ -78,6 +83,10 @@ pub fn ensure(nl: &mut Netlink, cfg: &VtepConfig<'_>) -> Result<(u32, bool)> {
     let mut created = false;
     let link = match nl.link_by_name(cfg.name).map_err(kernel("reading the VTEP"))? {
         Some(link) if matches(&link, cfg) => link,
+        Some(link) if matches_but_mac(&link, cfg) => {
+            nl.set_mac(link.index, cfg.mac).map_err(kernel("setting the VTEP's MAC"))?;
+            link
+        }
         existing => {
             if let Some(old) = existing {
                 nl.delete_link(old.index).map_err(kernel("replacing a VTEP with other settings"))?;

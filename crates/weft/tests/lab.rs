@@ -699,6 +699,11 @@ fn a_vtep_mac_taken_by_an_older_lease_is_replaced() {
         let links = lab.ip("node2", &["ip", "link", "show"]);
         links.as_array().unwrap().iter().any(|l| l["ifname"] == "weft.1" && l["address"] == new_mac.as_str())
     });
+    // The VTEP made again with it, and every peer replayed on it.
+    let node1_subnet = show["nodes"][0]["subnet"].as_str().unwrap().to_string();
+    within(Duration::from_secs(5), "node2 routes to node1 again", || {
+        lab.peer_state("node2").0.iter().any(|r| r.starts_with(&node1_subnet))
+    });
     lab.check_ok();
     let (_, metrics) = http_get(&lab, "node2", "/metrics");
     assert!(metrics.contains("weft_lease_reacquired_total 0"), "{metrics}");
