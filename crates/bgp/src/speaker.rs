@@ -55,6 +55,11 @@ impl Speaker {
         actions.into_iter().map(|a| Output::Session(id, a)).collect()
     }
 
+    /// How many prefixes neighbour `id` was last sent.
+    pub fn advertised(&self, id: PeerId) -> usize {
+        self.sent.get(&id).map_or(0, |s| s.len())
+    }
+
     pub fn state(&self, id: PeerId) -> Option<State> {
         self.members.get(&id).map(|m| m.session.state())
     }

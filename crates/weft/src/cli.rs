@@ -38,6 +38,21 @@ enum Command {
     /// plugins. Needs root; nothing touches the machine's own network.
     #[command(subcommand)]
     Lab(LabCommand),
+    /// weft's BGP speaker: run it as a daemon of its own (what routed mode will embed), or ask
+    /// a running one about its neighbours.
+    #[command(subcommand)]
+    Bgp(BgpCommand),
+}
+
+#[derive(Subcommand)]
+enum BgpCommand {
+    /// Run the speaker until SIGTERM or SIGINT (then its installed routes are removed).
+    /// Example: `weft bgp run --local-as 64512 --router-id 198.18.0.1 --neighbor 198.18.0.2,64513
+    /// --announce 198.19.1.0/24 --install`.
+    Run(crate::bgp::RunArgs),
+    /// Each neighbour's address, AS, state (Idle, Connect, Active, OpenSent, OpenConfirm,
+    /// Established), uptime and prefixes received and advertised.
+    Status(crate::bgp::StatusArgs),
 }
 
 #[derive(clap::Args)]
@@ -242,6 +257,11 @@ pub fn main() -> i32 {
         Command::Lab(LabCommand::Check(opts)) => crate::lab::check(&opts),
         Command::Lab(LabCommand::Show { node, name, json }) => crate::lab::show(&name, node.as_deref(), json),
         Command::Lab(LabCommand::Supervise { name }) => crate::lab::supervise(&name),
+        Command::Bgp(BgpCommand::Run(args)) => {
+            weft_agent::log::init();
+            crate::bgp::run(args)
+        }
+        Command::Bgp(BgpCommand::Status(args)) => crate::bgp::status(args),
     };
     match outcome {
         Ok(()) => 0,

@@ -14,6 +14,7 @@ macro_rules! outln {
     ($($arg:tt)*) => { $crate::output::write(format_args!($($arg)*), true) };
 }
 
+mod bgp;
 mod cli;
 mod demo;
 mod install;

@@ -1,0 +1,449 @@
+//! The thin I/O layer: a [`Speaker`] run over TCP and timers on a single-threaded tokio
+//! runtime. One task owns the speaker and takes events (connections accepted or made, bytes,
+//! closes, timers, status requests) from a channel; connections have a reader and a writer task
+//! each; timers are sleeps tagged with a generation, so one stopped or restarted is ignored when
+//! it fires. Routes go to a [`RouteSink`] (the kernel, for `weft bgp run --install`), and a unix
+//! socket answers `status` with JSON.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::neighbor::{Action, Config, State, Timer};
+use crate::rib::{PeerId, Policy, Rib};
+use crate::speaker::{Output, Speaker};
+
+/// A configured neighbour.
+#[derive(Debug, Clone)]
+pub struct NeighborSpec {
+    pub address: IpAddr,
+    pub asn: u32,
+    pub passive: bool,
+    pub rr_client: bool,
+}
+
+/// How the daemon runs.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub local_as: u32,
+    pub router_id: std::net::Ipv4Addr,
+    pub listen: SocketAddr,
+    /// The next hop this speaker announces.
+    pub next_hop: IpAddr,
+    pub neighbors: Vec<NeighborSpec>,
+    /// Accept sessions from any address in a range, with this AS.
+    pub ranges: Vec<(IpNet, u32)>,
+    pub announce: Vec<IpNet>,
+    pub policy: Policy,
+    pub hold_time: u16,
+    pub connect_retry: Duration,
+    pub socket: PathBuf,
+}
+
+/// Where best routes go (the kernel).
+pub trait RouteSink {
+    /// The best path to `prefix` is via `next_hop` now.
+    fn install(&mut self, prefix: IpNet, next_hop: IpAddr);
+    /// No path to `prefix` any more.
+    fn remove(&mut self, prefix: IpNet);
+}
+
+/// A sink that keeps nothing (a speaker that does not install routes).
+pub struct NoSink;
+
+impl RouteSink for NoSink {
+    fn install(&mut self, _: IpNet, _: IpAddr) {}
+    fn remove(&mut self, _: IpNet) {}
+}
+
+enum Event {
+    Accepted(TcpStream, SocketAddr),
+    Connected(PeerId, TcpStream),
+    ConnectFailed(PeerId),
+    Data(PeerId, u64, Vec<u8>),
+    Closed(PeerId, u64),
+    Timer(PeerId, Timer, u64),
+    Stale(PeerId, u64),
+    Status(oneshot::Sender<String>),
+    Shutdown,
+}
+
+/// One neighbour's I/O state.
+struct Link {
+    address: IpAddr,
+    asn: u32,
+    /// The current connection: its number and its writer.
+    conn: Option<(u64, mpsc::UnboundedSender<Vec<u8>>)>,
+    up_since: Option<Instant>,
+    generations: HashMap<Timer, u64>,
+    stale_generation: u64,
+}
+
+struct Daemon {
+    config: DaemonConfig,
+    speaker: Speaker,
+    links: HashMap<PeerId, Link>,
+    tx: mpsc::UnboundedSender<Event>,
+    sink: Box<dyn RouteSink>,
+    installed: std::collections::BTreeSet<IpNet>,
+    next_conn: u64,
+    next_peer: PeerId,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; then the routes it installed are removed.
+pub fn run(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(serve(config, sink))
+}
+
+async fn serve(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Result<()> {
+    let listener = TcpListener::bind(config.listen).await?;
+    let _ = std::fs::remove_file(&config.socket);
+    if let Some(dir) = config.socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let control = UnixListener::bind(&config.socket)?;
+    tracing::info!("BGP AS {} router id {} listening on {}", config.local_as, config.router_id, config.listen);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut rib = Rib::new(config.local_as, config.router_id);
+    rib.policy = config.policy.clone();
+    let speaker = Speaker::new(rib, config.next_hop);
+    let mut daemon = Daemon {
+        speaker,
+        links: HashMap::new(),
+        tx: tx.clone(),
+        sink,
+        installed: Default::default(),
+        next_conn: 0,
+        next_peer: 1,
+        config,
+    };
+    // Accepting connections.
+    let accept_tx = tx.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, from)) = listener.accept().await {
+            if accept_tx.send(Event::Accepted(stream, from)).is_err() {
+                return;
+            }
+        }
+    });
+    // The control socket: a line in, JSON out.
+    let control_tx = tx.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = control.accept().await {
+            let tx = control_tx.clone();
+            tokio::spawn(async move {
+                let mut line = [0u8; 64];
+                let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut line)).await;
+                let (reply, answer) = oneshot::channel();
+                if tx.send(Event::Status(reply)).is_ok() {
+                    if let Ok(text) = answer.await {
+                        let _ = stream.write_all(text.as_bytes()).await;
+                    }
+                }
+            });
+        }
+    });
+    // Stopping.
+    let signal_tx = tx.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let _ = signal_tx.send(Event::Shutdown);
+    });
+    for prefix in daemon.config.announce.clone() {
+        let out = daemon.speaker.originate(prefix);
+        daemon.carry_out(out);
+    }
+    for spec in daemon.config.neighbors.clone() {
+        daemon.add(spec);
+    }
+    while let Some(event) = rx.recv().await {
+        if matches!(event, Event::Shutdown) {
+            break;
+        }
+        daemon.handle(event);
+    }
+    daemon.shutdown();
+    // The Ceases go out before the runtime ends.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = std::fs::remove_file(&daemon.config.socket);
+    Ok(())
+}
+
+impl Daemon {
+    fn add(&mut self, spec: NeighborSpec) -> PeerId {
+        let id = self.next_peer;
+        self.next_peer += 1;
+        let mut config = Config::new(self.config.local_as, self.config.router_id, spec.asn);
+        config.passive = spec.passive;
+        config.hold_time = self.config.hold_time;
+        config.connect_retry = self.config.connect_retry;
+        self.links.insert(
+            id,
+            Link {
+                address: spec.address,
+                asn: spec.asn,
+                conn: None,
+                up_since: None,
+                generations: HashMap::new(),
+                stale_generation: 0,
+            },
+        );
+        let out = self.speaker.add_neighbor(id, spec.address, config, spec.rr_client);
+        self.carry_out(out);
+        id
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Accepted(stream, from) => {
+                let address = from.ip();
+                let id = match self.speaker.neighbor_at(address) {
+                    Some(id) => id,
+                    None => match self.config.ranges.iter().find(|(net, _)| net.contains(&address)) {
+                        Some((_, asn)) => {
+                            let spec = NeighborSpec { address, asn: *asn, passive: true, rr_client: false };
+                            self.add(spec)
+                        }
+                        None => {
+                            tracing::info!("refused a connection from {address}: not a neighbour");
+                            return;
+                        }
+                    },
+                };
+                // A session further along keeps its connection (the simple side of collision
+                // handling: the neighbour resolves it too).
+                if matches!(self.speaker.state(id), Some(State::OpenConfirm | State::Established)) {
+                    return;
+                }
+                self.attach(id, stream);
+            }
+            Event::Connected(id, stream) => {
+                if matches!(self.speaker.state(id), Some(State::Connect | State::Active)) {
+                    self.attach(id, stream);
+                }
+            }
+            Event::ConnectFailed(id) => {
+                let out = self.speaker.transport_lost(id);
+                self.carry_out(out);
+            }
+            Event::Data(id, conn, bytes) => {
+                if self.current(id, conn) {
+                    let out = self.speaker.received(id, &bytes);
+                    self.carry_out(out);
+                }
+            }
+            Event::Closed(id, conn) => {
+                if self.current(id, conn) {
+                    if let Some(link) = self.links.get_mut(&id) {
+                        link.conn = None;
+                    }
+                    let out = self.speaker.transport_lost(id);
+                    self.carry_out(out);
+                }
+            }
+            Event::Timer(id, timer, generation) => {
+                let live = self.links.get(&id).is_some_and(|l| l.generations.get(&timer) == Some(&generation));
+                if live {
+                    let out = self.speaker.timer(id, timer);
+                    self.carry_out(out);
+                }
+            }
+            Event::Stale(id, generation) => {
+                if self.links.get(&id).is_some_and(|l| l.stale_generation == generation) {
+                    let out = self.speaker.stale_expired(id);
+                    self.carry_out(out);
+                }
+            }
+            Event::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Event::Shutdown => {}
+        }
+    }
+
+    fn current(&self, id: PeerId, conn: u64) -> bool {
+        self.links.get(&id).and_then(|l| l.conn.as_ref()).is_some_and(|(c, _)| *c == conn)
+    }
+
+    /// Takes `stream` as neighbour `id`'s connection: a reader and a writer task.
+    fn attach(&mut self, id: PeerId, stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        self.next_conn += 1;
+        let conn = self.next_conn;
+        let (mut reader, mut writer) = stream.into_split();
+        let (wtx, mut wrx) = mpsc::unbounded_channel::<Vec<u8>>();
+        tokio::spawn(async move {
+            while let Some(bytes) = wrx.recv().await {
+                if writer.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+            let _ = writer.shutdown().await;
+        });
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                match reader.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send(Event::Closed(id, conn));
+                        return;
+                    }
+                    Ok(n) => {
+                        if tx.send(Event::Data(id, conn, buf[..n].to_vec())).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        if let Some(link) = self.links.get_mut(&id) {
+            link.conn = Some((conn, wtx));
+        }
+        let out = self.speaker.connected(id);
+        self.carry_out(out);
+    }
+
+    fn carry_out(&mut self, outputs: Vec<Output>) {
+        for output in outputs {
+            match output {
+                Output::Session(id, action) => self.session(id, action),
+                Output::StaleTimer(id, after) => {
+                    let Some(link) = self.links.get_mut(&id) else { continue };
+                    link.stale_generation += 1;
+                    let (generation, tx) = (link.stale_generation, self.tx.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        let _ = tx.send(Event::Stale(id, generation));
+                    });
+                }
+                Output::Route(prefix, Some(next_hop)) => {
+                    self.installed.insert(prefix);
+                    self.sink.install(prefix, next_hop);
+                }
+                Output::Route(prefix, None) => {
+                    if self.installed.remove(&prefix) {
+                        self.sink.remove(prefix);
+                    }
+                }
+            }
+        }
+    }
+
+    fn session(&mut self, id: PeerId, action: Action) {
+        let Some(link) = self.links.get_mut(&id) else { return };
+        match action {
+            Action::Connect => {
+                let (address, tx) = (SocketAddr::new(link.address, 179), self.tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(address)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send(Event::Connected(id, stream));
+                        }
+                        _ => {
+                            let _ = tx.send(Event::ConnectFailed(id));
+                        }
+                    }
+                });
+            }
+            Action::Send(bytes) => {
+                if let Some((_, writer)) = &link.conn {
+                    let _ = writer.send(bytes);
+                }
+            }
+            Action::Close => link.conn = None,
+            Action::StartTimer(timer, after) => {
+                let generation = link.generations.entry(timer).or_default();
+                *generation += 1;
+                let (generation, tx) = (*generation, self.tx.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(after).await;
+                    let _ = tx.send(Event::Timer(id, timer, generation));
+                });
+            }
+            Action::StopTimer(timer) => *link.generations.entry(timer).or_default() += 1,
+            Action::Established(n) => {
+                link.up_since = Some(Instant::now());
+                tracing::info!(
+                    "neighbour {} (AS {}) established, hold time {} s",
+                    link.address,
+                    n.peer_as,
+                    n.hold_time
+                );
+            }
+            Action::Down { reason, keep_for } => {
+                link.up_since = None;
+                match keep_for {
+                    Some(t) => tracing::warn!(
+                        "neighbour {} down ({reason:?}); its routes are kept {} s for its restart",
+                        link.address,
+                        t.as_secs()
+                    ),
+                    None => tracing::warn!("neighbour {} down ({reason:?})", link.address),
+                }
+            }
+            Action::Received(_) | Action::RefreshRequested(_) => {}
+        }
+    }
+
+    fn status(&self) -> String {
+        let mut ids: Vec<&PeerId> = self.links.keys().collect();
+        ids.sort();
+        let neighbors: Vec<serde_json::Value> = ids
+            .into_iter()
+            .map(|id| {
+                let link = &self.links[id];
+                json!({
+                    "address": link.address.to_string(),
+                    "as": link.asn,
+                    "state": self.speaker.state(*id).map_or("Idle", State::name),
+                    "uptime_seconds": link.up_since.map_or(0, |t| t.elapsed().as_secs()),
+                    "prefixes_received": self.speaker.rib.count(*id),
+                    "prefixes_advertised": self.speaker.advertised(*id),
+                })
+            })
+            .collect();
+        json!({
+            "as": self.config.local_as,
+            "router_id": self.config.router_id.to_string(),
+            "neighbors": neighbors,
+            "routes": self.speaker.rib.best_paths().count(),
+            "installed": self.installed.len(),
+        })
+        .to_string()
+    }
+
+    /// Stopping: every session told (Cease), every installed route removed.
+    fn shutdown(&mut self) {
+        let ids: Vec<PeerId> = self.links.keys().copied().collect();
+        for id in ids {
+            let out = self.speaker.stop(id);
+            for o in out {
+                if let Output::Session(id, Action::Send(bytes)) = o {
+                    if let Some((_, writer)) = self.links.get(&id).and_then(|l| l.conn.as_ref()) {
+                        let _ = writer.send(bytes);
+                    }
+                }
+            }
+        }
+        for prefix in std::mem::take(&mut self.installed) {
+            self.sink.remove(prefix);
+        }
+        tracing::info!("stopped");
+    }
+}

@@ -1,0 +1,231 @@
+//! `weft bgp run` and `weft bgp status`: the BGP speaker as a daemon of its own, and what it
+//! says about its neighbours. Received best routes go into the kernel's main table with weft's
+//! BGP route protocol (202) when `--install` is given; routes of other owners are never touched.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use ipnet::IpNet;
+use weft_bgp::daemon::{DaemonConfig, NeighborSpec, NoSink, RouteSink};
+use weft_bgp::rib::Policy;
+use weft_dataplane::route::RTPROT_WEFT_BGP;
+use weft_dataplane::{Netlink, RouteSpec};
+
+/// `weft bgp run`.
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// This speaker's AS (1-4294967295).
+    #[arg(long)]
+    local_as: u32,
+    /// This speaker's BGP identifier (an IPv4 address, unique among the speakers it meets).
+    #[arg(long)]
+    router_id: Ipv4Addr,
+    /// Where to accept sessions: ADDR or ADDR:PORT (port 179 by default).
+    #[arg(long, default_value = "0.0.0.0:179")]
+    listen: String,
+    /// A neighbour: ADDR,AS[,passive][,rr-client]; repeatable. AS equal to --local-as is iBGP;
+    /// `passive` waits for it to connect; `rr-client` reflects routes to it (route reflector).
+    #[arg(long = "neighbor")]
+    neighbors: Vec<String>,
+    /// Accept sessions from any address in PREFIX with AS (PREFIX,AS); repeatable.
+    #[arg(long = "neighbor-range")]
+    ranges: Vec<String>,
+    /// A prefix this speaker announces; repeatable.
+    #[arg(long = "announce")]
+    announce: Vec<IpNet>,
+    /// Accept only prefixes inside NETWORK, no longer than N bits (NETWORK[,le=N]); repeatable;
+    /// default: accept all. Prefixes overlapping announced ones are never accepted.
+    #[arg(long = "accept")]
+    accept: Vec<String>,
+    /// End a session whose neighbour sends more prefixes than this.
+    #[arg(long)]
+    max_prefix: Option<usize>,
+    /// Put the best received routes into the kernel's main table (protocol 202).
+    #[arg(long)]
+    install: bool,
+    /// The next hop this speaker announces (default: the router id).
+    #[arg(long)]
+    next_hop: Option<IpAddr>,
+    /// The hold time offered, in seconds (0, or 3 and more).
+    #[arg(long, default_value_t = 90)]
+    hold_time: u16,
+    /// The control socket `weft bgp status` asks.
+    #[arg(long, default_value = "/run/weft/bgp.sock")]
+    socket: PathBuf,
+}
+
+/// `weft bgp status`.
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// The control socket of the speaker to ask.
+    #[arg(long, default_value = "/run/weft/bgp.sock")]
+    socket: PathBuf,
+    /// JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn neighbor(text: &str) -> Result<NeighborSpec> {
+    let mut parts = text.split(',');
+    let address: IpAddr =
+        parts.next().unwrap_or_default().parse().with_context(|| format!("--neighbor {text:?}: not an address"))?;
+    let asn: u32 = parts
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("--neighbor {text:?}: ADDR,AS[,passive][,rr-client]"))?
+        .parse()
+        .with_context(|| format!("--neighbor {text:?}: not an AS number"))?;
+    let mut spec = NeighborSpec { address, asn, passive: false, rr_client: false };
+    for flag in parts {
+        match flag {
+            "passive" => spec.passive = true,
+            "rr-client" => spec.rr_client = true,
+            other => bail!("--neighbor {text:?}: unknown flag {other:?} (passive, rr-client)"),
+        }
+    }
+    Ok(spec)
+}
+
+fn range(text: &str) -> Result<(IpNet, u32)> {
+    let (net, asn) = text.split_once(',').ok_or_else(|| anyhow::anyhow!("--neighbor-range {text:?}: PREFIX,AS"))?;
+    Ok((
+        net.parse().with_context(|| format!("--neighbor-range {text:?}: not a prefix"))?,
+        asn.parse().with_context(|| format!("--neighbor-range {text:?}: not an AS number"))?,
+    ))
+}
+
+fn accept(text: &str) -> Result<(IpNet, u8)> {
+    let (net, le) = match text.split_once(',') {
+        Some((net, le)) => {
+            let n = le.strip_prefix("le=").ok_or_else(|| anyhow::anyhow!("--accept {text:?}: NETWORK[,le=N]"))?;
+            (net, Some(n.parse::<u8>().with_context(|| format!("--accept {text:?}: le is a length"))?))
+        }
+        None => (text, None),
+    };
+    let net: IpNet = net.parse().with_context(|| format!("--accept {text:?}: not a network"))?;
+    let max = if net.addr().is_ipv4() { 32 } else { 128 };
+    let le = le.unwrap_or(max);
+    if le < net.prefix_len() || le > max {
+        bail!("--accept {text:?}: le must be between {} and {max}", net.prefix_len());
+    }
+    Ok((net, le))
+}
+
+/// Routes into the kernel as weft's BGP routes.
+struct KernelSink {
+    nl: Netlink,
+}
+
+impl KernelSink {
+    fn spec(prefix: IpNet, next_hop: Option<IpAddr>) -> RouteSpec {
+        let spec = RouteSpec::new(prefix).protocol(RTPROT_WEFT_BGP);
+        match next_hop {
+            Some(nh) => spec.via(nh),
+            None => spec,
+        }
+    }
+}
+
+impl RouteSink for KernelSink {
+    fn install(&mut self, prefix: IpNet, next_hop: IpAddr) {
+        let spec = Self::spec(prefix, Some(next_hop));
+        // Added; replaced only when the route there is this speaker's own.
+        let outcome = match self.nl.add_route(&spec) {
+            Err(e) if e.is_exists() => {
+                let ours =
+                    self.nl.routes().ok().and_then(|rs| rs.into_iter().find(|r| r.dst == spec.dst)).map(|r| r.protocol);
+                match ours {
+                    Some(p) if p != RTPROT_WEFT_BGP => {
+                        tracing::warn!("the route to {prefix} belongs to another producer (protocol {p}); left alone");
+                        Ok(())
+                    }
+                    _ => self.nl.replace_route(&spec),
+                }
+            }
+            other => other,
+        };
+        if let Err(e) = outcome {
+            tracing::warn!("installing {prefix} via {next_hop}: {e}");
+        }
+    }
+
+    fn remove(&mut self, prefix: IpNet) {
+        if let Err(e) = weft_dataplane::error::ignore_not_found(self.nl.delete_route(&Self::spec(prefix, None))) {
+            tracing::warn!("removing {prefix}: {e}");
+        }
+    }
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    if args.local_as == 0 {
+        bail!("--local-as 0 is not an AS");
+    }
+    if args.hold_time != 0 && args.hold_time < 3 {
+        bail!("--hold-time {}: 0, or at least 3", args.hold_time);
+    }
+    let listen: SocketAddr = match args.listen.parse() {
+        Ok(a) => a,
+        Err(_) => SocketAddr::new(args.listen.parse().context("--listen: ADDR or ADDR:PORT")?, 179),
+    };
+    let neighbors = args.neighbors.iter().map(|n| neighbor(n)).collect::<Result<Vec<_>>>()?;
+    let ranges = args.ranges.iter().map(|r| range(r)).collect::<Result<Vec<_>>>()?;
+    let policy = Policy {
+        accept: args.accept.iter().map(|a| accept(a)).collect::<Result<Vec<_>>>()?,
+        max_prefix: args.max_prefix,
+    };
+    let config = DaemonConfig {
+        local_as: args.local_as,
+        router_id: args.router_id,
+        listen,
+        next_hop: args.next_hop.unwrap_or(IpAddr::V4(args.router_id)),
+        neighbors,
+        ranges,
+        announce: args.announce,
+        policy,
+        hold_time: args.hold_time,
+        connect_retry: Duration::from_secs(5),
+        socket: args.socket,
+    };
+    let sink: Box<dyn RouteSink> = if args.install {
+        Box::new(KernelSink { nl: Netlink::new().map_err(|e| anyhow::anyhow!("netlink: {e}"))? })
+    } else {
+        Box::new(NoSink)
+    };
+    weft_bgp::daemon::run(config, sink).context("the BGP speaker")
+}
+
+pub fn status(args: StatusArgs) -> Result<()> {
+    use std::io::{Read, Write};
+    let mut conn = std::os::unix::net::UnixStream::connect(&args.socket)
+        .with_context(|| format!("no speaker answers on {} (is `weft bgp run` running?)", args.socket.display()))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.write_all(b"status\n")?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text)?;
+    if args.json {
+        outln!("{text}");
+        return Ok(());
+    }
+    let v: serde_json::Value = serde_json::from_str(&text).context("the speaker's answer")?;
+    outln!(
+        "AS {} router id {}: {} routes, {} installed",
+        v["as"],
+        v["router_id"].as_str().unwrap_or("?"),
+        v["routes"],
+        v["installed"]
+    );
+    outln!("{:<40} {:>10} {:<12} {:>9} {:>9} {:>11}", "neighbor", "AS", "state", "uptime", "received", "advertised");
+    for n in v["neighbors"].as_array().into_iter().flatten() {
+        outln!(
+            "{:<40} {:>10} {:<12} {:>8}s {:>9} {:>11}",
+            n["address"].as_str().unwrap_or("?"),
+            n["as"],
+            n["state"].as_str().unwrap_or("?"),
+            n["uptime_seconds"],
+            n["prefixes_received"],
+            n["prefixes_advertised"]
+        );
+    }
+    Ok(())
+}
