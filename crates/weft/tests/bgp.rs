@@ -140,3 +140,165 @@ fn weft_bgp_run_with_bird_learns_installs_and_cleans_up() {
     pair.within("installed routes removed on stop", || route(&pair).is_empty());
     pair.within("BIRD sees the session down", || !pair.birdc(&["show", "protocols"]).contains("Established"));
 }
+
+/// A neighbour that sends a malformed UPDATE gets the NOTIFICATION the RFCs name and its
+/// session ends; the other sessions, and the routes learned over them, are untouched.
+#[test]
+fn a_malformed_update_ends_only_its_own_session() {
+    use std::io::{Read, Write};
+    use weft_bgp::packet::{self, Codec, Message, Open};
+    let mut pair = Pair::new(BIRD);
+    pair.bird.sh(&["ip", "addr", "add", "198.18.77.3/24", "dev", "eth0"]);
+    pair.weft(&["--neighbor", "198.18.77.2,64513", "--neighbor", "198.18.77.3,64514,passive", "--install"]);
+    let route = |p: &Pair| p.weft.sh(&["ip", "route", "show", "198.19.200.0/24"]);
+    pair.within("BIRD's route in the kernel", || route(&pair).contains("proto 202"));
+    let notification = pair
+        .bird
+        .handle
+        .run(|| {
+            // From 198.18.77.3 (bound before connecting).
+            use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+            let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+            bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::new(198, 18, 77, 3, 0)).unwrap();
+            connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::new(198, 18, 77, 1, 179)).unwrap();
+            let mut stream = std::net::TcpStream::from(fd);
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let open = Open {
+                asn: 64514,
+                hold_time: 90,
+                router_id: "198.18.77.3".parse().unwrap(),
+                capabilities: vec![packet::Capability::FourOctetAs(64514)],
+            };
+            stream.write_all(&packet::to_bytes(&Message::Open(open), Codec::default())).unwrap();
+            stream.write_all(&packet::to_bytes(&Message::Keepalive, Codec::default())).unwrap();
+            // Its OPEN and KEEPALIVE, then an UPDATE with an unrecognized well-known attribute.
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let mut seen = Vec::new();
+            while !seen.contains(&Message::Keepalive) {
+                let n = stream.read(&mut chunk).unwrap();
+                assert!(n > 0, "weft closed the session: {seen:?}");
+                buf.extend_from_slice(&chunk[..n]);
+                while let Some((m, used)) = packet::decode(&buf, Codec::default()).unwrap() {
+                    buf.drain(..used);
+                    seen.push(m);
+                }
+            }
+            let mut bad = packet::MARKER.to_vec();
+            let body = [0u8, 0, 0, 4, 0x40, 0x63, 1, 0];
+            bad.extend_from_slice(&((19 + body.len()) as u16).to_be_bytes());
+            bad.push(2);
+            bad.extend_from_slice(&body);
+            stream.write_all(&bad).unwrap();
+            loop {
+                let n = stream.read(&mut chunk).unwrap();
+                assert!(n > 0, "closed without a NOTIFICATION");
+                buf.extend_from_slice(&chunk[..n]);
+                while let Some((m, used)) = packet::decode(&buf, Codec::default()).unwrap() {
+                    buf.drain(..used);
+                    if let Message::Notification(n) = m {
+                        return n;
+                    }
+                }
+            }
+        })
+        .unwrap();
+    assert_eq!((notification.code, notification.subcode), (3, 2), "{notification}");
+    std::thread::sleep(Duration::from_millis(300));
+    let status = pair.status();
+    assert_eq!(status["neighbors"][0]["state"], "Established", "{status}");
+    assert!(route(&pair).contains("proto 202"), "BIRD's route went: {}", pair.log());
+}
+
+/// GoBGP (Debian's gobgpd 3) in place of BIRD, over iBGP: the session comes up and each side
+/// learns the other's prefix; weft installs GoBGP's.
+#[test]
+fn weft_bgp_run_with_gobgp_over_ibgp() {
+    let weft = Ns::new("w");
+    let gobgp = Ns::new("g");
+    weft.sh(&["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &gobgp.name]);
+    weft.sh(&["ip", "addr", "add", "198.18.78.1/24", "dev", "eth0"]);
+    weft.sh(&["ip", "link", "set", "eth0", "up"]);
+    gobgp.sh(&["ip", "addr", "add", "198.18.78.2/24", "dev", "eth0"]);
+    gobgp.sh(&["ip", "link", "set", "eth0", "up"]);
+    gobgp.sh(&["ip", "link", "set", "lo", "up"]);
+    let dir = Dir::new("gobgp");
+    let conf = r#"
+[global.config]
+  as = 64512
+  router-id = "198.18.78.2"
+  local-address-list = ["198.18.78.2"]
+[[neighbors]]
+  [neighbors.config]
+    neighbor-address = "198.18.78.1"
+    peer-as = 64512
+"#;
+    std::fs::write(dir.path().join("gobgp.toml"), conf).unwrap();
+    let api = format!("unix://{}", dir.path().join("gobgp.sock").display());
+    let mut children = Vec::new();
+    children.push(
+        Command::new("ip")
+            .args(["netns", "exec", &gobgp.name, "gobgpd", "-f"])
+            .arg(dir.path().join("gobgp.toml"))
+            .args(["--api-hosts", &api])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("gobgpd (apt-get install gobgpd)"),
+    );
+    struct Kill(Vec<Child>);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let mut guard = Kill(children);
+    let socket = dir.path().join("weft-bgp.sock").display().to_string();
+    let log = std::fs::File::create(dir.path().join("weft.log")).unwrap();
+    guard.0.push(
+        Command::new("ip")
+            .args(["netns", "exec", &weft.name])
+            .arg(weft_bin())
+            .args(["bgp", "run", "--local-as", "64512", "--router-id", "198.18.78.1", "--listen", "198.18.78.1"])
+            .args([
+                "--neighbor",
+                "198.18.78.2,64512",
+                "--announce",
+                "198.19.101.0/24",
+                "--install",
+                "--socket",
+                &socket,
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let gobgp_cli = |args: &[&str]| {
+        let out = Command::new("gobgp").args(["--target", &api]).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let within = |what: &str, cond: &dyn Fn() -> bool| {
+        // GoBGP waits a random 5-10 s before its first connection to a new neighbour; weft
+        // connects itself at once, so this is quick either way.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cond() {
+            let log = std::fs::read_to_string(dir.path().join("weft.log")).unwrap_or_default();
+            assert!(Instant::now() < deadline, "not within 30 s: {what}\n{log}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    within("GoBGP's API up", &|| !gobgp_cli(&["neighbor"]).is_empty());
+    gobgp_cli(&["global", "rib", "add", "198.19.210.0/24", "nexthop", "198.18.78.2", "-a", "ipv4"]);
+    within("the session established", &|| gobgp_cli(&["neighbor"]).contains("Establ"));
+    within("weft's prefix in GoBGP", &|| gobgp_cli(&["global", "rib", "-a", "ipv4"]).contains("198.19.101.0/24"));
+    within("GoBGP's prefix in the kernel", &|| {
+        weft.sh(&["ip", "route", "show", "198.19.210.0/24"]).contains("via 198.18.78.2")
+    });
+    let rib = gobgp_cli(&["global", "rib", "-a", "ipv4", "198.19.101.0/24"]);
+    assert!(rib.contains("198.18.78.1"), "next hop: {rib}");
+}
