@@ -235,17 +235,14 @@ fn weft_bgp_run_with_gobgp_over_ibgp() {
 "#;
     std::fs::write(dir.path().join("gobgp.toml"), conf).unwrap();
     let api = format!("unix://{}", dir.path().join("gobgp.sock").display());
-    let mut children = Vec::new();
-    children.push(
-        Command::new("ip")
-            .args(["netns", "exec", &gobgp.name, "gobgpd", "-f"])
-            .arg(dir.path().join("gobgp.toml"))
-            .args(["--api-hosts", &api])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("gobgpd (apt-get install gobgpd)"),
-    );
+    let gobgpd = Command::new("ip")
+        .args(["netns", "exec", &gobgp.name, "gobgpd", "-f"])
+        .arg(dir.path().join("gobgp.toml"))
+        .args(["--api-hosts", &api])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("gobgpd (apt-get install gobgpd)");
     struct Kill(Vec<Child>);
     impl Drop for Kill {
         fn drop(&mut self) {
@@ -255,7 +252,7 @@ fn weft_bgp_run_with_gobgp_over_ibgp() {
             }
         }
     }
-    let mut guard = Kill(children);
+    let mut guard = Kill(vec![gobgpd]);
     let socket = dir.path().join("weft-bgp.sock").display().to_string();
     let log = std::fs::File::create(dir.path().join("weft.log")).unwrap();
     guard.0.push(
