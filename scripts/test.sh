@@ -18,7 +18,7 @@ packages=(
     etcd-server etcd-client     # a real etcd for the etcd lease store (and etcdctl to read it back)
     protobuf-compiler libprotobuf-dev # building the etcd client
     strace                      # the kill-point tests kill plugins at each system call
-    bird2 gobgpd                # BGP peers for the speaker's interop tests
+    bird2 gobgpd frr            # BGP peers for the speaker's interop tests
 )
 missing=()
 for p in "${packages[@]}"; do

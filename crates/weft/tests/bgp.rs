@@ -299,3 +299,94 @@ fn weft_bgp_run_with_gobgp_over_ibgp() {
     let rib = gobgp_cli(&["global", "rib", "-a", "ipv4", "198.19.101.0/24"]);
     assert!(rib.contains("198.18.78.1"), "next hop: {rib}");
 }
+
+/// FRR's bgpd (Debian's frr, run without zebra) over eBGP: the session comes up and each side
+/// learns the other's prefix; weft installs FRR's.
+#[test]
+fn weft_bgp_run_with_frr_over_ebgp() {
+    let weft = Ns::new("w");
+    let frr = Ns::new("f");
+    weft.sh(&["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &frr.name]);
+    weft.sh(&["ip", "addr", "add", "198.18.79.1/24", "dev", "eth0"]);
+    weft.sh(&["ip", "link", "set", "eth0", "up"]);
+    frr.sh(&["ip", "addr", "add", "198.18.79.2/24", "dev", "eth0"]);
+    frr.sh(&["ip", "link", "set", "eth0", "up"]);
+    frr.sh(&["ip", "link", "set", "lo", "up"]);
+    let dir = Dir::new("frr");
+    let conf = "router bgp 64513
+ bgp router-id 198.18.79.2
+ no bgp ebgp-requires-policy
+ no bgp network import-check
+ neighbor 198.18.79.1 remote-as 64512
+ address-family ipv4 unicast
+  network 198.19.220.0/24
+ exit-address-family
+";
+    std::fs::write(dir.path().join("bgpd.conf"), conf).unwrap();
+    struct Kill(Vec<Child>);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let bgpd = Command::new("ip")
+        .args(["netns", "exec", &frr.name, "/usr/lib/frr/bgpd", "-Z", "-S", "-P", "0", "-f"])
+        .arg(dir.path().join("bgpd.conf"))
+        .arg("-i")
+        .arg(dir.path().join("bgpd.pid"))
+        .arg("--vty_socket")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("FRR's bgpd (apt-get install frr)");
+    let mut guard = Kill(vec![bgpd]);
+    let socket = dir.path().join("weft-bgp.sock").display().to_string();
+    let log = std::fs::File::create(dir.path().join("weft.log")).unwrap();
+    guard.0.push(
+        Command::new("ip")
+            .args(["netns", "exec", &weft.name])
+            .arg(weft_bin())
+            .args(["bgp", "run", "--local-as", "64512", "--router-id", "198.18.79.1", "--listen", "198.18.79.1"])
+            .args([
+                "--neighbor",
+                "198.18.79.2,64513",
+                "--announce",
+                "198.19.102.0/24",
+                "--install",
+                "--socket",
+                &socket,
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let vtysh = |command: &str| {
+        let out = Command::new("vtysh")
+            .arg("--vty_socket")
+            .arg(dir.path())
+            .args(["-d", "bgpd", "-c", command])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let within = |what: &str, cond: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cond() {
+            let log = std::fs::read_to_string(dir.path().join("weft.log")).unwrap_or_default();
+            assert!(Instant::now() < deadline, "not within 30 s: {what}\n{log}\n{}", vtysh("show bgp summary"));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    within("FRR's prefix in the kernel", &|| {
+        weft.sh(&["ip", "route", "show", "198.19.220.0/24"]).contains("via 198.18.79.2")
+    });
+    within("weft's prefix in FRR", &|| vtysh("show bgp ipv4 unicast 198.19.102.0/24").contains("64512"));
+    let status = Command::new(weft_bin()).args(["bgp", "status", "--json", "--socket", &socket]).output().unwrap();
+    assert!(String::from_utf8_lossy(&status.stdout).contains("Established"));
+}
