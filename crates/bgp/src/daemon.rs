@@ -44,11 +44,19 @@ pub struct DaemonConfig {
     pub policy: Policy,
     pub hold_time: u16,
     pub connect_retry: Duration,
+    /// The graceful-restart time offered: how long neighbours keep this speaker's routes when
+    /// it goes away without a word, and how long, after a restart, the routes it had installed
+    /// are kept for its neighbours to send again.
+    pub restart_time: u16,
     pub socket: PathBuf,
 }
 
 /// Where best routes go (the kernel).
 pub trait RouteSink {
+    /// The routes a previous run installed and left (it did not stop cleanly).
+    fn leftovers(&mut self) -> Vec<IpNet> {
+        Vec::new()
+    }
     /// The best path to `prefix` is via `next_hop` now.
     fn install(&mut self, prefix: IpNet, next_hop: IpAddr);
     /// No path to `prefix` any more.
@@ -72,6 +80,8 @@ enum Event {
     Timer(PeerId, Timer, u64),
     Stale(PeerId, u64),
     Status(oneshot::Sender<String>),
+    /// The restart time after a restart is over: what no neighbour sent again goes.
+    RestartOver,
     Shutdown,
 }
 
@@ -93,6 +103,10 @@ struct Daemon {
     tx: mpsc::UnboundedSender<Event>,
     sink: Box<dyn RouteSink>,
     installed: std::collections::BTreeSet<IpNet>,
+    /// Routes a previous run left in the kernel, not sent again yet.
+    leftovers: std::collections::BTreeSet<IpNet>,
+    /// This run follows one that did not stop cleanly (graceful restart: neighbours are told).
+    restarting: bool,
     next_conn: u64,
     next_peer: PeerId,
 }
@@ -105,6 +119,9 @@ pub fn run(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Result<()
 
 async fn serve(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Result<()> {
     let listener = TcpListener::bind(config.listen).await?;
+    // A control socket left behind: the previous run did not stop cleanly (killed): this is a
+    // restart, with its routes still in the kernel.
+    let restarting = config.socket.exists();
     let _ = std::fs::remove_file(&config.socket);
     if let Some(dir) = config.socket.parent() {
         std::fs::create_dir_all(dir)?;
@@ -115,12 +132,24 @@ async fn serve(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Resul
     let mut rib = Rib::new(config.local_as, config.router_id);
     rib.policy = config.policy.clone();
     let speaker = Speaker::new(rib, config.next_hop);
+    let mut sink = sink;
+    let leftovers: std::collections::BTreeSet<IpNet> =
+        if restarting { sink.leftovers().into_iter().collect() } else { Default::default() };
+    if restarting {
+        tracing::info!(
+            "restarting: {} routes from the last run kept for {} s while neighbours send theirs again",
+            leftovers.len(),
+            config.restart_time
+        );
+    }
     let mut daemon = Daemon {
         speaker,
         links: HashMap::new(),
         tx: tx.clone(),
         sink,
         installed: Default::default(),
+        leftovers,
+        restarting,
         next_conn: 0,
         next_peer: 1,
         config,
@@ -171,6 +200,12 @@ async fn serve(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Resul
     for spec in daemon.config.neighbors.clone() {
         daemon.add(spec);
     }
+    let restart_tx = tx.clone();
+    let restart_time = Duration::from_secs(u64::from(daemon.config.restart_time));
+    tokio::spawn(async move {
+        tokio::time::sleep(restart_time).await;
+        let _ = restart_tx.send(Event::RestartOver);
+    });
     while let Some(event) = rx.recv().await {
         if matches!(event, Event::Shutdown) {
             break;
@@ -192,6 +227,8 @@ impl Daemon {
         config.passive = spec.passive;
         config.hold_time = self.config.hold_time;
         config.connect_retry = self.config.connect_retry;
+        config.graceful_restart = Some(self.config.restart_time);
+        config.restarting = self.restarting;
         self.links.insert(
             id,
             Link {
@@ -272,6 +309,13 @@ impl Daemon {
             Event::Status(reply) => {
                 let _ = reply.send(self.status());
             }
+            Event::RestartOver => {
+                for prefix in std::mem::take(&mut self.leftovers) {
+                    if !self.installed.contains(&prefix) {
+                        self.sink.remove(prefix);
+                    }
+                }
+            }
             Event::Shutdown => {}
         }
     }
@@ -334,6 +378,7 @@ impl Daemon {
                 }
                 Output::Route(prefix, Some(next_hop)) => {
                     self.installed.insert(prefix);
+                    self.leftovers.remove(&prefix);
                     self.sink.install(prefix, next_hop);
                 }
                 Output::Route(prefix, None) => {

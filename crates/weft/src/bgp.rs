@@ -51,6 +51,11 @@ pub struct RunArgs {
     /// The hold time offered, in seconds (0, or 3 and more).
     #[arg(long, default_value_t = 90)]
     hold_time: u16,
+    /// Graceful restart (RFC 4724): how long neighbours keep this speaker's routes when it goes
+    /// away without a word, and how long after a restart the routes it had installed stay while
+    /// neighbours send theirs again (1-4095 s).
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u16).range(1..=4095))]
+    restart_time: u16,
     /// The control socket `weft bgp status` asks.
     #[arg(long, default_value = "/run/weft/bgp.sock")]
     socket: PathBuf,
@@ -128,6 +133,16 @@ impl KernelSink {
 }
 
 impl RouteSink for KernelSink {
+    fn leftovers(&mut self) -> Vec<IpNet> {
+        match self.nl.routes() {
+            Ok(routes) => routes.into_iter().filter(|r| r.protocol == RTPROT_WEFT_BGP).map(|r| r.dst).collect(),
+            Err(e) => {
+                tracing::warn!("listing routes: {e}");
+                Vec::new()
+            }
+        }
+    }
+
     fn install(&mut self, prefix: IpNet, next_hop: IpAddr) {
         let spec = Self::spec(prefix, Some(next_hop));
         // Added; replaced only when the route there is this speaker's own.
@@ -185,6 +200,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         policy,
         hold_time: args.hold_time,
         connect_retry: Duration::from_secs(5),
+        restart_time: args.restart_time,
         socket: args.socket,
     };
     let sink: Box<dyn RouteSink> = if args.install {

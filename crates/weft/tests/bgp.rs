@@ -390,3 +390,77 @@ fn weft_bgp_run_with_frr_over_ebgp() {
     let status = Command::new(weft_bin()).args(["bgp", "status", "--json", "--socket", &socket]).output().unwrap();
     assert!(String::from_utf8_lossy(&status.stdout).contains("Established"));
 }
+
+const BIRD_GR: &str = r#"
+router id 198.18.77.2;
+protocol device {}
+protocol static s1 { ipv4; route 198.19.200.0/24 blackhole; }
+protocol kernel { ipv4 { export where source = RTS_BGP; }; }
+protocol bgp weft {
+    local 198.18.77.2 as 64513;
+    neighbor 198.18.77.1 as 64512;
+    graceful restart on;
+    ipv4 { import all; export where source = RTS_STATIC; };
+}
+"#;
+
+/// Graceful restart both ways (RFC 4724). weft killed and started again: BIRD keeps weft's
+/// route in its kernel all along (weft offers graceful restart; started again after a kill it
+/// says it is restarting), and the route weft had installed stays too. BIRD killed and started again: weft keeps BIRD's route
+/// installed all along and takes it back when BIRD is done.
+#[test]
+fn graceful_restart_with_bird_both_ways() {
+    let mut pair = Pair::new(BIRD_GR);
+    let args =
+        ["--neighbor", "198.18.77.2,64513", "--announce", "198.19.100.0/24", "--install", "--restart-time", "30"];
+    pair.weft(&args);
+    let mine_in_bird = |p: &Pair| p.bird.sh(&["ip", "route", "show", "198.19.100.0/24"]).contains("198.18.77.1");
+    let birds_in_weft = |p: &Pair| p.weft.sh(&["ip", "route", "show", "198.19.200.0/24"]).contains("proto 202");
+    pair.within("both routes in place", || mine_in_bird(&pair) && birds_in_weft(&pair));
+
+    // weft killed (no Cease, its socket left behind), then started again.
+    let weft = pair.children.pop().unwrap();
+    Command::new("kill").args(["-KILL", &weft.id().to_string()]).status().unwrap();
+    pair.children.push(weft);
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(mine_in_bird(&pair), "BIRD dropped weft's route while weft was away");
+        assert!(birds_in_weft(&pair), "weft's installed route went with it");
+    }
+    pair.weft(&args);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pair.status()["neighbors"][0]["state"] != "Established" {
+        assert!(Instant::now() < deadline, "not established again: {}", pair.log());
+        assert!(mine_in_bird(&pair) && birds_in_weft(&pair), "a route dropped during the restart");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(mine_in_bird(&pair) && birds_in_weft(&pair), "a route dropped after the restart");
+    }
+    assert!(pair.log().contains("restarting"), "{}", pair.log());
+
+    // BIRD killed: weft keeps its route installed; BIRD back: still there, taken back.
+    let bird = pair.children.remove(0);
+    Command::new("kill").args(["-KILL", &bird.id().to_string()]).status().unwrap();
+    let mut bird = bird;
+    let _ = bird.wait();
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(birds_in_weft(&pair), "weft dropped BIRD's route while BIRD was away");
+    }
+    let _ = std::fs::remove_file(pair.dir.path().join("bird.sock"));
+    let bird = Command::new("ip")
+        .args(["netns", "exec", &pair.bird.name, "bird", "-f", "-c"])
+        .arg(pair.dir.path().join("bird.conf"))
+        .arg("-s")
+        .arg(pair.dir.path().join("bird.sock"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    pair.children.push(bird);
+    pair.within("the session with BIRD again", || {
+        pair.birdc(&["show", "protocols"]).contains("Established") && birds_in_weft(&pair)
+    });
+}

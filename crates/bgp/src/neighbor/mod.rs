@@ -360,6 +360,8 @@ impl Neighbor {
             },
             (State::OpenConfirm, Message::Keepalive) => {
                 self.state = State::Established;
+                // Restarting is over once a session is up again: later OPENs say so no more.
+                self.config.restarting = false;
                 let mut actions = self.hold_again();
                 actions.extend(self.negotiated.clone().map(Action::Established));
                 actions
