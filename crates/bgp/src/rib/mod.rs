@@ -136,6 +136,8 @@ pub struct Rib {
     paths: BTreeMap<IpNet, Vec<Path>>,
     /// How many prefixes each neighbour has in the RIB.
     counts: HashMap<PeerId, usize>,
+    /// The prefixes this speaker announces itself (no neighbour's may overlap them).
+    own: std::collections::BTreeSet<IpNet>,
     /// Attributes already held, shared.
     interned: HashMap<Arc<PathAttrs>, ()>,
     since_gc: u32,
@@ -154,6 +156,7 @@ impl Rib {
             peers: HashMap::new(),
             paths: BTreeMap::new(),
             counts: HashMap::new(),
+            own: Default::default(),
             interned: HashMap::new(),
             since_gc: 0,
         }
@@ -199,10 +202,7 @@ impl Rib {
     /// Whether `prefix` passes the import policy: inside an accepted network within its
     /// length bound, and not overlapping a prefix this speaker announces.
     fn acceptable(&self, prefix: &IpNet) -> bool {
-        let own = self
-            .paths
-            .iter()
-            .any(|(p, paths)| paths.iter().any(|x| x.from.is_none()) && (p.contains(prefix) || prefix.contains(p)));
+        let own = self.own.iter().any(|p| p.contains(prefix) || prefix.contains(p));
         if own {
             return false;
         }
@@ -294,11 +294,13 @@ impl Rib {
             originator_id: None,
             cluster_list: Vec::new(),
         });
+        self.own.insert(prefix);
         self.set(prefix, None, Some(Path { from: None, attrs, stale: false }))
     }
 
     /// This speaker stops announcing `prefix`.
     pub fn withdraw_own(&mut self, prefix: IpNet) -> Option<Change> {
+        self.own.remove(&prefix);
         self.set(prefix, None, None)
     }
 
