@@ -98,6 +98,45 @@ impl Drop for Pair {
     }
 }
 
+/// Processes killed when dropped.
+struct Kill(Vec<Child>);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Two fresh namespaces joined by a veth `eth0` at each end, with these addresses (/24).
+fn joined(a_ip: &str, b_ip: &str) -> (Ns, Ns) {
+    let (a, b) = (Ns::new("a"), Ns::new("b"));
+    a.sh(&["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &b.name]);
+    for (ns, ip) in [(&a, a_ip), (&b, b_ip)] {
+        ns.sh(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        ns.sh(&["ip", "link", "set", "eth0", "up"]);
+        ns.sh(&["ip", "link", "set", "lo", "up"]);
+    }
+    (a, b)
+}
+
+/// `weft bgp run ARGS` in `ns`, its control socket and log `NAME.sock` / `NAME.log` in `dir`.
+fn spawn_weft(ns: &Ns, dir: &std::path::Path, name: &str, args: &[&str]) -> Child {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(weft_bin())
+        .args(["bgp", "run", "--socket", &dir.join(format!("{name}.sock")).display().to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
 const BIRD: &str = r#"
 router id 198.18.77.2;
 protocol device {}
@@ -214,14 +253,7 @@ fn a_malformed_update_ends_only_its_own_session() {
 /// learns the other's prefix; weft installs GoBGP's.
 #[test]
 fn weft_bgp_run_with_gobgp_over_ibgp() {
-    let weft = Ns::new("w");
-    let gobgp = Ns::new("g");
-    weft.sh(&["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &gobgp.name]);
-    weft.sh(&["ip", "addr", "add", "198.18.78.1/24", "dev", "eth0"]);
-    weft.sh(&["ip", "link", "set", "eth0", "up"]);
-    gobgp.sh(&["ip", "addr", "add", "198.18.78.2/24", "dev", "eth0"]);
-    gobgp.sh(&["ip", "link", "set", "eth0", "up"]);
-    gobgp.sh(&["ip", "link", "set", "lo", "up"]);
+    let (weft, gobgp) = joined("198.18.78.1", "198.18.78.2");
     let dir = Dir::new("gobgp");
     let conf = r#"
 [global.config]
@@ -243,38 +275,10 @@ fn weft_bgp_run_with_gobgp_over_ibgp() {
         .stderr(Stdio::null())
         .spawn()
         .expect("gobgpd (apt-get install gobgpd)");
-    struct Kill(Vec<Child>);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            for c in &mut self.0 {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-    }
     let mut guard = Kill(vec![gobgpd]);
-    let socket = dir.path().join("weft-bgp.sock").display().to_string();
-    let log = std::fs::File::create(dir.path().join("weft.log")).unwrap();
-    guard.0.push(
-        Command::new("ip")
-            .args(["netns", "exec", &weft.name])
-            .arg(weft_bin())
-            .args(["bgp", "run", "--local-as", "64512", "--router-id", "198.18.78.1", "--listen", "198.18.78.1"])
-            .args([
-                "--neighbor",
-                "198.18.78.2,64512",
-                "--announce",
-                "198.19.101.0/24",
-                "--install",
-                "--socket",
-                &socket,
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let args = ["--local-as", "64512", "--router-id", "198.18.78.1", "--listen", "198.18.78.1"];
+    let more = ["--neighbor", "198.18.78.2,64512", "--announce", "198.19.101.0/24", "--install"];
+    guard.0.push(spawn_weft(&weft, dir.path(), "weft", &[&args[..], &more[..]].concat()));
     let gobgp_cli = |args: &[&str]| {
         let out = Command::new("gobgp").args(["--target", &api]).args(args).output().unwrap();
         String::from_utf8_lossy(&out.stdout).to_string()
@@ -304,14 +308,7 @@ fn weft_bgp_run_with_gobgp_over_ibgp() {
 /// learns the other's prefix; weft installs FRR's.
 #[test]
 fn weft_bgp_run_with_frr_over_ebgp() {
-    let weft = Ns::new("w");
-    let frr = Ns::new("f");
-    weft.sh(&["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &frr.name]);
-    weft.sh(&["ip", "addr", "add", "198.18.79.1/24", "dev", "eth0"]);
-    weft.sh(&["ip", "link", "set", "eth0", "up"]);
-    frr.sh(&["ip", "addr", "add", "198.18.79.2/24", "dev", "eth0"]);
-    frr.sh(&["ip", "link", "set", "eth0", "up"]);
-    frr.sh(&["ip", "link", "set", "lo", "up"]);
+    let (weft, frr) = joined("198.18.79.1", "198.18.79.2");
     let dir = Dir::new("frr");
     let conf = "router bgp 64513
  bgp router-id 198.18.79.2
@@ -323,15 +320,6 @@ fn weft_bgp_run_with_frr_over_ebgp() {
  exit-address-family
 ";
     std::fs::write(dir.path().join("bgpd.conf"), conf).unwrap();
-    struct Kill(Vec<Child>);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            for c in &mut self.0 {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-    }
     let bgpd = Command::new("ip")
         .args(["netns", "exec", &frr.name, "/usr/lib/frr/bgpd", "-Z", "-S", "-P", "0", "-f"])
         .arg(dir.path().join("bgpd.conf"))
@@ -344,28 +332,10 @@ fn weft_bgp_run_with_frr_over_ebgp() {
         .spawn()
         .expect("FRR's bgpd (apt-get install frr)");
     let mut guard = Kill(vec![bgpd]);
-    let socket = dir.path().join("weft-bgp.sock").display().to_string();
-    let log = std::fs::File::create(dir.path().join("weft.log")).unwrap();
-    guard.0.push(
-        Command::new("ip")
-            .args(["netns", "exec", &weft.name])
-            .arg(weft_bin())
-            .args(["bgp", "run", "--local-as", "64512", "--router-id", "198.18.79.1", "--listen", "198.18.79.1"])
-            .args([
-                "--neighbor",
-                "198.18.79.2,64513",
-                "--announce",
-                "198.19.102.0/24",
-                "--install",
-                "--socket",
-                &socket,
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let socket = dir.path().join("weft.sock").display().to_string();
+    let args = ["--local-as", "64512", "--router-id", "198.18.79.1", "--listen", "198.18.79.1"];
+    let more = ["--neighbor", "198.18.79.2,64513", "--announce", "198.19.102.0/24", "--install"];
+    guard.0.push(spawn_weft(&weft, dir.path(), "weft", &[&args[..], &more[..]].concat()));
     let vtysh = |command: &str| {
         let out = Command::new("vtysh")
             .arg("--vty_socket")
@@ -484,15 +454,6 @@ fn route_reflection_with_bird_both_ways() {
         spoke.sh(&["ip", "route", "add", "default", "via", &format!("198.18.{}.1", 80 + i)]);
     }
     let dir = Dir::new("rr");
-    struct Kill(Vec<Child>);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            for c in &mut self.0 {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-    }
     let mut guard = Kill(Vec::new());
     let bird = |ns: &Ns, name: &str, conf: String| {
         std::fs::write(dir.path().join(format!("{name}.conf")), conf).unwrap();
@@ -511,19 +472,7 @@ fn route_reflection_with_bird_both_ways() {
             Command::new("birdc").arg("-s").arg(dir.path().join(format!("{name}.sock"))).args(args).output().unwrap();
         String::from_utf8_lossy(&out.stdout).to_string()
     };
-    let weft = |ns: &Ns, name: &str, args: &[&str]| {
-        let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
-        Command::new("ip")
-            .args(["netns", "exec", &ns.name])
-            .arg(weft_bin())
-            .args(["bgp", "run", "--socket", &dir.path().join(format!("{name}.sock")).display().to_string()])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap()
-    };
+    let weft = |ns: &Ns, name: &str, args: &[&str]| spawn_weft(ns, dir.path(), name, args);
     let status = |name: &str| {
         let sock = dir.path().join(format!("{name}.sock")).display().to_string();
         let out = Command::new(weft_bin()).args(["bgp", "status", "--json", "--socket", &sock]).output().unwrap();
