@@ -102,7 +102,6 @@ struct Daemon {
     links: HashMap<PeerId, Link>,
     tx: mpsc::UnboundedSender<Event>,
     sink: Box<dyn RouteSink>,
-    installed: std::collections::BTreeSet<IpNet>,
     /// Routes a previous run left in the kernel, not sent again yet.
     leftovers: std::collections::BTreeSet<IpNet>,
     /// This run follows one that did not stop cleanly (graceful restart: neighbours are told).
@@ -147,7 +146,6 @@ async fn serve(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Resul
         links: HashMap::new(),
         tx: tx.clone(),
         sink,
-        installed: Default::default(),
         leftovers,
         restarting,
         next_conn: 0,
@@ -311,7 +309,7 @@ impl Daemon {
             }
             Event::RestartOver => {
                 for prefix in std::mem::take(&mut self.leftovers) {
-                    if !self.installed.contains(&prefix) {
+                    if self.speaker.rib.best(&prefix).is_none_or(|p| p.from.is_none()) {
                         self.sink.remove(prefix);
                     }
                 }
@@ -377,15 +375,11 @@ impl Daemon {
                     });
                 }
                 Output::Route(prefix, Some(next_hop)) => {
-                    self.installed.insert(prefix);
                     self.leftovers.remove(&prefix);
                     self.sink.install(prefix, next_hop);
                 }
-                Output::Route(prefix, None) => {
-                    if self.installed.remove(&prefix) {
-                        self.sink.remove(prefix);
-                    }
-                }
+                // (What the RIB holds says what is installed: no second copy of every prefix.)
+                Output::Route(prefix, None) => self.sink.remove(prefix),
             }
         }
     }
@@ -468,13 +462,15 @@ impl Daemon {
             "router_id": self.config.router_id.to_string(),
             "neighbors": neighbors,
             "routes": self.speaker.rib.best_paths().count(),
-            "installed": self.installed.len(),
+            "installed": self.speaker.rib.learned().count(),
         })
         .to_string()
     }
 
     /// Stopping: every session told (Cease), every installed route removed.
     fn shutdown(&mut self) {
+        // What is installed, before the sessions end and their paths go.
+        let installed: Vec<IpNet> = self.speaker.rib.learned().map(|(p, _)| *p).collect();
         let ids: Vec<PeerId> = self.links.keys().copied().collect();
         for id in ids {
             let out = self.speaker.stop(id);
@@ -486,7 +482,7 @@ impl Daemon {
                 }
             }
         }
-        for prefix in std::mem::take(&mut self.installed) {
+        for prefix in installed {
             self.sink.remove(prefix);
         }
         tracing::info!("stopped");

@@ -189,6 +189,11 @@ impl Rib {
         self.paths.get(prefix).and_then(|paths| paths.first())
     }
 
+    /// The prefixes whose best path is a neighbour's (what goes into the kernel), with its next hop.
+    pub fn learned(&self) -> impl Iterator<Item = (&IpNet, IpAddr)> {
+        self.best_paths().filter(|(_, p)| p.from.is_some()).filter_map(|(prefix, p)| Some((prefix, p.attrs.next_hop?)))
+    }
+
     /// Every prefix with its best path.
     pub fn best_paths(&self) -> impl Iterator<Item = (&IpNet, &Path)> {
         self.paths.iter().filter_map(|(p, paths)| paths.first().map(|b| (p, b)))
@@ -213,7 +218,8 @@ impl Rib {
     /// Puts `path` (or, `None`, removes the path from `from`) for `prefix`; the change of its
     /// best path, if it changed.
     fn set(&mut self, prefix: IpNet, from: Option<PeerId>, path: Option<Path>) -> Option<Change> {
-        let paths = self.paths.entry(prefix).or_default();
+        // Most prefixes have one path: room for just that.
+        let paths = self.paths.entry(prefix).or_insert_with(|| Vec::with_capacity(1));
         let before = paths.first().cloned();
         let had = paths.iter().position(|p| p.from == from);
         match (had, path) {
