@@ -37,6 +37,8 @@ pub struct DaemonConfig {
     pub listen: SocketAddr,
     /// The next hop this speaker announces.
     pub next_hop: IpAddr,
+    /// Its IPv6 next hop, for IPv6 prefixes (without one, none are announced).
+    pub next_hop_v6: Option<std::net::Ipv6Addr>,
     pub neighbors: Vec<NeighborSpec>,
     /// Accept sessions from any address in a range, with this AS.
     pub ranges: Vec<(IpNet, u32)>,
@@ -130,7 +132,10 @@ async fn serve(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Resul
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut rib = Rib::new(config.local_as, config.router_id);
     rib.policy = config.policy.clone();
-    let speaker = Speaker::new(rib, config.next_hop);
+    let mut speaker = Speaker::new(rib, config.next_hop);
+    if config.next_hop_v6.is_some() {
+        speaker.next_hop_v6 = config.next_hop_v6;
+    }
     let mut sink = sink;
     let leftovers: std::collections::BTreeSet<IpNet> =
         if restarting { sink.leftovers().into_iter().collect() } else { Default::default() };

@@ -38,13 +38,19 @@ pub struct Speaker {
     members: BTreeMap<PeerId, Member>,
     /// The address this speaker gives as next hop.
     next_hop: IpAddr,
+    /// Its IPv6 next hop, for IPv6 prefixes (without one, they are not announced).
+    pub next_hop_v6: Option<std::net::Ipv6Addr>,
     /// Prefixes each neighbour was last sent, so withdrawals go only where announcements went.
     sent: HashMap<PeerId, std::collections::HashSet<IpNet>>,
 }
 
 impl Speaker {
     pub fn new(rib: Rib, next_hop: IpAddr) -> Speaker {
-        Speaker { rib, members: BTreeMap::new(), next_hop, sent: HashMap::new() }
+        let next_hop_v6 = match next_hop {
+            IpAddr::V6(a) => Some(a),
+            IpAddr::V4(_) => None,
+        };
+        Speaker { rib, members: BTreeMap::new(), next_hop, next_hop_v6, sent: HashMap::new() }
     }
 
     /// Adds neighbour `id` at `address` and starts its session.
@@ -97,7 +103,11 @@ impl Speaker {
 
     /// This speaker announces `prefix`.
     pub fn originate(&mut self, prefix: IpNet) -> Vec<Output> {
-        let changes: Vec<Change> = self.rib.originate(prefix, self.next_hop).into_iter().collect();
+        let next_hop = match (prefix, self.next_hop_v6) {
+            (IpNet::V6(_), Some(v6)) => IpAddr::V6(v6),
+            _ => self.next_hop,
+        };
+        let changes: Vec<Change> = self.rib.originate(prefix, next_hop).into_iter().collect();
         self.propagate(changes)
     }
 
@@ -189,12 +199,25 @@ impl Speaker {
 
     /// `prefix`'s best path (or its withdrawal) to neighbour `id`, as export rules say.
     fn send_path(&mut self, id: PeerId, prefix: IpNet, best: Option<&Path>) -> Vec<Output> {
-        let exported = best.and_then(|p| self.rib.export(p, id, self.next_hop));
+        let v6 = matches!(prefix, IpNet::V6(_));
+        // Only families the session negotiated.
+        let family = Family::of(&prefix);
+        if !self.members.get(&id).and_then(|m| m.session.negotiated()).is_some_and(|n| n.families.contains(&family)) {
+            return Vec::new();
+        }
+        let exported = best.and_then(|p| {
+            let attrs = self.rib.export(p, id, self.next_hop)?;
+            if !v6 {
+                return Some((attrs, None));
+            }
+            let nh = self.rib.export_next_hop_v6(p, id, self.next_hop_v6)?;
+            Some((attrs, Some(nh)))
+        });
         let sent = self.sent.entry(id).or_default();
         let update = match exported {
-            Some(attrs) => {
+            Some((attrs, v6_next_hop)) => {
                 sent.insert(prefix);
-                Update::announce(&[prefix], attrs, v6_next_hop(self.next_hop))
+                Update::announce(&[prefix], attrs, v6_next_hop)
             }
             None if sent.remove(&prefix) => Update::withdraw(&[prefix]),
             None => return Vec::new(),
@@ -223,13 +246,6 @@ impl Speaker {
             out.extend(member.session.send_update(&end).into_iter().map(|a| Output::Session(id, a)));
         }
         out
-    }
-}
-
-fn v6_next_hop(ip: IpAddr) -> Option<std::net::Ipv6Addr> {
-    match ip {
-        IpAddr::V6(a) => Some(a),
-        IpAddr::V4(a) => Some(a.to_ipv6_mapped()),
     }
 }
 

@@ -48,6 +48,10 @@ pub struct RunArgs {
     /// The next hop this speaker announces (default: the router id).
     #[arg(long)]
     next_hop: Option<IpAddr>,
+    /// The IPv6 next hop for IPv6 prefixes (multiprotocol BGP); without it, no IPv6 prefix is
+    /// announced (learned ones are installed all the same).
+    #[arg(long)]
+    next_hop6: Option<std::net::Ipv6Addr>,
     /// The hold time offered, in seconds (0, or 3 and more).
     #[arg(long, default_value_t = 90)]
     hold_time: u16,
@@ -194,6 +198,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         router_id: args.router_id,
         listen,
         next_hop: args.next_hop.unwrap_or(IpAddr::V4(args.router_id)),
+        next_hop_v6: args.next_hop6,
         neighbors,
         ranges,
         announce: args.announce,

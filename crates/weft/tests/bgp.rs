@@ -576,3 +576,44 @@ protocol bgp c1 { local 198.18.81.1 as 64512; neighbor 198.18.81.2 as 64512; rr 
     // (Installing it needs the next hop resolved through another route — the originator is on
     // another segment here — which weft does not do yet: reflection is what this test shows.)
 }
+
+const BIRD_V6: &str = r#"
+router id 198.18.77.2;
+protocol device {}
+protocol static s4 { ipv4; route 198.19.200.0/24 blackhole; }
+protocol static s6 { ipv6; route fd00:200::/64 blackhole; }
+protocol bgp weft {
+    local 198.18.77.2 as 64513;
+    neighbor 198.18.77.1 as 64512;
+    ipv4 { import all; export where source = RTS_STATIC; };
+    ipv6 { import all; export where source = RTS_STATIC; next hop address fd00:77::2; };
+}
+"#;
+
+/// IPv6 over the same session (multiprotocol BGP, RFC 4760) with BIRD: each side learns the
+/// other's IPv6 prefix with its IPv6 next hop, and weft installs BIRD's.
+#[test]
+fn ipv6_prefixes_with_bird() {
+    let mut pair = Pair::new(BIRD_V6);
+    pair.weft.sh(&["ip", "-6", "addr", "add", "fd00:77::1/64", "dev", "eth0", "nodad"]);
+    pair.bird.sh(&["ip", "-6", "addr", "add", "fd00:77::2/64", "dev", "eth0", "nodad"]);
+    pair.weft(&[
+        "--neighbor",
+        "198.18.77.2,64513",
+        "--announce",
+        "198.19.100.0/24",
+        "--announce",
+        "fd00:100::/64",
+        "--next-hop6",
+        "fd00:77::1",
+        "--install",
+    ]);
+    let route6 = |p: &Pair| p.weft.sh(&["ip", "-6", "route", "show", "fd00:200::/64"]);
+    pair.within("BIRD's IPv6 route in the kernel", || route6(&pair).contains("via fd00:77::2"));
+    assert!(route6(&pair).contains("proto 202"), "{}", route6(&pair));
+    pair.within("weft's IPv6 prefix in BIRD", || {
+        let r = pair.birdc(&["show", "route", "for", "fd00:100::1", "all"]);
+        r.contains("fd00:100::/64") && r.contains("fd00:77::1")
+    });
+    assert!(pair.weft.sh(&["ip", "route", "show", "198.19.200.0/24"]).contains("proto 202"), "IPv4 alongside");
+}

@@ -260,26 +260,34 @@ impl Rib {
             return out;
         }
         let attrs = PathAttrs::of(update);
-        if attrs.next_hop.is_none() || attrs.as_path.is_empty() && !self.peers.get(&peer).is_some_and(|p| p.ibgp) {
-            // Without a next hop (or, from eBGP, without the neighbour's AS) there is no path.
-            for prefix in announced {
-                out.changes.extend(self.set(prefix, Some(peer), None));
-            }
-            return out;
-        }
+        // Other families' next hop is in MP_REACH_NLRI (its first, global, address).
+        let mp_next_hop = update.attributes.iter().find_map(|a| match a {
+            Attribute::MpReach { next_hop, .. } => next_hop.first().copied(),
+            _ => None,
+        });
+        let v6_attrs = PathAttrs { next_hop: mp_next_hop, ..attrs.clone() };
+        let ebgp_without_path = attrs.as_path.is_empty() && !self.peers.get(&peer).is_some_and(|p| p.ibgp);
         // A path that holds this speaker's AS (from eBGP), or that this speaker reflected
         // (its router id as originator, its cluster in the list), is a loop.
         let looped = attrs.as_path.contains(&self.local_as) && !self.peers.get(&peer).is_some_and(|p| p.ibgp)
             || attrs.originator_id == Some(self.router_id)
             || attrs.cluster_list.contains(&self.cluster_id);
         let shared = self.intern(attrs);
+        let shared_v6 = self.intern(v6_attrs);
         for prefix in announced {
+            let attrs = if prefix.addr().is_ipv4() { &shared } else { &shared_v6 };
+            // Without a next hop for its family (or, from eBGP, without the neighbour's AS)
+            // there is no path.
+            if attrs.next_hop.is_none() || ebgp_without_path {
+                out.changes.extend(self.set(prefix, Some(peer), None));
+                continue;
+            }
             if looped || !self.acceptable(&prefix) {
                 out.refused += 1;
                 out.changes.extend(self.set(prefix, Some(peer), None));
                 continue;
             }
-            let path = Path { from: Some(peer), attrs: shared.clone(), stale: false };
+            let path = Path { from: Some(peer), attrs: attrs.clone(), stale: false };
             out.changes.extend(self.set(prefix, Some(peer), Some(path)));
         }
         out.over_limit = self.policy.max_prefix.is_some_and(|max| self.count(peer) > max);
@@ -427,6 +435,23 @@ impl Rib {
             attrs.push(Attribute::Communities(x.communities.clone()));
         }
         Some(attrs)
+    }
+}
+
+impl Rib {
+    /// The IPv6 next hop `path` goes out to `to` with (in MP_REACH_NLRI): unchanged to iBGP for
+    /// a learned path, else this speaker's own (`None`: it has none, and the path cannot go).
+    pub fn export_next_hop_v6(
+        &self,
+        path: &Path,
+        to: PeerId,
+        own: Option<std::net::Ipv6Addr>,
+    ) -> Option<std::net::Ipv6Addr> {
+        let target = self.peers.get(&to)?;
+        match path.attrs.next_hop {
+            Some(IpAddr::V6(nh)) if target.ibgp && path.from.is_some() => Some(nh),
+            _ => own,
+        }
     }
 }
 

@@ -28,7 +28,9 @@ impl World {
             .iter()
             .map(|(asn, ip)| {
                 let id: Ipv4Addr = ip.parse().unwrap();
-                Speaker::new(Rib::new(*asn, id), IpAddr::V4(id))
+                let mut speaker = Speaker::new(Rib::new(*asn, id), IpAddr::V4(id));
+                speaker.next_hop_v6 = Some(format!("fd00::{}", id.octets()[3]).parse().unwrap());
+                speaker
             })
             .collect();
         let n = speakers.len();
@@ -42,8 +44,8 @@ impl World {
         let (asn_b, id_b) = (self.speakers[b].rib.local_as, self.speakers[b].rib.router_id);
         let mut ca = Config::new(asn_a, id_a, asn_b);
         let mut cb = Config::new(asn_b, id_b, asn_a);
-        ca.families = vec![Family::IPV4_UNICAST];
-        cb.families = vec![Family::IPV4_UNICAST];
+        ca.families = vec![Family::IPV4_UNICAST, Family::IPV6_UNICAST];
+        cb.families = vec![Family::IPV4_UNICAST, Family::IPV6_UNICAST];
         cb.passive = true;
         self.links.push(((a, pa), (b, pb)));
         let out_a = self.speakers[a].add_neighbor(pa, IpAddr::V4(id_b), ca, b_is_client);
@@ -208,4 +210,43 @@ fn a_neighbor_over_its_prefix_limit_is_ceased() {
     assert_eq!(cease.map(|n| (n.code, n.subcode)), Some((6, 1)));
     assert_eq!(w.route(0, "198.19.2.0/24"), None, "its routes withdrawn");
     assert_eq!(w.speakers[0].state(2), Some(State::Idle));
+}
+
+/// IPv6 prefixes go in MP_REACH_NLRI with the speaker's IPv6 next hop, and arrive with it (they
+/// were dropped on receipt for want of an IPv4 next hop); a session that did not negotiate IPv6
+/// is sent none.
+#[test]
+fn ipv6_prefixes_travel_with_their_own_next_hop() {
+    let mut w = World::new(&[(64512, "198.18.0.1"), (64513, "198.18.0.2")]);
+    w.link(0, 1, false);
+    w.settle();
+    let out = w.speakers[1].originate(net("fd00:19:2::/64"));
+    w.handle(1, out);
+    w.settle();
+    assert_eq!(w.route(0, "fd00:19:2::/64"), Some("fd00::2".parse().unwrap()));
+    let out = w.speakers[1].withdraw(net("fd00:19:2::/64"));
+    w.handle(1, out);
+    w.settle();
+    assert_eq!(w.route(0, "fd00:19:2::/64"), None);
+
+    let mut w = World::new(&[(64512, "198.18.0.1"), (64513, "198.18.0.2")]);
+    w.link(0, 1, false);
+    // Speaker 0's side of the session offered IPv4 only.
+    w.speakers[0].members.get_mut(&2).unwrap().session.config.families = vec![Family::IPV4_UNICAST];
+    let out = w.speakers[0].transport_lost(2);
+    w.handle(0, out);
+    w.wire.clear();
+    let out = w.speakers[1].transport_lost(1);
+    w.handle(1, out);
+    let out = w.speakers[0].timer(2, Timer::ConnectRetry);
+    w.handle(0, out);
+    w.settle();
+    let out = w.speakers[1].originate(net("fd00:19:2::/64"));
+    w.handle(1, out);
+    w.settle();
+    assert_eq!(w.route(0, "fd00:19:2::/64"), None);
+    assert!(!w
+        .sent
+        .iter()
+        .any(|(s, _, m)| *s == 1 && matches!(m, Message::Update(u) if !u.announcements().is_empty())));
 }
