@@ -18,7 +18,7 @@ use weft_dataplane::monitor::LinkMonitor;
 use weft_dataplane::Netlink;
 use weft_lease::etcd::EtcdStore;
 use weft_lease::file::FileStore;
-use weft_lease::{Lease, LeaseAttrs, LeaseError, LeaseStore, LeaseWatcher};
+use weft_lease::{LeaseAttrs, LeaseError, LeaseStore, LeaseWatcher};
 use weft_netconf::{NetworkConfig, SubnetEnv};
 
 use crate::backend::{self, Backend, Setup};
@@ -299,28 +299,24 @@ struct Started {
     network: NetworkConfig,
 }
 
-/// Opens the store and reads the network config, trying again (with a backoff, one log line
-/// per change of state) while the store does not answer: an agent whose store is down at start
-/// stays up, serves its health endpoint and leaves the kernel as it is. A bad config is fatal.
-fn start_store(cfg: &AgentConfig, status: &Arc<Mutex<Status>>) -> Result<Started> {
+/// Runs `attempt` until it succeeds or fails for good. While the store does not answer (a
+/// lease error other than an exhausted network) it is tried again with a backoff of up to
+/// [`renewer::MAX_BACKOFF`], logged once per distinct failure and counted in `status`: an agent
+/// whose store is down at start stays up, serves its health endpoint and leaves the kernel as it
+/// is.
+fn until_the_store_answers<T>(
+    what: &str,
+    status: &Arc<Mutex<Status>>,
+    mut attempt: impl FnMut() -> Result<T>,
+) -> Result<T> {
     let mut backoff = Duration::from_secs(1);
     let mut said: Option<String> = None;
     loop {
-        let attempt = cfg
-            .store
-            .open()
-            .and_then(|store| load_network(cfg, store.as_ref()).map(|network| Started { store, network }));
-        match attempt {
-            Ok(started) => {
-                if said.is_some() {
-                    tracing::info!("the store answers again");
-                }
-                return Ok(started);
-            }
-            Err(AgentError::Lease(e)) => {
+        match attempt() {
+            Err(AgentError::Lease(e)) if !matches!(e, LeaseError::Exhausted(_)) => {
                 let line = e.to_string();
                 if said.as_ref() != Some(&line) {
-                    tracing::warn!("the store does not answer ({line}); trying again");
+                    tracing::warn!("{what}: the store does not answer ({line}); trying again");
                     said = Some(line);
                 }
                 {
@@ -331,42 +327,23 @@ fn start_store(cfg: &AgentConfig, status: &Arc<Mutex<Status>>) -> Result<Started
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(renewer::MAX_BACKOFF);
             }
-            Err(other) => return Err(other),
+            outcome => {
+                if outcome.is_ok() && said.is_some() {
+                    tracing::info!("{what}: the store answers again");
+                }
+                return outcome;
+            }
         }
     }
 }
 
-/// The first lease, tried again like [`start_store`] while the store fails.
-fn first_lease(
-    cfg: &AgentConfig,
-    network: &NetworkConfig,
-    store: &dyn LeaseStore,
-    attrs: &LeaseAttrs,
-    previous: Option<Ipv4Net>,
-    status: &Arc<Mutex<Status>>,
-) -> Result<Lease> {
-    let mut backoff = Duration::from_secs(1);
-    let mut said: Option<String> = None;
-    loop {
-        match store.acquire(network, attrs, previous, Some(cfg.lease_ttl), SystemTime::now(), &mut random_index) {
-            Ok(lease) => return Ok(lease),
-            Err(LeaseError::Exhausted(e)) => return Err(AgentError::Lease(LeaseError::Exhausted(e))),
-            Err(e) => {
-                let line = e.to_string();
-                if said.as_ref() != Some(&line) {
-                    tracing::warn!("acquiring a lease failed ({line}); trying again");
-                    said = Some(line);
-                }
-                {
-                    let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
-                    s.store_up = false;
-                    s.store_errors += 1;
-                }
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(renewer::MAX_BACKOFF);
-            }
-        }
-    }
+/// Opens the store and reads the network config (a bad config is fatal).
+fn start_store(cfg: &AgentConfig, status: &Arc<Mutex<Status>>) -> Result<Started> {
+    until_the_store_answers("reading the network config", status, || {
+        let store = cfg.store.open()?;
+        let network = load_network(cfg, store.as_ref())?;
+        Ok(Started { store, network })
+    })
 }
 
 /// Runs the agent until the process is stopped. Start-up errors are returned; errors in the
@@ -404,7 +381,9 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         backend_type: backend.name().into(),
         backend_data: backend.lease_data(),
     };
-    let lease = first_lease(&cfg, &network, store.as_ref(), &attrs, previous, &status)?;
+    let lease = until_the_store_answers("acquiring a lease", &status, || {
+        Ok(store.acquire(&network, &attrs, previous, Some(cfg.lease_ttl), SystemTime::now(), &mut random_index)?)
+    })?;
     tracing::info!(
         "{} leased {} ({} backend, uplink {}, {})",
         uplink.ip,

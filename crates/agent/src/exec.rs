@@ -221,40 +221,23 @@ impl Kernel for NetlinkKernel {
             Op::PutFdb(e) => nl
                 .replace_fdb(e.dev, &e.mac, Some(e.dst))
                 .map_err(kernel(format!("adding the fdb entry for {}", e.dst))),
-            Op::PutRoute(r) => {
-                let spec = Self::route_spec(owner, r);
-                // Added; only when the kernel has one to that destination already is it
-                // replaced — if it is this owner's: a replace takes any route to the same
-                // destination, and another producer's (a BGP-learned or a hand-made one) is not
-                // this owner's to take.
-                match nl.add_route(&spec) {
-                    Ok(()) => {
-                        self.foreign.remove(&r.dst);
-                        Ok(())
-                    }
-                    Err(e) if e.is_exists() => {
-                        let routes = nl.routes().map_err(kernel("listing routes"))?;
-                        let held = routes
-                            .iter()
-                            .find(|x| x.dst == spec.dst && x.table == spec.table && x.metric == spec.metric);
-                        match held {
-                            Some(other) if other.protocol != owner.protocol => {
-                                if self.foreign.insert(r.dst) {
-                                    tracing::warn!(
-                                        "the route to {} belongs to another producer (protocol {}); the {} leave it alone",
-                                        r.dst,
-                                        other.protocol,
-                                        owner.name
-                                    );
-                                }
-                                return Ok(false);
-                            }
-                            _ => nl.replace_route(&spec).map_err(kernel(format!("replacing route {}", r.dst))),
-                        }
-                    }
-                    Err(e) => Err(kernel(format!("adding route {}", r.dst))(e)),
+            Op::PutRoute(r) => match nl.put_owned_route(&Self::route_spec(owner, r)) {
+                Ok(None) => {
+                    self.foreign.remove(&r.dst);
+                    Ok(())
                 }
-            }
+                Ok(Some(protocol)) => {
+                    if self.foreign.insert(r.dst) {
+                        tracing::warn!(
+                            "the route to {} belongs to another producer (protocol {protocol}); the {} leave it alone",
+                            r.dst,
+                            owner.name
+                        );
+                    }
+                    return Ok(false);
+                }
+                Err(e) => Err(kernel(format!("adding route {}", r.dst))(e)),
+            },
         };
         changed.map(|()| true)
     }

@@ -183,6 +183,28 @@ impl Netlink {
         self.change(RouteNetlinkMessage::NewRoute(route.message()), Mode::Replace, "replace route", &route.dst)
     }
 
+    /// Puts `route` as its protocol's own: added, or replacing a route to the same destination
+    /// (table, metric) only when that one has the same protocol — a plain replace takes any
+    /// route to the destination, and another producer's (a BGP-learned or a hand-made one) is
+    /// not this one's to take. `Ok(None)` when `route` is in place, `Ok(Some(protocol))` when
+    /// another protocol holds the destination (nothing done).
+    pub fn put_owned_route(&mut self, route: &RouteSpec) -> Result<Option<u8>> {
+        match self.add_route(route) {
+            Err(e) if e.is_exists() => {
+                let held = self
+                    .routes()?
+                    .into_iter()
+                    .find(|x| x.dst == route.dst && x.table == route.table && x.metric == route.metric)
+                    .map(|x| x.protocol);
+                match held {
+                    Some(protocol) if protocol != route.protocol => Ok(Some(protocol)),
+                    _ => self.replace_route(route).map(|()| None),
+                }
+            }
+            other => other.map(|()| None),
+        }
+    }
+
     /// `ip route del ...`.
     pub fn delete_route(&mut self, route: &RouteSpec) -> Result<()> {
         self.change(RouteNetlinkMessage::DelRoute(route.message()), Mode::Modify, "delete route", &route.dst)

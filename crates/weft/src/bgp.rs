@@ -148,24 +148,12 @@ impl RouteSink for KernelSink {
     }
 
     fn install(&mut self, prefix: IpNet, next_hop: IpAddr) {
-        let spec = Self::spec(prefix, Some(next_hop));
-        // Added; replaced only when the route there is this speaker's own.
-        let outcome = match self.nl.add_route(&spec) {
-            Err(e) if e.is_exists() => {
-                let ours =
-                    self.nl.routes().ok().and_then(|rs| rs.into_iter().find(|r| r.dst == spec.dst)).map(|r| r.protocol);
-                match ours {
-                    Some(p) if p != RTPROT_WEFT_BGP => {
-                        tracing::warn!("the route to {prefix} belongs to another producer (protocol {p}); left alone");
-                        Ok(())
-                    }
-                    _ => self.nl.replace_route(&spec),
-                }
+        match self.nl.put_owned_route(&Self::spec(prefix, Some(next_hop))) {
+            Ok(None) => {}
+            Ok(Some(p)) => {
+                tracing::warn!("the route to {prefix} belongs to another producer (protocol {p}); left alone")
             }
-            other => other,
-        };
-        if let Err(e) = outcome {
-            tracing::warn!("installing {prefix} via {next_hop}: {e}");
+            Err(e) => tracing::warn!("installing {prefix} via {next_hop}: {e}"),
         }
     }
 

@@ -32,17 +32,23 @@ impl Pair {
         let dir = Dir::new("bgp");
         std::fs::write(dir.path().join("bird.conf"), bird_conf).unwrap();
         let mut pair = Pair { weft, bird, dir, children: Vec::new() };
-        let bird_child = Command::new("ip")
-            .args(["netns", "exec", &pair.bird.name, "bird", "-f", "-c"])
-            .arg(pair.dir.path().join("bird.conf"))
+        pair.start_bird();
+        pair
+    }
+
+    /// BIRD in its namespace with `bird.conf` (again, after a kill).
+    fn start_bird(&mut self) {
+        let _ = std::fs::remove_file(self.dir.path().join("bird.sock"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.bird.name, "bird", "-f", "-c"])
+            .arg(self.dir.path().join("bird.conf"))
             .arg("-s")
-            .arg(pair.dir.path().join("bird.sock"))
+            .arg(self.dir.path().join("bird.sock"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("bird (apt-get install bird2)");
-        pair.children.push(bird_child);
-        pair
+        self.children.push(child);
     }
 
     fn socket(&self) -> String {
@@ -419,17 +425,7 @@ fn graceful_restart_with_bird_both_ways() {
         std::thread::sleep(Duration::from_millis(100));
         assert!(birds_in_weft(&pair), "weft dropped BIRD's route while BIRD was away");
     }
-    let _ = std::fs::remove_file(pair.dir.path().join("bird.sock"));
-    let bird = Command::new("ip")
-        .args(["netns", "exec", &pair.bird.name, "bird", "-f", "-c"])
-        .arg(pair.dir.path().join("bird.conf"))
-        .arg("-s")
-        .arg(pair.dir.path().join("bird.sock"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    pair.children.push(bird);
+    pair.start_bird();
     pair.within("the session with BIRD again", || {
         pair.birdc(&["show", "protocols"]).contains("Established") && birds_in_weft(&pair)
     });
