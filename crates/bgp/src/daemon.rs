@@ -20,6 +20,9 @@ use crate::neighbor::{Action, Config, State, Timer};
 use crate::rib::{PeerId, Policy, Rib};
 use crate::speaker::{Output, Speaker};
 
+/// How often the sink hears which next hops are in use, when routes went since it last did.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
 /// A configured neighbour.
 #[derive(Debug, Clone)]
 pub struct NeighborSpec {
@@ -63,6 +66,9 @@ pub trait RouteSink {
     fn install(&mut self, prefix: IpNet, next_hop: IpAddr);
     /// No path to `prefix` any more.
     fn remove(&mut self, prefix: IpNet);
+    /// The next hops installed routes go through now: what the sink keeps for others (the
+    /// kernel's nexthop objects) can go.
+    fn next_hops_in_use(&mut self, _in_use: &std::collections::HashSet<IpAddr>) {}
 }
 
 /// A sink that keeps nothing (a speaker that does not install routes).
@@ -84,6 +90,8 @@ enum Event {
     Status(oneshot::Sender<String>),
     /// The restart time after a restart is over: what no neighbour sent again goes.
     RestartOver,
+    /// Time to tell the sink which next hops are in use.
+    Sweep,
     Shutdown,
 }
 
@@ -108,6 +116,8 @@ struct Daemon {
     leftovers: std::collections::BTreeSet<IpNet>,
     /// This run follows one that did not stop cleanly (graceful restart: neighbours are told).
     restarting: bool,
+    /// Routes were removed since the sink last heard which next hops are in use.
+    removed: bool,
     next_conn: u64,
     next_peer: PeerId,
 }
@@ -153,6 +163,7 @@ async fn serve(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Resul
         sink,
         leftovers,
         restarting,
+        removed: false,
         next_conn: 0,
         next_peer: 1,
         config,
@@ -208,6 +219,17 @@ async fn serve(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Resul
     tokio::spawn(async move {
         tokio::time::sleep(restart_time).await;
         let _ = restart_tx.send(Event::RestartOver);
+    });
+    let sweep_tx = tx.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(SWEEP_EVERY);
+        every.tick().await;
+        loop {
+            every.tick().await;
+            if sweep_tx.send(Event::Sweep).is_err() {
+                return;
+            }
+        }
     });
     while let Some(event) = rx.recv().await {
         if matches!(event, Event::Shutdown) {
@@ -318,9 +340,25 @@ impl Daemon {
                         self.sink.remove(prefix);
                     }
                 }
+                self.sweep();
+            }
+            Event::Sweep => {
+                if self.removed {
+                    self.sweep();
+                }
             }
             Event::Shutdown => {}
         }
+    }
+
+    /// Tells the sink the next hops of what is installed (and of leftovers still kept).
+    fn sweep(&mut self) {
+        if !self.leftovers.is_empty() {
+            return;
+        }
+        self.removed = false;
+        let in_use = self.speaker.rib.learned().map(|(_, nh)| nh).collect();
+        self.sink.next_hops_in_use(&in_use);
     }
 
     fn current(&self, id: PeerId, conn: u64) -> bool {
@@ -384,7 +422,10 @@ impl Daemon {
                     self.sink.install(prefix, next_hop);
                 }
                 // (What the RIB holds says what is installed: no second copy of every prefix.)
-                Output::Route(prefix, None) => self.sink.remove(prefix),
+                Output::Route(prefix, None) => {
+                    self.sink.remove(prefix);
+                    self.removed = true;
+                }
             }
         }
     }
@@ -490,6 +531,7 @@ impl Daemon {
         for prefix in installed {
             self.sink.remove(prefix);
         }
+        self.sink.next_hops_in_use(&Default::default());
         tracing::info!("stopped");
     }
 }

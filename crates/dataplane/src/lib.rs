@@ -8,6 +8,7 @@ pub mod error;
 pub mod link;
 pub mod monitor;
 pub mod neigh;
+pub mod nexthop;
 pub mod nft;
 pub mod route;
 pub mod socket;
@@ -16,6 +17,7 @@ pub mod sysctl;
 pub use error::{DataplaneError, Result};
 pub use link::{Link, LinkKind, VxlanInfo, VxlanSpec};
 pub use neigh::{FdbEntry, Neighbour};
+pub use nexthop::Nexthop;
 pub use route::RouteSpec;
 pub use socket::Netlink;
 

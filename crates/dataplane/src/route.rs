@@ -41,6 +41,8 @@ pub struct RouteSpec {
     pub metric: Option<u32>,
     /// The route's own MTU (`ip route ... mtu N`), if it has one.
     pub mtu: Option<u32>,
+    /// The nexthop object it goes through (`ip route ... nhid N`), instead of a gateway.
+    pub nexthop: Option<u32>,
 }
 
 impl RouteSpec {
@@ -56,6 +58,7 @@ impl RouteSpec {
             table: RT_TABLE_MAIN,
             metric: None,
             mtu: None,
+            nexthop: None,
         }
     }
 
@@ -77,6 +80,12 @@ impl RouteSpec {
 
     pub fn onlink(mut self) -> Self {
         self.onlink = true;
+        self
+    }
+
+    /// Through nexthop object `id` (see [`crate::nexthop`]).
+    pub fn nexthop(mut self, id: u32) -> Self {
+        self.nexthop = Some(id);
         self
     }
 
@@ -110,10 +119,13 @@ impl RouteSpec {
         if let Some(mtu) = self.mtu {
             msg.attributes.push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
         }
+        if let Some(id) = self.nexthop {
+            msg.attributes.push(RouteAttribute::NhId(id));
+        }
         msg
     }
 
-    fn from_message(msg: &RouteMessage) -> Option<RouteSpec> {
+    pub(crate) fn from_message(msg: &RouteMessage) -> Option<RouteSpec> {
         let mut dst = None;
         let mut spec = RouteSpec {
             dst: IpNet::new(unspecified(msg.header.address_family)?, 0).ok()?,
@@ -125,6 +137,7 @@ impl RouteSpec {
             table: msg.header.table,
             metric: None,
             mtu: None,
+            nexthop: None,
         };
         for attr in &msg.attributes {
             match attr {
@@ -132,6 +145,7 @@ impl RouteSpec {
                 RouteAttribute::Gateway(a) => spec.gateway = address_of(a),
                 RouteAttribute::Oif(i) => spec.oif = Some(*i),
                 RouteAttribute::Priority(p) => spec.metric = Some(*p),
+                RouteAttribute::NhId(id) => spec.nexthop = Some(*id),
                 RouteAttribute::Metrics(metrics) => {
                     spec.mtu = metrics.iter().find_map(|m| match m {
                         RouteMetric::Mtu(mtu) => Some(*mtu),

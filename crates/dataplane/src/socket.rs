@@ -24,7 +24,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    fn flags(self) -> u16 {
+    pub(crate) fn flags(self) -> u16 {
         match self {
             Mode::Create => NLM_F_CREATE | NLM_F_EXCL,
             Mode::Replace => NLM_F_CREATE | NLM_F_REPLACE,
@@ -95,7 +95,7 @@ impl Netlink {
         self.request(msg, NLM_F_DUMP, op, &"")
     }
 
-    fn request(
+    pub(crate) fn request(
         &mut self,
         msg: RouteNetlinkMessage,
         flags: u16,
@@ -121,7 +121,7 @@ impl Netlink {
         flags: u16,
         op: &'static str,
         object: &dyn std::fmt::Display,
-        mut decode: impl FnMut(&[u8]) -> Result<Option<T>>,
+        decode: impl FnMut(&[u8]) -> Result<Option<T>>,
     ) -> Result<Vec<T>> {
         self.seq = self.seq.wrapping_add(1);
         let mut header = NetlinkHeader::default();
@@ -131,7 +131,42 @@ impl Netlink {
         packet.finalize();
         let mut buf = vec![0u8; packet.buffer_len()];
         packet.serialize(&mut buf);
-        self.socket.send(&buf, 0).map_err(DataplaneError::Socket)?;
+        self.exchange(&buf, flags, op, object, decode)
+    }
+
+    /// Sends a request of a type netlink-packet-route does not model (nexthop objects): `body`
+    /// is the message after the netlink header; replies as [`Netlink::request_with`].
+    pub(crate) fn request_raw<T>(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        body: &[u8],
+        op: &'static str,
+        object: &dyn std::fmt::Display,
+        decode: impl FnMut(&[u8]) -> Result<Option<T>>,
+    ) -> Result<Vec<T>> {
+        self.seq = self.seq.wrapping_add(1);
+        let len = NLMSG_HEADER_LEN + body.len();
+        let mut buf = Vec::with_capacity(len);
+        buf.extend_from_slice(&(len as u32).to_ne_bytes());
+        buf.extend_from_slice(&kind.to_ne_bytes());
+        buf.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
+        buf.extend_from_slice(&self.seq.to_ne_bytes());
+        buf.extend_from_slice(&0u32.to_ne_bytes());
+        buf.extend_from_slice(body);
+        self.exchange(&buf, flags, op, object, decode)
+    }
+
+    /// Sends one serialized request (its sequence number `self.seq`) and collects the replies.
+    fn exchange<T>(
+        &mut self,
+        buf: &[u8],
+        flags: u16,
+        op: &'static str,
+        object: &dyn std::fmt::Display,
+        mut decode: impl FnMut(&[u8]) -> Result<Option<T>>,
+    ) -> Result<Vec<T>> {
+        self.socket.send(buf, 0).map_err(DataplaneError::Socket)?;
 
         let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
         let acked = flags & NLM_F_ACK != 0;

@@ -106,3 +106,46 @@ fn links_read_back_as_the_kernel_reports_them() {
     assert!(!nl.delete_group(4242).unwrap(), "an empty group is not an error");
     assert!(nl.link_by_index(host.index).unwrap().is_none());
 }
+
+/// Nexthop objects as `ip nexthop` sees them: made on the device the kernel routes the gateway
+/// through, listed back, named by a route (`nhid`), an id taken refused, and deleted with the
+/// routes that use it.
+#[test]
+fn nexthop_objects_and_routes_through_them() {
+    use weft_dataplane::{Nexthop, RouteSpec};
+    let ns = Ns::new("n");
+    ns.sh(&["ip", "link", "add", "nh0", "type", "veth", "peer", "name", "nh1"]);
+    ns.sh(&["ip", "link", "set", "nh0", "up"]);
+    ns.sh(&["ip", "link", "set", "nh1", "up"]);
+    ns.sh(&["ip", "addr", "add", "198.18.5.1/24", "dev", "nh0"]);
+    let mut nl = ns.1.run(Netlink::new).unwrap().unwrap();
+    let index = nl.require_link("nh0").unwrap().index;
+
+    // The kernel's route to a neighbour on the link: the device, no gateway.
+    let to = nl.route_get("198.18.5.2".parse().unwrap()).unwrap();
+    assert_eq!((to.oif, to.gateway), (Some(index), None));
+    let to = nl.route_get("198.19.9.9".parse().unwrap());
+    assert!(to.is_err(), "no route, no answer: {to:?}");
+
+    let nh = Nexthop { id: 4242, gateway: Some("198.18.5.2".parse().unwrap()), oif: Some(index), protocol: 202 };
+    nl.add_nexthop(&nh).unwrap();
+    assert!(nl.add_nexthop(&nh).unwrap_err().is_exists());
+    assert_eq!(nl.nexthops().unwrap(), vec![nh.clone()]);
+    let shown = ns.sh(&["ip", "nexthop", "show"]);
+    assert!(shown.contains("id 4242 via 198.18.5.2 dev nh0") && shown.contains("proto 202"), "{shown}");
+
+    let route = RouteSpec::new("198.19.7.0/24".parse().unwrap()).protocol(202).nexthop(4242);
+    nl.add_route(&route).unwrap();
+    let shown = ns.sh(&["ip", "route", "show", "198.19.7.0/24"]);
+    assert!(shown.contains("nhid 4242 via 198.18.5.2 dev nh0 proto 202"), "{shown}");
+    let listed = nl.routes().unwrap().into_iter().find(|r| r.dst == route.dst).unwrap();
+    assert_eq!(listed.nexthop, Some(4242));
+    // A route naming an id that is not there is refused.
+    let orphan = RouteSpec::new("198.19.8.0/24".parse().unwrap()).protocol(202).nexthop(4243);
+    assert!(nl.add_route(&orphan).is_err());
+
+    nl.delete_nexthop(4242).unwrap();
+    assert!(nl.nexthops().unwrap().is_empty());
+    assert!(ns.sh(&["ip", "route", "show", "198.19.7.0/24"]).is_empty(), "the route goes with its nexthop");
+    assert!(nl.delete_nexthop(4242).unwrap_err().is_not_found());
+}

@@ -212,7 +212,7 @@ protocol bgp sender { local 198.18.90.1 as 64512; neighbor 198.18.90.2 as 64513;
             .spawn()
             .unwrap()
     };
-    println!("| routes | receiver | install (s) | withdraw (s) | RSS (MB) |");
+    println!("| routes | receiver | install (ms) | withdraw (ms) | RSS (MB) |");
     println!("|---:|---|---:|---:|---:|");
     for n in sizes {
         let mut results: Vec<(&str, f64, f64, f64)> = Vec::new();
@@ -229,7 +229,7 @@ protocol bgp sender { local 198.18.90.1 as 64512; neighbor 198.18.90.2 as 64513;
             results.push((name, median(i), median(w), median(m)));
         }
         for (name, i, w, m) in &results {
-            println!("| {n} | {name} | {i:.3} | {w:.3} | {m:.1} |");
+            println!("| {n} | {name} | {:.2} | {:.2} | {m:.1} |", i * 1e3, w * 1e3);
         }
         let (b, wt) = (&results[0], &results[1]);
         println!("| {n} | weft/BIRD | {:.2} | {:.2} | {:.2} |", wt.1 / b.1, wt.2 / b.2, wt.3 / b.3);

@@ -162,6 +162,10 @@ fn weft_bgp_run_with_bird_learns_installs_and_cleans_up() {
     let route = |p: &Pair| p.weft.sh(&["ip", "route", "show", "198.19.200.0/24"]);
     pair.within("BIRD's route in the kernel", || route(&pair).contains("via 198.18.77.2"));
     assert!(route(&pair).contains("proto 202"), "{}", route(&pair));
+    // Through a nexthop object of weft's (the kernel checks the gateway once, not per route).
+    let nexthops = |p: &Pair| p.weft.sh(&["ip", "nexthop", "show"]);
+    assert!(route(&pair).contains("nhid"), "{}", route(&pair));
+    assert!(nexthops(&pair).contains("via 198.18.77.2 dev eth0 scope link proto 202"), "{}", nexthops(&pair));
     pair.within("weft's route in BIRD", || {
         let r = pair.birdc(&["show", "route", "for", "198.19.100.1", "all"]);
         r.contains("198.19.100.0/24") && r.contains("BGP.as_path: 64512")
@@ -172,17 +176,19 @@ fn weft_bgp_run_with_bird_learns_installs_and_cleans_up() {
     let table = Command::new(weft_bin()).args(["bgp", "status", "--socket", &pair.socket()]).output().unwrap();
     assert!(String::from_utf8_lossy(&table.stdout).contains("Established"));
 
-    // BIRD withdraws its route: gone from the kernel.
+    // BIRD withdraws its route: gone from the kernel, and its unused nexthop object soon after.
     pair.birdc(&["disable", "s1"]);
     pair.within("the withdrawn route removed", || route(&pair).is_empty());
+    pair.within("the unused nexthop object removed", || nexthops(&pair).is_empty());
     pair.birdc(&["enable", "s1"]);
-    pair.within("the route back", || route(&pair).contains("proto 202"));
+    pair.within("the route back", || route(&pair).contains("proto 202") && !nexthops(&pair).is_empty());
 
     // weft stopped: what it installed is removed, BIRD sees the session end.
     let weft = pair.children.pop().unwrap();
     Command::new("kill").args(["-TERM", &weft.id().to_string()]).status().unwrap();
     pair.children.push(weft);
     pair.within("installed routes removed on stop", || route(&pair).is_empty());
+    pair.within("nexthop objects removed on stop", || nexthops(&pair).is_empty());
     pair.within("BIRD sees the session down", || !pair.birdc(&["show", "protocols"]).contains("Established"));
 }
 
@@ -415,6 +421,9 @@ fn graceful_restart_with_bird_both_ways() {
         assert!(mine_in_bird(&pair) && birds_in_weft(&pair), "a route dropped after the restart");
     }
     assert!(pair.log().contains("restarting"), "{}", pair.log());
+    // The nexthop object of the first run taken over, not a second one made.
+    let nexthops = pair.weft.sh(&["ip", "nexthop", "show"]);
+    assert_eq!(nexthops.lines().count(), 1, "{nexthops}");
 
     // BIRD killed: weft keeps its route installed; BIRD back: still there, taken back.
     let bird = pair.children.remove(0);
