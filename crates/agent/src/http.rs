@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Request, Response, StatusCode};
+pub use hyper::StatusCode;
+use hyper::{Request, Response};
 
 /// How long a client may take to send its request line and headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -152,12 +153,18 @@ pub fn respond(path: &str, status: &Status) -> (StatusCode, String) {
     }
 }
 
+/// What answers a request: the status code and the body for a path.
+pub type Responder = Arc<dyn Fn(&str) -> (StatusCode, String) + Send + Sync>;
+
 async fn handle(
     req: Request<hyper::body::Incoming>,
-    status: Arc<Mutex<Status>>,
+    responder: Responder,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let snapshot = status.lock().map(|s| s.clone()).unwrap_or_else(|e| e.into_inner().clone());
-    let (code, body) = respond(req.uri().path(), &snapshot);
+    let path = req.uri().path().to_string();
+    // A responder may wait (on another process); it does so off the accepting thread.
+    let (code, body) = tokio::task::spawn_blocking(move || responder(&path))
+        .await
+        .unwrap_or_else(|_| (StatusCode::INTERNAL_SERVER_ERROR, "the responder failed\n".into()));
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = code;
     if let Ok(value) = "text/plain; version=0.0.4".parse() {
@@ -166,8 +173,19 @@ async fn handle(
     Ok(response)
 }
 
-/// Serves the endpoints on `addr` from a background thread; returns the bound address.
+/// Serves the agent's endpoints on `addr` from a background thread; returns the bound address.
 pub fn serve(addr: SocketAddr, status: Arc<Mutex<Status>>) -> std::io::Result<SocketAddr> {
+    serve_with(
+        addr,
+        Arc::new(move |path| {
+            let snapshot = status.lock().map(|s| s.clone()).unwrap_or_else(|e| e.into_inner().clone());
+            respond(path, &snapshot)
+        }),
+    )
+}
+
+/// Serves what `responder` says on `addr` from a background thread; returns the bound address.
+pub fn serve_with(addr: SocketAddr, responder: Responder) -> std::io::Result<SocketAddr> {
     let listener = std::net::TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
     let bound = listener.local_addr()?;
@@ -177,9 +195,9 @@ pub fn serve(addr: SocketAddr, status: Arc<Mutex<Status>>) -> std::io::Result<So
             let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
-                let status = status.clone();
+                let responder = responder.clone();
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| handle(req, status.clone()));
+                    let service = hyper::service::service_fn(move |req| handle(req, responder.clone()));
                     let connection = hyper::server::conn::http1::Builder::new()
                         .timer(hyper_util::rt::TokioTimer::new())
                         .header_read_timeout(HEADER_TIMEOUT)

@@ -498,7 +498,8 @@ impl Daemon {
                     "as": link.asn,
                     "state": self.speaker.state(*id).map_or("Idle", State::name),
                     "uptime_seconds": link.up_since.map_or(0, |t| t.elapsed().as_secs()),
-                    "prefixes_received": self.speaker.rib.count(*id),
+                    "prefixes_received": self.speaker.rib.count(*id) + self.speaker.rib.refused(*id),
+                    "prefixes_accepted": self.speaker.rib.count(*id),
                     "prefixes_advertised": self.speaker.advertised(*id),
                 })
             })

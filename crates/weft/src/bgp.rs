@@ -5,10 +5,12 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use ipnet::IpNet;
+use weft_agent::http::StatusCode;
 use weft_bgp::daemon::{DaemonConfig, NeighborSpec, NoSink, RouteSink};
 use weft_bgp::rib::Policy;
 use weft_dataplane::route::RTPROT_WEFT_BGP;
@@ -64,6 +66,9 @@ pub struct RunArgs {
     /// The control socket `weft bgp status` asks.
     #[arg(long, default_value = "/run/weft/bgp.sock")]
     socket: PathBuf,
+    /// Serve /healthz and Prometheus /metrics (sessions, prefixes, routes) on ADDR:PORT.
+    #[arg(long)]
+    health: Option<SocketAddr>,
 }
 
 /// `weft bgp status`.
@@ -276,18 +281,99 @@ pub fn run(args: RunArgs) -> Result<()> {
         restart_time: args.restart_time,
         socket: args.socket,
     };
+    if let Some(addr) = args.health {
+        let socket = config.socket.clone();
+        let bound = weft_agent::http::serve_with(addr, Arc::new(move |path: &str| health(&socket, path)))
+            .with_context(|| format!("--health {addr}"))?;
+        tracing::info!("health and metrics on http://{bound}/");
+    }
     let sink: Box<dyn RouteSink> = if args.install { Box::new(KernelSink::new()?) } else { Box::new(NoSink) };
     weft_bgp::daemon::run(config, sink).context("the BGP speaker")
 }
 
-pub fn status(args: StatusArgs) -> Result<()> {
+/// The speaker's status, as JSON, from its control socket.
+fn query(socket: &std::path::Path) -> Result<String> {
     use std::io::{Read, Write};
-    let mut conn = std::os::unix::net::UnixStream::connect(&args.socket)
-        .with_context(|| format!("no speaker answers on {} (is `weft bgp run` running?)", args.socket.display()))?;
+    let mut conn = std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("no speaker answers on {} (is `weft bgp run` running?)", socket.display()))?;
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     conn.write_all(b"status\n")?;
     let mut text = String::new();
     conn.read_to_string(&mut text)?;
+    if text.is_empty() {
+        bail!("the speaker on {} gave no answer", socket.display());
+    }
+    Ok(text)
+}
+
+/// `--health`: /healthz is ok while the speaker answers its control socket; /metrics is its
+/// status in Prometheus' text format.
+fn health(socket: &std::path::Path, path: &str) -> (StatusCode, String) {
+    let status = || -> Result<serde_json::Value> { Ok(serde_json::from_str(&query(socket)?)?) };
+    match path {
+        "/healthz" => match status() {
+            Ok(_) => (StatusCode::OK, "ok\n".into()),
+            Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not healthy: {e:#}\n")),
+        },
+        "/metrics" => match status() {
+            Ok(v) => (StatusCode::OK, metrics(&v)),
+            Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("# the speaker does not answer: {e:#}\n")),
+        },
+        _ => (StatusCode::NOT_FOUND, "not found: try /healthz or /metrics\n".into()),
+    }
+}
+
+/// The status JSON as Prometheus metrics: the table's, and one series per neighbour.
+fn metrics(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, samples: Vec<(String, String)>| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+        for (labels, value) in samples {
+            out.push_str(&format!("{name}{labels} {value}\n"));
+        }
+    };
+    gauge(
+        "weft_bgp_routes",
+        "Prefixes with a best path (own and learned).",
+        vec![(String::new(), v["routes"].to_string())],
+    );
+    gauge(
+        "weft_bgp_routes_installed",
+        "Learned best routes (what goes into the kernel with --install).",
+        vec![(String::new(), v["installed"].to_string())],
+    );
+    let neighbors = v["neighbors"].as_array().cloned().unwrap_or_default();
+    let per_neighbor = |value: &dyn Fn(&serde_json::Value) -> String| -> Vec<(String, String)> {
+        neighbors
+            .iter()
+            .map(|n| {
+                let labels = format!("{{neighbor=\"{}\",as=\"{}\"}}", n["address"].as_str().unwrap_or("?"), n["as"]);
+                (labels, value(n))
+            })
+            .collect()
+    };
+    gauge(
+        "weft_bgp_session_established",
+        "1 when the session is Established.",
+        per_neighbor(&|n| u8::from(n["state"] == "Established").to_string()),
+    );
+    gauge(
+        "weft_bgp_session_uptime_seconds",
+        "How long the session has been Established.",
+        per_neighbor(&|n| n["uptime_seconds"].to_string()),
+    );
+    for (key, help) in [
+        ("prefixes_received", "Prefixes the neighbour announces."),
+        ("prefixes_accepted", "Of those, the ones the import policy accepted."),
+        ("prefixes_advertised", "Prefixes sent to the neighbour."),
+    ] {
+        gauge(&format!("weft_bgp_{key}"), help, per_neighbor(&|n| n[key].to_string()));
+    }
+    out
+}
+
+pub fn status(args: StatusArgs) -> Result<()> {
+    let text = query(&args.socket)?;
     if args.json {
         outln!("{text}");
         return Ok(());
@@ -300,15 +386,25 @@ pub fn status(args: StatusArgs) -> Result<()> {
         v["routes"],
         v["installed"]
     );
-    outln!("{:<40} {:>10} {:<12} {:>9} {:>9} {:>11}", "neighbor", "AS", "state", "uptime", "received", "advertised");
+    outln!(
+        "{:<40} {:>10} {:<12} {:>9} {:>9} {:>9} {:>11}",
+        "neighbor",
+        "AS",
+        "state",
+        "uptime",
+        "received",
+        "accepted",
+        "advertised"
+    );
     for n in v["neighbors"].as_array().into_iter().flatten() {
         outln!(
-            "{:<40} {:>10} {:<12} {:>8}s {:>9} {:>11}",
+            "{:<40} {:>10} {:<12} {:>8}s {:>9} {:>9} {:>11}",
             n["address"].as_str().unwrap_or("?"),
             n["as"],
             n["state"].as_str().unwrap_or("?"),
             n["uptime_seconds"],
             n["prefixes_received"],
+            n["prefixes_accepted"],
             n["prefixes_advertised"]
         );
     }

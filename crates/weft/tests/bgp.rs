@@ -146,7 +146,7 @@ fn spawn_weft(ns: &Ns, dir: &std::path::Path, name: &str, args: &[&str]) -> Chil
 const BIRD: &str = r#"
 router id 198.18.77.2;
 protocol device {}
-protocol static s1 { ipv4; route 198.19.200.0/24 blackhole; }
+protocol static s1 { ipv4; route 198.19.200.0/24 blackhole; route 198.19.201.0/25 blackhole; }
 protocol bgp weft {
     local 198.18.77.2 as 64513;
     neighbor 198.18.77.1 as 64512;
@@ -157,7 +157,17 @@ protocol bgp weft {
 #[test]
 fn weft_bgp_run_with_bird_learns_installs_and_cleans_up() {
     let mut pair = Pair::new(BIRD);
-    pair.weft(&["--neighbor", "198.18.77.2,64513", "--announce", "198.19.100.0/24", "--install"]);
+    pair.weft(&[
+        "--neighbor",
+        "198.18.77.2,64513",
+        "--announce",
+        "198.19.100.0/24",
+        "--install",
+        "--accept",
+        "198.19.200.0/24",
+        "--health",
+        "198.18.77.1:9179",
+    ]);
     pair.within("the session with BIRD established", || pair.status()["neighbors"][0]["state"] == "Established");
     let route = |p: &Pair| p.weft.sh(&["ip", "route", "show", "198.19.200.0/24"]);
     pair.within("BIRD's route in the kernel", || route(&pair).contains("via 198.18.77.2"));
@@ -170,11 +180,33 @@ fn weft_bgp_run_with_bird_learns_installs_and_cleans_up() {
         let r = pair.birdc(&["show", "route", "for", "198.19.100.1", "all"]);
         r.contains("198.19.100.0/24") && r.contains("BGP.as_path: 64512")
     });
+    // 198.19.201.0/25 is outside --accept: received, not accepted, not installed.
     let status = pair.status();
-    assert_eq!(status["neighbors"][0]["prefixes_received"], 1, "{status}");
+    assert_eq!(status["neighbors"][0]["prefixes_received"], 2, "{status}");
+    assert_eq!(status["neighbors"][0]["prefixes_accepted"], 1, "{status}");
     assert_eq!(status["neighbors"][0]["prefixes_advertised"], 1, "{status}");
+    assert!(pair.weft.sh(&["ip", "route", "show", "198.19.201.0/25"]).is_empty());
     let table = Command::new(weft_bin()).args(["bgp", "status", "--socket", &pair.socket()]).output().unwrap();
-    assert!(String::from_utf8_lossy(&table.stdout).contains("Established"));
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("Established") && table.contains("accepted"), "{table}");
+    // The same on /metrics (--health), and /healthz answers.
+    let get = |path: &str| {
+        let script = format!(
+            "exec 3<>/dev/tcp/198.18.77.1/9179; printf 'GET {path} HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n' >&3; cat <&3"
+        );
+        pair.weft.try_sh(&["bash", "-c", &script]).1
+    };
+    assert!(get("/healthz").starts_with("HTTP/1.0 200 OK"), "{}", get("/healthz"));
+    let metrics = get("/metrics");
+    for line in [
+        "weft_bgp_session_established{neighbor=\"198.18.77.2\",as=\"64513\"} 1",
+        "weft_bgp_prefixes_received{neighbor=\"198.18.77.2\",as=\"64513\"} 2",
+        "weft_bgp_prefixes_accepted{neighbor=\"198.18.77.2\",as=\"64513\"} 1",
+        "weft_bgp_prefixes_advertised{neighbor=\"198.18.77.2\",as=\"64513\"} 1",
+        "weft_bgp_routes_installed 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} not in\n{metrics}");
+    }
 
     // BIRD withdraws its route: gone from the kernel, and its unused nexthop object soon after.
     pair.birdc(&["disable", "s1"]);
@@ -189,6 +221,7 @@ fn weft_bgp_run_with_bird_learns_installs_and_cleans_up() {
     pair.children.push(weft);
     pair.within("installed routes removed on stop", || route(&pair).is_empty());
     pair.within("nexthop objects removed on stop", || nexthops(&pair).is_empty());
+    pair.within("/healthz down with the speaker", || !get("/healthz").contains("200 OK"));
     pair.within("BIRD sees the session down", || !pair.birdc(&["show", "protocols"]).contains("Established"));
 }
 

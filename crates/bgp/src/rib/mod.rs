@@ -136,12 +136,19 @@ pub struct Rib {
     paths: BTreeMap<IpNet, Vec<Path>>,
     /// How many prefixes each neighbour has in the RIB.
     counts: HashMap<PeerId, usize>,
+    /// The prefixes each neighbour announces that the import policy refused (received, not
+    /// accepted), up to [`MAX_REFUSED_KEPT`] each.
+    refused: HashMap<PeerId, std::collections::HashSet<IpNet>>,
     /// The prefixes this speaker announces itself (no neighbour's may overlap them).
     own: std::collections::BTreeSet<IpNet>,
     /// Attributes already held, shared.
     interned: HashMap<Arc<PathAttrs>, ()>,
     since_gc: u32,
 }
+
+/// How many refused prefixes of one neighbour are remembered (to count them): a neighbour that
+/// sends more only makes the count stop there.
+pub const MAX_REFUSED_KEPT: usize = 100_000;
 
 /// The LOCAL_PREF a path without one counts with.
 pub const DEFAULT_LOCAL_PREF: u32 = 100;
@@ -156,6 +163,7 @@ impl Rib {
             peers: HashMap::new(),
             paths: BTreeMap::new(),
             counts: HashMap::new(),
+            refused: HashMap::new(),
             own: Default::default(),
             interned: HashMap::new(),
             since_gc: 0,
@@ -202,6 +210,11 @@ impl Rib {
     /// How many prefixes `peer` has in the RIB.
     pub fn count(&self, peer: PeerId) -> usize {
         self.counts.get(&peer).copied().unwrap_or(0)
+    }
+
+    /// How many prefixes `peer` announces now that the import policy refused.
+    pub fn refused(&self, peer: PeerId) -> usize {
+        self.refused.get(&peer).map_or(0, |r| r.len())
     }
 
     /// Whether `prefix` passes the import policy: inside an accepted network within its
@@ -252,12 +265,28 @@ impl Rib {
     /// An UPDATE from `peer` into its Adj-RIB-In and the Loc-RIB.
     pub fn import(&mut self, peer: PeerId, update: &Update) -> Imported {
         let mut out = Imported::default();
+        let mut refused = self.refused.remove(&peer).unwrap_or_default();
         for prefix in update.withdrawals() {
+            refused.remove(&prefix);
             out.changes.extend(self.set(prefix, Some(peer), None));
         }
+        self.import_announced(peer, update, &mut out, &mut refused);
+        if !refused.is_empty() {
+            self.refused.insert(peer, refused);
+        }
+        out
+    }
+
+    fn import_announced(
+        &mut self,
+        peer: PeerId,
+        update: &Update,
+        out: &mut Imported,
+        refused: &mut std::collections::HashSet<IpNet>,
+    ) {
         let announced = update.announcements();
         if announced.is_empty() {
-            return out;
+            return;
         }
         let attrs = PathAttrs::of(update);
         // Other families' next hop is in MP_REACH_NLRI (its first, global, address).
@@ -279,20 +308,24 @@ impl Rib {
             // Without a next hop for its family (or, from eBGP, without the neighbour's AS)
             // there is no path.
             if attrs.next_hop.is_none() || ebgp_without_path {
+                refused.remove(&prefix);
                 out.changes.extend(self.set(prefix, Some(peer), None));
                 continue;
             }
             if looped || !self.acceptable(&prefix) {
                 out.refused += 1;
+                if refused.len() < MAX_REFUSED_KEPT {
+                    refused.insert(prefix);
+                }
                 out.changes.extend(self.set(prefix, Some(peer), None));
                 continue;
             }
+            refused.remove(&prefix);
             let path = Path { from: Some(peer), attrs: attrs.clone(), stale: false };
             out.changes.extend(self.set(prefix, Some(peer), Some(path)));
         }
         out.over_limit = self.policy.max_prefix.is_some_and(|max| self.count(peer) > max);
         self.forget_unused();
-        out
     }
 
     /// This speaker announces `prefix` itself (next hop: itself).
@@ -321,6 +354,7 @@ impl Rib {
     /// `peer`'s session ended: its paths are withdrawn, or (graceful restart) kept but marked
     /// stale until [`Rib::sweep`].
     pub fn peer_down(&mut self, peer: PeerId, keep: bool) -> Vec<Change> {
+        self.refused.remove(&peer);
         let prefixes: Vec<IpNet> =
             self.paths.iter().filter(|(_, ps)| ps.iter().any(|p| p.from == Some(peer))).map(|(p, _)| *p).collect();
         let mut changes = Vec::new();

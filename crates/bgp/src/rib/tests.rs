@@ -113,7 +113,14 @@ fn import_policy_loops_and_limits() {
     assert_eq!(refused(&mut rib, "198.19.1.128/25", &[64601]), 1, "inside this speaker's own prefix");
     assert_eq!(refused(&mut rib, "198.19.0.0/16", &[64601]), 1, "covering this speaker's own prefix");
     assert_eq!(refused(&mut rib, "198.19.3.0/24", &[64601, LOCAL_AS]), 1, "this speaker's AS in the path");
+    assert_eq!(rib.refused(1), 5, "5 refused prefixes announced now");
     assert_eq!(refused(&mut rib, "198.19.3.0/24", &[64601]), 0);
+    assert_eq!(rib.refused(1), 4, "accepted now: no longer counted as refused");
+    let mut withdrawn = update("198.19.9.0/24", &[64601], "198.18.0.11", vec![]);
+    withdrawn.withdrawn = vec!["10.0.0.0/8".parse().unwrap()];
+    withdrawn.nlri.clear();
+    rib.import(1, &withdrawn);
+    assert_eq!(rib.refused(1), 3, "a refused prefix withdrawn");
     assert_eq!(best_from(&rib, "198.19.1.0/24"), None, "this speaker's own path is best");
     assert!(!rib.import(1, &update("198.19.4.0/24", &[64601], "198.18.0.11", vec![])).over_limit);
     assert!(rib.import(1, &update("198.19.5.0/24", &[64601], "198.18.0.11", vec![])).over_limit);
@@ -121,6 +128,8 @@ fn import_policy_loops_and_limits() {
     let back =
         update("198.19.9.0/24", &[], "198.18.0.13", vec![Attribute::ClusterList(vec![Ipv4Addr::new(198, 18, 0, 1)])]);
     assert_eq!(rib.import(3, &back).refused, 1);
+    rib.peer_down(1, false);
+    assert_eq!(rib.refused(1), 0, "nothing counted for a session that ended");
     // Without a next hop there is no path.
     let mut no_next_hop = update("198.19.10.0/24", &[64601], "198.18.0.11", vec![]);
     no_next_hop.attributes.retain(|a| !matches!(a, Attribute::NextHop(_)));
