@@ -49,9 +49,9 @@ enum BgpCommand {
     /// Run the speaker until SIGTERM or SIGINT (then its installed routes are removed).
     /// Example: `weft bgp run --local-as 64512 --router-id 198.18.0.1 --neighbor 198.18.0.2,64513
     /// --announce 198.19.1.0/24 --install`.
-    Run(crate::bgp::RunArgs),
+    Run(Box<crate::bgp::RunArgs>),
     /// Each neighbour's address, AS, state (Idle, Connect, Active, OpenSent, OpenConfirm,
-    /// Established), uptime and prefixes received and advertised.
+    /// Established), uptime and prefixes received, accepted and advertised.
     Status(crate::bgp::StatusArgs),
 }
 
@@ -259,7 +259,7 @@ pub fn main() -> i32 {
         Command::Lab(LabCommand::Supervise { name }) => crate::lab::supervise(&name),
         Command::Bgp(BgpCommand::Run(args)) => {
             weft_agent::log::init();
-            crate::bgp::run(args)
+            crate::bgp::run(*args)
         }
         Command::Bgp(BgpCommand::Status(args)) => crate::bgp::status(args),
     };
