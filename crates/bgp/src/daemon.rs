@@ -273,7 +273,8 @@ impl Daemon {
     fn handle(&mut self, event: Event) {
         match event {
             Event::Accepted(stream, from) => {
-                let address = from.ip();
+                // On a socket listening on `::`, IPv4 neighbours arrive as ::ffff:a.b.c.d.
+                let address = from.ip().to_canonical();
                 let id = match self.speaker.neighbor_at(address) {
                     Some(id) => id,
                     None => match self.config.ranges.iter().find(|(net, _)| net.contains(&address)) {

@@ -91,6 +91,15 @@ fn neighbor(text: &str) -> Result<NeighborSpec> {
         .ok_or_else(|| anyhow::anyhow!("--neighbor {text:?}: ADDR,AS[,passive][,rr-client]"))?
         .parse()
         .with_context(|| format!("--neighbor {text:?}: not an AS number"))?;
+    let address = address.to_canonical();
+    if let IpAddr::V6(v6) = address {
+        if v6.is_unicast_link_local() {
+            bail!("--neighbor {text:?}: a link-local neighbour needs an interface, which is not supported; use a global or unique-local address");
+        }
+    }
+    if address.is_unspecified() || address.is_multicast() {
+        bail!("--neighbor {text:?}: not a unicast address");
+    }
     let mut spec = NeighborSpec { address, asn, passive: false, rr_client: false };
     for flag in parts {
         match flag {
@@ -409,4 +418,56 @@ pub fn status(args: StatusArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_are_checked_with_a_reason() {
+        let n = neighbor("198.18.0.2,64513,passive,rr-client").unwrap();
+        assert!(n.passive && n.rr_client && n.asn == 64513);
+        assert_eq!(neighbor("::ffff:198.18.0.2,1").unwrap().address, "198.18.0.2".parse::<IpAddr>().unwrap());
+        for (bad, why) in [
+            ("198.18.0.2", "ADDR,AS"),
+            ("198.18.0.2,x", "not an AS number"),
+            ("nope,1", "not an address"),
+            ("198.18.0.2,1,active", "unknown flag"),
+            ("fe80::1,1", "link-local"),
+            ("::,1", "not a unicast address"),
+            ("224.0.0.5,1", "not a unicast address"),
+        ] {
+            let e = format!("{:#}", neighbor(bad).unwrap_err());
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        assert_eq!(range("198.18.0.0/16,64512").unwrap().1, 64512);
+        assert!(range("198.18.0.0/16").is_err());
+        assert_eq!(accept("198.19.0.0/16,le=26").unwrap(), ("198.19.0.0/16".parse().unwrap(), 26));
+        assert_eq!(accept("fd00::/48").unwrap().1, 128);
+        for bad in ["198.19.0.0/16,le=8", "198.19.0.0/16,le=33", "198.19.0.0/16,ge=20"] {
+            assert!(accept(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn metrics_have_one_series_per_neighbour() {
+        let v = serde_json::json!({"routes": 3, "installed": 2, "neighbors": [
+            {"address": "198.18.0.2", "as": 64513, "state": "Established", "uptime_seconds": 5,
+             "prefixes_received": 4, "prefixes_accepted": 2, "prefixes_advertised": 1},
+            {"address": "fd00::2", "as": 64514, "state": "Active", "uptime_seconds": 0,
+             "prefixes_received": 0, "prefixes_accepted": 0, "prefixes_advertised": 0}]});
+        let m = metrics(&v);
+        for line in [
+            "weft_bgp_routes 3",
+            "weft_bgp_routes_installed 2",
+            "weft_bgp_session_established{neighbor=\"198.18.0.2\",as=\"64513\"} 1",
+            "weft_bgp_session_established{neighbor=\"fd00::2\",as=\"64514\"} 0",
+            "weft_bgp_prefixes_received{neighbor=\"198.18.0.2\",as=\"64513\"} 4",
+            "weft_bgp_prefixes_accepted{neighbor=\"198.18.0.2\",as=\"64513\"} 2",
+        ] {
+            assert!(m.lines().any(|l| l == line), "{line} not in\n{m}");
+        }
+        assert_eq!(m.matches("# TYPE").count(), 7, "{m}");
+    }
 }

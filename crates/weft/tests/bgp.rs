@@ -60,7 +60,8 @@ impl Pair {
         let child = Command::new("ip")
             .args(["netns", "exec", &self.weft.name])
             .arg(weft_bin())
-            .args(["bgp", "run", "--local-as", "64512", "--router-id", "198.18.77.1", "--listen", "198.18.77.1"])
+            .args(["bgp", "run", "--local-as", "64512", "--router-id", "198.18.77.1"])
+            .args(if extra.contains(&"--listen") { &[][..] } else { &["--listen", "198.18.77.1"][..] })
             .args(["--socket", &self.socket()])
             .args(extra)
             .stdin(Stdio::null())
@@ -298,18 +299,33 @@ fn a_malformed_update_ends_only_its_own_session() {
 /// learns the other's prefix; weft installs GoBGP's.
 #[test]
 fn weft_bgp_run_with_gobgp_over_ibgp() {
-    let (weft, gobgp) = joined("198.18.78.1", "198.18.78.2");
+    with_gobgp(64512, 78);
+}
+
+/// The same over eBGP.
+#[test]
+fn weft_bgp_run_with_gobgp_over_ebgp() {
+    with_gobgp(64513, 81);
+}
+
+/// weft (AS 64512, 198.18.NET.1) and GoBGP (AS `gobgp_as`, 198.18.NET.2) in a pair of
+/// namespaces: each learns the other's prefix, weft installs GoBGP's.
+fn with_gobgp(gobgp_as: u32, net: u8) {
+    let (weft_ip, gobgp_ip) = (format!("198.18.{net}.1"), format!("198.18.{net}.2"));
+    let (weft, gobgp) = joined(&weft_ip, &gobgp_ip);
     let dir = Dir::new("gobgp");
-    let conf = r#"
+    let conf = format!(
+        r#"
 [global.config]
-  as = 64512
-  router-id = "198.18.78.2"
-  local-address-list = ["198.18.78.2"]
+  as = {gobgp_as}
+  router-id = "{gobgp_ip}"
+  local-address-list = ["{gobgp_ip}"]
 [[neighbors]]
   [neighbors.config]
-    neighbor-address = "198.18.78.1"
+    neighbor-address = "{weft_ip}"
     peer-as = 64512
-"#;
+"#
+    );
     std::fs::write(dir.path().join("gobgp.toml"), conf).unwrap();
     let api = format!("unix://{}", dir.path().join("gobgp.sock").display());
     let gobgpd = Command::new("ip")
@@ -321,8 +337,9 @@ fn weft_bgp_run_with_gobgp_over_ibgp() {
         .spawn()
         .expect("gobgpd (apt-get install gobgpd)");
     let mut guard = Kill(vec![gobgpd]);
-    let args = ["--local-as", "64512", "--router-id", "198.18.78.1", "--listen", "198.18.78.1"];
-    let more = ["--neighbor", "198.18.78.2,64512", "--announce", "198.19.101.0/24", "--install"];
+    let args = ["--local-as", "64512", "--router-id", &weft_ip, "--listen", &weft_ip];
+    let neighbor = format!("{gobgp_ip},{gobgp_as}");
+    let more = ["--neighbor", &neighbor, "--announce", "198.19.101.0/24", "--install"];
     guard.0.push(spawn_weft(&weft, dir.path(), "weft", &[&args[..], &more[..]].concat()));
     let gobgp_cli = |args: &[&str]| {
         let out = Command::new("gobgp").args(["--target", &api]).args(args).output().unwrap();
@@ -339,31 +356,49 @@ fn weft_bgp_run_with_gobgp_over_ibgp() {
         }
     };
     within("GoBGP's API up", &|| !gobgp_cli(&["neighbor"]).is_empty());
-    gobgp_cli(&["global", "rib", "add", "198.19.210.0/24", "nexthop", "198.18.78.2", "-a", "ipv4"]);
+    gobgp_cli(&["global", "rib", "add", "198.19.210.0/24", "nexthop", &gobgp_ip, "-a", "ipv4"]);
     within("the session established", &|| gobgp_cli(&["neighbor"]).contains("Establ"));
     within("weft's prefix in GoBGP", &|| gobgp_cli(&["global", "rib", "-a", "ipv4"]).contains("198.19.101.0/24"));
     within("GoBGP's prefix in the kernel", &|| {
-        weft.sh(&["ip", "route", "show", "198.19.210.0/24"]).contains("via 198.18.78.2")
+        weft.sh(&["ip", "route", "show", "198.19.210.0/24"]).contains(&format!("via {gobgp_ip}"))
     });
     let rib = gobgp_cli(&["global", "rib", "-a", "ipv4", "198.19.101.0/24"]);
-    assert!(rib.contains("198.18.78.1"), "next hop: {rib}");
+    assert!(rib.contains(&weft_ip), "next hop: {rib}");
+    // eBGP: weft's AS the path GoBGP holds; iBGP: an empty path and a LOCAL_PREF.
+    let ebgp_path = rib.contains(" 64512 ");
+    let ibgp = gobgp_as == 64512;
+    assert!(ebgp_path != ibgp && rib.contains("LocalPref") == ibgp, "{rib}");
 }
 
 /// FRR's bgpd (Debian's frr, run without zebra) over eBGP: the session comes up and each side
 /// learns the other's prefix; weft installs FRR's.
 #[test]
 fn weft_bgp_run_with_frr_over_ebgp() {
-    let (weft, frr) = joined("198.18.79.1", "198.18.79.2");
+    with_frr(64513, 79);
+}
+
+/// The same over iBGP.
+#[test]
+fn weft_bgp_run_with_frr_over_ibgp() {
+    with_frr(64512, 82);
+}
+
+/// weft (AS 64512, 198.18.NET.1) and FRR's bgpd (AS `frr_as`, 198.18.NET.2).
+fn with_frr(frr_as: u32, net: u8) {
+    let (weft_ip, frr_ip) = (format!("198.18.{net}.1"), format!("198.18.{net}.2"));
+    let (weft, frr) = joined(&weft_ip, &frr_ip);
     let dir = Dir::new("frr");
-    let conf = "router bgp 64513
- bgp router-id 198.18.79.2
+    let conf = format!(
+        "router bgp {frr_as}
+ bgp router-id {frr_ip}
  no bgp ebgp-requires-policy
  no bgp network import-check
- neighbor 198.18.79.1 remote-as 64512
+ neighbor {weft_ip} remote-as 64512
  address-family ipv4 unicast
   network 198.19.220.0/24
  exit-address-family
-";
+"
+    );
     std::fs::write(dir.path().join("bgpd.conf"), conf).unwrap();
     let bgpd = Command::new("ip")
         .args(["netns", "exec", &frr.name, "/usr/lib/frr/bgpd", "-Z", "-S", "-P", "0", "-f"])
@@ -378,8 +413,9 @@ fn weft_bgp_run_with_frr_over_ebgp() {
         .expect("FRR's bgpd (apt-get install frr)");
     let mut guard = Kill(vec![bgpd]);
     let socket = dir.path().join("weft.sock").display().to_string();
-    let args = ["--local-as", "64512", "--router-id", "198.18.79.1", "--listen", "198.18.79.1"];
-    let more = ["--neighbor", "198.18.79.2,64513", "--announce", "198.19.102.0/24", "--install"];
+    let args = ["--local-as", "64512", "--router-id", &weft_ip, "--listen", &weft_ip];
+    let neighbor = format!("{frr_ip},{frr_as}");
+    let more = ["--neighbor", &neighbor, "--announce", "198.19.102.0/24", "--install"];
     guard.0.push(spawn_weft(&weft, dir.path(), "weft", &[&args[..], &more[..]].concat()));
     let vtysh = |command: &str| {
         let out = Command::new("vtysh")
@@ -399,9 +435,14 @@ fn weft_bgp_run_with_frr_over_ebgp() {
         }
     };
     within("FRR's prefix in the kernel", &|| {
-        weft.sh(&["ip", "route", "show", "198.19.220.0/24"]).contains("via 198.18.79.2")
+        weft.sh(&["ip", "route", "show", "198.19.220.0/24"]).contains(&format!("via {frr_ip}"))
     });
-    within("weft's prefix in FRR", &|| vtysh("show bgp ipv4 unicast 198.19.102.0/24").contains("64512"));
+    // eBGP: weft's AS in the path FRR holds; iBGP: a local path ("Local") from weft.
+    let path = if frr_as == 64512 { "Local" } else { "64512" };
+    within("weft's prefix in FRR", &|| {
+        let r = vtysh("show bgp ipv4 unicast 198.19.102.0/24");
+        r.contains(path) && r.contains(&weft_ip)
+    });
     let status = Command::new(weft_bin()).args(["bgp", "status", "--json", "--socket", &socket]).output().unwrap();
     assert!(String::from_utf8_lossy(&status.stdout).contains("Established"));
 }
@@ -654,4 +695,63 @@ fn ipv6_prefixes_with_bird() {
         r.contains("fd00:100::/64") && r.contains("fd00:77::1")
     });
     assert!(pair.weft.sh(&["ip", "route", "show", "198.19.200.0/24"]).contains("proto 202"), "IPv4 alongside");
+}
+
+const BIRD_V6_TRANSPORT: &str = r#"
+router id 198.18.77.2;
+protocol device {}
+protocol static s4 { ipv4; route 198.19.200.0/24 blackhole; }
+protocol static s6 { ipv6; route fd00:200::/64 blackhole; }
+protocol bgp weft6 {
+    local fd00:77::2 as 64513;
+    neighbor fd00:77::1 as 64512;
+    ipv6 { import all; export where source = RTS_STATIC; };
+}
+protocol bgp weft4 {
+    local 198.18.77.2 as 64513;
+    neighbor 198.18.77.1 as 64512;
+    ipv4 { import all; export where source = RTS_STATIC; };
+}
+"#;
+
+/// Sessions over IPv6 transport: weft listens on every address (`--listen ::`, one socket for
+/// both families) and BIRD has two sessions with it, one over IPv6 (weft connects) and one over
+/// IPv4 (BIRD connects: it arrives on the IPv6 socket as a v4-mapped address and must still be
+/// known as its neighbour). Each carries its family's prefixes both ways.
+#[test]
+fn sessions_over_ipv6_transport_with_bird() {
+    let mut pair = Pair::new(BIRD_V6_TRANSPORT);
+    pair.weft.sh(&["ip", "-6", "addr", "add", "fd00:77::1/64", "dev", "eth0", "nodad"]);
+    pair.bird.sh(&["ip", "-6", "addr", "add", "fd00:77::2/64", "dev", "eth0", "nodad"]);
+    pair.weft(&[
+        "--listen",
+        "::",
+        "--neighbor",
+        "fd00:77::2,64513",
+        "--neighbor",
+        "198.18.77.2,64513,passive",
+        "--announce",
+        "198.19.100.0/24",
+        "--announce",
+        "fd00:100::/64",
+        "--next-hop6",
+        "fd00:77::1",
+        "--install",
+    ]);
+    pair.within("both sessions established", || {
+        let s = pair.status();
+        s["neighbors"].as_array().is_some_and(|n| n.len() == 2 && n.iter().all(|n| n["state"] == "Established"))
+    });
+    let status = pair.status();
+    assert_eq!(status["neighbors"][0]["address"], "fd00:77::2", "{status}");
+    let route6 = |p: &Pair| p.weft.sh(&["ip", "-6", "route", "show", "fd00:200::/64"]);
+    pair.within("BIRD's IPv6 route in the kernel", || route6(&pair).contains("via fd00:77::2"));
+    pair.within("BIRD's IPv4 route in the kernel", || {
+        pair.weft.sh(&["ip", "route", "show", "198.19.200.0/24"]).contains("via 198.18.77.2")
+    });
+    pair.within("weft's prefixes in BIRD", || {
+        let r6 = pair.birdc(&["show", "route", "for", "fd00:100::1", "all"]);
+        let r4 = pair.birdc(&["show", "route", "for", "198.19.100.1", "all"]);
+        r6.contains("fd00:77::1") && r6.contains("weft6") && r4.contains("198.18.77.1") && r4.contains("weft4")
+    });
 }
