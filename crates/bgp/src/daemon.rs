@@ -16,9 +16,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::neighbor::{Action, Config, State, Timer};
+use crate::neighbor::{self, Action, Config, State, Timer};
+use crate::packet::{self, Codec, Message};
 use crate::rib::{PeerId, Policy, Rib};
 use crate::speaker::{Output, Speaker};
+
+/// The NOTIFICATION that closes the connection a collision gave up (Cease, subcode 7).
+fn cease_collision() -> Vec<u8> {
+    let notification = packet::Notification::new(packet::error::CEASE, packet::error::CEASE_COLLISION, []);
+    packet::to_bytes(&Message::Notification(notification), Codec::default())
+}
 
 /// How often the sink hears which next hops are in use, when routes went since it last did.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -95,12 +102,27 @@ enum Event {
     Shutdown,
 }
 
+/// A second connection to a neighbour whose session is in OpenSent or OpenConfirm: this
+/// speaker's OPEN goes out on it at once and the neighbour's is read, whose BGP identifier
+/// decides which connection stays (the one opened by the speaker with the higher identifier).
+struct Pending {
+    conn: u64,
+    writer: mpsc::UnboundedSender<Vec<u8>>,
+    outgoing: bool,
+    /// What arrived on it so far (the neighbour's OPEN, and what follows it).
+    read: Vec<u8>,
+}
+
 /// One neighbour's I/O state.
 struct Link {
     address: IpAddr,
     asn: u32,
     /// The current connection: its number and its writer.
     conn: Option<(u64, mpsc::UnboundedSender<Vec<u8>>)>,
+    /// Whether this speaker opened the current connection.
+    outgoing: bool,
+    /// A second connection held while a collision is resolved (RFC 4271 §6.8).
+    pending: Option<Pending>,
     up_since: Option<Instant>,
     generations: HashMap<Timer, u64>,
     stale_generation: u64,
@@ -260,6 +282,8 @@ impl Daemon {
                 address: spec.address,
                 asn: spec.asn,
                 conn: None,
+                outgoing: false,
+                pending: None,
                 up_since: None,
                 generations: HashMap::new(),
                 stale_generation: 0,
@@ -288,18 +312,9 @@ impl Daemon {
                         }
                     },
                 };
-                // A session further along keeps its connection (the simple side of collision
-                // handling: the neighbour resolves it too).
-                if matches!(self.speaker.state(id), Some(State::OpenConfirm | State::Established)) {
-                    return;
-                }
-                self.attach(id, stream);
+                self.offer(id, stream, false);
             }
-            Event::Connected(id, stream) => {
-                if matches!(self.speaker.state(id), Some(State::Connect | State::Active)) {
-                    self.attach(id, stream);
-                }
-            }
+            Event::Connected(id, stream) => self.offer(id, stream, true),
             Event::ConnectFailed(id) => {
                 let out = self.speaker.transport_lost(id);
                 self.carry_out(out);
@@ -308,6 +323,9 @@ impl Daemon {
                 if self.current(id, conn) {
                     let out = self.speaker.received(id, &bytes);
                     self.carry_out(out);
+                } else if let Some(pending) = self.pending_mut(id, conn) {
+                    pending.read.extend_from_slice(&bytes);
+                    self.resolve(id);
                 }
             }
             Event::Closed(id, conn) => {
@@ -317,6 +335,14 @@ impl Daemon {
                     }
                     let out = self.speaker.transport_lost(id);
                     self.carry_out(out);
+                    // The connection held beside it goes on, if the session may take it.
+                    if self.links.get(&id).is_some_and(|l| l.pending.is_some()) {
+                        self.promote(id);
+                    }
+                } else if self.pending_mut(id, conn).is_some() {
+                    if let Some(link) = self.links.get_mut(&id) {
+                        link.pending = None;
+                    }
                 }
             }
             Event::Timer(id, timer, generation) => {
@@ -366,8 +392,101 @@ impl Daemon {
         self.links.get(&id).and_then(|l| l.conn.as_ref()).is_some_and(|(c, _)| *c == conn)
     }
 
-    /// Takes `stream` as neighbour `id`'s connection: a reader and a writer task.
-    fn attach(&mut self, id: PeerId, stream: TcpStream) {
+    fn pending_mut(&mut self, id: PeerId, conn: u64) -> Option<&mut Pending> {
+        self.links.get_mut(&id).and_then(|l| l.pending.as_mut()).filter(|p| p.conn == conn)
+    }
+
+    /// A connection to or from neighbour `id`: the session's, or (a session further along
+    /// holds one) the second of a collision, or refused (Established keeps its own).
+    fn offer(&mut self, id: PeerId, stream: TcpStream, outgoing: bool) {
+        let Some(state) = self.speaker.state(id) else { return };
+        let has_conn = self.links.get(&id).is_some_and(|l| l.conn.is_some());
+        match state {
+            State::Connect | State::Active if !has_conn => self.attach(id, stream, outgoing),
+            State::OpenSent | State::OpenConfirm | State::Connect | State::Active => {
+                let Some(open) = self.speaker.open_bytes(id) else { return };
+                let (conn, writer) = self.spawn_connection(id, stream);
+                let _ = writer.send(open);
+                if let Some(link) = self.links.get_mut(&id) {
+                    // A newer second connection replaces an older one (dropped: closed).
+                    link.pending = Some(Pending { conn, writer, outgoing, read: Vec::new() });
+                }
+            }
+            State::Established => {
+                let (_, writer) = self.spawn_connection(id, stream);
+                let _ = writer.send(cease_collision());
+            }
+            // Stopped: refused (dropped, closed).
+            State::Idle => {}
+        }
+    }
+
+    /// The collision of neighbour `id` decided once its OPEN on the held connection is read:
+    /// the connection opened by the speaker with the higher BGP identifier stays (RFC 4271
+    /// §6.8); of two the neighbour opened, the newer. The one given up gets a Cease
+    /// (connection collision resolution).
+    fn resolve(&mut self, id: PeerId) {
+        let Some(link) = self.links.get_mut(&id) else { return };
+        let Some(pending) = &link.pending else { return };
+        let remote_id = match packet::decode(&pending.read, Codec::default()) {
+            Ok(None) => return,
+            Ok(Some((Message::Open(open), _))) => open.router_id,
+            // Not an OPEN first: that connection is given up.
+            _ => {
+                link.pending = None;
+                return;
+            }
+        };
+        let local_id = self.config.router_id;
+        let keep_pending = if link.conn.is_none() {
+            true
+        } else if remote_id == local_id {
+            false
+        } else if pending.outgoing == link.outgoing {
+            true
+        } else {
+            pending.outgoing == neighbor::keep_own_connection(local_id, remote_id)
+        };
+        if keep_pending {
+            if let Some((_, writer)) = link.conn.take() {
+                let _ = writer.send(cease_collision());
+            }
+            self.promote(id);
+        } else if let Some(pending) = link.pending.take() {
+            let _ = pending.writer.send(cease_collision());
+        }
+    }
+
+    /// The held connection of neighbour `id` becomes the session's (its OPEN sent already).
+    fn promote(&mut self, id: PeerId) {
+        let Some(link) = self.links.get_mut(&id) else { return };
+        let Some(pending) = link.pending.take() else { return };
+        if link.conn.is_some() {
+            return;
+        }
+        link.conn = Some((pending.conn, pending.writer));
+        link.outgoing = pending.outgoing;
+        let out = self.speaker.switch_connection(id);
+        self.carry_out(out);
+        if !pending.read.is_empty() && self.current(id, pending.conn) {
+            let out = self.speaker.received(id, &pending.read);
+            self.carry_out(out);
+        }
+    }
+
+    /// Takes `stream` as neighbour `id`'s connection.
+    fn attach(&mut self, id: PeerId, stream: TcpStream, outgoing: bool) {
+        let (conn, writer) = self.spawn_connection(id, stream);
+        if let Some(link) = self.links.get_mut(&id) {
+            link.conn = Some((conn, writer));
+            link.outgoing = outgoing;
+        }
+        let out = self.speaker.connected(id);
+        self.carry_out(out);
+    }
+
+    /// A reader and a writer task for a connection of neighbour `id`: its number and writer.
+    fn spawn_connection(&mut self, id: PeerId, stream: TcpStream) -> (u64, mpsc::UnboundedSender<Vec<u8>>) {
         let _ = stream.set_nodelay(true);
         self.next_conn += 1;
         let conn = self.next_conn;
@@ -398,11 +517,7 @@ impl Daemon {
                 }
             }
         });
-        if let Some(link) = self.links.get_mut(&id) {
-            link.conn = Some((conn, wtx));
-        }
-        let out = self.speaker.connected(id);
-        self.carry_out(out);
+        (conn, wtx)
     }
 
     fn carry_out(&mut self, outputs: Vec<Output>) {
@@ -465,6 +580,10 @@ impl Daemon {
             Action::StopTimer(timer) => *link.generations.entry(timer).or_default() += 1,
             Action::Established(n) => {
                 link.up_since = Some(Instant::now());
+                // A collision with an Established session: the other connection goes.
+                if let Some(pending) = link.pending.take() {
+                    let _ = pending.writer.send(cease_collision());
+                }
                 tracing::info!(
                     "neighbour {} (AS {}) established, hold time {} s",
                     link.address,

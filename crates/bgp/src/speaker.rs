@@ -79,6 +79,17 @@ impl Speaker {
         self.session(id, |n| n.connected())
     }
 
+    /// The OPEN neighbour `id`'s session sends (for a second connection during a collision).
+    pub fn open_bytes(&self, id: PeerId) -> Option<Vec<u8>> {
+        self.members.get(&id).map(|m| m.session.open_bytes())
+    }
+
+    /// The session of `id` goes on over the other connection (collision resolved for it; this
+    /// speaker's OPEN already sent there).
+    pub fn switch_connection(&mut self, id: PeerId) -> Vec<Output> {
+        self.session(id, |n| n.switch_connection())
+    }
+
     pub fn transport_lost(&mut self, id: PeerId) -> Vec<Output> {
         self.session(id, |n| n.transport_lost())
     }

@@ -755,3 +755,147 @@ fn sessions_over_ipv6_transport_with_bird() {
         r6.contains("fd00:77::1") && r6.contains("weft6") && r4.contains("198.18.77.1") && r4.contains("weft4")
     });
 }
+
+/// Reads BGP messages from `stream` until `until` says stop; every message read, in order.
+fn read_until(
+    stream: &mut std::net::TcpStream,
+    until: impl Fn(&weft_bgp::packet::Message) -> bool,
+) -> Vec<weft_bgp::packet::Message> {
+    use std::io::Read;
+    use weft_bgp::packet::{self, Codec};
+    let (mut buf, mut chunk, mut seen) = (Vec::new(), [0u8; 4096], Vec::new());
+    loop {
+        let n = stream.read(&mut chunk).unwrap_or(0);
+        assert!(n > 0, "closed after {seen:?}");
+        buf.extend_from_slice(&chunk[..n]);
+        while let Some((m, used)) = packet::decode(&buf, Codec::default()).unwrap() {
+            buf.drain(..used);
+            let done = until(&m);
+            seen.push(m);
+            if done {
+                return seen;
+            }
+        }
+    }
+}
+
+/// A connection collision (RFC 4271 §6.8) played by a raw peer: weft connects to it, and
+/// before answering the peer connects to weft too, with an OPEN whose BGP identifier is
+/// `peer_id`. weft sends its OPEN on the second connection as well, then keeps the connection
+/// opened by the speaker with the higher identifier, closes the other with a Cease
+/// (subcode 7), and the session comes up on the one kept.
+fn collision(net: u8, peer_id: &str) {
+    use std::io::Write;
+    use weft_bgp::packet::{self, Codec, Message, Open};
+    let (weft_ip, peer_ip) = (format!("198.18.{net}.1"), format!("198.18.{net}.2"));
+    let (weft, peer) = joined(&weft_ip, &peer_ip);
+    let dir = Dir::new("collision");
+    let listener = peer.handle.run(|| std::net::TcpListener::bind((peer_ip.as_str(), 179)).unwrap()).unwrap();
+    let args = ["--local-as", "64512", "--router-id", &weft_ip, "--listen", &weft_ip, "--hold-time", "30"];
+    let neighbor = format!("{peer_ip},64513");
+    let _weft = Kill(vec![spawn_weft(&weft, dir.path(), "weft", &[&args[..], &["--neighbor", &neighbor]].concat())]);
+    let (mut first, _) = listener.accept().unwrap();
+    first.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    read_until(&mut first, |m| matches!(m, Message::Open(_)));
+    let mut second = peer
+        .handle
+        .run(|| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match std::net::TcpStream::connect((weft_ip.as_str(), 179)) {
+                    Ok(s) => return s,
+                    Err(e) => assert!(Instant::now() < deadline, "{e}"),
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .unwrap();
+    second.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let open = Open {
+        asn: 64513,
+        hold_time: 30,
+        router_id: peer_id.parse().unwrap(),
+        capabilities: vec![packet::Capability::FourOctetAs(64513)],
+    };
+    let open = packet::to_bytes(&Message::Open(open), Codec::default());
+    second.write_all(&open).unwrap();
+    let seen = read_until(&mut second, |m| matches!(m, Message::Open(_) | Message::Notification(_)));
+    assert!(matches!(seen[0], Message::Open(_)), "weft's OPEN first on the second connection: {seen:?}");
+    let weft_id: std::net::Ipv4Addr = weft_ip.parse().unwrap();
+    let peer_id: std::net::Ipv4Addr = peer_id.parse().unwrap();
+    // The connection the higher identifier opened stays: the second (the peer's) or the first.
+    let (mut kept, mut dropped) = if peer_id > weft_id { (second, first) } else { (first, second) };
+    let seen = read_until(&mut dropped, |m| matches!(m, Message::Notification(_)));
+    let Some(Message::Notification(n)) = seen.last() else { unreachable!() };
+    assert_eq!((n.code, n.subcode), (6, 7), "Cease, connection collision resolution: {seen:?}");
+    if peer_id < weft_id {
+        kept.write_all(&open).unwrap();
+    }
+    kept.write_all(&packet::to_bytes(&Message::Keepalive, Codec::default())).unwrap();
+    let seen = read_until(&mut kept, |m| matches!(m, Message::Keepalive));
+    assert!(!seen.iter().any(|m| matches!(m, Message::Notification(_))), "{seen:?}");
+    let status = || {
+        let out = Command::new(weft_bin())
+            .args(["bgp", "status", "--json", "--socket", &dir.path().join("weft.sock").display().to_string()])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status()["neighbors"][0]["state"] != "Established" {
+        let log = std::fs::read_to_string(dir.path().join("weft.log")).unwrap_or_default();
+        assert!(Instant::now() < deadline, "not established on the kept connection: {}\n{log}", status());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_collision_keeps_the_connection_of_the_higher_identifier_the_peers() {
+    collision(83, "198.18.83.9");
+}
+
+#[test]
+fn a_collision_keeps_the_connection_of_the_higher_identifier_weft_s() {
+    collision(84, "198.18.0.9");
+}
+
+/// Two weft speakers that each connect to the other at the same moment (a mesh starting up):
+/// whatever the collision, one session comes up, once, on each side.
+#[test]
+fn two_wefts_connecting_to_each_other_at_once() {
+    let (a, b) = joined("198.18.85.1", "198.18.85.2");
+    let dir = Dir::new("mesh");
+    let speaker = |ns: &Ns, me: &str, other: &str, name: &str| {
+        let args = ["--local-as", "64512", "--router-id", me, "--listen", me, "--announce"];
+        let prefix = format!("198.19.{}.0/24", if name == "a" { 1 } else { 2 });
+        let neighbor = format!("{other},64512");
+        spawn_weft(ns, dir.path(), name, &[&args[..], &[&prefix, "--neighbor", &neighbor]].concat())
+    };
+    let _guard =
+        Kill(vec![speaker(&a, "198.18.85.1", "198.18.85.2", "a"), speaker(&b, "198.18.85.2", "198.18.85.1", "b")]);
+    let log = |name: &str| std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap_or_default();
+    let status = |name: &str| {
+        let out = Command::new(weft_bin())
+            .args([
+                "bgp",
+                "status",
+                "--json",
+                "--socket",
+                &dir.path().join(format!("{name}.sock")).display().to_string(),
+            ])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ["a", "b"].iter().any(|n| status(n)["neighbors"][0]["prefixes_accepted"] != 1) {
+        assert!(Instant::now() < deadline, "no session:\n{}\n{}", log("a"), log("b"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for name in ["a", "b"] {
+        let log = log(name);
+        assert_eq!(log.matches("established").count(), 1, "{log}");
+        assert!(!log.contains(" down"), "{log}");
+    }
+}

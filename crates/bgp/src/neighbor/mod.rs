@@ -237,6 +237,30 @@ impl Neighbor {
         }
     }
 
+    /// The OPEN this speaker sends, as bytes (for a second connection the I/O layer holds
+    /// while a collision is resolved: RFC 4271 §6.8).
+    pub fn open_bytes(&self) -> Vec<u8> {
+        packet::to_bytes(&Message::Open(self.config.open()), Codec::default())
+    }
+
+    /// The I/O layer resolved a connection collision (RFC 4271 §6.8) for the other connection,
+    /// on which this speaker's OPEN is already sent: the session goes on there from OpenSent
+    /// (what was read on the connection given up is dropped). A session already Established
+    /// keeps its connection; a stopped one takes none.
+    pub fn switch_connection(&mut self) -> Vec<Action> {
+        if self.stopped || self.state == State::Established {
+            return vec![Action::Close];
+        }
+        self.state = State::OpenSent;
+        self.negotiated = None;
+        self.buffer.clear();
+        vec![
+            Action::StopTimer(Timer::ConnectRetry),
+            Action::StopTimer(Timer::Keepalive),
+            Action::StartTimer(Timer::Hold, OPEN_HOLD),
+        ]
+    }
+
     /// The transport failed or the neighbour closed it.
     pub fn transport_lost(&mut self) -> Vec<Action> {
         match self.state {

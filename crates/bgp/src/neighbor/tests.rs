@@ -238,3 +238,39 @@ fn collisions_keep_the_connection_of_the_higher_identifier() {
     assert!(keep_own_connection(REMOTE, LOCAL));
     assert!(!keep_own_connection(LOCAL, REMOTE));
 }
+
+#[test]
+fn a_session_switches_to_the_connection_a_collision_kept() {
+    // OpenConfirm on the first connection; the collision keeps the second, where this
+    // speaker's OPEN went already: OpenSent there, nothing sent again, the OPEN hold time.
+    let mut n = Neighbor::new(config(64513));
+    n.start();
+    n.connected();
+    n.received(&peer_open(64513, 60, None));
+    assert_eq!(n.state(), State::OpenConfirm);
+    assert_eq!(packet::decode(&n.open_bytes(), Codec::default()).unwrap().unwrap().0, Message::Open(n.config.open()));
+    let a = n.switch_connection();
+    assert!(sends(&a).is_empty(), "{a:?}");
+    assert!(a.contains(&Action::StopTimer(Timer::Keepalive)));
+    assert!(a.contains(&Action::StartTimer(Timer::Hold, Duration::from_secs(240))));
+    assert_eq!(n.state(), State::OpenSent);
+    assert!(n.negotiated().is_none());
+    // The neighbour's OPEN and KEEPALIVE on the kept connection: Established.
+    let a = n.received(&peer_open(64513, 60, None));
+    assert_eq!(sends(&a), vec![Message::Keepalive]);
+    n.received(&keepalive());
+    assert_eq!(n.state(), State::Established);
+    // Established keeps its connection; a stopped session takes none.
+    assert_eq!(n.switch_connection(), vec![Action::Close]);
+    assert_eq!(n.state(), State::Established);
+    n.stop();
+    assert_eq!(n.switch_connection(), vec![Action::Close]);
+    // After a lost transport (Idle, waiting to connect again) a held connection is taken.
+    let mut n = Neighbor::new(config(64513));
+    n.start();
+    n.connected();
+    n.transport_lost();
+    let a = n.switch_connection();
+    assert!(a.contains(&Action::StopTimer(Timer::ConnectRetry)), "{a:?}");
+    assert_eq!(n.state(), State::OpenSent);
+}
