@@ -12,8 +12,8 @@ use weft_dataplane::{Netlink, RouteSpec};
 use weft_netconf::SubnetEnv;
 
 use crate::core::{Action, Done};
-use crate::model::{plan, plan_change, DeviceSpec, Fdb, Neighbour, Op, Owner, Resolved, Route};
-use crate::{firewall, kernel, vtep, AgentError, Result};
+use crate::model::{plan, plan_change, DeviceSpec, Fdb, Neighbour, Op, Owner, Resolved, Route, Tunnel};
+use crate::{firewall, kernel, tun, vtep, AgentError, Result};
 
 /// A link, as the agent needs to know it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,11 +108,13 @@ pub struct NetlinkKernel {
     indexes: HashMap<String, u32>,
     /// Destinations whose route another owner holds (said once each).
     foreign: std::collections::HashSet<ipnet::IpNet>,
+    /// The TUN devices made (by index) and how their forwarders are reached.
+    tuns: HashMap<u32, tun::TunConfig>,
 }
 
 impl NetlinkKernel {
     pub fn new(nl: Netlink, subnet_file: PathBuf) -> NetlinkKernel {
-        NetlinkKernel { nl, subnet_file, indexes: HashMap::new(), foreign: Default::default() }
+        NetlinkKernel { nl, subnet_file, indexes: HashMap::new(), foreign: Default::default(), tuns: HashMap::new() }
     }
 
     fn route_spec(owner: &Owner, r: &Route<u32>) -> RouteSpec {
@@ -180,6 +182,21 @@ impl Kernel for NetlinkKernel {
                 };
                 Ok(vtep::ensure(&mut self.nl, &cfg)?.1)
             }
+            DeviceSpec::Tun { name, mtu, address, subnet, network, port, socket } => {
+                let cfg = tun::TunConfig {
+                    name: name.clone(),
+                    mtu: *mtu,
+                    address: *address,
+                    subnet: *subnet,
+                    network: *network,
+                    port: *port,
+                    socket: socket.clone(),
+                };
+                let (index, created) = tun::ensure_device(&mut self.nl, &cfg)?;
+                tun::ensure_forwarder(&cfg)?;
+                self.tuns.insert(index, cfg);
+                Ok(created)
+            }
         }
     }
 
@@ -202,6 +219,10 @@ impl Kernel for NetlinkKernel {
             }));
             let fdb = self.nl.fdb(dev).map_err(kernel("listing fdb"))?;
             state.fdb.extend(fdb.into_iter().filter_map(|e| Some(Fdb { dev, mac: mac6(&e.mac), dst: e.dst? })));
+            if let Some(cfg) = self.tuns.get(&dev) {
+                let entries = tun::entries(&cfg.socket);
+                state.tunnel.extend(entries.into_iter().map(|(subnet, ip)| Tunnel { dev, subnet, ip }));
+            }
         }
         Ok(state)
     }
@@ -238,6 +259,13 @@ impl Kernel for NetlinkKernel {
                 }
                 Err(e) => Err(kernel(format!("adding route {}", r.dst))(e)),
             },
+            Op::PutTunnel(t) | Op::DelTunnel(t) => {
+                let cfg = self.tuns.get(&t.dev).ok_or_else(|| {
+                    AgentError::Config(format!("no forwarder known for device {} (peer {})", t.dev, t.subnet))
+                })?;
+                let ip = matches!(op, Op::PutTunnel(_)).then_some(t.ip);
+                return tun::change(cfg, t.subnet, ip).map(|()| true);
+            }
         };
         changed.map(|()| true)
     }

@@ -19,6 +19,7 @@ pub mod http;
 pub mod log;
 pub mod model;
 pub mod renewer;
+pub mod tun;
 pub mod vtep;
 
 #[derive(Debug, thiserror::Error)]

@@ -63,17 +63,28 @@ pub struct Fdb<D> {
     pub dst: IpAddr,
 }
 
-/// Routes, neighbours and FDB entries: what an owner wants, or what the kernel holds of it.
+/// An entry of a userspace forwarder's table (the `udp` backend): packets for `subnet` go
+/// to `ip`, and datagrams from `ip` may carry packets from `subnet`, on the TUN `dev`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Tunnel<D> {
+    pub dev: D,
+    pub subnet: Ipv4Net,
+    pub ip: Ipv4Addr,
+}
+
+/// Routes, neighbours, FDB entries and forwarder entries: what an owner wants, or what the
+/// kernel (and the forwarder) holds of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct State<D> {
     pub routes: Vec<Route<D>>,
     pub neighbours: Vec<Neighbour<D>>,
     pub fdb: Vec<Fdb<D>>,
+    pub tunnel: Vec<Tunnel<D>>,
 }
 
 impl<D> Default for State<D> {
     fn default() -> Self {
-        State { routes: Vec::new(), neighbours: Vec::new(), fdb: Vec::new() }
+        State { routes: Vec::new(), neighbours: Vec::new(), fdb: Vec::new(), tunnel: Vec::new() }
     }
 }
 
@@ -102,6 +113,11 @@ impl<D: Clone> State<D> {
                 .iter()
                 .map(|e| Ok(Fdb { dev: f(&e.dev)?, mac: e.mac, dst: e.dst }))
                 .collect::<Result<_, E>>()?,
+            tunnel: self
+                .tunnel
+                .iter()
+                .map(|t| Ok(Tunnel { dev: f(&t.dev)?, subnet: t.subnet, ip: t.ip }))
+                .collect::<Result<_, E>>()?,
         })
     }
 
@@ -110,15 +126,16 @@ impl<D: Clone> State<D> {
         self.routes.extend(other.routes);
         self.neighbours.extend(other.neighbours);
         self.fdb.extend(other.fdb);
+        self.tunnel.extend(other.tunnel);
     }
 
     pub fn is_empty(&self) -> bool {
-        self.routes.is_empty() && self.neighbours.is_empty() && self.fdb.is_empty()
+        self.len() == 0
     }
 
     /// How many objects.
     pub fn len(&self) -> usize {
-        self.routes.len() + self.neighbours.len() + self.fdb.len()
+        self.routes.len() + self.neighbours.len() + self.fdb.len() + self.tunnel.len()
     }
 }
 
@@ -132,11 +149,14 @@ pub enum Op {
     PutNeighbour(Neighbour<u32>),
     PutFdb(Fdb<u32>),
     PutRoute(Route<u32>),
+    /// A forwarder entry added or replaced (the subnet's address may change).
+    PutTunnel(Tunnel<u32>),
+    DelTunnel(Tunnel<u32>),
 }
 
 impl Op {
     pub fn is_removal(&self) -> bool {
-        matches!(self, Op::DelRoute(_) | Op::DelFdb(_) | Op::DelNeighbour(_))
+        matches!(self, Op::DelRoute(_) | Op::DelFdb(_) | Op::DelNeighbour(_) | Op::DelTunnel(_))
     }
 }
 
@@ -160,8 +180,14 @@ pub fn plan(current: &Resolved, desired: &Resolved) -> Vec<Op> {
     {
         ops.push(Op::DelNeighbour(stale.clone()));
     }
+    for stale in
+        current.tunnel.iter().filter(|t| !desired.tunnel.iter().any(|d| d.dev == t.dev && d.subnet == t.subnet))
+    {
+        ops.push(Op::DelTunnel(stale.clone()));
+    }
     ops.extend(desired.neighbours.iter().filter(|n| !current.neighbours.contains(n)).cloned().map(Op::PutNeighbour));
     ops.extend(desired.fdb.iter().filter(|e| !current.fdb.contains(e)).cloned().map(Op::PutFdb));
+    ops.extend(desired.tunnel.iter().filter(|t| !current.tunnel.contains(t)).cloned().map(Op::PutTunnel));
     ops.extend(desired.routes.iter().filter(|r| !current.routes.contains(r)).cloned().map(Op::PutRoute));
     ops
 }
@@ -180,8 +206,12 @@ pub fn plan_change(old: &Resolved, new: &Resolved) -> Vec<Op> {
     for n in old.neighbours.iter().filter(|n| !new.neighbours.iter().any(|m| m.dev == n.dev && m.ip == n.ip)) {
         ops.push(Op::DelNeighbour(n.clone()));
     }
+    for t in old.tunnel.iter().filter(|t| !new.tunnel.iter().any(|n| n.dev == t.dev && n.subnet == t.subnet)) {
+        ops.push(Op::DelTunnel(t.clone()));
+    }
     ops.extend(new.neighbours.iter().cloned().map(Op::PutNeighbour));
     ops.extend(new.fdb.iter().cloned().map(Op::PutFdb));
+    ops.extend(new.tunnel.iter().cloned().map(Op::PutTunnel));
     ops.extend(new.routes.iter().filter(|r| !old.routes.contains(r)).cloned().map(Op::PutRoute));
     ops
 }
@@ -201,12 +231,24 @@ pub enum DeviceSpec {
         mac: [u8; 6],
         address: Ipv4Net,
     },
+    /// A persistent TUN device with the node subnet's `.0/32`, and the userspace forwarder
+    /// that serves it (`udp` backend), answering on `socket`.
+    Tun {
+        name: String,
+        mtu: u32,
+        address: Ipv4Net,
+        /// This node's subnet and the cluster network, as the forwarder checks packets.
+        subnet: Ipv4Net,
+        network: Ipv4Net,
+        port: u16,
+        socket: std::path::PathBuf,
+    },
 }
 
 impl DeviceSpec {
     pub fn name(&self) -> &str {
         match self {
-            DeviceSpec::Vxlan { name, .. } => name,
+            DeviceSpec::Vxlan { name, .. } | DeviceSpec::Tun { name, .. } => name,
         }
     }
 }
@@ -223,6 +265,10 @@ mod tests {
         Neighbour { dev: 9, ip: ip.parse().unwrap(), mac: [2, 0, 0, 0, 0, last] }
     }
 
+    fn tunnel(subnet: &str, ip: &str) -> Tunnel<u32> {
+        Tunnel { dev: 9, subnet: subnet.parse().unwrap(), ip: ip.parse().unwrap() }
+    }
+
     fn fdb(last: u8, dst: &str) -> Fdb<u32> {
         Fdb { dev: 9, mac: [2, 0, 0, 0, 0, last], dst: dst.parse().unwrap() }
     }
@@ -233,6 +279,7 @@ mod tests {
             routes: vec![route("198.19.2.0/24", "198.19.2.0", 9)],
             neighbours: vec![neigh("198.19.2.0", 2)],
             fdb: vec![fdb(2, "198.18.0.2")],
+            tunnel: vec![tunnel("198.19.2.0/24", "198.18.0.2")],
         };
         assert!(plan(&s, &s).is_empty());
     }
@@ -243,12 +290,15 @@ mod tests {
             routes: vec![route("198.19.2.0/24", "198.19.2.0", 9), route("198.19.3.0/24", "198.19.3.0", 9)],
             neighbours: vec![neigh("198.19.3.0", 3)],
             fdb: vec![fdb(3, "198.18.0.3")],
+            tunnel: vec![tunnel("198.19.3.0/24", "198.18.0.3"), tunnel("198.19.2.0/24", "198.18.0.2")],
         };
         let desired = State {
             // 198.19.2.0/24 moves to another gateway: replaced, not removed and added.
             routes: vec![route("198.19.2.0/24", "198.18.0.2", 2), route("fd00:1::/64", "fd00::2", 9)],
             neighbours: vec![neigh("fd00::2", 4)],
             fdb: vec![fdb(4, "fd00::2")],
+            // ... and in the forwarder, a put (its address changed), not a removal first.
+            tunnel: vec![tunnel("198.19.2.0/24", "198.18.0.22")],
         };
         let ops = plan(&current, &desired);
         assert_eq!(
@@ -257,8 +307,10 @@ mod tests {
                 Op::DelRoute(route("198.19.3.0/24", "198.19.3.0", 9)),
                 Op::DelFdb(fdb(3, "198.18.0.3")),
                 Op::DelNeighbour(neigh("198.19.3.0", 3)),
+                Op::DelTunnel(tunnel("198.19.3.0/24", "198.18.0.3")),
                 Op::PutNeighbour(neigh("fd00::2", 4)),
                 Op::PutFdb(fdb(4, "fd00::2")),
+                Op::PutTunnel(tunnel("198.19.2.0/24", "198.18.0.22")),
                 Op::PutRoute(route("198.19.2.0/24", "198.18.0.2", 2)),
                 Op::PutRoute(route("fd00:1::/64", "fd00::2", 9)),
             ]
@@ -275,17 +327,22 @@ mod tests {
             routes: vec![route("198.19.2.0/24", "198.19.2.0", 9)],
             neighbours: vec![neigh("198.19.2.0", 2)],
             fdb: vec![fdb(2, "198.18.0.2")],
+            tunnel: vec![],
         };
         let new = State {
             routes: vec![route("198.19.2.0/24", "198.19.2.0", 9)],
             neighbours: vec![neigh("198.19.2.0", 5)],
             fdb: vec![fdb(5, "198.18.0.2")],
+            tunnel: vec![],
         };
         let ops = plan_change(&old, &new);
         assert_eq!(ops[0], Op::DelFdb(fdb(2, "198.18.0.2")));
         assert_eq!(ops.iter().filter(|o| o.is_removal()).count(), 1, "{ops:?}");
         assert_eq!(ops.len(), 3, "the unchanged route is not put again: {ops:?}");
         assert_eq!(plan_change(&old, &State::default()).len(), 3);
+        // A peer gone from the forwarder: its entry removed.
+        let old = State { tunnel: vec![tunnel("198.19.2.0/24", "198.18.0.2")], ..Default::default() };
+        assert_eq!(plan_change(&old, &State::default()), vec![Op::DelTunnel(tunnel("198.19.2.0/24", "198.18.0.2"))]);
     }
 
     #[test]

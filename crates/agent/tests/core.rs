@@ -171,7 +171,7 @@ fn a_lost_lease_is_reported_once_and_a_new_one_replays_everything() {
     let env = h.kernel.borrow().subnet_file.clone().unwrap();
     assert_eq!(env.subnet.to_string(), "198.19.50.1/24");
     let device = h.kernel.borrow().devices["weft.1"].clone();
-    let weft_agent::model::DeviceSpec::Vxlan { address, .. } = device;
+    let weft_agent::model::DeviceSpec::Vxlan { address, .. } = device else { panic!("{device:?}") };
     assert_eq!(address.to_string(), "198.19.50.0/32");
     assert!(h.reaches(2) && h.reaches(3));
     assert!(h.ready());
@@ -332,7 +332,10 @@ fn a_claim_made_by_an_older_lease_of_another_node_is_renewed() {
     let new_mac = published[0].backend_data["VtepMAC"].as_str().unwrap().to_string();
     assert_ne!(new_mac, mac(1));
     h.turn();
-    let weft_agent::model::DeviceSpec::Vxlan { mac: device_mac, .. } = h.kernel.borrow().devices["weft.1"].clone();
+    let weft_agent::model::DeviceSpec::Vxlan { mac: device_mac, .. } = h.kernel.borrow().devices["weft.1"].clone()
+    else {
+        panic!()
+    };
     assert_eq!(weft_dataplane::format_mac(&device_mac), new_mac, "the VTEP keeps the old MAC");
     // The renewer wrote it; the watch shows it.
     let mut own = h.own.clone();

@@ -42,6 +42,30 @@ enum Command {
     /// a running one about its neighbours.
     #[command(subcommand)]
     Bgp(BgpCommand),
+    /// The udp backend's forwarder: started (detached) by the agent for its TUN device, not by
+    /// hand. It moves packets between the TUN and UDP, checks what arrives against its peer
+    /// table, and keeps going while the agent is away; it ends when its device goes.
+    #[command(hide = true)]
+    UdpForwarder(UdpForwarderArgs),
+}
+
+#[derive(clap::Args)]
+struct UdpForwarderArgs {
+    /// The TUN device (made by the agent).
+    #[arg(long)]
+    device: String,
+    /// The UDP port of every node's forwarder.
+    #[arg(long, default_value_t = 8285)]
+    port: u16,
+    /// This node's subnet: what arrives must be for it.
+    #[arg(long)]
+    subnet: Option<ipnet::Ipv4Net>,
+    /// The cluster network.
+    #[arg(long)]
+    network: Option<ipnet::Ipv4Net>,
+    /// The control socket the agent talks to.
+    #[arg(long)]
+    socket: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -262,6 +286,17 @@ pub fn main() -> i32 {
             crate::bgp::run(*args)
         }
         Command::Bgp(BgpCommand::Status(args)) => crate::bgp::status(args),
+        Command::UdpForwarder(a) => {
+            weft_agent::log::init();
+            weft_udp::forwarder::run(weft_udp::forwarder::Config {
+                device: a.device,
+                port: a.port,
+                subnet: a.subnet,
+                network: a.network,
+                socket: a.socket,
+            })
+            .map_err(|e| anyhow::anyhow!("udp forwarder: {e}"))
+        }
     };
     match outcome {
         Ok(()) => 0,

@@ -12,6 +12,7 @@
 //! device's neighbours, FDB entries and routes went with it).
 
 mod host_gw;
+mod udp;
 mod vxlan;
 
 use std::net::Ipv4Addr;
@@ -166,7 +167,16 @@ pub struct Registration {
 }
 
 /// Every backend weft has.
-pub const REGISTRY: &[Registration] = &[vxlan::REGISTRATION, host_gw::REGISTRATION];
+pub const REGISTRY: &[Registration] = &[vxlan::REGISTRATION, host_gw::REGISTRATION, udp::REGISTRATION];
+
+/// The `Port` option: a UDP port, `default` when not given.
+fn port(options: &Options<'_>, default: u64) -> Result<u16> {
+    let port = options.number("Port")?.unwrap_or(default);
+    Ok(u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| weft_netconf::invalid_option(format!("Port {port} out of range 1-65535")))?)
+}
 
 /// Builds the backend net-conf.json's `Backend` section names; the warnings are for its
 /// options.

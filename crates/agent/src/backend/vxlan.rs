@@ -39,11 +39,7 @@ fn build(options: Options<'_>, setup: &Setup<'_>, warnings: &mut Vec<String>) ->
     if vni == 0 || vni >= 1 << 24 {
         return Err(invalid_option(format!("VNI {vni} out of range 1-16777215")).into());
     }
-    let port = options.number("Port")?.unwrap_or(8472);
-    let port = u16::try_from(port)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| invalid_option(format!("Port {port} out of range 1-65535")))?;
+    let port = super::port(&options, 8472)?;
     let direct_routing = options.boolean("DirectRouting")?.unwrap_or(false);
     let mac = vtep::stable_mac(setup.state_dir, vtep::random_mac)?;
     Ok(Box::new(Vxlan { vni: vni as u32, port, direct_routing, mac }))

@@ -17,7 +17,7 @@ use weft_agent::backend::{self, Setup};
 use weft_agent::core::{Core, Event, Settings, Uplink};
 use weft_agent::exec::{Kernel, LinkInfo};
 use weft_agent::http::Status;
-use weft_agent::model::{DeviceSpec, Fdb, Neighbour, Op, Owner, Resolved, Route};
+use weft_agent::model::{DeviceSpec, Fdb, Neighbour, Op, Owner, Resolved, Route, Tunnel};
 use weft_agent::renewer::Report;
 use weft_agent::{AgentError, Result};
 use weft_lease::{Lease, LeaseAttrs, LeaseEvent, LeaseWatcher};
@@ -33,6 +33,7 @@ pub struct KernelState {
     pub routes: Vec<(u8, Route<u32>)>,
     pub neighbours: Vec<Neighbour<u32>>,
     pub fdb: Vec<Fdb<u32>>,
+    pub tunnel: Vec<Tunnel<u32>>,
     pub firewall: Option<(Ipv4Net, bool)>,
     pub subnet_file: Option<SubnetEnv>,
     /// Every change, in order ("ensure weft.1", "put route 198.19.2.0/24", "del fdb ...").
@@ -91,6 +92,21 @@ impl KernelState {
 
 pub struct FakeKernel(pub Rc<RefCell<KernelState>>);
 
+fn mtu_of(spec: &DeviceSpec) -> u32 {
+    match spec {
+        DeviceSpec::Vxlan { mtu, .. } | DeviceSpec::Tun { mtu, .. } => *mtu,
+    }
+}
+
+/// The spec with its MTU left out (an MTU alone is set in place).
+fn without_mtu(spec: &DeviceSpec) -> DeviceSpec {
+    let mut spec = spec.clone();
+    match &mut spec {
+        DeviceSpec::Vxlan { mtu, .. } | DeviceSpec::Tun { mtu, .. } => *mtu = 0,
+    }
+    spec
+}
+
 impl Kernel for FakeKernel {
     fn link(&mut self, name: &str) -> Result<Option<LinkInfo>> {
         Ok(self.0.borrow().links.get(name).copied())
@@ -98,20 +114,18 @@ impl Kernel for FakeKernel {
 
     fn ensure_device(&mut self, spec: &DeviceSpec) -> Result<bool> {
         let mut k = self.0.borrow_mut();
-        let DeviceSpec::Vxlan { name, uplink, mtu, .. } = spec;
-        if !k.links.contains_key(uplink) {
-            return Err(AgentError::Config(format!("the uplink {uplink} is missing")));
+        let (name, mtu) = (&spec.name().to_string(), &mtu_of(spec));
+        if let DeviceSpec::Vxlan { uplink, .. } = spec {
+            if !k.links.contains_key(uplink) {
+                return Err(AgentError::Config(format!("the uplink {uplink} is missing")));
+            }
         }
         if k.devices.get(name) == Some(spec) && k.links.contains_key(name) {
             return Ok(false);
         }
         // The same but for the MTU: set in place, as the real one does.
         if let Some(old) = k.devices.get(name).cloned().filter(|_| k.links.contains_key(name)) {
-            let (mut a, mut b) = (old.clone(), spec.clone());
-            let (DeviceSpec::Vxlan { mtu: ma, .. }, DeviceSpec::Vxlan { mtu: mb, .. }) = (&mut a, &mut b);
-            *ma = 0;
-            *mb = 0;
-            if a == b {
+            if without_mtu(&old) == without_mtu(spec) {
                 k.change(format!("set mtu {name} {mtu}"))?;
                 k.devices.insert(name.clone(), spec.clone());
                 k.links.get_mut(name).unwrap().mtu = *mtu;
@@ -133,6 +147,7 @@ impl Kernel for FakeKernel {
             routes: k.routes.iter().filter(|(p, _)| *p == owner.protocol).map(|(_, r)| r.clone()).collect(),
             neighbours: k.neighbours.iter().filter(|n| devices.contains(&n.dev)).cloned().collect(),
             fdb: k.fdb.iter().filter(|e| devices.contains(&e.dev)).cloned().collect(),
+            tunnel: k.tunnel.iter().filter(|t| devices.contains(&t.dev)).cloned().collect(),
         })
     }
 
@@ -147,6 +162,15 @@ impl Kernel for FakeKernel {
             Op::DelFdb(e) => {
                 k.change(format!("del fdb {}", e.dst))?;
                 k.fdb.retain(|x| x != e);
+            }
+            Op::DelTunnel(t) => {
+                k.change(format!("del tunnel {}", t.subnet))?;
+                k.tunnel.retain(|x| !(x.dev == t.dev && x.subnet == t.subnet));
+            }
+            Op::PutTunnel(t) => {
+                k.change(format!("put tunnel {} {}", t.subnet, t.ip))?;
+                k.tunnel.retain(|x| !(x.dev == t.dev && x.subnet == t.subnet));
+                k.tunnel.push(t.clone());
             }
             Op::DelNeighbour(n) => {
                 k.change(format!("del neighbour {}", n.ip))?;

@@ -329,7 +329,7 @@ pub fn wait_ready(lab: &Lab, interrupted: &dyn Fn() -> Result<()>) -> Result<()>
         let mut nl = Netlink::in_netns(&ns)?;
         loop {
             interrupted()?;
-            let routes = nl.routes()?.into_iter().filter(|r| r.protocol == weft_dataplane::route::RTPROT_WEFT).count();
+            let routes = lab.peers_programmed(node, &mut nl)?;
             if routes >= peers {
                 break;
             }

@@ -175,6 +175,22 @@ impl Lab {
         Self::state_dir(&self.name)
     }
 
+    /// The udp forwarder's control socket on `node` (the agent's state directory).
+    pub fn forwarder_socket(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("udp-forwarder.sock")
+    }
+
+    /// How many peers `node` forwards to: entries of its udp forwarder's table, or (kernel
+    /// backends) its weft routes, one per peer.
+    pub fn peers_programmed(&self, node: &NodeInfo, nl: &mut weft_dataplane::Netlink) -> Result<usize> {
+        if self.backend == "udp" {
+            let status = weft_agent::tun::status(&self.forwarder_socket(&node.name));
+            return Ok(status.and_then(|s| s["peers"].as_array().map(Vec::len)).unwrap_or(0));
+        }
+        let routes = nl.routes().map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(routes.into_iter().filter(|r| r.protocol == weft_dataplane::route::RTPROT_WEFT).count())
+    }
+
     pub fn node_dir(&self, node: &str) -> PathBuf {
         self.dir().join(node)
     }

@@ -32,7 +32,7 @@ pub struct UpOptions {
     #[arg(long, default_value_t = 2)]
     pub pods: usize,
     /// The backend every agent programs.
-    #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw"])]
+    #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw", "udp"])]
     pub backend: String,
     /// Where leases live: `file` (the embedded store), `etcd` (a real etcd started inside the
     /// lab on its underlay, http://198.18.0.1:2379 in the switch namespace, as a cluster has
