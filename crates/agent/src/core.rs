@@ -438,9 +438,14 @@ impl Core {
         Ok(Some(self.lease.attrs.clone()))
     }
 
-    fn prepare(&self) -> Vec<Action> {
-        let mut actions: Vec<Action> =
-            self.backend.device(&self.node()).into_iter().map(Action::EnsureDevice).collect();
+    fn prepare(&mut self) -> Vec<Action> {
+        let device = self.backend.device(&self.node());
+        // A userspace forwarder's counters are part of the agent's metrics.
+        self.status.forwarder = match &device {
+            Some(DeviceSpec::Tun { socket, .. }) => Some(socket.clone()),
+            _ => None,
+        };
+        let mut actions: Vec<Action> = device.into_iter().map(Action::EnsureDevice).collect();
         actions.push(Action::Firewall { network: self.settings.network, masquerade: self.settings.ip_masq });
         actions
     }

@@ -39,6 +39,9 @@ pub struct Status {
     pub lease_reacquired: u64,
     /// Store entries that could not be read as leases (skipped).
     pub damaged_leases: usize,
+    /// The control socket of the backend's userspace forwarder (`udp`), whose counters
+    /// /metrics shows too.
+    pub forwarder: Option<std::path::PathBuf>,
 }
 
 impl Default for Status {
@@ -58,6 +61,7 @@ impl Default for Status {
             vtep_recreated: 0,
             lease_reacquired: 0,
             damaged_leases: 0,
+            forwarder: None,
         }
     }
 }
@@ -140,6 +144,37 @@ impl Status {
     }
 }
 
+/// The udp forwarder's counters (its status, or none when it does not answer) in Prometheus'
+/// text format: packets and bytes each way, drops by reason.
+pub fn forwarder_metrics(status: Option<&serde_json::Value>) -> String {
+    let mut out = String::new();
+    out.push_str(
+        "# HELP weft_udp_forwarder_up 1 when the udp forwarder answers.\n# TYPE weft_udp_forwarder_up gauge\n",
+    );
+    out.push_str(&format!("weft_udp_forwarder_up {}\n", u8::from(status.is_some())));
+    let Some(status) = status else { return out };
+    let c = &status["counters"];
+    for unit in ["packets", "bytes"] {
+        let name = format!("weft_udp_{unit}_total");
+        out.push_str(&format!("# HELP {name} {unit} through the udp forwarder, by where they came from and went.\n"));
+        out.push_str(&format!("# TYPE {name} counter\n"));
+        for (direction, key) in
+            [("tun_in", "tun_rx"), ("udp_out", "udp_tx"), ("udp_in", "udp_rx"), ("tun_out", "tun_tx")]
+        {
+            out.push_str(&format!("{name}{{direction=\"{direction}\"}} {}\n", c[format!("{key}_{unit}")]));
+        }
+    }
+    out.push_str("# HELP weft_udp_dropped_total Packets the forwarder dropped, by reason.\n# TYPE weft_udp_dropped_total counter\n");
+    for (reason, n) in c["drops"].as_object().into_iter().flatten() {
+        out.push_str(&format!("weft_udp_dropped_total{{reason=\"{reason}\"}} {n}\n"));
+    }
+    out.push_str(
+        "# HELP weft_udp_icmp_sent_total ICMP net unreachable sent to pods.\n# TYPE weft_udp_icmp_sent_total counter\n",
+    );
+    out.push_str(&format!("weft_udp_icmp_sent_total {}\n", c["icmp_sent"]));
+    out
+}
+
 /// The answer to one request.
 pub fn respond(path: &str, status: &Status) -> (StatusCode, String) {
     match path {
@@ -148,7 +183,13 @@ pub fn respond(path: &str, status: &Status) -> (StatusCode, String) {
             Ok(()) => (StatusCode::OK, "ready\n".into()),
             Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
         },
-        "/metrics" => (StatusCode::OK, status.metrics()),
+        "/metrics" => {
+            let mut text = status.metrics();
+            if let Some(socket) = &status.forwarder {
+                text.push_str(&forwarder_metrics(crate::tun::status(socket).as_ref()));
+            }
+            (StatusCode::OK, text)
+        }
         _ => (StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n".into()),
     }
 }
@@ -228,6 +269,25 @@ mod tests {
         assert!(metrics.contains("weft_ready 0") && metrics.contains("weft_store_up 0"), "{metrics}");
         assert_eq!(respond("/healthz", &s).0, StatusCode::OK);
         assert_eq!(respond("/nope", &s).0, StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn forwarder_counters_as_metrics() {
+        assert_eq!(forwarder_metrics(None).lines().last(), Some("weft_udp_forwarder_up 0"));
+        let status = serde_json::json!({"counters": {"tun_rx_packets": 5, "tun_rx_bytes": 500, "udp_tx_packets": 4,
+            "udp_tx_bytes": 400, "udp_rx_packets": 3, "udp_rx_bytes": 300, "tun_tx_packets": 2, "tun_tx_bytes": 200,
+            "icmp_sent": 1, "drops": {"unknown_source": 7, "malformed": 0}}});
+        let m = forwarder_metrics(Some(&status));
+        for line in [
+            "weft_udp_forwarder_up 1",
+            "weft_udp_packets_total{direction=\"udp_out\"} 4",
+            "weft_udp_bytes_total{direction=\"tun_in\"} 500",
+            "weft_udp_bytes_total{direction=\"tun_out\"} 200",
+            "weft_udp_dropped_total{reason=\"unknown_source\"} 7",
+            "weft_udp_icmp_sent_total 1",
+        ] {
+            assert!(m.lines().any(|l| l == line), "{line} not in\n{m}");
+        }
     }
 
     #[test]

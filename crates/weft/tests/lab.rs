@@ -896,4 +896,16 @@ fn udp_lab_carries_every_pod_pair_and_admits_only_peers() {
     {
         assert!(drops[reason].as_u64().unwrap() >= at_least, "{reason}: {drops}");
     }
+    // The same counters in the agent's /metrics, and in `lab show`.
+    let (_, metrics) = http_get(&lab, "node1", "/metrics");
+    assert!(metrics.contains("weft_udp_forwarder_up 1"), "{metrics}");
+    let line = metrics.lines().find(|l| l.starts_with("weft_udp_dropped_total{reason=\"unknown_source\"}")).unwrap();
+    assert!(!line.ends_with(" 0"), "{line}");
+    assert!(lab.show()["nodes"][0]["udp_forwarder"]["counters"]["drops"]["malformed"].as_u64().unwrap() >= 2);
+    let text = lab.weft(&["show", "node1"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("udp forwarder pid") && text.contains("drops: ") && text.contains("unknown_source"),
+        "{text}"
+    );
 }

@@ -33,6 +33,29 @@ fn print_node(lab: &Lab, node: &super::NodeInfo) -> Result<()> {
         let via = r.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
         outln!("    {}{via} dev {}{}", r.dst, name_of(r.oif), if r.onlink { " onlink" } else { "" });
     }
+    if let Some(tun) = links.iter().find(|l| l.kind == weft_dataplane::LinkKind::Tun) {
+        match weft_agent::tun::status(&lab.forwarder_socket(&node.name)) {
+            Some(f) => {
+                outln!("  udp forwarder pid {} on {} (mtu {}), port {}:", f["pid"], tun.name, tun.mtu, f["port"]);
+                for p in f["peers"].as_array().into_iter().flatten() {
+                    outln!("    {} -> {}", p["subnet"].as_str().unwrap_or("?"), p["ip"].as_str().unwrap_or("?"));
+                }
+                let c = &f["counters"];
+                outln!(
+                    "    packets: tun->udp {} / {}, udp->tun {} / {} (read / sent), icmp unreachable {}",
+                    c["tun_rx_packets"],
+                    c["udp_tx_packets"],
+                    c["udp_rx_packets"],
+                    c["tun_tx_packets"],
+                    c["icmp_sent"]
+                );
+                let drops: Vec<String> =
+                    c["drops"].as_object().into_iter().flatten().map(|(reason, n)| format!("{reason} {n}")).collect();
+                outln!("    drops: {}", drops.join(", "));
+            }
+            None => outln!("  {}: no udp forwarder answers", tun.name),
+        }
+    }
     if let Some(vtep) = links.iter().find(|l| l.name.starts_with("weft.")) {
         outln!("  bridge fdb show dev {}:", vtep.name);
         for e in nl.fdb(vtep.index).map_err(|e| anyhow::anyhow!("{e}"))? {
@@ -64,7 +87,8 @@ pub fn show(name: &str, node: Option<&str>, as_json: bool) -> Result<()> {
             let pods: Vec<_> = lab.pods.iter().filter(|p| p.node == n.name).collect();
             json!({"name": n.name, "namespace": n.namespace, "address": n.address,
                    "subnet": lease_of(&lab, n), "agent_pid": lab.agent_pid(&n.name),
-                   "health_address": super::supervise::HEALTH_ADDRESS, "pods": pods})
+                   "health_address": super::supervise::HEALTH_ADDRESS, "pods": pods,
+                   "udp_forwarder": weft_agent::tun::status(&lab.forwarder_socket(&n.name))})
         };
         if let Some(n) = selected.first().filter(|_| node.is_some()) {
             outln!("{}", serde_json::to_string_pretty(&node_json(n))?);
