@@ -16,14 +16,10 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 use serde_json::{json, Value};
 
+use crate::offload::{self, Coalescer, VnetHdr, VNET_HDR_LEN};
 use crate::packet;
 use crate::sys::{self, Batch, Received};
 use crate::table::{Drop, Table};
-
-/// Packets handled per system call at most.
-const BATCH: usize = 64;
-/// The largest packet carried: a jumbo frame's.
-const SLOT: usize = 9216;
 
 /// How the forwarder runs.
 #[derive(Debug, Clone)]
@@ -149,9 +145,19 @@ pub fn run(config: Config) -> io::Result<()> {
             format!("no device {} (the agent makes it)", config.device),
         ));
     }
-    let tun = File::from(sys::tun_open(&config.device, sys::IFF_TUN | sys::IFF_NO_PI | sys::IFF_MULTI_QUEUE)?);
+    let flags = sys::IFF_TUN | sys::IFF_NO_PI | sys::IFF_MULTI_QUEUE | sys::IFF_VNET_HDR;
+    let tun = File::from(sys::tun_open(&config.device, flags)?);
     sys::set_nonblocking(tun.as_fd())?;
+    // Large TCP packets from the TUN (cut here), joined datagrams from the socket: where the
+    // kernel cannot, packets come one by one, which works the same, slower.
+    if let Err(e) = sys::tun_offload_tso4(tun.as_fd()) {
+        tracing::warn!("no TSO from {}: {e}", config.device);
+    }
     let udp = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, config.port))?;
+    if let Err(e) = sys::udp_gro(udp.as_fd()) {
+        tracing::warn!("no UDP GRO: {e}");
+    }
+    sys::set_buffers(udp.as_fd(), SOCKET_BUFFER);
     let _ = std::fs::remove_file(&config.socket);
     if let Some(dir) = config.socket.parent() {
         std::fs::create_dir_all(dir)?;
@@ -260,13 +266,57 @@ fn is_would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
 
-/// Pods to peers: packets read from the TUN (as many as are ready, up to a batch), each sent
-/// to the peer whose subnet holds its destination, in one `sendmmsg`.
+/// Reads from the TUN per wake-up at most.
+const TUN_BATCH: usize = 16;
+/// A TUN read: the vnet header and up to 64 KiB of packet.
+const TUN_SLOT: usize = VNET_HDR_LEN + 65536;
+/// Datagrams (each up to 64 KiB when GRO joined several) per receive at most.
+const UDP_BATCH: usize = 8;
+const UDP_SLOT: usize = 65536;
+/// The UDP socket's buffers each way.
+const SOCKET_BUFFER: libc::c_int = 8 << 20;
+/// The most one UDP datagram (or one UDP GSO send) carries.
+const MAX_UDP_PAYLOAD: usize = 65_507;
+
+/// Sends the single datagrams gathered (`(slot, start, end, peer)`) in `sendmmsg` batches.
+fn send_singles(
+    batch: &mut Batch,
+    udp: &UdpSocket,
+    slots: &[Vec<u8>],
+    singles: &mut Vec<(usize, usize, usize, SocketAddrV4)>,
+    counters: &Counters,
+) {
+    let out: Vec<(&[u8], SocketAddrV4)> = singles.iter().map(|(i, a, b, to)| (&slots[*i][*a..*b], *to)).collect();
+    let mut sent = 0;
+    while sent < out.len() {
+        match batch.send(udp.as_fd(), &out[sent..]) {
+            Ok(k) => {
+                for (bytes, _) in &out[sent..sent + k] {
+                    counters.udp_tx_packets.fetch_add(1, Ordering::Relaxed);
+                    counters.udp_tx_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                }
+                sent += k.max(1);
+            }
+            // The first of the rest could not go (no route to the peer, ...): skipped.
+            Err(_) => {
+                counters.drop(Drop::IoError);
+                sent += 1;
+            }
+        }
+    }
+    singles.clear();
+}
+
+/// Pods to peers: packets read from the TUN (as many as are ready, up to a batch). A large
+/// TCP packet the kernel handed over whole (TSO) is cut into the segments TSO would make and
+/// sent in one UDP GSO call; the others go as single datagrams, in one `sendmmsg`, in order.
 fn tun_to_udp(tun: &File, udp: &UdpSocket, port: u16, shared: &Shared) -> io::Error {
-    let mut slots = vec![vec![0u8; SLOT]; BATCH];
-    let mut lens = [0usize; BATCH];
-    let mut icmp = [0u8; 128];
-    let mut batch = Batch::new(BATCH);
+    let mut slots = vec![vec![0u8; TUN_SLOT]; TUN_BATCH];
+    let mut lens = [0usize; TUN_BATCH];
+    let mut icmp = [0u8; VNET_HDR_LEN + 128];
+    let mut segments = Vec::with_capacity(TUN_SLOT + 8192);
+    let mut singles = Vec::with_capacity(TUN_BATCH);
+    let mut batch = Batch::new(TUN_BATCH);
     let mut current = Current::new(shared);
     let counters = &shared.counters;
     let mut reader = tun;
@@ -275,7 +325,7 @@ fn tun_to_udp(tun: &File, udp: &UdpSocket, port: u16, shared: &Shared) -> io::Er
             return e;
         }
         let mut n = 0;
-        while n < BATCH {
+        while n < TUN_BATCH {
             match reader.read(&mut slots[n]) {
                 Ok(len) => {
                     lens[n] = len;
@@ -286,98 +336,135 @@ fn tun_to_udp(tun: &File, udp: &UdpSocket, port: u16, shared: &Shared) -> io::Er
                 Err(e) => return e,
             }
         }
-        let table = current.refresh();
-        let mut out: Vec<(&[u8], SocketAddrV4)> = Vec::with_capacity(n);
-        for (slot, len) in slots.iter_mut().zip(lens).take(n) {
+        let table = current.refresh().clone();
+        for i in 0..n {
+            let len = lens[i];
             counters.tun_rx_packets.fetch_add(1, Ordering::Relaxed);
-            counters.tun_rx_bytes.fetch_add(len as u64, Ordering::Relaxed);
-            let Ok(header) = packet::parse(&slot[..len]) else {
+            counters.tun_rx_bytes.fetch_add(len.saturating_sub(VNET_HDR_LEN) as u64, Ordering::Relaxed);
+            let slot = &mut slots[i][..len];
+            let (Some(hdr), Some(packet)) = (VnetHdr::decode(slot), slot.get_mut(VNET_HDR_LEN..)) else {
                 counters.drop(Drop::Malformed);
                 continue;
             };
-            match table.route(header.dst) {
-                Ok(peer) => {
-                    if !packet::decrement_ttl(&mut slot[..len]) {
-                        counters.drop(Drop::TtlExpired);
-                        continue;
-                    }
-                    out.push((&slot[..header.total_len], SocketAddrV4::new(peer, port)));
-                }
+            let Ok(header) = packet::parse(packet) else {
+                counters.drop(Drop::Malformed);
+                continue;
+            };
+            let peer = match table.route(header.dst) {
+                Ok(peer) => SocketAddrV4::new(peer, port),
                 Err(Drop::NoRoute) => {
                     counters.drop(Drop::NoRoute);
                     let from = table.subnet.map_or(Ipv4Addr::UNSPECIFIED, |s| s.network());
-                    if let Some(l) = packet::net_unreachable(&slot[..len], &header, from, &mut icmp) {
-                        if (&*tun).write(&icmp[..l]).is_ok() {
+                    if let Some(l) = packet::net_unreachable(packet, &header, from, &mut icmp[VNET_HDR_LEN..]) {
+                        if (&*tun).write(&icmp[..VNET_HDR_LEN + l]).is_ok() {
                             counters.icmp_sent.fetch_add(1, Ordering::Relaxed);
                         }
                     }
+                    continue;
                 }
-                Err(why) => counters.drop(why),
+                Err(why) => {
+                    counters.drop(why);
+                    continue;
+                }
+            };
+            if !packet::decrement_ttl(packet) {
+                counters.drop(Drop::TtlExpired);
+                continue;
             }
-        }
-        let mut sent = 0;
-        while sent < out.len() {
-            match batch.send(udp.as_fd(), &out[sent..]) {
-                Ok(k) => {
-                    for (bytes, _) in &out[sent..sent + k] {
-                        counters.udp_tx_packets.fetch_add(1, Ordering::Relaxed);
-                        counters.udp_tx_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            match hdr.gso_type & !offload::GSO_ECN {
+                offload::GSO_NONE => {
+                    if hdr.flags & offload::F_NEEDS_CSUM != 0
+                        && !offload::complete_checksum(&mut packet[..header.total_len], &hdr)
+                    {
+                        counters.drop(Drop::Malformed);
+                        continue;
                     }
-                    sent += k.max(1);
+                    singles.push((i, VNET_HDR_LEN, VNET_HDR_LEN + header.total_len, peer));
                 }
-                // The first of the rest could not go (no route to the peer, ...): skipped.
-                Err(_) => {
-                    counters.drop(Drop::IoError);
-                    sent += 1;
+                offload::GSO_TCPV4 => {
+                    // In order: what came before it goes first.
+                    send_singles(&mut batch, udp, &slots, &mut singles, counters);
+                    let packet = &slots[i][VNET_HDR_LEN..len];
+                    let Ok((size, _)) = offload::segment(packet, &hdr, &mut segments) else {
+                        counters.drop(Drop::Malformed);
+                        continue;
+                    };
+                    // One UDP GSO send carries at most 65,507 bytes (one IP packet's worth).
+                    let per_send = (MAX_UDP_PAYLOAD / size).max(1) * size;
+                    for part in segments.chunks(per_send) {
+                        match sys::send_segments(udp.as_fd(), part, size as u16, peer) {
+                            Ok(_) => {
+                                counters.udp_tx_packets.fetch_add(part.len().div_ceil(size) as u64, Ordering::Relaxed);
+                                counters.udp_tx_bytes.fetch_add(part.len() as u64, Ordering::Relaxed);
+                            }
+                            Err(_) => counters.drop(Drop::IoError),
+                        }
+                    }
                 }
+                _ => counters.drop(Drop::Malformed),
             }
         }
+        send_singles(&mut batch, udp, &slots, &mut singles, counters);
     }
 }
 
-/// Peers to pods: datagrams received a batch at a time; each admitted one written to the TUN.
+/// Peers to pods: datagrams received a batch at a time (UDP GRO hands several of one flow
+/// joined); each admitted packet goes to the coalescer, which writes runs of one TCP flow to
+/// the TUN as one large packet and the rest one by one.
 fn udp_to_tun(tun: &File, udp: &UdpSocket, shared: &Shared) -> io::Error {
-    let mut slots = vec![vec![0u8; SLOT]; BATCH];
-    let mut received =
-        [Received { len: 0, truncated: false, from: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0) }; BATCH];
-    let mut batch = Batch::new(BATCH);
+    let mut slots = vec![vec![0u8; UDP_SLOT]; UDP_BATCH];
+    let mut received = [Received::default(); UDP_BATCH];
+    let mut batch = Batch::new(UDP_BATCH);
     let mut current = Current::new(shared);
+    let mut coalescer = Coalescer::default();
     let counters = &shared.counters;
+    let failed: std::cell::Cell<Option<io::Error>> = std::cell::Cell::new(None);
+    let mut write = |bytes: &[u8]| match (&*tun).write(bytes) {
+        Ok(_) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EBADFD) => failed.set(Some(e)),
+        Err(_) => counters.drop(Drop::IoError),
+    };
     loop {
         let n = match batch.recv(udp.as_fd(), &mut slots, &mut received) {
             Ok(n) => n,
             Err(e) => return e,
         };
-        let table = current.refresh();
+        let table = current.refresh().clone();
         for (slot, r) in slots.iter().zip(&received).take(n) {
-            counters.udp_rx_packets.fetch_add(1, Ordering::Relaxed);
+            let size = usize::from(r.segment.unwrap_or(0)).max(1).min(r.len.max(1));
+            let datagrams = if r.segment.is_some() { r.len.div_ceil(size) } else { 1 };
+            counters.udp_rx_packets.fetch_add(datagrams as u64, Ordering::Relaxed);
             counters.udp_rx_bytes.fetch_add(r.len as u64, Ordering::Relaxed);
             if r.truncated {
                 counters.drop(Drop::Malformed);
                 continue;
             }
-            let bytes = &slot[..r.len];
-            // The sender first: a stranger's datagram is not even parsed.
+            // The sender first: a stranger's datagrams are not even parsed.
             if !table.knows(*r.from.ip()) {
-                counters.drop(Drop::UnknownSource);
-                continue;
-            }
-            let Ok(header) = packet::parse(bytes) else {
-                counters.drop(Drop::Malformed);
-                continue;
-            };
-            if let Err(why) = table.admit(*r.from.ip(), header.src, header.dst) {
-                counters.drop(why);
-                continue;
-            }
-            match (&*tun).write(&bytes[..header.total_len]) {
-                Ok(_) => {
-                    counters.tun_tx_packets.fetch_add(1, Ordering::Relaxed);
-                    counters.tun_tx_bytes.fetch_add(header.total_len as u64, Ordering::Relaxed);
+                for _ in 0..datagrams {
+                    counters.drop(Drop::UnknownSource);
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EBADFD) => return e,
-                Err(_) => counters.drop(Drop::IoError),
+                continue;
             }
+            let bytes = &slot[..r.len];
+            let chunks = if r.segment.is_some() { bytes.chunks(size) } else { bytes.chunks(bytes.len().max(1)) };
+            for datagram in chunks {
+                let Ok(header) = packet::parse(datagram) else {
+                    counters.drop(Drop::Malformed);
+                    continue;
+                };
+                if let Err(why) = table.admit(*r.from.ip(), header.src, header.dst) {
+                    counters.drop(why);
+                    continue;
+                }
+                counters.tun_tx_packets.fetch_add(1, Ordering::Relaxed);
+                counters.tun_tx_bytes.fetch_add(header.total_len as u64, Ordering::Relaxed);
+                coalescer.push(&datagram[..header.total_len], &mut write);
+            }
+        }
+        coalescer.flush(&mut write);
+        if let Some(e) = failed.take() {
+            return e;
         }
     }
 }

@@ -6,6 +6,7 @@
 //! the process that moves the packets (it outlives the agent: see docs/adr/0003).
 
 pub mod forwarder;
+pub mod offload;
 pub mod packet;
 pub mod sys;
 pub mod table;

@@ -13,6 +13,12 @@ const TUNSETPERSIST: libc::Ioctl = 0x4004_54cb;
 pub const IFF_TUN: libc::c_short = 0x0001;
 pub const IFF_NO_PI: libc::c_short = 0x1000;
 pub const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
+pub const IFF_VNET_HDR: libc::c_short = 0x4000;
+const TUNSETOFFLOAD: libc::Ioctl = 0x4004_54d0;
+const TUN_F_CSUM: libc::c_ulong = 0x01;
+const TUN_F_TSO4: libc::c_ulong = 0x02;
+const UDP_SEGMENT: libc::c_int = 103;
+const UDP_GRO: libc::c_int = 104;
 
 /// `struct ifreq` as TUNSETIFF reads it: the name and the flags.
 #[repr(C)]
@@ -61,6 +67,86 @@ pub fn set_persist(fd: BorrowedFd<'_>, persist: bool) -> io::Result<()> {
     check(unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST, libc::c_ulong::from(persist)) }).map(drop)
 }
 
+/// Lets the kernel hand over TCP packets of up to 64 KiB with a partial checksum (the queue
+/// was opened with `IFF_VNET_HDR`): TSO for IPv4.
+pub fn tun_offload_tso4(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its flags by value.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4) }).map(drop)
+}
+
+/// Asks the kernel to hand over datagrams of one flow joined (UDP GRO): one receive, many
+/// datagrams of the size the control message gives.
+pub fn udp_gro(fd: BorrowedFd<'_>) -> io::Result<()> {
+    set_int(fd, libc::SOL_UDP, UDP_GRO, 1)
+}
+
+fn set_int(fd: BorrowedFd<'_>, level: libc::c_int, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: an int option, its size given.
+    check(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// Socket buffers of `bytes` each way: past the system's limits when the process may
+/// (`SO_RCVBUFFORCE`), else as large as they allow. A burst of joined 64 KiB datagrams
+/// overflows the default receive buffer at once.
+pub fn set_buffers(fd: BorrowedFd<'_>, bytes: libc::c_int) {
+    for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
+        if set_int(fd, libc::SOL_SOCKET, force, bytes).is_err() {
+            let _ = set_int(fd, libc::SOL_SOCKET, plain, bytes);
+        }
+    }
+}
+
+fn sockaddr(to: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: to.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(*to.ip()).to_be() },
+        sin_zero: [0; 8],
+    }
+}
+
+/// Sends `bytes`, datagrams of `size` bytes back to back (the last may be shorter), to `to`
+/// in one call (UDP GSO).
+pub fn send_segments(fd: BorrowedFd<'_>, bytes: &[u8], size: u16, to: SocketAddrV4) -> io::Result<usize> {
+    let mut name = sockaddr(to);
+    let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
+    let mut control = [0u64; 4];
+    let mut msg = empty_header().msg_hdr;
+    msg.msg_name = (&mut name as *mut libc::sockaddr_in).cast();
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: the control buffer holds one header of `space` bytes (32 bytes are enough for a
+    // u16 payload); the macros compute addresses inside it.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_UDP;
+        (*cmsg).cmsg_type = UDP_SEGMENT;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), size);
+    }
+    loop {
+        // SAFETY: every pointer in `msg` points into locals alive across the call.
+        match check(unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, 0) } as libc::c_int) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other.map(|n| n as usize),
+        }
+    }
+}
+
 pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: F_GETFL/F_SETFL on a descriptor the caller holds.
     let flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
@@ -84,14 +170,24 @@ pub struct Batch {
     iov: Vec<libc::iovec>,
     names: Vec<libc::sockaddr_in>,
     headers: Vec<libc::mmsghdr>,
+    /// A control buffer per datagram (the UDP GRO segment size comes in one).
+    control: Vec<[u64; 4]>,
 }
 
-/// A received datagram: its length (more than the buffer when it was cut), and its sender.
+/// A received datagram: its length (more than the buffer when it was cut), its sender, and
+/// (UDP GRO) the size of the datagrams it joins, when it joins several.
 #[derive(Debug, Clone, Copy)]
 pub struct Received {
     pub len: usize,
     pub truncated: bool,
     pub from: SocketAddrV4,
+    pub segment: Option<u16>,
+}
+
+impl Default for Received {
+    fn default() -> Self {
+        Received { len: 0, truncated: false, from: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), segment: None }
+    }
 }
 
 fn zeroed_name() -> libc::sockaddr_in {
@@ -119,6 +215,7 @@ impl Batch {
             iov: vec![libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; n],
             names: vec![zeroed_name(); n],
             headers: (0..n).map(|_| empty_header()).collect(),
+            control: vec![[0u64; 4]; n],
         }
     }
 
@@ -135,6 +232,8 @@ impl Batch {
             h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
             h.msg_hdr.msg_iov = &mut self.iov[i];
             h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_control = self.control[i].as_mut_ptr().cast();
+            h.msg_hdr.msg_controllen = std::mem::size_of::<[u64; 4]>() as _;
         }
         let got = loop {
             // SAFETY: `n` headers, each pointing at its own iovec (into a buffer of the length
@@ -156,6 +255,19 @@ impl Batch {
         for i in 0..got {
             let h = &self.headers[i];
             let name = &self.names[i];
+            let mut segment = None;
+            // SAFETY: the kernel filled `msg_controllen` bytes of this header's control buffer;
+            // the macros walk headers inside it.
+            unsafe {
+                let mut cmsg = libc::CMSG_FIRSTHDR(&h.msg_hdr);
+                while !cmsg.is_null() {
+                    if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == UDP_GRO {
+                        let size = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
+                        segment = u16::try_from(size).ok();
+                    }
+                    cmsg = libc::CMSG_NXTHDR(&h.msg_hdr, cmsg);
+                }
+            }
             out[i] = Received {
                 len: h.msg_len as usize,
                 truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 || h.msg_len as usize > buffers[i].len(),
@@ -163,6 +275,7 @@ impl Batch {
                     Ipv4Addr::from(u32::from_be(name.sin_addr.s_addr)),
                     u16::from_be(name.sin_port),
                 ),
+                segment,
             };
         }
         Ok(got)
@@ -174,12 +287,7 @@ impl Batch {
         let n = packets.len().min(self.headers.len());
         for (i, (bytes, to)) in packets.iter().take(n).enumerate() {
             self.iov[i] = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
-            self.names[i] = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: to.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from(*to.ip()).to_be() },
-                sin_zero: [0; 8],
-            };
+            self.names[i] = sockaddr(*to);
             let h = &mut self.headers[i];
             *h = empty_header();
             h.msg_hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_in).cast();

@@ -1,0 +1,440 @@
+//! TUN offloads, sans-IO. With `IFF_VNET_HDR` and TSO enabled the kernel hands the forwarder
+//! TCP packets of up to 64 KiB with a `virtio_net_hdr` in front; on the wire every datagram
+//! must still carry one ordinary packet of at most the pod MTU (flannel's format), so a large
+//! packet is cut into the segments the kernel would have made ([`segment`], equal sizes but
+//! the last: one UDP GSO send). On the way in, consecutive segments of one TCP flow are joined
+//! back into one large packet ([`Coalescer`]) that the kernel takes in one TUN write and
+//! segments again only if it has to.
+
+/// `struct virtio_net_hdr`: what precedes every packet read from or written to the TUN.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VnetHdr {
+    pub flags: u8,
+    pub gso_type: u8,
+    pub hdr_len: u16,
+    pub gso_size: u16,
+    pub csum_start: u16,
+    pub csum_offset: u16,
+}
+
+pub const VNET_HDR_LEN: usize = 10;
+pub const F_NEEDS_CSUM: u8 = 1;
+pub const GSO_NONE: u8 = 0;
+pub const GSO_TCPV4: u8 = 1;
+pub const GSO_ECN: u8 = 0x80;
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const FIN: u8 = 0x01;
+const PSH: u8 = 0x08;
+const CWR: u8 = 0x80;
+
+impl VnetHdr {
+    pub fn decode(b: &[u8]) -> Option<VnetHdr> {
+        let b = b.get(..VNET_HDR_LEN)?;
+        let u = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        Some(VnetHdr {
+            flags: b[0],
+            gso_type: b[1],
+            hdr_len: u(2),
+            gso_size: u(4),
+            csum_start: u(6),
+            csum_offset: u(8),
+        })
+    }
+
+    pub fn encode(&self, b: &mut [u8]) {
+        b[0] = self.flags;
+        b[1] = self.gso_type;
+        b[2..4].copy_from_slice(&self.hdr_len.to_le_bytes());
+        b[4..6].copy_from_slice(&self.gso_size.to_le_bytes());
+        b[6..8].copy_from_slice(&self.csum_start.to_le_bytes());
+        b[8..10].copy_from_slice(&self.csum_offset.to_le_bytes());
+    }
+}
+
+/// The one's-complement sum of `data` as 16-bit big-endian words, not yet folded.
+fn sum(data: &[u8], mut acc: u64) -> u64 {
+    let mut words = data.chunks_exact(4);
+    for w in &mut words {
+        acc += u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
+    }
+    let rest = words.remainder();
+    let mut tail = [0u8; 4];
+    tail[..rest.len()].copy_from_slice(rest);
+    acc + u64::from(u32::from_be_bytes(tail))
+}
+
+fn fold(mut acc: u64) -> u16 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+/// The pseudo-header sum of an IPv4 packet's transport segment of `len` bytes.
+fn pseudo(ip: &[u8], protocol: u8, len: usize) -> u64 {
+    sum(&ip[12..20], u64::from(protocol) + len as u64)
+}
+
+fn set_ip_checksum(ip: &mut [u8], header_len: usize) {
+    ip[10..12].fill(0);
+    let c = !fold(sum(&ip[..header_len], 0));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Completes a checksum the kernel left partial (`NEEDS_CSUM`: the pseudo-header sum is in
+/// place at `csum_start + csum_offset`): the sum from `csum_start` to the end, stored there.
+pub fn complete_checksum(packet: &mut [u8], hdr: &VnetHdr) -> bool {
+    let (start, at) = (usize::from(hdr.csum_start), usize::from(hdr.csum_start) + usize::from(hdr.csum_offset));
+    if at + 2 > packet.len() || start > at {
+        return false;
+    }
+    let c = !fold(sum(&packet[start..], 0));
+    // A UDP checksum of 0 means none: sent as all ones.
+    let c = if c == 0 && packet.get(9) == Some(&UDP) { 0xffff } else { c };
+    packet[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    true
+}
+
+/// Why a large packet from the TUN cannot be cut into segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegmentError {
+    NotTcpV4,
+    Truncated,
+    TooBig,
+}
+
+/// Cuts the IPv4/TCP packet `packet` (as read from the TUN after its header `hdr`, GSO TCPv4)
+/// into segments of `gso_size` bytes of payload, as the kernel's TSO would: the headers
+/// repeated, the IP length, id and checksum, the TCP sequence number, flags (FIN and PSH only
+/// on the last, CWR only on the first) and a full TCP checksum in each. They go into `out`,
+/// back to back; every one but the last has the same length. The segment length and count.
+pub fn segment(packet: &[u8], hdr: &VnetHdr, out: &mut Vec<u8>) -> Result<(usize, usize), SegmentError> {
+    if packet.len() < 20 || packet[0] >> 4 != 4 || packet[9] != TCP {
+        return Err(SegmentError::NotTcpV4);
+    }
+    let ihl = usize::from(packet[0] & 0x0f) * 4;
+    if ihl < 20 || packet.len() < ihl + 20 {
+        return Err(SegmentError::Truncated);
+    }
+    let thl = usize::from(packet[ihl + 12] >> 4) * 4;
+    let hl = ihl + thl;
+    let total = usize::from(u16::from_be_bytes([packet[2], packet[3]])).min(packet.len());
+    if thl < 20 || total < hl {
+        return Err(SegmentError::Truncated);
+    }
+    let mss = usize::from(hdr.gso_size);
+    let payload = &packet[hl..total];
+    if mss == 0 {
+        return Err(SegmentError::Truncated);
+    }
+    let count = payload.len().div_ceil(mss).max(1);
+    if count > 128 {
+        return Err(SegmentError::TooBig);
+    }
+    let seq = u32::from_be_bytes([packet[ihl + 4], packet[ihl + 5], packet[ihl + 6], packet[ihl + 7]]);
+    let id = u16::from_be_bytes([packet[4], packet[5]]);
+    let flags = packet[ihl + 13];
+    out.clear();
+    out.reserve(count * (hl + mss));
+    for (i, chunk) in payload.chunks(mss).chain(std::iter::once(&[][..])).take(count).enumerate() {
+        let start = out.len();
+        out.extend_from_slice(&packet[..hl]);
+        out.extend_from_slice(chunk);
+        let seg = &mut out[start..];
+        let len = hl + chunk.len();
+        seg[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        seg[4..6].copy_from_slice(&id.wrapping_add(i as u16).to_be_bytes());
+        set_ip_checksum(seg, ihl);
+        let seq_i = seq.wrapping_add((i * mss) as u32);
+        seg[ihl + 4..ihl + 8].copy_from_slice(&seq_i.to_be_bytes());
+        let mut f = flags;
+        if i + 1 != count {
+            f &= !(FIN | PSH);
+        }
+        if i != 0 {
+            f &= !CWR;
+        }
+        seg[ihl + 13] = f;
+        seg[ihl + 16..ihl + 18].fill(0);
+        let c = !fold(sum(&seg[ihl..len], pseudo(seg, TCP, len - ihl)));
+        seg[ihl + 16..ihl + 18].copy_from_slice(&c.to_be_bytes());
+    }
+    Ok((hl + mss.min(payload.len().max(1)), count))
+}
+
+/// Joins consecutive segments of one TCP flow (IPv4, no IP options, headers alike but for the
+/// sequence number and PSH on the last) into one large packet with a GSO header, as the
+/// kernel's GRO does; anything else passes alone. Packets are added in order; [`flush`]
+/// gives the packet being built.
+pub struct Coalescer {
+    /// The packet being built: its vnet header, IP and TCP headers, and payload so far.
+    buf: Vec<u8>,
+    /// Segments in it, and the payload size of the first.
+    count: usize,
+    mss: usize,
+    /// The payload of the last is shorter than `mss` (or it has PSH): nothing may follow.
+    closed: bool,
+}
+
+/// Most segments joined into one packet.
+const MAX_COALESCE: usize = 64;
+
+impl Default for Coalescer {
+    fn default() -> Self {
+        Coalescer { buf: Vec::with_capacity(65536 + VNET_HDR_LEN), count: 0, mss: 0, closed: false }
+    }
+}
+
+/// A segment's headers, when it is one that may be joined.
+fn tcp_parts(p: &[u8]) -> Option<(usize, usize)> {
+    if p.len() < 40 || p[0] != 0x45 || p[9] != TCP {
+        return None;
+    }
+    let frag = u16::from_be_bytes([p[6], p[7]]) & 0x3fff;
+    let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
+    let thl = usize::from(p[32] >> 4) * 4;
+    let flags = p[33];
+    // Only plain data segments: ACK, maybe PSH; nothing else set.
+    if frag != 0 || total != p.len() || thl < 20 || total < 20 + thl || flags & !(PSH | 0x10) != 0 {
+        return None;
+    }
+    Some((20 + thl, total - 20 - thl))
+}
+
+impl Coalescer {
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Whether `p` continues the packet being built.
+    fn continues(&self, p: &[u8], hl: usize, payload: usize) -> bool {
+        if self.count == 0 || self.closed || self.count >= MAX_COALESCE {
+            return false;
+        }
+        let built = &self.buf[VNET_HDR_LEN..];
+        let bhl = 20 + usize::from(built[32] >> 4) * 4;
+        if hl != bhl || payload == 0 || payload > self.mss || built.len() + payload > 65535 {
+            return false;
+        }
+        // Same TOS, DF, TTL, protocol, addresses; same ports, ack, window, options.
+        let same_ip = built[1] == p[1] && built[6] == p[6] && built[8..10] == p[8..10] && built[12..20] == p[12..20];
+        let same_tcp = built[20..24] == p[20..24]
+            && built[28..32] == p[28..32]
+            && built[34..36] == p[34..36]
+            && built[38..hl] == p[38..hl];
+        let seq = |b: &[u8]| u32::from_be_bytes([b[24], b[25], b[26], b[27]]);
+        let expected = seq(built).wrapping_add((built.len() - bhl) as u32);
+        same_ip && same_tcp && seq(p) == expected && built[33] & PSH == 0
+    }
+
+    /// Adds `p`. When it does not continue the packet being built, that packet is finished
+    /// first and given to `emit` (its vnet header included).
+    pub fn push(&mut self, p: &[u8], emit: &mut dyn FnMut(&[u8])) {
+        let parts = tcp_parts(p);
+        if let Some((hl, payload)) = parts {
+            if self.continues(p, hl, payload) {
+                self.buf.extend_from_slice(&p[hl..]);
+                self.count += 1;
+                self.buf[VNET_HDR_LEN + 33] |= p[33] & PSH;
+                self.closed = payload < self.mss;
+                return;
+            }
+        }
+        self.flush(emit);
+        match parts {
+            Some((_, payload)) if payload > 0 => {
+                self.buf.clear();
+                self.buf.extend_from_slice(&[0; VNET_HDR_LEN]);
+                self.buf.extend_from_slice(p);
+                self.count = 1;
+                self.mss = payload;
+                self.closed = p[33] & PSH != 0;
+            }
+            // Not a data segment: alone, with an empty vnet header.
+            _ => {
+                self.buf.clear();
+                self.buf.extend_from_slice(&[0; VNET_HDR_LEN]);
+                self.buf.extend_from_slice(p);
+                emit(&self.buf);
+                self.buf.clear();
+            }
+        }
+    }
+
+    /// Gives the packet being built to `emit`: as it came when it is one segment, else joined,
+    /// with a GSO header and its TCP checksum left partial for the kernel.
+    pub fn flush(&mut self, emit: &mut dyn FnMut(&[u8])) {
+        if self.count == 0 {
+            return;
+        }
+        if self.count > 1 {
+            let hl = 20 + usize::from(self.buf[VNET_HDR_LEN + 32] >> 4) * 4;
+            let len = self.buf.len() - VNET_HDR_LEN;
+            let ip = &mut self.buf[VNET_HDR_LEN..];
+            ip[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            set_ip_checksum(ip, 20);
+            let partial = fold(pseudo(ip, TCP, len - 20));
+            ip[36..38].copy_from_slice(&partial.to_be_bytes());
+            let hdr = VnetHdr {
+                flags: F_NEEDS_CSUM,
+                gso_type: GSO_TCPV4 | if ip[1] & 0x3 == 0x3 { GSO_ECN } else { 0 },
+                hdr_len: hl as u16,
+                gso_size: self.mss as u16,
+                csum_start: 20,
+                csum_offset: 16,
+            };
+            hdr.encode(&mut self.buf[..VNET_HDR_LEN]);
+        }
+        emit(&self.buf);
+        self.buf.clear();
+        self.count = 0;
+        self.closed = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::checksum;
+
+    /// An IPv4/TCP packet with `payload` bytes (a pattern), seq 1000, ACK|PSH, a timestamp
+    /// option, its checksums right.
+    fn tcp_packet(payload: usize) -> Vec<u8> {
+        let thl = 32;
+        let len = 20 + thl + payload;
+        let mut p = vec![0x45, 0, 0, 0, 0x10, 0x00, 0x40, 0, 64, TCP, 0, 0, 198, 19, 1, 5, 198, 19, 2, 7];
+        p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        let mut tcp = vec![0x9c, 0x40, 0x14, 0x51, 0, 0, 0x03, 0xe8, 0, 0, 0, 7, 0x80, 0x18, 0x01, 0xf5, 0, 0, 0, 0];
+        tcp.extend_from_slice(&[1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 8]);
+        p.extend_from_slice(&tcp);
+        p.extend((0..payload).map(|i| (i * 7 % 251) as u8));
+        set_ip_checksum(&mut p, 20);
+        let c = !fold(sum(&p[20..], pseudo(&p, TCP, len - 20)));
+        p[36..38].copy_from_slice(&c.to_be_bytes());
+        p
+    }
+
+    fn tcp_checksum_ok(p: &[u8]) -> bool {
+        fold(sum(&p[20..], pseudo(p, TCP, p.len() - 20))) == 0xffff
+    }
+
+    #[test]
+    fn checksums_agree_with_the_simple_one() {
+        for len in [0usize, 1, 2, 3, 5, 20, 1471, 1472] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 31 + 7) as u8).collect();
+            assert_eq!(!fold(sum(&data, 0)), checksum(&data), "{len}");
+        }
+    }
+
+    #[test]
+    fn segments_as_tso_would_and_joins_them_back() {
+        let big = tcp_packet(4000);
+        let hdr = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: 52,
+            gso_size: 1420,
+            csum_start: 20,
+            csum_offset: 16,
+        };
+        let mut out = Vec::new();
+        let (seg_len, count) = segment(&big, &hdr, &mut out).unwrap();
+        assert_eq!((seg_len, count), (52 + 1420, 3));
+        let segs: Vec<&[u8]> = vec![&out[..1472], &out[1472..2944], &out[2944..]];
+        assert_eq!(segs[2].len(), 52 + 4000 - 2 * 1420);
+        let mut payload = Vec::new();
+        for (i, s) in segs.iter().enumerate() {
+            assert_eq!(checksum(&s[..20]), 0, "IP checksum of segment {i}");
+            assert!(tcp_checksum_ok(s), "TCP checksum of segment {i}");
+            assert_eq!(usize::from(u16::from_be_bytes([s[2], s[3]])), s.len());
+            assert_eq!(u16::from_be_bytes([s[4], s[5]]), 0x1000 + i as u16, "IP id");
+            assert_eq!(u32::from_be_bytes([s[24], s[25], s[26], s[27]]), 1000 + 1420 * i as u32, "seq");
+            assert_eq!(s[33] & PSH != 0, i == 2, "PSH only on the last");
+            assert_eq!((&s[20..24], &s[28..32]), (&big[20..24], &big[28..32]), "ports, ack");
+            payload.extend_from_slice(&s[52..]);
+        }
+        assert_eq!(payload, big[52..]);
+        // CWR only on the first segment, as TSO does.
+        let mut cwr = big.clone();
+        cwr[33] |= CWR;
+        let mut with_cwr = Vec::new();
+        segment(&cwr, &hdr, &mut with_cwr).unwrap();
+        let flags: Vec<bool> = with_cwr.chunks(1472).map(|s| s[33] & CWR != 0).collect();
+        assert_eq!(flags, [true, false, false]);
+
+        // Joined back: one packet with a GSO header, the whole payload, PSH from the last.
+        let mut joined = Vec::new();
+        let mut c = Coalescer::default();
+        for s in &segs {
+            c.push(s, &mut |p| joined.push(p.to_vec()));
+        }
+        c.flush(&mut |p| joined.push(p.to_vec()));
+        assert_eq!(joined.len(), 1);
+        let j = &joined[0];
+        let h = VnetHdr::decode(j).unwrap();
+        assert_eq!(
+            (h.flags, h.gso_type, h.hdr_len, h.gso_size, h.csum_start, h.csum_offset),
+            (1, GSO_TCPV4, 52, 1420, 20, 16)
+        );
+        let ip = &j[VNET_HDR_LEN..];
+        assert_eq!(ip.len(), big.len());
+        assert_eq!(checksum(&ip[..20]), 0);
+        assert_eq!(&ip[52..], &big[52..]);
+        assert_eq!(ip[33] & PSH, PSH);
+        // Its TCP checksum, completed as the kernel would, is the original's.
+        let mut done = ip.to_vec();
+        complete_checksum(&mut done, &h);
+        assert!(tcp_checksum_ok(&done));
+    }
+
+    #[test]
+    fn only_what_continues_a_flow_is_joined() {
+        let hdr = VnetHdr { gso_type: GSO_TCPV4, gso_size: 1000, ..VnetHdr::default() };
+        let mut out = Vec::new();
+        segment(&tcp_packet(3000), &hdr, &mut out).unwrap();
+        let segs: Vec<Vec<u8>> = out.chunks(1052).map(|s| s.to_vec()).collect();
+        let run = |packets: &[Vec<u8>]| {
+            let mut emitted = Vec::new();
+            let mut c = Coalescer::default();
+            for p in packets {
+                c.push(p, &mut |x| emitted.push(x.to_vec()));
+            }
+            c.flush(&mut |x| emitted.push(x.to_vec()));
+            emitted
+        };
+        assert_eq!(run(&segs).len(), 1);
+        // Out of order: not joined.
+        assert_eq!(run(&[segs[0].clone(), segs[2].clone(), segs[1].clone()]).len(), 3);
+        // Another flow between: three packets.
+        let mut other = segs[1].clone();
+        other[19] = 8;
+        assert_eq!(run(&[segs[0].clone(), other, segs[1].clone()]).len(), 3);
+        // A non-TCP packet passes alone, with an empty vnet header before it.
+        let mut udp = segs[0].clone();
+        udp[9] = UDP;
+        let e = run(&[udp.clone()]);
+        assert_eq!(e, vec![[&[0u8; VNET_HDR_LEN][..], &udp[..]].concat()]);
+        // A single segment goes as it came (no GSO header).
+        let one = run(&[segs[0].clone()]);
+        assert_eq!(one[0][..VNET_HDR_LEN], [0; VNET_HDR_LEN]);
+        assert_eq!(one[0][VNET_HDR_LEN..], segs[0][..]);
+        // Nothing follows a short segment.
+        let mut short = segs[0].clone();
+        short.truncate(1052 - 100);
+        short[2..4].copy_from_slice(&((1052 - 100) as u16).to_be_bytes());
+        assert_eq!(run(&[short, segs[1].clone()]).len(), 2);
+    }
+
+    #[test]
+    fn a_partial_checksum_is_completed() {
+        let mut p = tcp_packet(100);
+        let len = p.len();
+        let partial = fold(pseudo(&p, TCP, len - 20));
+        p[36..38].copy_from_slice(&partial.to_be_bytes());
+        let hdr = VnetHdr { flags: F_NEEDS_CSUM, csum_start: 20, csum_offset: 16, ..VnetHdr::default() };
+        assert!(complete_checksum(&mut p, &hdr));
+        assert!(tcp_checksum_ok(&p));
+        assert!(!complete_checksum(&mut p[..30], &hdr));
+    }
+}
