@@ -908,4 +908,20 @@ fn udp_lab_carries_every_pod_pair_and_admits_only_peers() {
         text.contains("udp forwarder pid") && text.contains("drops: ") && text.contains("unknown_source"),
         "{text}"
     );
+    // The forwarder killed: the agent starts another with the same table; the TUN deleted by
+    // hand: made again, and a forwarder on it. Pods talk again either way.
+    let peers = lab.forwarder_peers("node1");
+    let pid = lab.forwarder("node1")["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    within(Duration::from_secs(5), "a new forwarder with the table", || {
+        lab.forwarder("node1")["pid"].as_i64().is_some_and(|p| p as i32 != pid) && lab.forwarder_peers("node1") == peers
+    });
+    lab.check_ok();
+    let pid = lab.forwarder("node1")["pid"].as_i64().unwrap();
+    let out = Command::new("ip").args(["-n", &lab.ns("node1"), "link", "del", "weft-udp"]).output().unwrap();
+    assert!(out.status.success());
+    within(Duration::from_secs(5), "the TUN and a forwarder back", || {
+        lab.forwarder("node1")["pid"].as_i64().is_some_and(|p| p != pid) && lab.forwarder_peers("node1") == peers
+    });
+    lab.check_ok();
 }
