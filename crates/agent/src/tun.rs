@@ -50,6 +50,9 @@ pub fn ensure_device(nl: &mut Netlink, cfg: &TunConfig) -> Result<(u32, bool)> {
     if link.mtu != cfg.mtu {
         nl.set_mtu(link.index, cfg.mtu).map_err(kernel("setting the TUN MTU"))?;
     }
+    // The udp backend carries IPv4 only: no IPv6 chatter (router solicitations, MLD) into the
+    // forwarder. A kernel without IPv6 has no such key, which is fine.
+    let _ = weft_dataplane::sysctl::set(&format!("net/ipv6/conf/{}/disable_ipv6", cfg.name), "1");
     let addr = IpNet::V4(cfg.address);
     let have = nl.addresses(Some(link.index)).map_err(kernel("reading the TUN's addresses"))?;
     for stale in have.iter().filter(|a| a.net.addr().is_ipv4() && a.net != addr) {

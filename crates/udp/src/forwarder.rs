@@ -46,6 +46,8 @@ pub struct Counters {
     pub udp_rx_bytes: AtomicU64,
     pub tun_tx_packets: AtomicU64,
     pub tun_tx_bytes: AtomicU64,
+    /// Writes to the TUN (fewer than packets when segments were joined).
+    pub tun_writes: AtomicU64,
     pub icmp_sent: AtomicU64,
     drops: [AtomicU64; Drop::ALL.len()],
 }
@@ -68,6 +70,7 @@ impl Counters {
             "udp_tx_packets": n(&self.udp_tx_packets), "udp_tx_bytes": n(&self.udp_tx_bytes),
             "udp_rx_packets": n(&self.udp_rx_packets), "udp_rx_bytes": n(&self.udp_rx_bytes),
             "tun_tx_packets": n(&self.tun_tx_packets), "tun_tx_bytes": n(&self.tun_tx_bytes),
+            "tun_writes": n(&self.tun_writes),
             "icmp_sent": n(&self.icmp_sent),
             "drops": drops,
         })
@@ -420,7 +423,9 @@ fn udp_to_tun(tun: &File, udp: &UdpSocket, shared: &Shared) -> io::Error {
     let counters = &shared.counters;
     let failed: std::cell::Cell<Option<io::Error>> = std::cell::Cell::new(None);
     let mut write = |bytes: &[u8]| match (&*tun).write(bytes) {
-        Ok(_) => {}
+        Ok(_) => {
+            counters.tun_writes.fetch_add(1, Ordering::Relaxed);
+        }
         Err(e) if e.raw_os_error() == Some(libc::EBADFD) => failed.set(Some(e)),
         Err(_) => counters.drop(Drop::IoError),
     };
