@@ -205,11 +205,7 @@ impl Netlink {
     pub fn put_owned_route(&mut self, route: &RouteSpec) -> Result<Option<u8>> {
         match self.add_route(route) {
             Err(e) if e.is_exists() => {
-                let held = self
-                    .routes()?
-                    .into_iter()
-                    .find(|x| x.dst == route.dst && x.table == route.table && x.metric == route.metric)
-                    .map(|x| x.protocol);
+                let held = self.holder(route)?;
                 match held {
                     Some(protocol) if protocol != route.protocol => Ok(Some(protocol)),
                     _ => self.replace_route(route).map(|()| None),
@@ -217,6 +213,38 @@ impl Netlink {
             }
             other => other.map(|()| None),
         }
+    }
+
+    /// The protocol of the route to `route`'s destination in its table (and metric), if there is
+    /// one. Asked of the kernel for that destination alone (`ip route get fibmatch`), and only
+    /// when its answer is another route (a longer prefix, another table) from a dump: a dump
+    /// per call would make replacing n routes cost n dumps of a large table.
+    fn holder(&mut self, route: &RouteSpec) -> Result<Option<u8>> {
+        // No metric given means the kernel's default: 0 for IPv4, 1024 for IPv6.
+        let default = if route.dst.addr().is_ipv4() { 0 } else { 1024 };
+        let same = |x: &RouteSpec| {
+            x.dst == route.dst
+                && x.table == route.table
+                && x.metric.unwrap_or(default) == route.metric.unwrap_or(default)
+        };
+        let mut req = RouteMessage::default();
+        let (family, len) =
+            if route.dst.addr().is_ipv4() { (AddressFamily::Inet, 32) } else { (AddressFamily::Inet6, 128) };
+        req.header.address_family = family;
+        req.header.destination_prefix_length = len;
+        req.header.flags = RouteFlags::FibMatch;
+        req.attributes.push(RouteAttribute::Destination(route_address(route.dst.network())));
+        let matched =
+            self.request(RouteNetlinkMessage::GetRoute(req), 0, "get route", &route.dst).ok().and_then(|replies| {
+                replies.iter().find_map(|m| match m {
+                    RouteNetlinkMessage::NewRoute(r) => RouteSpec::from_message(r),
+                    _ => None,
+                })
+            });
+        if let Some(found) = matched.filter(same) {
+            return Ok(Some(found.protocol));
+        }
+        Ok(self.routes()?.into_iter().find(same).map(|x| x.protocol))
     }
 
     /// `ip route del ...`.

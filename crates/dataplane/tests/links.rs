@@ -149,3 +149,33 @@ fn nexthop_objects_and_routes_through_them() {
     assert!(ns.sh(&["ip", "route", "show", "198.19.7.0/24"]).is_empty(), "the route goes with its nexthop");
     assert!(nl.delete_nexthop(4242).unwrap_err().is_not_found());
 }
+
+/// A route put as one protocol's own: added; replaced when that protocol holds the
+/// destination; left alone (and the holder named) when another does — for IPv4 and IPv6, and
+/// with a longer prefix at the same address (the kernel's direct answer is then another route).
+#[test]
+fn owned_routes_are_put_and_foreign_ones_left_alone() {
+    use weft_dataplane::RouteSpec;
+    let ns = Ns::new("o");
+    ns.sh(&["ip", "link", "add", "ro0", "type", "veth", "peer", "name", "ro1"]);
+    ns.sh(&["ip", "link", "set", "ro0", "up"]);
+    ns.sh(&["ip", "link", "set", "ro1", "up"]);
+    ns.sh(&["ip", "addr", "add", "198.18.6.1/24", "dev", "ro0"]);
+    ns.sh(&["ip", "-6", "addr", "add", "fd00:6::1/64", "dev", "ro0", "nodad"]);
+    let mut nl = ns.1.run(Netlink::new).unwrap().unwrap();
+    let ours = |dst: &str, via: &str| RouteSpec::new(dst.parse().unwrap()).protocol(202).via(via.parse().unwrap());
+    for (dst, via, via2) in [("198.19.7.0/24", "198.18.6.2", "198.18.6.3"), ("fd00:7::/64", "fd00:6::2", "fd00:6::3")] {
+        assert_eq!(nl.put_owned_route(&ours(dst, via)).unwrap(), None, "{dst} added");
+        assert_eq!(nl.put_owned_route(&ours(dst, via2)).unwrap(), None, "{dst} replaced");
+        let family = if dst.contains(':') { "-6" } else { "-4" };
+        assert!(ns.sh(&["ip", family, "route", "show", dst]).contains(via2), "{dst}");
+        ns.sh(&["ip", family, "route", "del", dst]);
+        ns.sh(&["ip", family, "route", "add", dst, "via", via, "proto", "static"]);
+        assert_eq!(nl.put_owned_route(&ours(dst, via2)).unwrap(), Some(4), "{dst}: static holds it");
+        let shown = ns.sh(&["ip", family, "route", "show", dst]);
+        assert!(shown.contains(via) && shown.contains("proto static"), "{dst} left alone: {shown}");
+    }
+    // A longer prefix at the same address: the holder of the /24 is still found.
+    ns.sh(&["ip", "route", "add", "198.19.7.0/25", "via", "198.18.6.2", "proto", "202"]);
+    assert_eq!(nl.put_owned_route(&ours("198.19.7.0/24", "198.18.6.3")).unwrap(), Some(4));
+}
