@@ -235,7 +235,14 @@ pub fn serve_with(addr: SocketAddr, responder: Responder) -> std::io::Result<Soc
         runtime.block_on(async move {
             let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    // Out of descriptors, most likely: not a reason to spin.
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
                 let responder = responder.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| handle(req, responder.clone()));

@@ -21,6 +21,13 @@ use crate::packet::{self, Codec, Message};
 use crate::rib::{PeerId, Policy, Rib};
 use crate::speaker::{Output, Speaker};
 
+/// After a failed accept (out of descriptors, most likely): said, and a pause before the
+/// next, so a listener neither dies nor spins.
+async fn pause_after(e: &std::io::Error, what: &str) {
+    tracing::warn!("{what}: {e}; trying again in 100 ms");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
 /// The NOTIFICATION that closes the connection a collision gave up (Cease, subcode 7).
 fn cease_collision() -> Vec<u8> {
     let notification = packet::Notification::new(packet::error::CEASE, packet::error::CEASE_COLLISION, []);
@@ -102,12 +109,35 @@ enum Event {
     Shutdown,
 }
 
+/// The sending side of a connection: bytes queued for its writer task, at most
+/// [`MAX_QUEUED`] (a neighbour that stops reading does not make this speaker grow).
+struct Writer {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    queued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Bytes waiting for one neighbour at most; past it the neighbour is taken as gone.
+const MAX_QUEUED: usize = 32 << 20;
+
+impl Writer {
+    /// Queues `bytes`; false when the neighbour has more than [`MAX_QUEUED`] waiting already.
+    fn send(&self, bytes: Vec<u8>) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.queued.load(Ordering::Relaxed) > MAX_QUEUED {
+            return false;
+        }
+        self.queued.fetch_add(bytes.len(), Ordering::Relaxed);
+        let _ = self.tx.send(bytes);
+        true
+    }
+}
+
 /// A second connection to a neighbour whose session is in OpenSent or OpenConfirm: this
 /// speaker's OPEN goes out on it at once and the neighbour's is read, whose BGP identifier
 /// decides which connection stays (the one opened by the speaker with the higher identifier).
 struct Pending {
     conn: u64,
-    writer: mpsc::UnboundedSender<Vec<u8>>,
+    writer: Writer,
     outgoing: bool,
     /// What arrived on it so far (the neighbour's OPEN, and what follows it).
     read: Vec<u8>,
@@ -118,7 +148,7 @@ struct Link {
     address: IpAddr,
     asn: u32,
     /// The current connection: its number and its writer.
-    conn: Option<(u64, mpsc::UnboundedSender<Vec<u8>>)>,
+    conn: Option<(u64, Writer)>,
     /// Whether this speaker opened the current connection.
     outgoing: bool,
     /// A second connection held while a collision is resolved (RFC 4271 §6.8).
@@ -193,16 +223,29 @@ async fn serve(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Resul
     // Accepting connections.
     let accept_tx = tx.clone();
     tokio::spawn(async move {
-        while let Ok((stream, from)) = listener.accept().await {
-            if accept_tx.send(Event::Accepted(stream, from)).is_err() {
-                return;
+        loop {
+            match listener.accept().await {
+                Ok((stream, from)) => {
+                    if accept_tx.send(Event::Accepted(stream, from)).is_err() {
+                        return;
+                    }
+                }
+                // Out of descriptors, most likely: keep listening, a little later.
+                Err(e) => pause_after(&e, "accepting a BGP connection").await,
             }
         }
     });
     // The control socket: a line in, JSON out.
     let control_tx = tx.clone();
     tokio::spawn(async move {
-        while let Ok((mut stream, _)) = control.accept().await {
+        loop {
+            let mut stream = match control.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    pause_after(&e, "accepting a control connection").await;
+                    continue;
+                }
+            };
             let tx = control_tx.clone();
             tokio::spawn(async move {
                 let mut line = [0u8; 64];
@@ -486,22 +529,16 @@ impl Daemon {
     }
 
     /// A reader and a writer task for a connection of neighbour `id`: its number and writer.
-    fn spawn_connection(&mut self, id: PeerId, stream: TcpStream) -> (u64, mpsc::UnboundedSender<Vec<u8>>) {
+    /// The connection lives as long as its writer: when the last sender is dropped, what was
+    /// queued is written, the socket shut and the reader stopped (a neighbour that never closes
+    /// its end does not keep the socket open).
+    fn spawn_connection(&mut self, id: PeerId, stream: TcpStream) -> (u64, Writer) {
         let _ = stream.set_nodelay(true);
         self.next_conn += 1;
         let conn = self.next_conn;
         let (mut reader, mut writer) = stream.into_split();
-        let (wtx, mut wrx) = mpsc::unbounded_channel::<Vec<u8>>();
-        tokio::spawn(async move {
-            while let Some(bytes) = wrx.recv().await {
-                if writer.write_all(&bytes).await.is_err() {
-                    return;
-                }
-            }
-            let _ = writer.shutdown().await;
-        });
         let tx = self.tx.clone();
-        tokio::spawn(async move {
+        let reading = tokio::spawn(async move {
             let mut buf = vec![0u8; 65536];
             loop {
                 match reader.read(&mut buf).await {
@@ -517,7 +554,20 @@ impl Daemon {
                 }
             }
         });
-        (conn, wtx)
+        let (wtx, mut wrx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let queued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = queued.clone();
+        tokio::spawn(async move {
+            while let Some(bytes) = wrx.recv().await {
+                counted.fetch_sub(bytes.len(), std::sync::atomic::Ordering::Relaxed);
+                if writer.write_all(&bytes).await.is_err() {
+                    break;
+                }
+            }
+            let _ = writer.shutdown().await;
+            reading.abort();
+        });
+        (conn, Writer { tx: wtx, queued })
     }
 
     fn carry_out(&mut self, outputs: Vec<Output>) {
@@ -563,8 +613,17 @@ impl Daemon {
                 });
             }
             Action::Send(bytes) => {
-                if let Some((_, writer)) = &link.conn {
-                    let _ = writer.send(bytes);
+                if let Some((conn, writer)) = &link.conn {
+                    if !writer.send(bytes) {
+                        // It stopped reading: the connection is dropped as if it had closed.
+                        tracing::warn!(
+                            "neighbour {} reads nothing ({} MiB waiting); dropping its connection",
+                            link.address,
+                            MAX_QUEUED >> 20
+                        );
+                        let _ = self.tx.send(Event::Closed(id, *conn));
+                        link.conn = None;
+                    }
                 }
             }
             Action::Close => link.conn = None,

@@ -899,3 +899,65 @@ fn two_wefts_connecting_to_each_other_at_once() {
         assert!(!log.contains(" down"), "{log}");
     }
 }
+
+/// The descriptors `pid` holds.
+fn descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Connections that never say anything do not pile up (each one given up is closed, whether
+/// or not the neighbour closes its end), and running out of descriptors does not stop the
+/// speaker from accepting connections once they are free again: the neighbour still gets its
+/// session.
+#[test]
+fn idle_connections_and_descriptor_exhaustion_leave_the_listener_working() {
+    let (weft, peer) = joined("198.18.86.1", "198.18.86.2");
+    let dir = Dir::new("fds");
+    let args = ["--local-as", "64512", "--router-id", "198.18.86.1", "--listen", "198.18.86.1"];
+    let more = ["--neighbor", "198.18.86.2,64513,passive", "--announce", "198.19.86.0/24"];
+    let child = spawn_weft(&weft, dir.path(), "weft", &[&args[..], &more[..]].concat());
+    // `ip netns exec` execs weft: the child's pid is weft's.
+    let pid = child.id();
+    let _guard = Kill(vec![child]);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = descriptors(pid);
+    let connect = || peer.handle.run(|| std::net::TcpStream::connect("198.18.86.1:179")).unwrap();
+    let mut idle: Vec<std::net::TcpStream> = (0..50).filter_map(|_| connect().ok()).collect();
+    assert_eq!(idle.len(), 50);
+    std::thread::sleep(Duration::from_millis(500));
+    let during = descriptors(pid);
+    assert!(during <= before + 4, "50 idle connections held {during} descriptors (from {before})");
+    idle.clear();
+    // Out of descriptors: connections beyond the limit fail; once they are gone, a neighbour
+    // connects again and its session comes up.
+    let limit = before + 4;
+    let ok = Command::new("prlimit").args(["--pid", &pid.to_string(), &format!("--nofile={limit}:")]).status();
+    assert!(ok.unwrap().success());
+    let flood: Vec<_> = (0..20).filter_map(|_| connect().ok()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(flood);
+    std::thread::sleep(Duration::from_millis(500));
+    let ok = Command::new("prlimit").args(["--pid", &pid.to_string(), "--nofile=1024:"]).status();
+    assert!(ok.unwrap().success());
+    use std::io::Write;
+    use weft_bgp::packet::{self, Codec, Message, Open};
+    let mut session = None;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while session.is_none() {
+        assert!(Instant::now() < deadline, "the listener no longer accepts");
+        session = connect().ok();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut session = session.unwrap();
+    session.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let open = Open {
+        asn: 64513,
+        hold_time: 30,
+        router_id: "198.18.86.2".parse().unwrap(),
+        capabilities: vec![packet::Capability::FourOctetAs(64513)],
+    };
+    session.write_all(&packet::to_bytes(&Message::Open(open), Codec::default())).unwrap();
+    session.write_all(&packet::to_bytes(&Message::Keepalive, Codec::default())).unwrap();
+    let seen = read_until(&mut session, |m| matches!(m, Message::Update(_)));
+    assert!(matches!(seen.last(), Some(Message::Update(_))), "weft's prefix announced: {seen:?}");
+}
