@@ -225,6 +225,7 @@ impl Speaker {
             Some((attrs, Some(nh)))
         });
         let sent = self.sent.entry(id).or_default();
+        let was_sent = sent.contains(&prefix);
         let update = match exported {
             Some((attrs, v6_next_hop)) => {
                 sent.insert(prefix);
@@ -234,7 +235,22 @@ impl Speaker {
             None => return Vec::new(),
         };
         let Some(member) = self.members.get_mut(&id) else { return Vec::new() };
-        member.session.send_update(&update).into_iter().map(|a| Output::Session(id, a)).collect()
+        let actions = member.session.send_update(&update);
+        if actions.iter().any(|a| matches!(a, Action::Send(b) if b.len() > crate::packet::MAX_LEN)) {
+            // More than one message may hold (RFC 4271 §4: 4096 bytes; the neighbour would end
+            // the session): not advertised to this neighbour, and withdrawn if it was.
+            tracing::warn!(
+                "the path to {prefix} does not fit in one UPDATE to {}; not advertised there",
+                member.address
+            );
+            self.sent.entry(id).or_default().remove(&prefix);
+            if !was_sent {
+                return Vec::new();
+            }
+            let withdraw = member.session.send_update(&Update::withdraw(&[prefix]));
+            return withdraw.into_iter().map(|a| Output::Session(id, a)).collect();
+        }
+        actions.into_iter().map(|a| Output::Session(id, a)).collect()
     }
 
     /// The whole table to a neighbour that just came up, then End-of-RIB per family.

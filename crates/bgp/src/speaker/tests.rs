@@ -250,3 +250,38 @@ fn ipv6_prefixes_travel_with_their_own_next_hop() {
         .iter()
         .any(|(s, _, m)| *s == 1 && matches!(m, Message::Update(u) if !u.announcements().is_empty())));
 }
+
+/// A path whose UPDATE would be longer than 4096 bytes once this speaker adds its AS is not
+/// advertised (the neighbour would end the session with "bad message length"), and a shorter
+/// path advertised before it is withdrawn; the session and the route itself stay.
+#[test]
+fn a_path_too_long_for_one_update_is_not_advertised() {
+    use crate::packet::{AsPath, Attribute, Origin};
+    let mut w = World::new(&[(64512, "198.18.0.1"), (64513, "198.18.0.2"), (64514, "198.18.0.3")]);
+    w.link(0, 1, false);
+    w.link(1, 2, false);
+    w.settle();
+    let update = |communities: usize| {
+        let attrs = vec![
+            Attribute::Origin(Origin::Igp),
+            Attribute::AsPath(AsPath::sequence(&[64512])),
+            Attribute::NextHop("198.18.0.1".parse().unwrap()),
+            Attribute::Communities((0..communities as u32).collect()),
+        ];
+        packet::to_bytes(&Message::Update(Update::announce(&[net("198.19.3.0/24")], attrs, None)), Codec::default())
+    };
+    // From 0 to 1 by hand: first a path that fits, then one of 4,095 bytes.
+    let out = w.speakers[1].received(1, &update(10));
+    w.handle(1, out);
+    w.settle();
+    assert_eq!(w.route(2, "198.19.3.0/24"), Some("198.18.0.2".parse().unwrap()));
+    let big = update(1011);
+    assert_eq!(big.len(), 4095);
+    let out = w.speakers[1].received(1, &big);
+    w.handle(1, out);
+    w.settle();
+    assert_eq!(w.route(1, "198.19.3.0/24"), Some("198.18.0.1".parse().unwrap()), "1 keeps it");
+    assert_eq!(w.route(2, "198.19.3.0/24"), None, "2 has it withdrawn");
+    assert!(!w.sent.iter().any(|(_, _, m)| matches!(m, Message::Notification(_))), "no session ended");
+    assert_eq!(w.speakers[2].state(2), Some(State::Established));
+}
