@@ -194,6 +194,12 @@ async fn serve(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Resul
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut rib = Rib::new(config.local_as, config.router_id);
     rib.policy = config.policy.clone();
+    // No learned path may lead back to this speaker.
+    rib.own_addresses = [Some(IpAddr::V4(config.router_id)), Some(config.next_hop), config.next_hop_v6.map(IpAddr::V6)]
+        .into_iter()
+        .flatten()
+        .chain((!config.listen.ip().is_unspecified()).then_some(config.listen.ip()))
+        .collect();
     let mut speaker = Speaker::new(rib, config.next_hop);
     if config.next_hop_v6.is_some() {
         speaker.next_hop_v6 = config.next_hop_v6;

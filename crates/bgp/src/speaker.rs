@@ -26,16 +26,21 @@ pub enum Output {
 }
 
 /// One neighbour as the speaker holds it.
-struct Member {
-    session: Neighbor,
+pub(crate) struct Member {
+    pub(crate) session: Neighbor,
     address: IpAddr,
     rr_client: bool,
 }
 
+/// How long a neighbour that sent more prefixes than allowed waits before its session is
+/// started again (RFC 4486 leaves it to the implementation; BIRD's `receive limit ... action
+/// restart` waits too).
+pub const MAX_PREFIX_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The speaker.
 pub struct Speaker {
     pub rib: Rib,
-    members: BTreeMap<PeerId, Member>,
+    pub(crate) members: BTreeMap<PeerId, Member>,
     /// The address this speaker gives as next hop.
     next_hop: IpAddr,
     /// Its IPv6 next hop, for IPv6 prefixes (without one, they are not announced).
@@ -152,7 +157,26 @@ impl Speaker {
                             rr_client: member.rr_client,
                         },
                     );
+                    // RFC 4724 §4.2: a neighbour back without graceful restart (or not having
+                    // kept its forwarding state) gets its stale paths removed now.
+                    let kept = negotiated.peer_restart.as_ref().is_some_and(|(_, _, families)| !families.is_empty());
+                    if !kept && self.rib.has_stale(id) {
+                        let changes = self.rib.sweep(id);
+                        out.extend(self.propagate(changes));
+                    }
                     out.extend(self.send_table(id, &negotiated.families));
+                }
+                Action::RefreshRequested(family) => {
+                    // RFC 2918: everything this speaker advertises of `family`, again.
+                    let best: Vec<(IpNet, Path)> = self
+                        .rib
+                        .best_paths()
+                        .filter(|(p, _)| Family::of(p) == family)
+                        .map(|(p, b)| (*p, b.clone()))
+                        .collect();
+                    for (prefix, path) in best {
+                        out.extend(self.send_path(id, prefix, Some(&path)));
+                    }
                 }
                 Action::Received(update) => {
                     // An empty UPDATE is End-of-RIB (RFC 4724): what is still stale goes.
@@ -169,7 +193,7 @@ impl Speaker {
                         // RFC 4486: the session ends with a Cease, maximum number of prefixes
                         // reached, and comes back only when started again.
                         if let Some(member) = self.members.get_mut(&id) {
-                            let actions = member.session.cease(error::CEASE_MAX_PREFIXES);
+                            let actions = member.session.cease_for_a_while(error::CEASE_MAX_PREFIXES, MAX_PREFIX_IDLE);
                             out.extend(self.carry_on(id, actions));
                         }
                     }
@@ -177,8 +201,11 @@ impl Speaker {
                 Action::Down { reason, keep_for } => {
                     out.push(Output::Session(id, Action::Down { reason, keep_for }));
                     self.sent.remove(&id);
+                    // A neighbour that goes down again before its restart is over keeps the
+                    // time it had: the timer is not started anew (its paths would never go).
+                    let restarting_already = self.rib.has_stale(id);
                     let changes = self.rib.peer_down(id, keep_for.is_some());
-                    if let Some(time) = keep_for {
+                    if let Some(time) = keep_for.filter(|_| !restarting_already) {
                         out.push(Output::StaleTimer(id, time));
                     }
                     out.extend(self.propagate(changes));

@@ -91,6 +91,9 @@ fn neighbor(text: &str) -> Result<NeighborSpec> {
         .ok_or_else(|| anyhow::anyhow!("--neighbor {text:?}: ADDR,AS[,passive][,rr-client]"))?
         .parse()
         .with_context(|| format!("--neighbor {text:?}: not an AS number"))?;
+    if asn == 0 {
+        bail!("--neighbor {text:?}: AS 0 is not an AS");
+    }
     let address = address.to_canonical();
     if let IpAddr::V6(v6) = address {
         if v6.is_unicast_link_local() {
@@ -113,10 +116,23 @@ fn neighbor(text: &str) -> Result<NeighborSpec> {
 
 fn range(text: &str) -> Result<(IpNet, u32)> {
     let (net, asn) = text.split_once(',').ok_or_else(|| anyhow::anyhow!("--neighbor-range {text:?}: PREFIX,AS"))?;
-    Ok((
-        net.parse().with_context(|| format!("--neighbor-range {text:?}: not a prefix"))?,
-        asn.parse().with_context(|| format!("--neighbor-range {text:?}: not an AS number"))?,
-    ))
+    let asn: u32 = asn.parse().with_context(|| format!("--neighbor-range {text:?}: not an AS number"))?;
+    if asn == 0 {
+        bail!("--neighbor-range {text:?}: AS 0 is not an AS");
+    }
+    Ok((net.parse().with_context(|| format!("--neighbor-range {text:?}: not a prefix"))?, asn))
+}
+
+/// The control socket's path must be free for one: nothing there, or a socket left behind. A
+/// file or directory of another kind is not this speaker's to remove.
+fn check_socket_path(path: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => {
+            bail!("--socket {}: something else is there (not a socket); give another path", path.display())
+        }
+        _ => Ok(()),
+    }
 }
 
 fn accept(text: &str) -> Result<(IpNet, u8)> {
@@ -269,8 +285,26 @@ pub fn run(args: RunArgs) -> Result<()> {
         Ok(a) => a,
         Err(_) => SocketAddr::new(args.listen.parse().context("--listen: ADDR or ADDR:PORT")?, 179),
     };
+    if args.router_id.is_unspecified() || args.router_id.is_broadcast() || args.router_id.is_multicast() {
+        bail!("--router-id {}: not a BGP identifier (a unicast IPv4 address of this router)", args.router_id);
+    }
+    if args.max_prefix == Some(0) {
+        bail!("--max-prefix 0 would end every session at its first prefix");
+    }
+    if args.next_hop.is_some_and(|nh| nh.is_ipv6()) {
+        bail!("--next-hop is the IPv4 next hop; give an IPv6 one with --next-hop6");
+    }
     let neighbors = args.neighbors.iter().map(|n| neighbor(n)).collect::<Result<Vec<_>>>()?;
+    for (i, n) in neighbors.iter().enumerate() {
+        if neighbors[..i].iter().any(|m| m.address == n.address) {
+            bail!("--neighbor {}: given twice (one session per neighbour address)", n.address);
+        }
+        if n.address == listen.ip() || n.address == IpAddr::V4(args.router_id) {
+            bail!("--neighbor {}: that is this speaker's own address", n.address);
+        }
+    }
     let ranges = args.ranges.iter().map(|r| range(r)).collect::<Result<Vec<_>>>()?;
+    check_socket_path(&args.socket)?;
     let policy = Policy {
         accept: args.accept.iter().map(|a| accept(a)).collect::<Result<Vec<_>>>()?,
         max_prefix: args.max_prefix,
@@ -443,6 +477,16 @@ mod tests {
         }
         assert_eq!(range("198.18.0.0/16,64512").unwrap().1, 64512);
         assert!(range("198.18.0.0/16").is_err());
+        assert!(format!("{:#}", range("198.18.0.0/16,0").unwrap_err()).contains("AS 0"));
+        assert!(format!("{:#}", neighbor("198.18.0.2,0").unwrap_err()).contains("AS 0"));
+        let dir = std::env::temp_dir().join(format!("weft-bgp-sock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("important.conf");
+        std::fs::write(&file, "keep me").unwrap();
+        assert!(format!("{:#}", check_socket_path(&file).unwrap_err()).contains("not a socket"));
+        assert!(check_socket_path(&dir).is_err(), "a directory");
+        assert!(check_socket_path(&dir.join("free.sock")).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(accept("198.19.0.0/16,le=26").unwrap(), ("198.19.0.0/16".parse().unwrap(), 26));
         assert_eq!(accept("fd00::/48").unwrap().1, 128);
         for bad in ["198.19.0.0/16,le=8", "198.19.0.0/16,le=33", "198.19.0.0/16,ge=20"] {

@@ -243,6 +243,16 @@ impl Neighbor {
         packet::to_bytes(&Message::Open(self.config.open()), Codec::default())
     }
 
+    /// Ends the session with a Cease of `subcode` and starts it again after `after` (not
+    /// stopped for good: a neighbour over its prefix limit is tried again later).
+    pub fn cease_for_a_while(&mut self, subcode: u8, after: Duration) -> Vec<Action> {
+        let mut actions = self.cease(subcode);
+        self.stopped = false;
+        actions.retain(|a| !matches!(a, Action::StopTimer(Timer::ConnectRetry)));
+        actions.push(Action::StartTimer(Timer::ConnectRetry, after));
+        actions
+    }
+
     /// The I/O layer resolved a connection collision (RFC 4271 §6.8) for the other connection,
     /// on which this speaker's OPEN is already sent: the session goes on there from OpenSent
     /// (what was read on the connection given up is dropped). A session already Established

@@ -141,6 +141,8 @@ pub struct Rib {
     refused: HashMap<PeerId, std::collections::HashSet<IpNet>>,
     /// The prefixes this speaker announces itself (no neighbour's may overlap them).
     own: std::collections::BTreeSet<IpNet>,
+    /// This speaker's own addresses: no learned path may have one as its next hop.
+    pub own_addresses: Vec<IpAddr>,
     /// Attributes already held, shared.
     interned: HashMap<Arc<PathAttrs>, ()>,
     since_gc: u32,
@@ -165,6 +167,7 @@ impl Rib {
             counts: HashMap::new(),
             refused: HashMap::new(),
             own: Default::default(),
+            own_addresses: vec![IpAddr::V4(router_id)],
             interned: HashMap::new(),
             since_gc: 0,
         }
@@ -215,6 +218,23 @@ impl Rib {
     /// How many prefixes `peer` announces now that the import policy refused.
     pub fn refused(&self, peer: PeerId) -> usize {
         self.refused.get(&peer).map_or(0, |r| r.len())
+    }
+
+    /// Whether a learned path may go via `next_hop` (RFC 4271 §5.1.3, §6.3: a next hop that is
+    /// no address of another router is semantically incorrect): not unspecified, loopback,
+    /// multicast, broadcast or link-local, and not one of this speaker's own addresses.
+    fn usable_next_hop(&self, next_hop: Option<IpAddr>) -> bool {
+        let Some(nh) = next_hop else { return false };
+        let bad = match nh {
+            IpAddr::V4(a) => a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast(),
+            IpAddr::V6(a) => a.is_unspecified() || a.is_loopback() || a.is_multicast(),
+        };
+        !bad && !self.own_addresses.contains(&nh)
+    }
+
+    /// Whether `peer` has paths kept stale (a restart it is in the middle of).
+    pub fn has_stale(&self, peer: PeerId) -> bool {
+        self.paths.values().any(|ps| ps.iter().any(|p| p.from == Some(peer) && p.stale))
     }
 
     /// Whether `prefix` passes the import policy: inside an accepted network within its
@@ -288,7 +308,11 @@ impl Rib {
         if announced.is_empty() {
             return;
         }
-        let attrs = PathAttrs::of(update);
+        let mut attrs = PathAttrs::of(update);
+        // RFC 4271 §5.1.5: LOCAL_PREF from an eBGP neighbour is ignored.
+        if !self.peers.get(&peer).is_some_and(|p| p.ibgp) {
+            attrs.local_pref = None;
+        }
         // Other families' next hop is in MP_REACH_NLRI (its first, global, address).
         let mp_next_hop = update.attributes.iter().find_map(|a| match a {
             Attribute::MpReach { next_hop, .. } => next_hop.first().copied(),
@@ -312,7 +336,7 @@ impl Rib {
                 out.changes.extend(self.set(prefix, Some(peer), None));
                 continue;
             }
-            if looped || !self.acceptable(&prefix) {
+            if looped || !self.acceptable(&prefix) || !self.usable_next_hop(attrs.next_hop) {
                 out.refused += 1;
                 if refused.len() < MAX_REFUSED_KEPT {
                     refused.insert(prefix);

@@ -207,3 +207,39 @@ fn what_goes_out_to_whom() {
     // This speaker's own: to iBGP with next hop self.
     assert!(out("198.19.1.0/24", 3).unwrap().contains(&Attribute::NextHop(Ipv4Addr::new(198, 18, 0, 1))));
 }
+
+/// A next hop no router can be (unspecified, loopback, multicast, this speaker's own address)
+/// makes no path; LOCAL_PREF counts only from iBGP (RFC 4271 §5.1.5: ignored from eBGP).
+#[test]
+fn unusable_next_hops_and_ebgp_local_pref() {
+    let mut rib = rib();
+    for nh in ["0.0.0.0", "127.0.0.1", "224.0.0.5", "255.255.255.255", "198.18.0.1"] {
+        let refused = rib.import(1, &update("198.19.8.0/24", &[64601], nh, vec![])).refused;
+        assert_eq!(refused, 1, "next hop {nh}");
+        assert_eq!(rib.best(&net("198.19.8.0/24")), None, "next hop {nh}");
+    }
+    let v6 = |nh: &str| {
+        let attrs = vec![Attribute::Origin(Origin::Igp), Attribute::AsPath(AsPath::sequence(&[64601]))];
+        let mut u = Update::announce(&[net("fd00:8::/64")], attrs, None);
+        u.attributes.retain(|a| !matches!(a, Attribute::MpReach { .. }));
+        u.attributes.push(Attribute::MpReach {
+            family: crate::packet::Family::IPV6_UNICAST,
+            next_hop: vec![ip(nh)],
+            nlri: vec![net("fd00:8::/64")],
+        });
+        u
+    };
+    for nh in ["::", "::1", "ff02::5"] {
+        rib.import(1, &v6(nh));
+        assert_eq!(rib.best(&net("fd00:8::/64")), None, "next hop {nh}");
+    }
+    rib.import(1, &v6("fd00::11"));
+    assert!(rib.best(&net("fd00:8::/64")).is_some());
+    // eBGP's LOCAL_PREF 1000 with a long path loses to a short one; iBGP's counts.
+    let p = "198.19.9.0/24";
+    rib.import(1, &update(p, &[64601, 64700, 64701, 64702], "198.18.0.11", vec![Attribute::LocalPref(1000)]));
+    rib.import(2, &update(p, &[64602], "198.18.0.12", vec![]));
+    assert_eq!(best_from(&rib, p), Some(2), "LOCAL_PREF from eBGP ignored");
+    rib.import(3, &update(p, &[64603, 64700, 64701], "198.18.0.13", vec![Attribute::LocalPref(1000)]));
+    assert_eq!(best_from(&rib, p), Some(3), "LOCAL_PREF from iBGP counts");
+}

@@ -285,3 +285,71 @@ fn a_path_too_long_for_one_update_is_not_advertised() {
     assert!(!w.sent.iter().any(|(_, _, m)| matches!(m, Message::Notification(_))), "no session ended");
     assert_eq!(w.speakers[2].state(2), Some(State::Established));
 }
+
+/// Graceful restart, the helper's edge cases (RFC 4724 §4.2): a neighbour that goes down again
+/// while restarting does not get its time started anew; one that comes back without the
+/// capability has its stale paths removed at once (not at End-of-RIB, which it need not send).
+#[test]
+fn graceful_restart_edges() {
+    use crate::neighbor::{Negotiated, Reason};
+    let mut w = World::new(&[(64512, "198.18.0.1"), (64513, "198.18.0.2")]);
+    let out = w.speakers[1].originate(net("198.19.2.0/24"));
+    w.handle(1, out);
+    w.link(0, 1, false);
+    w.settle();
+    let negotiated = w.speakers[0].members[&2].session.negotiated().unwrap().clone();
+    // Back after its restart: forwarding state kept for IPv4 (the F bit).
+    let restarted = Negotiated {
+        peer_restart: Some((120, true, vec![crate::packet::Family::IPV4_UNICAST])),
+        ..negotiated.clone()
+    };
+    let down = || Action::Down { reason: Reason::TransportLost, keep_for: Some(Duration::from_secs(120)) };
+    let out = w.speakers[0].carry_on(2, vec![down()]);
+    w.handle(0, out);
+    assert_eq!(w.stale.len(), 1);
+    // Up again (and not done yet: no End-of-RIB), down again: no second timer.
+    let out = w.speakers[0].carry_on(2, vec![Action::Established(restarted)]);
+    w.handle(0, out);
+    let out = w.speakers[0].carry_on(2, vec![down()]);
+    w.handle(0, out);
+    assert_eq!(w.stale.len(), 1, "the restart time is not started again: {:?}", w.stale);
+    assert!(w.route(0, "198.19.2.0/24").is_some());
+    // Back without graceful restart: its stale path goes at once.
+    let without = Negotiated { peer_restart: None, ..negotiated };
+    let out = w.speakers[0].carry_on(2, vec![Action::Established(without)]);
+    w.handle(0, out);
+    assert_eq!(w.route(0, "198.19.2.0/24"), None, "stale path removed without waiting for End-of-RIB");
+}
+
+/// A neighbour over its prefix limit is ceased, then started again after a while; a ROUTE-
+/// REFRESH is answered with the table again.
+#[test]
+fn max_prefix_restarts_later_and_refresh_is_answered() {
+    let mut w = World::new(&[(64512, "198.18.0.1"), (64513, "198.18.0.2")]);
+    w.speakers[0].rib.policy.max_prefix = Some(1);
+    for p in ["198.19.2.0/24", "198.19.3.0/24"] {
+        let out = w.speakers[1].originate(net(p));
+        w.handle(1, out);
+    }
+    let out = w.speakers[0].originate(net("198.19.1.0/24"));
+    w.handle(0, out);
+    w.link(0, 1, false);
+    w.settle();
+    assert_eq!(w.speakers[0].state(2), Some(State::Idle));
+    let restart = w.speakers[0].timer(2, Timer::ConnectRetry);
+    assert!(restart.iter().any(|o| matches!(o, Output::Session(_, Action::Connect))), "{restart:?}");
+    // Refresh: speaker 1 asks speaker 0 for IPv4 again.
+    w.speakers[0].rib.policy.max_prefix = None;
+    w.handle(0, restart);
+    w.settle();
+    assert_eq!(w.speakers[0].state(2), Some(State::Established));
+    let sent_before = w.sent.iter().filter(|(s, _, m)| *s == 0 && matches!(m, Message::Update(_))).count();
+    let refresh = packet::to_bytes(
+        &Message::RouteRefresh(crate::packet::RouteRefresh { family: crate::packet::Family::IPV4_UNICAST }),
+        Codec::default(),
+    );
+    let out = w.speakers[0].received(2, &refresh);
+    w.handle(0, out);
+    let sent_after = w.sent.iter().filter(|(s, _, m)| *s == 0 && matches!(m, Message::Update(_))).count();
+    assert!(sent_after > sent_before, "the table sent again");
+}
