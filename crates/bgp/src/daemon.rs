@@ -181,10 +181,21 @@ pub fn run(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Result<()
 }
 
 async fn serve(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Result<()> {
+    // One speaker per control socket: a second one must not take it over (nor, restarting,
+    // the first one's routes).
+    if std::os::unix::net::UnixStream::connect(&config.socket).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("a speaker already answers on {} (give another --socket)", config.socket.display()),
+        ));
+    }
     let listener = TcpListener::bind(config.listen).await?;
     // A control socket left behind: the previous run did not stop cleanly (killed): this is a
-    // restart, with its routes still in the kernel.
-    let restarting = config.socket.exists();
+    // restart. So is a start that finds routes of its own in the kernel (even when whoever
+    // cleaned /run took the socket): they are kept while neighbours send theirs again.
+    let mut sink = sink;
+    let found: Vec<IpNet> = sink.leftovers();
+    let restarting = config.socket.exists() || !found.is_empty();
     let _ = std::fs::remove_file(&config.socket);
     if let Some(dir) = config.socket.parent() {
         std::fs::create_dir_all(dir)?;
@@ -204,9 +215,7 @@ async fn serve(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Resul
     if config.next_hop_v6.is_some() {
         speaker.next_hop_v6 = config.next_hop_v6;
     }
-    let mut sink = sink;
-    let leftovers: std::collections::BTreeSet<IpNet> =
-        if restarting { sink.leftovers().into_iter().collect() } else { Default::default() };
+    let leftovers: std::collections::BTreeSet<IpNet> = found.into_iter().collect();
     if restarting {
         tracing::info!(
             "restarting: {} routes from the last run kept for {} s while neighbours send theirs again",
@@ -269,12 +278,17 @@ async fn serve(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Resul
     let signal_tx = tx.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // A hang-up (the terminal gone, `kill -HUP`) stops it cleanly too: its default would
+        // end the process with its routes and socket left behind and no Cease sent.
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+        else {
             return;
         };
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
+            _ = hup.recv() => {}
         }
         let _ = signal_tx.send(Event::Shutdown);
     });

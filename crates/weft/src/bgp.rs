@@ -330,6 +330,20 @@ pub fn run(args: RunArgs) -> Result<()> {
             .with_context(|| format!("--health {addr}"))?;
         tracing::info!("health and metrics on http://{bound}/");
     }
+    // One installing speaker per network namespace: two would fight over protocol 202's routes
+    // and nexthop objects (and one stopping would remove the other's). An abstract socket is
+    // per namespace and goes with its process.
+    let _install_lock = if args.install {
+        use std::os::linux::net::SocketAddrExt;
+        let name = std::os::unix::net::SocketAddr::from_abstract_name(b"weft-bgp-install")?;
+        Some(std::os::unix::net::UnixListener::bind_addr(&name).map_err(|_| {
+            anyhow::anyhow!(
+                "another weft bgp speaker installs routes in this network namespace; only one may (run this one without --install)"
+            )
+        })?)
+    } else {
+        None
+    };
     let sink: Box<dyn RouteSink> = if args.install { Box::new(KernelSink::new()?) } else { Box::new(NoSink) };
     weft_bgp::daemon::run(config, sink).context("the BGP speaker")
 }

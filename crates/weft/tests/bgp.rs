@@ -961,3 +961,60 @@ fn idle_connections_and_descriptor_exhaustion_leave_the_listener_working() {
     let seen = read_until(&mut session, |m| matches!(m, Message::Update(_)));
     assert!(matches!(seen.last(), Some(Message::Update(_))), "weft's prefix announced: {seen:?}");
 }
+
+/// Operators' mistakes and signals: a second speaker on the same control socket, or a second
+/// one installing routes in the same namespace, is refused (it took the first one's socket and
+/// routes); a speaker killed whose socket was then cleaned away still knows, started again, that
+/// the routes of protocol 202 in the kernel are its own leftovers (kept for the restart time,
+/// then removed if no neighbour sends them again); SIGHUP stops it cleanly.
+#[test]
+fn second_speakers_leftovers_and_hang_up() {
+    let mut pair = Pair::new(BIRD);
+    let args = ["--neighbor", "198.18.77.2,64513", "--install", "--restart-time", "2"];
+    pair.weft(&args);
+    let route = |p: &Pair| p.weft.sh(&["ip", "route", "show", "198.19.200.0/24"]);
+    pair.within("BIRD's route in the kernel", || route(&pair).contains("proto 202"));
+    // (Bounded: a second speaker that is not refused would run on.)
+    let second = |extra: &[&str]| {
+        Command::new("timeout")
+            .args(["5", "ip", "netns", "exec", &pair.weft.name])
+            .arg(weft_bin())
+            .args(["bgp", "run", "--local-as", "64512", "--router-id", "198.18.77.1", "--listen", "127.0.0.1:1179"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = second(&["--socket", &pair.socket()]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("already answers"), "{out:?}");
+    let other = pair.dir.path().join("other.sock").display().to_string();
+    let out = second(&["--socket", &other, "--install"]);
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("installs routes in this network namespace"),
+        "{out:?}"
+    );
+    assert!(route(&pair).contains("proto 202"), "the first speaker's route stays");
+    assert_eq!(pair.status()["neighbors"][0]["state"], "Established");
+
+    // Killed; its socket cleaned away; BIRD withdraws meanwhile; started again: the leftover
+    // goes after the restart time.
+    let weft = pair.children.pop().unwrap();
+    Command::new("kill").args(["-KILL", &weft.id().to_string()]).status().unwrap();
+    pair.children.push(weft);
+    std::thread::sleep(Duration::from_millis(200));
+    std::fs::remove_file(pair.socket()).unwrap();
+    pair.birdc(&["disable", "s1"]);
+    pair.weft(&args);
+    pair.within("the leftover route removed", || route(&pair).is_empty());
+    assert!(pair.log().contains("restarting: 2 routes"), "{}", pair.log());
+
+    // SIGHUP: a clean stop.
+    pair.birdc(&["enable", "s1"]);
+    pair.within("the route back", || route(&pair).contains("proto 202"));
+    let weft = pair.children.pop().unwrap();
+    Command::new("kill").args(["-HUP", &weft.id().to_string()]).status().unwrap();
+    pair.children.push(weft);
+    pair.within("routes removed on SIGHUP", || route(&pair).is_empty());
+    pair.within("the socket removed", || !std::path::Path::new(&pair.socket()).exists());
+    assert!(pair.log().contains("stopped"), "{}", pair.log());
+}

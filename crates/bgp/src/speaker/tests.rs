@@ -299,10 +299,8 @@ fn graceful_restart_edges() {
     w.settle();
     let negotiated = w.speakers[0].members[&2].session.negotiated().unwrap().clone();
     // Back after its restart: forwarding state kept for IPv4 (the F bit).
-    let restarted = Negotiated {
-        peer_restart: Some((120, true, vec![crate::packet::Family::IPV4_UNICAST])),
-        ..negotiated.clone()
-    };
+    let restarted =
+        Negotiated { peer_restart: Some((120, true, vec![crate::packet::Family::IPV4_UNICAST])), ..negotiated.clone() };
     let down = || Action::Down { reason: Reason::TransportLost, keep_for: Some(Duration::from_secs(120)) };
     let out = w.speakers[0].carry_on(2, vec![down()]);
     w.handle(0, out);
