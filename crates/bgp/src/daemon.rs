@@ -36,6 +36,8 @@ fn cease_collision() -> Vec<u8> {
 
 /// How often the sink hears which next hops are in use, when routes went since it last did.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// Every this many sweeps, the kernel is compared with what is installed (and repaired).
+const RECONCILE_EVERY_SWEEPS: u32 = 2;
 
 /// A configured neighbour.
 #[derive(Debug, Clone)]
@@ -83,6 +85,12 @@ pub trait RouteSink {
     /// The next hops installed routes go through now: what the sink keeps for others (the
     /// kernel's nexthop objects) can go.
     fn next_hops_in_use(&mut self, _in_use: &std::collections::HashSet<IpAddr>) {}
+    /// Makes what the sink holds exactly `wanted` again (routes removed or changed behind its
+    /// back: a link that went down took them, someone deleted them); how many of `wanted` it
+    /// holds after, when it can tell.
+    fn reconcile(&mut self, _wanted: &[(IpNet, IpAddr)]) -> Option<usize> {
+        None
+    }
 }
 
 /// A sink that keeps nothing (a speaker that does not install routes).
@@ -170,6 +178,11 @@ struct Daemon {
     restarting: bool,
     /// Routes were removed since the sink last heard which next hops are in use.
     removed: bool,
+    sweeps: u32,
+    /// Neighbours that came from a `--neighbor-range` (forgotten when their session is over).
+    dynamic: std::collections::HashSet<PeerId>,
+    /// How many installed routes the kernel held at the last reconcile.
+    in_kernel: Option<usize>,
     next_conn: u64,
     next_peer: PeerId,
 }
@@ -231,6 +244,9 @@ async fn serve(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Resul
         leftovers,
         restarting,
         removed: false,
+        sweeps: 0,
+        dynamic: Default::default(),
+        in_kernel: None,
         next_conn: 0,
         next_peer: 1,
         config,
@@ -321,6 +337,7 @@ async fn serve(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Resul
             break;
         }
         daemon.handle(event);
+        daemon.forget_idle_dynamic();
     }
     daemon.shutdown();
     // The Ceases go out before the runtime ends.
@@ -367,7 +384,9 @@ impl Daemon {
                     None => match self.config.ranges.iter().find(|(net, _)| net.contains(&address)) {
                         Some((_, asn)) => {
                             let spec = NeighborSpec { address, asn: *asn, passive: true, rr_client: false };
-                            self.add(spec)
+                            let id = self.add(spec);
+                            self.dynamic.insert(id);
+                            id
                         }
                         None => {
                             tracing::info!("refused a connection from {address}: not a neighbour");
@@ -433,11 +452,39 @@ impl Daemon {
                 self.sweep();
             }
             Event::Sweep => {
+                self.sweeps += 1;
                 if self.removed {
                     self.sweep();
                 }
+                if self.sweeps.is_multiple_of(RECONCILE_EVERY_SWEEPS) && self.leftovers.is_empty() {
+                    let wanted: Vec<(IpNet, IpAddr)> = self.speaker.rib.learned().map(|(p, nh)| (*p, nh)).collect();
+                    self.in_kernel = self.sink.reconcile(&wanted);
+                }
             }
             Event::Shutdown => {}
+        }
+    }
+
+    /// Neighbours from a range whose session is over (no connection, no session, no paths kept
+    /// for a restart) are forgotten: a range that many addresses passed through does not keep
+    /// an entry for each.
+    fn forget_idle_dynamic(&mut self) {
+        let idle: Vec<PeerId> = self
+            .dynamic
+            .iter()
+            .copied()
+            .filter(|id| {
+                let link = self.links.get(id);
+                link.is_some_and(|l| l.conn.is_none() && l.pending.is_none())
+                    && matches!(self.speaker.state(*id), Some(State::Idle | State::Active) | None)
+                    && !self.speaker.rib.has_stale(*id)
+                    && self.speaker.rib.count(*id) == 0
+            })
+            .collect();
+        for id in idle {
+            self.dynamic.remove(&id);
+            self.links.remove(&id);
+            self.speaker.remove_neighbor(id);
         }
     }
 
@@ -709,6 +756,7 @@ impl Daemon {
             "neighbors": neighbors,
             "routes": self.speaker.rib.best_paths().count(),
             "installed": self.speaker.rib.learned().count(),
+            "in_kernel": self.in_kernel,
         })
         .to_string()
     }

@@ -84,6 +84,13 @@ impl Speaker {
         self.session(id, |n| n.connected())
     }
 
+    /// Forgets neighbour `id` (a dynamic one whose session is over, its paths gone).
+    pub fn remove_neighbor(&mut self, id: PeerId) {
+        self.members.remove(&id);
+        self.sent.remove(&id);
+        self.rib.remove_peer(id);
+    }
+
     /// The OPEN neighbour `id`'s session sends (for a second connection during a collision).
     pub fn open_bytes(&self, id: PeerId) -> Option<Vec<u8>> {
         self.members.get(&id).map(|m| m.session.open_bytes())

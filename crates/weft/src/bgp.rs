@@ -162,6 +162,9 @@ struct KernelSink {
     nexthops: HashMap<IpAddr, u32>,
     /// The next nexthop id to try.
     next_id: u32,
+    /// Prefixes that could not be installed (another producer's route, a next hop the kernel
+    /// refuses), said once each and tried again at each reconcile.
+    refused: HashSet<IpNet>,
 }
 
 /// Where this speaker's nexthop ids start (ids are per namespace; a taken one is skipped).
@@ -182,7 +185,7 @@ impl KernelSink {
                 HashMap::new()
             }
         };
-        Ok(KernelSink { nl, nexthops, next_id: FIRST_NEXTHOP_ID })
+        Ok(KernelSink { nl, nexthops, next_id: FIRST_NEXTHOP_ID, refused: HashSet::new() })
     }
 
     fn spec(prefix: IpNet) -> RouteSpec {
@@ -248,18 +251,64 @@ impl RouteSink for KernelSink {
 
     fn install(&mut self, prefix: IpNet, next_hop: IpAddr) {
         match self.put(prefix, next_hop) {
-            Ok(None) => {}
-            Ok(Some(p)) => {
-                tracing::warn!("the route to {prefix} belongs to another producer (protocol {p}); left alone")
+            Ok(None) => {
+                self.refused.remove(&prefix);
             }
-            Err(e) => tracing::warn!("installing {prefix} via {next_hop}: {e}"),
+            Ok(Some(p)) => {
+                if self.refused.insert(prefix) {
+                    tracing::warn!("the route to {prefix} belongs to another producer (protocol {p}); left alone")
+                }
+            }
+            Err(e) => {
+                if self.refused.insert(prefix) {
+                    tracing::warn!("installing {prefix} via {next_hop}: {e}")
+                }
+            }
         }
     }
 
     fn remove(&mut self, prefix: IpNet) {
+        self.refused.remove(&prefix);
         if let Err(e) = weft_dataplane::error::ignore_not_found(self.nl.delete_route(&Self::spec(prefix))) {
             tracing::warn!("removing {prefix}: {e}");
         }
+    }
+
+    fn reconcile(&mut self, wanted: &[(IpNet, IpAddr)]) -> Option<usize> {
+        let (routes, objects) = match (self.nl.routes(), self.nl.nexthops()) {
+            (Ok(r), Ok(n)) => (r, n),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!("reading the kernel's routes: {e}");
+                return None;
+            }
+        };
+        // Objects gone (a link went down and took them): forgotten, made again when used.
+        let live: HashMap<u32, Option<IpAddr>> = objects.into_iter().map(|n| (n.id, n.gateway)).collect();
+        self.nexthops.retain(|gw, id| live.get(id) == Some(&Some(*gw)));
+        let held: HashMap<IpNet, Option<IpAddr>> = routes
+            .into_iter()
+            .filter(|r| r.protocol == RTPROT_WEFT_BGP)
+            .map(|r| (r.dst, r.gateway.or_else(|| r.nexthop.and_then(|id| live.get(&id).copied().flatten()))))
+            .collect();
+        let mut repaired = 0;
+        for (prefix, next_hop) in wanted {
+            if held.get(prefix) != Some(&Some(*next_hop)) {
+                // What could not be installed before is tried again, without counting.
+                repaired += usize::from(!self.refused.contains(prefix));
+                self.install(*prefix, *next_hop);
+            }
+        }
+        let wanted_set: HashSet<&IpNet> = wanted.iter().map(|(p, _)| p).collect();
+        for stray in held.keys().filter(|p| !wanted_set.contains(p)) {
+            repaired += 1;
+            self.remove(*stray);
+        }
+        if repaired > 0 {
+            tracing::warn!("the kernel differed from the installed routes: {repaired} put back or removed");
+        }
+        let after = self.nl.routes().ok()?;
+        let now: HashSet<IpNet> = after.into_iter().filter(|r| r.protocol == RTPROT_WEFT_BGP).map(|r| r.dst).collect();
+        Some(wanted.iter().filter(|(p, _)| now.contains(p)).count())
     }
 
     fn next_hops_in_use(&mut self, in_use: &HashSet<IpAddr>) {

@@ -209,6 +209,14 @@ fn weft_bgp_run_with_bird_learns_installs_and_cleans_up() {
         assert!(metrics.lines().any(|l| l == line), "{line} not in\n{metrics}");
     }
 
+    // Behind its back: its nexthop object flushed (the route goes with it) and a route of
+    // protocol 202 it never learned: within a reconcile (10 s) both are set right.
+    pair.weft.sh(&["ip", "nexthop", "flush"]);
+    pair.weft.sh(&["ip", "route", "add", "198.19.202.0/24", "via", "198.18.77.2", "proto", "202"]);
+    assert!(route(&pair).is_empty());
+    pair.within("the route put back", || route(&pair).contains("proto 202"));
+    pair.within("the stray route removed", || pair.weft.sh(&["ip", "route", "show", "198.19.202.0/24"]).is_empty());
+    pair.within("status counts it in the kernel", || pair.status()["in_kernel"] == 1);
     // BIRD withdraws its route: gone from the kernel, and its unused nexthop object soon after.
     pair.birdc(&["disable", "s1"]);
     pair.within("the withdrawn route removed", || route(&pair).is_empty());
@@ -1017,4 +1025,53 @@ fn second_speakers_leftovers_and_hang_up() {
     pair.within("routes removed on SIGHUP", || route(&pair).is_empty());
     pair.within("the socket removed", || !std::path::Path::new(&pair.socket()).exists());
     assert!(pair.log().contains("stopped"), "{}", pair.log());
+}
+
+/// A neighbour that came from a `--neighbor-range` is listed while its session is up, and
+/// forgotten when it is over (a range many addresses pass through does not keep each).
+#[test]
+fn range_neighbours_are_forgotten_when_their_session_is_over() {
+    use std::io::Write;
+    use weft_bgp::packet::{self, Codec, Message, Open};
+    let (weft, peer) = joined("198.18.87.1", "198.18.87.2");
+    let dir = Dir::new("range");
+    let args = ["--local-as", "64512", "--router-id", "198.18.87.1", "--listen", "198.18.87.1"];
+    let more = ["--neighbor-range", "198.18.87.0/24,64513", "--restart-time", "1"];
+    let _guard = Kill(vec![spawn_weft(&weft, dir.path(), "weft", &[&args[..], &more[..]].concat())]);
+    let status = || {
+        let out = Command::new(weft_bin())
+            .args(["bgp", "status", "--json", "--socket", &dir.path().join("weft.sock").display().to_string()])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut session = loop {
+        if let Ok(s) = peer.handle.run(|| std::net::TcpStream::connect("198.18.87.1:179")).unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "weft does not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    session.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let open = Open {
+        asn: 64513,
+        hold_time: 30,
+        router_id: "198.18.87.2".parse().unwrap(),
+        capabilities: vec![packet::Capability::FourOctetAs(64513)],
+    };
+    session.write_all(&packet::to_bytes(&Message::Open(open), Codec::default())).unwrap();
+    session.write_all(&packet::to_bytes(&Message::Keepalive, Codec::default())).unwrap();
+    read_until(&mut session, |m| matches!(m, Message::Keepalive));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status()["neighbors"][0]["state"] != "Established" {
+        assert!(Instant::now() < deadline, "{}", status());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(session);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status()["neighbors"].as_array().is_none_or(|n| !n.is_empty()) {
+        assert!(Instant::now() < deadline, "still listed: {}", status());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -177,6 +177,13 @@ impl Rib {
         self.peers.insert(id, peer);
     }
 
+    /// Forgets neighbour `id` (its paths must be gone already).
+    pub fn remove_peer(&mut self, id: PeerId) {
+        self.peers.remove(&id);
+        self.counts.remove(&id);
+        self.refused.remove(&id);
+    }
+
     /// Interned attributes no path holds any more are let go, every thousand imports.
     fn forget_unused(&mut self) {
         self.since_gc += 1;
