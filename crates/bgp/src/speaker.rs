@@ -256,6 +256,8 @@ impl Speaker {
                 return Some((attrs, None));
             }
             let nh = self.rib.export_next_hop_v6(p, id, self.next_hop_v6)?;
+            // Its next hop goes in MP_REACH_NLRI; NEXT_HOP is for IPv4 NLRI alone.
+            let attrs = attrs.into_iter().filter(|a| !matches!(a, crate::packet::Attribute::NextHop(_))).collect();
             Some((attrs, Some(nh)))
         });
         let sent = self.sent.entry(id).or_default();

@@ -506,12 +506,12 @@ pub fn status(args: StatusArgs) -> Result<()> {
         outln!(
             "{:<40} {:>10} {:<12} {:>8}s {:>9} {:>9} {:>11}",
             n["address"].as_str().unwrap_or("?"),
-            n["as"],
+            n["as"].to_string(),
             n["state"].as_str().unwrap_or("?"),
-            n["uptime_seconds"],
-            n["prefixes_received"],
-            n["prefixes_accepted"],
-            n["prefixes_advertised"]
+            n["uptime_seconds"].to_string(),
+            n["prefixes_received"].to_string(),
+            n["prefixes_accepted"].to_string(),
+            n["prefixes_advertised"].to_string()
         );
     }
     Ok(())

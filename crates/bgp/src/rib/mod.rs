@@ -320,7 +320,7 @@ impl Rib {
         if !self.peers.get(&peer).is_some_and(|p| p.ibgp) {
             attrs.local_pref = None;
         }
-        // Other families' next hop is in MP_REACH_NLRI (its first, global, address).
+        // The next hop of MP_REACH_NLRI (its first, global, address).
         let mp_next_hop = update.attributes.iter().find_map(|a| match a {
             Attribute::MpReach { next_hop, .. } => next_hop.first().copied(),
             _ => None,
@@ -334,8 +334,11 @@ impl Rib {
             || attrs.cluster_list.contains(&self.cluster_id);
         let shared = self.intern(attrs);
         let shared_v6 = self.intern(v6_attrs);
+        // Prefixes in MP_REACH_NLRI (IPv6, and IPv4 when a neighbour sends it there) take its
+        // next hop; the classic NLRI takes NEXT_HOP.
+        let classic: std::collections::HashSet<IpNet> = update.nlri.iter().map(|n| IpNet::V4(*n)).collect();
         for prefix in announced {
-            let attrs = if prefix.addr().is_ipv4() { &shared } else { &shared_v6 };
+            let attrs = if classic.contains(&prefix) { &shared } else { &shared_v6 };
             // Without a next hop for its family (or, from eBGP, without the neighbour's AS)
             // there is no path.
             if attrs.next_hop.is_none() || ebgp_without_path {

@@ -243,3 +243,21 @@ fn unusable_next_hops_and_ebgp_local_pref() {
     rib.import(3, &update(p, &[64603, 64700, 64701], "198.18.0.13", vec![Attribute::LocalPref(1000)]));
     assert_eq!(best_from(&rib, p), Some(3), "LOCAL_PREF from iBGP counts");
 }
+
+/// IPv4 unicast sent in MP_REACH_NLRI (as some speakers do) takes that attribute's next hop.
+#[test]
+fn ipv4_in_mp_reach_takes_its_next_hop() {
+    let mut rib = rib();
+    let mut u = Update::announce(
+        &[],
+        vec![Attribute::Origin(Origin::Igp), Attribute::AsPath(AsPath::sequence(&[64601]))],
+        None,
+    );
+    u.attributes.push(Attribute::MpReach {
+        family: crate::packet::Family::IPV4_UNICAST,
+        next_hop: vec![ip("198.18.0.11")],
+        nlri: vec![net("198.19.12.0/24")],
+    });
+    rib.import(1, &u);
+    assert_eq!(rib.best(&net("198.19.12.0/24")).and_then(|p| p.attrs.next_hop), Some(ip("198.18.0.11")));
+}

@@ -224,6 +224,12 @@ fn ipv6_prefixes_travel_with_their_own_next_hop() {
     w.handle(1, out);
     w.settle();
     assert_eq!(w.route(0, "fd00:19:2::/64"), Some("fd00::2".parse().unwrap()));
+    // Its UPDATE carries the next hop in MP_REACH_NLRI only (no IPv4 NEXT_HOP beside it).
+    let v6_update = w.sent.iter().rev().find_map(|(s, _, m)| match m {
+        Message::Update(u) if *s == 1 && !u.announcements().is_empty() => Some(u.clone()),
+        _ => None,
+    });
+    assert!(v6_update.is_some_and(|u| u.attribute(3).is_none()), "NEXT_HOP in an IPv6-only UPDATE");
     let out = w.speakers[1].withdraw(net("fd00:19:2::/64"));
     w.handle(1, out);
     w.settle();
