@@ -25,7 +25,7 @@ pub const AS4_AGGREGATOR: u8 = 18;
 
 const OPTIONAL: u8 = 0x80;
 const TRANSITIVE: u8 = 0x40;
-const PARTIAL: u8 = 0x20;
+pub const PARTIAL: u8 = 0x20;
 const EXTENDED: u8 = 0x10;
 
 /// ORIGIN.
@@ -38,7 +38,7 @@ pub enum Origin {
 
 /// One AS_PATH segment: its type (1 AS_SET, 2 AS_SEQUENCE, 3/4 the confederation ones of RFC 5065)
 /// and its AS numbers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Segment {
     pub kind: u8,
     pub asns: Vec<u32>,
@@ -48,7 +48,7 @@ pub const AS_SET: u8 = 1;
 pub const AS_SEQUENCE: u8 = 2;
 
 /// AS_PATH (or AS4_PATH).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct AsPath {
     pub segments: Vec<Segment>,
 }
@@ -100,7 +100,7 @@ impl AsPath {
 }
 
 /// A path attribute.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Attribute {
     Origin(Origin),
     AsPath(AsPath),

@@ -17,7 +17,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-pub use attr::{AsPath, Attribute, Origin, Segment, AS_SEQUENCE, AS_SET};
+pub use attr::{AsPath, Attribute, Origin, Segment, AS_SEQUENCE, AS_SET, PARTIAL};
 pub use open::{Capability, Open};
 use reader::Reader;
 

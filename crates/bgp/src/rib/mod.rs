@@ -24,6 +24,15 @@ pub struct PathAttrs {
     pub as_path: Vec<u32>,
     /// AS_SETs in the path (each counts as one for the length).
     pub as_sets: usize,
+    /// The AS numbers inside those sets (a loop if this speaker's is among them).
+    pub set_asns: Vec<u32>,
+    /// The AS_PATH as received, segments and all (what goes on, this speaker's AS put first
+    /// for eBGP).
+    pub path: AsPath,
+    /// Transitive attributes passed on as they came: ATOMIC_AGGREGATE, AGGREGATOR, and optional
+    /// transitive ones weft does not interpret (extended and large communities, ...), with the
+    /// Partial bit set as RFC 4271 §5 says.
+    pub transitive: Vec<Attribute>,
     pub next_hop: Option<IpAddr>,
     pub med: Option<u32>,
     pub local_pref: Option<u32>,
@@ -40,6 +49,9 @@ impl PathAttrs {
             origin: Origin::Incomplete,
             as_path: Vec::new(),
             as_sets: 0,
+            set_asns: Vec::new(),
+            path: AsPath::default(),
+            transitive: Vec::new(),
             next_hop: None,
             med: None,
             local_pref: None,
@@ -56,8 +68,18 @@ impl PathAttrs {
                             attrs.as_path.extend_from_slice(&s.asns);
                         } else if s.kind == crate::packet::AS_SET {
                             attrs.as_sets += 1;
+                            attrs.set_asns.extend_from_slice(&s.asns);
                         }
                     }
+                    attrs.path = p.clone();
+                }
+                Attribute::AtomicAggregate | Attribute::Aggregator { .. } => attrs.transitive.push(a.clone()),
+                Attribute::Unknown { flags, code, value } if flags & 0xc0 == 0xc0 => {
+                    attrs.transitive.push(Attribute::Unknown {
+                        flags: flags | crate::packet::PARTIAL,
+                        code: *code,
+                        value: value.clone(),
+                    })
                 }
                 Attribute::NextHop(nh) => attrs.next_hop = attrs.next_hop.or(Some(IpAddr::V4(*nh))),
                 Attribute::Med(m) => attrs.med = Some(*m),
@@ -329,7 +351,8 @@ impl Rib {
         let ebgp_without_path = attrs.as_path.is_empty() && !self.peers.get(&peer).is_some_and(|p| p.ibgp);
         // A path that holds this speaker's AS (from eBGP), or that this speaker reflected
         // (its router id as originator, its cluster in the list), is a loop.
-        let looped = attrs.as_path.contains(&self.local_as) && !self.peers.get(&peer).is_some_and(|p| p.ibgp)
+        let looped = (attrs.as_path.contains(&self.local_as) || attrs.set_asns.contains(&self.local_as))
+            && !self.peers.get(&peer).is_some_and(|p| p.ibgp)
             || attrs.originator_id == Some(self.router_id)
             || attrs.cluster_list.contains(&self.cluster_id);
         let shared = self.intern(attrs);
@@ -368,6 +391,9 @@ impl Rib {
             origin: Origin::Igp,
             as_path: Vec::new(),
             as_sets: 0,
+            set_asns: Vec::new(),
+            path: AsPath::default(),
+            transitive: Vec::new(),
             next_hop: Some(next_hop),
             med: None,
             local_pref: None,
@@ -477,7 +503,7 @@ impl Rib {
                 Some(_) if target.rr_client => true,
                 Some(_) => return None,
             };
-            attrs.push(Attribute::AsPath(AsPath::sequence(&x.as_path)));
+            attrs.push(Attribute::AsPath(x.path.clone()));
             attrs.push(Attribute::NextHop(match x.next_hop.filter(|_| source.is_some()) {
                 Some(IpAddr::V4(nh)) => nh,
                 _ => v4(next_hop_self),
@@ -494,14 +520,13 @@ impl Rib {
                 attrs.push(Attribute::ClusterList(list));
             }
         } else {
-            let mut path_asns = vec![self.local_as];
-            path_asns.extend_from_slice(&x.as_path);
-            attrs.push(Attribute::AsPath(AsPath::sequence(&path_asns)));
+            attrs.push(Attribute::AsPath(x.path.prepend(self.local_as)));
             attrs.push(Attribute::NextHop(v4(next_hop_self)));
         }
         if !x.communities.is_empty() {
             attrs.push(Attribute::Communities(x.communities.clone()));
         }
+        attrs.extend(x.transitive.iter().cloned());
         Some(attrs)
     }
 }

@@ -261,3 +261,53 @@ fn ipv4_in_mp_reach_takes_its_next_hop() {
     rib.import(1, &u);
     assert_eq!(rib.best(&net("198.19.12.0/24")).and_then(|p| p.attrs.next_hop), Some(ip("198.18.0.11")));
 }
+
+/// What goes on keeps what came: AS_SETs in the path (with this speaker's AS put first to
+/// eBGP), ATOMIC_AGGREGATE and AGGREGATOR, and optional transitive attributes weft does not
+/// interpret (an extended community here), these with the Partial bit; an optional
+/// non-transitive unknown one is not passed on. A set holding this speaker's AS is a loop.
+#[test]
+fn transitive_attributes_and_as_sets_go_on() {
+    use crate::packet::Segment;
+    let mut rib = rib();
+    let path = AsPath {
+        segments: vec![
+            Segment { kind: crate::packet::AS_SEQUENCE, asns: vec![64601] },
+            Segment { kind: crate::packet::AS_SET, asns: vec![65001, 65002] },
+        ],
+    };
+    let ext = Attribute::Unknown { flags: 0xc0, code: 16, value: vec![0, 2, 0xfc, 0, 0, 0, 0, 7] };
+    let private = Attribute::Unknown { flags: 0x80, code: 99, value: vec![1] };
+    let aggregator = Attribute::Aggregator { asn: 64601, address: "198.18.0.11".parse().unwrap() };
+    let attrs = vec![
+        Attribute::Origin(Origin::Igp),
+        Attribute::AsPath(path.clone()),
+        Attribute::NextHop("198.18.0.11".parse().unwrap()),
+        Attribute::AtomicAggregate,
+        aggregator.clone(),
+        ext,
+        private,
+    ];
+    rib.import(1, &Update::announce(&[net("198.19.13.0/24")], attrs.clone(), None));
+    let best = rib.best(&net("198.19.13.0/24")).unwrap().clone();
+    let out = rib.export(&best, 2, ip("198.18.0.1")).unwrap();
+    assert!(out.contains(&Attribute::AsPath(path.prepend(LOCAL_AS))), "{out:?}");
+    assert!(out.contains(&Attribute::AtomicAggregate) && out.contains(&aggregator), "{out:?}");
+    assert!(
+        out.contains(&Attribute::Unknown { flags: 0xe0, code: 16, value: vec![0, 2, 0xfc, 0, 0, 0, 0, 7] }),
+        "{out:?}"
+    );
+    assert!(!out.iter().any(|a| matches!(a, Attribute::Unknown { code: 99, .. })), "{out:?}");
+    let to_ibgp = rib.export(&best, 3, ip("198.18.0.1")).unwrap();
+    assert!(to_ibgp.contains(&Attribute::AsPath(path)), "{to_ibgp:?}");
+    // This speaker's AS inside a set: refused.
+    let looped = AsPath {
+        segments: vec![
+            Segment { kind: crate::packet::AS_SEQUENCE, asns: vec![64601] },
+            Segment { kind: crate::packet::AS_SET, asns: vec![LOCAL_AS] },
+        ],
+    };
+    let mut attrs = attrs;
+    attrs[1] = Attribute::AsPath(looped);
+    assert_eq!(rib.import(1, &Update::announce(&[net("198.19.14.0/24")], attrs, None)).refused, 1);
+}
