@@ -8,7 +8,9 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use crate::packet::{self, error, Capability, Codec, Family, Message, Notification, Open, RouteRefresh, Update};
+use crate::packet::{
+    self, error, AsPath, Attribute, Capability, Codec, Family, Message, Notification, Open, RouteRefresh, Update,
+};
 
 /// The session's state, with the RFC's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -401,8 +403,9 @@ impl Neighbor {
                 actions
             }
             (State::Established, Message::Keepalive) => self.hold_again(),
-            (State::Established, Message::Update(update)) => {
+            (State::Established, Message::Update(mut update)) => {
                 let mut actions = self.hold_again();
+                as4_received(&mut update, self.codec().four_octet_as);
                 actions.push(Action::Received(update));
                 actions
             }
@@ -458,7 +461,9 @@ impl Neighbor {
         if self.state != State::Established {
             return Vec::new();
         }
-        vec![self.send(&Message::Update(update.clone()))]
+        let mut update = update.clone();
+        as4_to_send(&mut update, self.codec().four_octet_as);
+        vec![self.send(&Message::Update(update))]
     }
 
     /// Asks the neighbour to send `family` again (when it can).
@@ -469,6 +474,70 @@ impl Neighbor {
             }
             _ => Vec::new(),
         }
+    }
+}
+
+/// RFC 6793 §4.2.3, receiving from a neighbour without 4-octet AS numbers: AS_PATH has
+/// AS_TRANS where a number did not fit, AS4_PATH the real numbers of its trailing part; the
+/// path is both put together (AS4_PATH ignored when it is the longer). From a neighbour with
+/// them, AS4_PATH and AS4_AGGREGATOR mean nothing and are dropped.
+fn as4_received(update: &mut Update, four_octet_as: bool) {
+    let as4 = update.attributes.iter().find_map(|a| match a {
+        Attribute::As4Path(p) => Some(p.clone()),
+        _ => None,
+    });
+    update.attributes.retain(|a| !matches!(a, Attribute::As4Path(_) | Attribute::As4Aggregator { .. }));
+    let (Some(as4), false) = (as4, four_octet_as) else { return };
+    let count = |p: &AsPath| {
+        p.segments.iter().map(|s| if s.kind == crate::packet::AS_SET { 1 } else { s.asns.len() }).sum::<usize>()
+    };
+    let Some(Attribute::AsPath(path)) = update.attributes.iter_mut().find(|a| matches!(a, Attribute::AsPath(_))) else {
+        return;
+    };
+    let (have, real) = (count(path), count(&as4));
+    if real > have {
+        return;
+    }
+    // The leading (have - real) numbers of AS_PATH, then AS4_PATH.
+    let mut keep = have - real;
+    let mut merged = AsPath::default();
+    for s in &path.segments {
+        if keep == 0 {
+            break;
+        }
+        if s.kind == crate::packet::AS_SET {
+            merged.segments.push(s.clone());
+            keep -= 1;
+        } else {
+            let take = keep.min(s.asns.len());
+            merged.segments.push(crate::packet::Segment { kind: s.kind, asns: s.asns[..take].to_vec() });
+            keep -= take;
+        }
+    }
+    for segment in as4.segments {
+        match merged.segments.last_mut() {
+            // Two sequences side by side are one.
+            Some(last) if last.kind == crate::packet::AS_SEQUENCE && segment.kind == crate::packet::AS_SEQUENCE => {
+                last.asns.extend(segment.asns)
+            }
+            _ => merged.segments.push(segment),
+        }
+    }
+    *path = merged;
+}
+
+/// RFC 6793 §4.2.2, sending to a neighbour without 4-octet AS numbers: the encoder puts
+/// AS_TRANS for numbers that do not fit in two octets; the real path goes in AS4_PATH beside it.
+fn as4_to_send(update: &mut Update, four_octet_as: bool) {
+    if four_octet_as {
+        return;
+    }
+    let path = update.attributes.iter().find_map(|a| match a {
+        Attribute::AsPath(p) if p.segments.iter().any(|s| s.asns.iter().any(|asn| *asn > 0xffff)) => Some(p.clone()),
+        _ => None,
+    });
+    if let Some(path) = path {
+        update.attributes.push(Attribute::As4Path(path));
     }
 }
 

@@ -274,3 +274,47 @@ fn a_session_switches_to_the_connection_a_collision_kept() {
     assert!(a.contains(&Action::StopTimer(Timer::ConnectRetry)), "{a:?}");
     assert_eq!(n.state(), State::OpenSent);
 }
+
+/// RFC 6793 with a neighbour that has no 4-octet AS numbers: AS4_PATH goes beside an AS_PATH
+/// that needed AS_TRANS, and what arrives is put back together; from a 4-octet neighbour an
+/// AS4_PATH is dropped.
+#[test]
+fn as4_path_for_neighbours_with_two_octet_as_numbers() {
+    use crate::packet::{AsPath, Attribute};
+    let path = |asns: &[u32]| Attribute::AsPath(AsPath::sequence(asns));
+    let as4 = |asns: &[u32]| Attribute::As4Path(AsPath::sequence(asns));
+    let mut out = Update { attributes: vec![path(&[4_200_000_000, 65010])], ..Update::default() };
+    super::as4_to_send(&mut out, false);
+    assert_eq!(out.attributes, vec![path(&[4_200_000_000, 65010]), as4(&[4_200_000_000, 65010])]);
+    let mut small = Update { attributes: vec![path(&[65001, 65010])], ..Update::default() };
+    super::as4_to_send(&mut small, false);
+    assert_eq!(small.attributes.len(), 1, "nothing to add when every number fits");
+    let mut four = Update { attributes: vec![path(&[4_200_000_000])], ..Update::default() };
+    super::as4_to_send(&mut four, true);
+    assert_eq!(four.attributes.len(), 1);
+
+    let received = |attrs: Vec<Attribute>, four_octet: bool| {
+        let mut u = Update { attributes: attrs, ..Update::default() };
+        super::as4_received(&mut u, four_octet);
+        u.attributes
+    };
+    assert_eq!(
+        received(vec![path(&[23456, 65010]), as4(&[4_200_000_000, 65010])], false),
+        vec![path(&[4_200_000_000, 65010])]
+    );
+    assert_eq!(
+        received(vec![path(&[65001, 23456, 65010]), as4(&[4_200_000_000, 65010])], false),
+        vec![path(&[65001, 4_200_000_000, 65010])],
+        "the leading numbers AS4_PATH lacks come from AS_PATH"
+    );
+    assert_eq!(
+        received(vec![path(&[23456]), as4(&[1, 2])], false),
+        vec![path(&[23456])],
+        "a longer AS4_PATH is ignored"
+    );
+    assert_eq!(
+        received(vec![path(&[65001]), as4(&[7])], true),
+        vec![path(&[65001])],
+        "from a 4-octet neighbour: dropped"
+    );
+}
