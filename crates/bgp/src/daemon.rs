@@ -236,6 +236,9 @@ async fn serve(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Resul
             config.restart_time
         );
     }
+    if restarting {
+        speaker.defer_until_end_of_rib();
+    }
     let mut daemon = Daemon {
         speaker,
         links: HashMap::new(),
@@ -444,6 +447,8 @@ impl Daemon {
                 let _ = reply.send(self.status());
             }
             Event::RestartOver => {
+                let out = self.speaker.end_deferral();
+                self.carry_out(out);
                 for prefix in std::mem::take(&mut self.leftovers) {
                     if self.speaker.rib.best(&prefix).is_none_or(|p| p.from.is_none()) {
                         self.sink.remove(prefix);

@@ -47,6 +47,12 @@ pub struct Speaker {
     pub next_hop_v6: Option<std::net::Ipv6Addr>,
     /// Prefixes each neighbour was last sent, so withdrawals go only where announcements went.
     sent: HashMap<PeerId, std::collections::HashSet<IpNet>>,
+    /// Restarting (RFC 4724 §4.1): nothing is advertised until every neighbour has sent its
+    /// End-of-RIB (or the restart time is over), so that none is sent this speaker's End-of-RIB
+    /// — and drops what it kept for this speaker — before the routes to send it are back.
+    deferring: bool,
+    /// Neighbours whose End-of-RIB arrived.
+    end_of_rib: std::collections::HashSet<PeerId>,
 }
 
 impl Speaker {
@@ -55,7 +61,15 @@ impl Speaker {
             IpAddr::V6(a) => Some(a),
             IpAddr::V4(_) => None,
         };
-        Speaker { rib, members: BTreeMap::new(), next_hop, next_hop_v6, sent: HashMap::new() }
+        Speaker {
+            rib,
+            members: BTreeMap::new(),
+            next_hop,
+            next_hop_v6,
+            sent: HashMap::new(),
+            deferring: false,
+            end_of_rib: Default::default(),
+        }
     }
 
     /// Adds neighbour `id` at `address` and starts its session.
@@ -82,6 +96,39 @@ impl Speaker {
 
     pub fn connected(&mut self, id: PeerId) -> Vec<Output> {
         self.session(id, |n| n.connected())
+    }
+
+    /// Restarting: advertise nothing until every neighbour's End-of-RIB (or [`Speaker::end_deferral`]).
+    pub fn defer_until_end_of_rib(&mut self) {
+        self.deferring = true;
+    }
+
+    /// The wait of a restart is over: every neighbour up gets the table and End-of-RIB.
+    pub fn end_deferral(&mut self) -> Vec<Output> {
+        if !std::mem::take(&mut self.deferring) {
+            return Vec::new();
+        }
+        let up: Vec<(PeerId, Vec<Family>)> = self
+            .members
+            .iter()
+            .filter_map(|(id, m)| Some((*id, m.session.negotiated()?.families.clone())))
+            .filter(|(id, _)| self.members[id].session.state() == State::Established)
+            .collect();
+        let mut out = Vec::new();
+        for (id, families) in up {
+            out.extend(self.send_table(id, &families));
+        }
+        out
+    }
+
+    /// Whether every neighbour has sent its End-of-RIB, or is up without graceful restart (it
+    /// sends none to wait for).
+    fn all_ended_their_rib(&self) -> bool {
+        self.members.iter().all(|(id, m)| {
+            self.end_of_rib.contains(id)
+                || m.session.state() == State::Established
+                    && m.session.negotiated().is_some_and(|n| n.peer_restart.is_none())
+        })
     }
 
     /// Forgets neighbour `id` (a dynamic one whose session is over, its paths gone).
@@ -171,7 +218,11 @@ impl Speaker {
                         let changes = self.rib.sweep(id);
                         out.extend(self.propagate(changes));
                     }
-                    out.extend(self.send_table(id, &negotiated.families));
+                    if !self.deferring {
+                        out.extend(self.send_table(id, &negotiated.families));
+                    } else if self.all_ended_their_rib() {
+                        out.extend(self.end_deferral());
+                    }
                 }
                 Action::RefreshRequested(family) => {
                     // RFC 2918: everything this speaker advertises of `family`, again.
@@ -192,6 +243,10 @@ impl Speaker {
                     if end_of_rib {
                         let changes = self.rib.sweep(id);
                         out.extend(self.propagate(changes));
+                        self.end_of_rib.insert(id);
+                        if self.deferring && self.all_ended_their_rib() {
+                            out.extend(self.end_deferral());
+                        }
                         continue;
                     }
                     let imported = self.rib.import(id, &update);
@@ -235,6 +290,9 @@ impl Speaker {
                 .filter(|(_, m)| m.session.state() == State::Established)
                 .map(|(id, _)| *id)
                 .collect();
+            if self.deferring {
+                continue;
+            }
             for id in ids {
                 out.extend(self.send_path(id, change.prefix, best));
             }

@@ -774,7 +774,7 @@ fn read_until(
     let (mut buf, mut chunk, mut seen) = (Vec::new(), [0u8; 4096], Vec::new());
     loop {
         let n = stream.read(&mut chunk).unwrap_or(0);
-        assert!(n > 0, "closed after {seen:?}");
+        assert!(n > 0, "closed after {seen:?} ({:?} -> {:?})", stream.local_addr(), stream.peer_addr());
         buf.extend_from_slice(&chunk[..n]);
         while let Some((m, used)) = packet::decode(&buf, Codec::default()).unwrap() {
             buf.drain(..used);
@@ -827,13 +827,21 @@ fn collision(net: u8, peer_id: &str) {
     };
     let open = packet::to_bytes(&Message::Open(open), Codec::default());
     second.write_all(&open).unwrap();
-    let seen = read_until(&mut second, |m| matches!(m, Message::Open(_) | Message::Notification(_)));
-    assert!(matches!(seen[0], Message::Open(_)), "weft's OPEN first on the second connection: {seen:?}");
     let weft_id: std::net::Ipv4Addr = weft_ip.parse().unwrap();
     let peer_id: std::net::Ipv4Addr = peer_id.parse().unwrap();
     // The connection the higher identifier opened stays: the second (the peer's) or the first.
-    let (mut kept, mut dropped) = if peer_id > weft_id { (second, first) } else { (first, second) };
-    let seen = read_until(&mut dropped, |m| matches!(m, Message::Notification(_)));
+    // On the second, weft's OPEN comes first either way (and, when it is given up, the Cease
+    // right after it: read in one go, so nothing read is lost between two reads).
+    let peer_wins = peer_id > weft_id;
+    let seen = read_until(&mut second, |m| {
+        matches!(m, Message::Notification(_)) || peer_wins && matches!(m, Message::Open(_))
+    });
+    assert!(matches!(seen[0], Message::Open(_)), "weft's OPEN first on the second connection: {seen:?}");
+    let (mut kept, seen) = if peer_wins {
+        (second, read_until(&mut first, |m| matches!(m, Message::Notification(_))))
+    } else {
+        (first, seen)
+    };
     let Some(Message::Notification(n)) = seen.last() else { unreachable!() };
     assert_eq!((n.code, n.subcode), (6, 7), "Cease, connection collision resolution: {seen:?}");
     if peer_id < weft_id {

@@ -357,3 +357,31 @@ fn max_prefix_restarts_later_and_refresh_is_answered() {
     let sent_after = w.sent.iter().filter(|(s, _, m)| *s == 0 && matches!(m, Message::Update(_))).count();
     assert!(sent_after > sent_before, "the table sent again");
 }
+
+/// Restarting (RFC 4724 §4.1): the speaker advertises nothing, End-of-RIB included, until every
+/// neighbour has sent its End-of-RIB — a neighbour that got this speaker's End-of-RIB at once
+/// would drop the routes it kept for it before they are back.
+#[test]
+fn a_restarting_speaker_waits_for_every_end_of_rib() {
+    let mut w = World::new(&[(64512, "198.18.0.1"), (64513, "198.18.0.2"), (64514, "198.18.0.3")]);
+    let out = w.speakers[2].originate(net("198.19.3.0/24"));
+    w.handle(2, out);
+    w.speakers[0].defer_until_end_of_rib();
+    // Both are configured neighbours of 0 from the start (2 not up yet).
+    let mut waiting = Config::new(64512, "198.18.0.1".parse().unwrap(), 64514);
+    waiting.passive = true;
+    let out = w.speakers[0].add_neighbor(3, "198.18.0.3".parse().unwrap(), waiting, false);
+    w.handle(0, out);
+    // 1 comes up first: it is sent nothing yet.
+    w.link(0, 1, false);
+    w.settle();
+    assert_eq!(w.speakers[0].state(2), Some(State::Established));
+    let to_1 =
+        |w: &World| w.sent.iter().filter(|(s, p, m)| *s == 0 && *p == 2 && matches!(m, Message::Update(_))).count();
+    assert_eq!(to_1(&w), 0, "no table and no End-of-RIB while 2 has not sent its own");
+    // 2 comes up and sends its table and End-of-RIB: now 1 gets everything, 2's route too.
+    w.link(0, 2, false);
+    w.settle();
+    assert!(to_1(&w) >= 2, "table and End-of-RIB to 1");
+    assert_eq!(w.route(1, "198.19.3.0/24"), Some("198.18.0.1".parse().unwrap()));
+}
