@@ -9,7 +9,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::Ipv4Net;
 use serde_json::{json, Value};
 use weft_dataplane::{LinkKind, Netlink};
 
@@ -47,23 +47,10 @@ pub fn ensure_device(nl: &mut Netlink, cfg: &TunConfig) -> Result<(u32, bool)> {
             nl.require_link(&cfg.name).map_err(kernel("reading the TUN device"))?
         }
     };
-    if link.mtu != cfg.mtu {
-        nl.set_mtu(link.index, cfg.mtu).map_err(kernel("setting the TUN MTU"))?;
-    }
     // The udp backend carries IPv4 only: no IPv6 chatter (router solicitations, MLD) into the
     // forwarder. A kernel without IPv6 has no such key, which is fine.
     let _ = weft_dataplane::sysctl::set(&format!("net/ipv6/conf/{}/disable_ipv6", cfg.name), "1");
-    let addr = IpNet::V4(cfg.address);
-    let have = nl.addresses(Some(link.index)).map_err(kernel("reading the TUN's addresses"))?;
-    for stale in have.iter().filter(|a| a.net.addr().is_ipv4() && a.net != addr) {
-        nl.delete_address(link.index, &stale.net).map_err(kernel("removing an old TUN address"))?;
-    }
-    if !have.iter().any(|a| a.net == addr) {
-        nl.add_address(link.index, &addr).map_err(kernel("adding the TUN address"))?;
-    }
-    if !link.up {
-        nl.set_up(link.index, true).map_err(kernel("setting the TUN device up"))?;
-    }
+    crate::vtep::settle(nl, &link, cfg.mtu, cfg.address, "the TUN device")?;
     Ok((link.index, created))
 }
 

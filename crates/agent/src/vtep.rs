@@ -105,19 +105,27 @@ pub fn ensure(nl: &mut Netlink, cfg: &VtepConfig<'_>) -> Result<(u32, bool)> {
             nl.require_link(cfg.name).map_err(kernel("reading the VTEP"))?
         }
     };
-    if link.mtu != cfg.mtu {
-        nl.set_mtu(link.index, cfg.mtu).map_err(kernel("setting the VTEP MTU"))?;
+    settle(nl, &link, cfg.mtu, cfg.address, "the VTEP")?;
+    Ok((link.index, created))
+}
+
+/// A backend's device (`what`, for errors) given `mtu`, `address` as its only IPv4 address,
+/// and up — each only when it is not so already.
+pub fn settle(nl: &mut Netlink, link: &Link, mtu: u32, address: Ipv4Net, what: &str) -> Result<()> {
+    let step = |action: &str| kernel(format!("{action} {what}"));
+    if link.mtu != mtu {
+        nl.set_mtu(link.index, mtu).map_err(step("setting the MTU of"))?;
     }
-    let addr = IpNet::V4(cfg.address);
-    let have = nl.addresses(Some(link.index)).map_err(kernel("reading VTEP addresses"))?;
+    let addr = IpNet::V4(address);
+    let have = nl.addresses(Some(link.index)).map_err(step("reading the addresses of"))?;
     for stale in have.iter().filter(|a| a.net.addr().is_ipv4() && a.net != addr) {
-        nl.delete_address(link.index, &stale.net).map_err(kernel("removing an old VTEP address"))?;
+        nl.delete_address(link.index, &stale.net).map_err(step("removing an old address of"))?;
     }
     if !have.iter().any(|a| a.net == addr) {
-        nl.add_address(link.index, &addr).map_err(kernel("adding the VTEP address"))?;
+        nl.add_address(link.index, &addr).map_err(step("adding the address of"))?;
     }
     if !link.up {
-        nl.set_up(link.index, true).map_err(kernel("setting the VTEP up"))?;
+        nl.set_up(link.index, true).map_err(step("setting up"))?;
     }
-    Ok((link.index, created))
+    Ok(())
 }

@@ -77,9 +77,7 @@ impl Pair {
     }
 
     fn status(&self) -> serde_json::Value {
-        let out =
-            Command::new(weft_bin()).args(["bgp", "status", "--json", "--socket", &self.socket()]).output().unwrap();
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+        status_at(std::path::Path::new(&self.socket()))
     }
 
     fn birdc(&self, args: &[&str]) -> String {
@@ -106,6 +104,12 @@ impl Drop for Pair {
 }
 
 /// Processes killed when dropped.
+/// `weft bgp status --json` of the speaker on `socket` (Null when none answers).
+fn status_at(socket: &std::path::Path) -> serde_json::Value {
+    let out = Command::new(weft_bin()).args(["bgp", "status", "--json", "--socket"]).arg(socket).output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
 struct Kill(Vec<Child>);
 
 impl Drop for Kill {
@@ -451,8 +455,7 @@ fn with_frr(frr_as: u32, net: u8) {
         let r = vtysh("show bgp ipv4 unicast 198.19.102.0/24");
         r.contains(path) && r.contains(&weft_ip)
     });
-    let status = Command::new(weft_bin()).args(["bgp", "status", "--json", "--socket", &socket]).output().unwrap();
-    assert!(String::from_utf8_lossy(&status.stdout).contains("Established"));
+    assert_eq!(status_at(std::path::Path::new(&socket))["neighbors"][0]["state"], "Established");
 }
 
 const BIRD_GR: &str = r#"
@@ -560,11 +563,7 @@ fn route_reflection_with_bird_both_ways() {
         String::from_utf8_lossy(&out.stdout).to_string()
     };
     let weft = |ns: &Ns, name: &str, args: &[&str]| spawn_weft(ns, dir.path(), name, args);
-    let status = |name: &str| {
-        let sock = dir.path().join(format!("{name}.sock")).display().to_string();
-        let out = Command::new(weft_bin()).args(["bgp", "status", "--json", "--socket", &sock]).output().unwrap();
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or(serde_json::Value::Null)
-    };
+    let status = |name: &str| status_at(&dir.path().join(format!("{name}.sock")));
     let within = |what: &str, cond: &dyn Fn() -> bool| {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !cond() {
@@ -850,13 +849,7 @@ fn collision(net: u8, peer_id: &str) {
     kept.write_all(&packet::to_bytes(&Message::Keepalive, Codec::default())).unwrap();
     let seen = read_until(&mut kept, |m| matches!(m, Message::Keepalive));
     assert!(!seen.iter().any(|m| matches!(m, Message::Notification(_))), "{seen:?}");
-    let status = || {
-        let out = Command::new(weft_bin())
-            .args(["bgp", "status", "--json", "--socket", &dir.path().join("weft.sock").display().to_string()])
-            .output()
-            .unwrap();
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default()
-    };
+    let status = || status_at(&dir.path().join("weft.sock"));
     let deadline = Instant::now() + Duration::from_secs(10);
     while status()["neighbors"][0]["state"] != "Established" {
         let log = std::fs::read_to_string(dir.path().join("weft.log")).unwrap_or_default();
@@ -890,19 +883,7 @@ fn two_wefts_connecting_to_each_other_at_once() {
     let _guard =
         Kill(vec![speaker(&a, "198.18.85.1", "198.18.85.2", "a"), speaker(&b, "198.18.85.2", "198.18.85.1", "b")]);
     let log = |name: &str| std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap_or_default();
-    let status = |name: &str| {
-        let out = Command::new(weft_bin())
-            .args([
-                "bgp",
-                "status",
-                "--json",
-                "--socket",
-                &dir.path().join(format!("{name}.sock")).display().to_string(),
-            ])
-            .output()
-            .unwrap();
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default()
-    };
+    let status = |name: &str| status_at(&dir.path().join(format!("{name}.sock")));
     let deadline = Instant::now() + Duration::from_secs(20);
     while ["a", "b"].iter().any(|n| status(n)["neighbors"][0]["prefixes_accepted"] != 1) {
         assert!(Instant::now() < deadline, "no session:\n{}\n{}", log("a"), log("b"));
@@ -1046,13 +1027,7 @@ fn range_neighbours_are_forgotten_when_their_session_is_over() {
     let args = ["--local-as", "64512", "--router-id", "198.18.87.1", "--listen", "198.18.87.1"];
     let more = ["--neighbor-range", "198.18.87.0/24,64513", "--restart-time", "1"];
     let _guard = Kill(vec![spawn_weft(&weft, dir.path(), "weft", &[&args[..], &more[..]].concat())]);
-    let status = || {
-        let out = Command::new(weft_bin())
-            .args(["bgp", "status", "--json", "--socket", &dir.path().join("weft.sock").display().to_string()])
-            .output()
-            .unwrap();
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default()
-    };
+    let status = || status_at(&dir.path().join("weft.sock"));
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut session = loop {
         if let Ok(s) = peer.handle.run(|| std::net::TcpStream::connect("198.18.87.1:179")).unwrap() {
