@@ -308,7 +308,7 @@ impl Speaker {
         if !self.members.get(&id).and_then(|m| m.session.negotiated()).is_some_and(|n| n.families.contains(&family)) {
             return Vec::new();
         }
-        let exported = best.and_then(|p| {
+        let exported = best.filter(|_| crate::rib::passes(&self.rib.policy.export, &prefix)).and_then(|p| {
             let attrs = self.rib.export(p, id, self.next_hop)?;
             if !v6 {
                 return Some((attrs, None));

@@ -42,7 +42,12 @@ pub struct RunArgs {
     /// default: accept all. Prefixes overlapping announced ones are never accepted.
     #[arg(long = "accept")]
     accept: Vec<String>,
-    /// End a session whose neighbour sends more prefixes than this.
+    /// Advertise only prefixes inside NETWORK, no longer than N bits (NETWORK[,le=N]);
+    /// repeatable; default: advertise every best path the rules allow.
+    #[arg(long = "export")]
+    export: Vec<String>,
+    /// End a session whose neighbour sends more prefixes than this (it is tried again after a
+    /// minute).
     #[arg(long)]
     max_prefix: Option<usize>,
     /// Put the best received routes into the kernel's main table (protocol 202).
@@ -135,19 +140,20 @@ fn check_socket_path(path: &std::path::Path) -> Result<()> {
     }
 }
 
-fn accept(text: &str) -> Result<(IpNet, u8)> {
+/// A prefix filter entry, NETWORK[,le=N], of the flag `flag`.
+fn filter(flag: &str, text: &str) -> Result<(IpNet, u8)> {
     let (net, le) = match text.split_once(',') {
         Some((net, le)) => {
-            let n = le.strip_prefix("le=").ok_or_else(|| anyhow::anyhow!("--accept {text:?}: NETWORK[,le=N]"))?;
-            (net, Some(n.parse::<u8>().with_context(|| format!("--accept {text:?}: le is a length"))?))
+            let n = le.strip_prefix("le=").ok_or_else(|| anyhow::anyhow!("{flag} {text:?}: NETWORK[,le=N]"))?;
+            (net, Some(n.parse::<u8>().with_context(|| format!("{flag} {text:?}: le is a length"))?))
         }
         None => (text, None),
     };
-    let net: IpNet = net.parse().with_context(|| format!("--accept {text:?}: not a network"))?;
+    let net: IpNet = net.parse().with_context(|| format!("{flag} {text:?}: not a network"))?;
     let max = if net.addr().is_ipv4() { 32 } else { 128 };
     let le = le.unwrap_or(max);
     if le < net.prefix_len() || le > max {
-        bail!("--accept {text:?}: le must be between {} and {max}", net.prefix_len());
+        bail!("{flag} {text:?}: le must be between {} and {max}", net.prefix_len());
     }
     Ok((net, le))
 }
@@ -355,8 +361,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     let ranges = args.ranges.iter().map(|r| range(r)).collect::<Result<Vec<_>>>()?;
     check_socket_path(&args.socket)?;
     let policy = Policy {
-        accept: args.accept.iter().map(|a| accept(a)).collect::<Result<Vec<_>>>()?,
+        accept: args.accept.iter().map(|a| filter("--accept", a)).collect::<Result<Vec<_>>>()?,
         max_prefix: args.max_prefix,
+        export: args.export.iter().map(|a| filter("--export", a)).collect::<Result<Vec<_>>>()?,
     };
     let config = DaemonConfig {
         local_as: args.local_as,
@@ -550,10 +557,10 @@ mod tests {
         assert!(check_socket_path(&dir).is_err(), "a directory");
         assert!(check_socket_path(&dir.join("free.sock")).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(accept("198.19.0.0/16,le=26").unwrap(), ("198.19.0.0/16".parse().unwrap(), 26));
-        assert_eq!(accept("fd00::/48").unwrap().1, 128);
+        assert_eq!(filter("--accept", "198.19.0.0/16,le=26").unwrap(), ("198.19.0.0/16".parse().unwrap(), 26));
+        assert_eq!(filter("--export", "fd00::/48").unwrap().1, 128);
         for bad in ["198.19.0.0/16,le=8", "198.19.0.0/16,le=33", "198.19.0.0/16,ge=20"] {
-            assert!(accept(bad).is_err(), "{bad}");
+            assert!(format!("{:#}", filter("--export", bad).unwrap_err()).contains("--export"), "{bad}");
         }
     }
 

@@ -167,6 +167,10 @@ fn weft_bgp_run_with_bird_learns_installs_and_cleans_up() {
         "198.18.77.2,64513",
         "--announce",
         "198.19.100.0/24",
+        "--announce",
+        "198.19.101.0/24",
+        "--export",
+        "198.19.100.0/24",
         "--install",
         "--accept",
         "198.19.200.0/24",
@@ -185,6 +189,8 @@ fn weft_bgp_run_with_bird_learns_installs_and_cleans_up() {
         let r = pair.birdc(&["show", "route", "for", "198.19.100.1", "all"]);
         r.contains("198.19.100.0/24") && r.contains("BGP.as_path: 64512")
     });
+    // 198.19.101.0/24 is outside --export: BIRD is not sent it (advertised: 1).
+    assert!(!pair.birdc(&["show", "route", "for", "198.19.101.1"]).contains("198.19.101.0/24"));
     // 198.19.201.0/25 is outside --accept: received, not accepted, not installed.
     let status = pair.status();
     assert_eq!(status["neighbors"][0]["prefixes_received"], 2, "{status}");

@@ -116,6 +116,14 @@ pub struct Policy {
     pub accept: Vec<(IpNet, u8)>,
     /// At most this many prefixes from one neighbour (the session is to end past it).
     pub max_prefix: Option<usize>,
+    /// Advertise only prefixes inside one of these, no longer than the bound (empty: anything).
+    pub export: Vec<(IpNet, u8)>,
+}
+
+/// Whether `prefix` is inside one of `filter`'s networks within its length bound (an empty
+/// filter lets everything through).
+pub fn passes(filter: &[(IpNet, u8)], prefix: &IpNet) -> bool {
+    filter.is_empty() || filter.iter().any(|(net, le)| net.contains(prefix) && prefix.prefix_len() <= *le)
 }
 
 /// A path in the RIB: from a neighbour (or this speaker, `None`), with its attributes.
@@ -273,8 +281,7 @@ impl Rib {
         if own {
             return false;
         }
-        self.policy.accept.is_empty()
-            || self.policy.accept.iter().any(|(net, le)| net.contains(prefix) && prefix.prefix_len() <= *le)
+        passes(&self.policy.accept, prefix)
     }
 
     /// Puts `path` (or, `None`, removes the path from `from`) for `prefix`; the change of its

@@ -385,3 +385,20 @@ fn a_restarting_speaker_waits_for_every_end_of_rib() {
     assert!(to_1(&w) >= 2, "table and End-of-RIB to 1");
     assert_eq!(w.route(1, "198.19.3.0/24"), Some("198.18.0.1".parse().unwrap()));
 }
+
+/// The export filter: only prefixes inside its networks (within their length bound) are
+/// advertised, this speaker's own and learned ones alike.
+#[test]
+fn the_export_filter_limits_what_is_advertised() {
+    let mut w = World::new(&[(64512, "198.18.0.1"), (64513, "198.18.0.2")]);
+    w.speakers[0].rib.policy.export = vec![(net("198.19.0.0/16"), 24)];
+    for p in ["198.19.1.0/24", "198.19.2.0/25", "10.1.0.0/16"] {
+        let out = w.speakers[0].originate(net(p));
+        w.handle(0, out);
+    }
+    w.link(0, 1, false);
+    w.settle();
+    assert!(w.route(1, "198.19.1.0/24").is_some());
+    assert_eq!(w.route(1, "198.19.2.0/25"), None, "longer than the bound");
+    assert_eq!(w.route(1, "10.1.0.0/16"), None, "outside the networks");
+}
