@@ -108,13 +108,14 @@ impl<'a> Current<'a> {
         Current { shared, table: shared.table(), generation: shared.generation.load(Ordering::Acquire) }
     }
 
-    fn refresh(&mut self) -> &Table {
+    /// The current table (a reference count, not a copy).
+    fn refresh(&mut self) -> Arc<Table> {
         let now = self.shared.generation.load(Ordering::Acquire);
         if now != self.generation {
             self.table = self.shared.table();
             self.generation = now;
         }
-        &self.table
+        self.table.clone()
     }
 }
 
@@ -339,7 +340,7 @@ fn tun_to_udp(tun: &File, udp: &UdpSocket, port: u16, shared: &Shared) -> io::Er
                 Err(e) => return e,
             }
         }
-        let table = current.refresh().clone();
+        let table = current.refresh();
         for i in 0..n {
             let len = lens[i];
             counters.tun_rx_packets.fetch_add(1, Ordering::Relaxed);
@@ -434,7 +435,7 @@ fn udp_to_tun(tun: &File, udp: &UdpSocket, shared: &Shared) -> io::Error {
             Ok(n) => n,
             Err(e) => return e,
         };
-        let table = current.refresh().clone();
+        let table = current.refresh();
         for (slot, r) in slots.iter().zip(&received).take(n) {
             let size = usize::from(r.segment.unwrap_or(0)).max(1).min(r.len.max(1));
             let datagrams = if r.segment.is_some() { r.len.div_ceil(size) } else { 1 };
