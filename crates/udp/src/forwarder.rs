@@ -192,8 +192,26 @@ pub fn run(config: Config) -> io::Result<()> {
     {
         let (shared, config) = (shared.clone(), config.clone());
         std::thread::Builder::new().name("control".into()).spawn(move || {
-            for conn in control.incoming().flatten() {
-                serve(conn, &shared, &config);
+            // Each connection on a thread of its own (a few at a time at most): one that says
+            // nothing does not hold up the agent's requests for its read timeout.
+            let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            for conn in control.incoming() {
+                let Ok(conn) = conn else {
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                };
+                if busy.load(Ordering::Relaxed) >= MAX_CONTROL_CONNECTIONS {
+                    continue;
+                }
+                busy.fetch_add(1, Ordering::Relaxed);
+                let (shared, config, done) = (shared.clone(), config.clone(), busy.clone());
+                let spawned = std::thread::Builder::new().name("control-conn".into()).spawn(move || {
+                    serve(conn, &shared, &config);
+                    done.fetch_sub(1, Ordering::Relaxed);
+                });
+                if spawned.is_err() {
+                    busy.fetch_sub(1, Ordering::Relaxed);
+                }
             }
         })?;
     }
@@ -277,6 +295,8 @@ const TUN_SLOT: usize = VNET_HDR_LEN + 65536;
 /// Datagrams (each up to 64 KiB when GRO joined several) per receive at most.
 const UDP_BATCH: usize = 8;
 const UDP_SLOT: usize = 65536;
+/// Control connections served at once at most (the rest are closed at once).
+const MAX_CONTROL_CONNECTIONS: usize = 16;
 /// The UDP socket's buffers each way.
 const SOCKET_BUFFER: libc::c_int = 8 << 20;
 /// The most one UDP datagram (or one UDP GSO send) carries.

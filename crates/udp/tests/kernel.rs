@@ -192,6 +192,11 @@ fn tso_packets_leave_as_checked_segments_and_gso_datagrams_arrive_joined() {
     let delta = |key: &str| after[key].as_u64().unwrap() - before[key].as_u64().unwrap();
     assert_eq!(delta("tun_tx_packets"), 60, "{before} {after}");
     assert!(delta("tun_writes") <= 4, "60 segments joined into a few writes: {before} {after}");
+    // Connections to the control socket that say nothing do not hold up the agent's requests
+    // (each would have held the socket for its 2 s read timeout).
+    let idle: Vec<_> = (0..5).map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap()).collect();
+    weft_udp::forwarder::ask(&socket, &json!({"op": "status"})).expect("answered beside idle connections");
+    drop(idle);
     // The device gone: the forwarder ends.
     ip(&a.0, &["link", "del", "wt0"]);
     let deadline = Instant::now() + Duration::from_secs(5);
