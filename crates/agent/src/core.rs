@@ -68,6 +68,9 @@ pub struct Done {
 pub enum Action {
     /// Make the backend's device as specified (if it differs, it is made again).
     EnsureDevice(DeviceSpec),
+    /// Remove the devices other backends (or another VNI) left behind: weft's device names
+    /// (`weft.<VNI>`, `weft-udp`) but `keep`.
+    RemoveStaleDevices { keep: Option<String> },
     /// Keep the masquerade and forward rules.
     Firewall { network: Ipv4Net, masquerade: bool },
     /// Make the kernel hold exactly `desired` of `owner`: its routes, and the permanent
@@ -445,7 +448,9 @@ impl Core {
             Some(DeviceSpec::Tun { socket, .. }) => Some(socket.clone()),
             _ => None,
         };
-        let mut actions: Vec<Action> = device.into_iter().map(Action::EnsureDevice).collect();
+        let keep = device.as_ref().map(|d| d.name().to_string());
+        let mut actions = vec![Action::RemoveStaleDevices { keep }];
+        actions.extend(device.into_iter().map(Action::EnsureDevice));
         actions.push(Action::Firewall { network: self.settings.network, masquerade: self.settings.ip_masq });
         actions
     }

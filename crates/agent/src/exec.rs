@@ -34,6 +34,8 @@ pub trait Kernel {
     fn forget_links(&mut self) {}
     /// Makes the device as specified (made again when it differs); true when it was made.
     fn ensure_device(&mut self, spec: &DeviceSpec) -> Result<bool>;
+    /// Removes weft's backend devices (`weft.<VNI>`, `weft-udp`) but `keep`; the names removed.
+    fn remove_stale_devices(&mut self, keep: Option<&str>) -> Result<Vec<String>>;
     /// What the kernel holds of `owner`: its routes, and the permanent neighbours and remote
     /// FDB entries of `devices`.
     fn read(&mut self, owner: &Owner, devices: &[u32]) -> Result<Resolved>;
@@ -62,6 +64,11 @@ pub fn execute(kernel: &mut dyn Kernel, actions: &[Action]) -> Result<Done> {
     for action in actions {
         match action {
             Action::EnsureDevice(spec) => done.device_created |= kernel.ensure_device(spec)?,
+            Action::RemoveStaleDevices { keep } => {
+                for name in kernel.remove_stale_devices(keep.as_deref())? {
+                    tracing::info!("removed {name}, a device of another backend or VNI");
+                }
+            }
             Action::Firewall { network, masquerade } => kernel.firewall(network, *masquerade)?,
             Action::Reconcile { owner, desired, devices } => {
                 let desired = desired.resolve(|d| resolve(kernel, d))?;
@@ -133,6 +140,12 @@ impl NetlinkKernel {
     }
 }
 
+/// Whether `name` is one of the names weft's backends give their devices.
+pub fn is_backend_device(name: &str) -> bool {
+    name == crate::backend::UDP_DEVICE
+        || name.strip_prefix("weft.").is_some_and(|vni| !vni.is_empty() && vni.bytes().all(|b| b.is_ascii_digit()))
+}
+
 fn mac6(mac: &[u8]) -> [u8; 6] {
     // Another length cannot be what weft wants: all zeros, so it is replaced or removed.
     <[u8; 6]>::try_from(mac).unwrap_or_default()
@@ -198,6 +211,19 @@ impl Kernel for NetlinkKernel {
                 Ok(created)
             }
         }
+    }
+
+    fn remove_stale_devices(&mut self, keep: Option<&str>) -> Result<Vec<String>> {
+        let links = self.nl.links().map_err(kernel("listing links"))?;
+        let mut removed = Vec::new();
+        for link in links.into_iter().filter(|l| is_backend_device(&l.name) && Some(l.name.as_str()) != keep) {
+            // A udp forwarder on it ends when its device goes.
+            ignore_not_found(self.nl.delete_link(link.index)).map_err(kernel(format!("removing {}", link.name)))?;
+            self.indexes.remove(&link.name);
+            self.tuns.remove(&link.index);
+            removed.push(link.name);
+        }
+        Ok(removed)
     }
 
     fn read(&mut self, owner: &Owner, devices: &[u32]) -> Result<Resolved> {

@@ -460,3 +460,24 @@ fn failures_of_several_sources_are_each_logged_once() {
     assert_eq!(lines.iter().filter(|l| l.contains("recovered")).count(), 1, "{lines:#?}");
     assert!(h.ready());
 }
+
+/// A node switched from one backend (or VNI) to another: the device the old one left behind
+/// is removed at start (a udp forwarder on it ends with it); weft's own device is kept and
+/// nothing that is not weft's is touched.
+#[test]
+fn devices_other_backends_left_are_removed() {
+    let kernel = Harness::new(VXLAN, &peers(&[2])).kernel.clone();
+    for name in ["weft-udp", "weft.7", "weft.1", "weft.x", "eth9"] {
+        kernel.borrow_mut().add_link(name, 1500);
+    }
+    let mut h = Harness::on(VXLAN, &peers(&[2]), kernel.clone());
+    h.turn();
+    let links: Vec<String> = kernel.borrow().links.keys().cloned().collect();
+    for gone in ["weft-udp", "weft.7"] {
+        assert!(!links.contains(&gone.to_string()), "{gone} left: {links:?}");
+    }
+    for kept in ["weft.1", "weft.x", "eth9"] {
+        assert!(links.contains(&kept.to_string()), "{kept} removed: {links:?}");
+    }
+    assert!(h.reaches(2));
+}

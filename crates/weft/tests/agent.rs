@@ -330,3 +330,27 @@ fn a_peer_route_given_an_mtu_by_hand_is_repaired() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A node moved from the udp backend to vxlan: the agent started on vxlan removes the TUN the
+/// udp one left, and the forwarder that served it ends with it. Its udp route goes too.
+#[test]
+fn a_node_moved_off_udp_loses_its_tun_and_forwarder() {
+    let node = Node::new(r#"{"Network": "198.19.0.0/16", "Backend": {"Type": "udp"}}"#);
+    let agent = node.spawn_ready();
+    let socket = node.dir.path().join("udp-forwarder.sock");
+    let status = |s: &std::path::Path| weft_udp::forwarder::ask(s, &serde_json::json!({"op": "status"}));
+    assert!(status(&socket).is_ok(), "no forwarder: {}", node.log());
+    assert!(node.ns.sh(&["ip", "link", "show"]).contains("weft-udp"));
+    drop(agent);
+    std::fs::remove_file(node.dir.path().join("subnet.env")).unwrap();
+    std::fs::write(node.dir.path().join("net-conf.json"), r#"{"Network": "198.19.0.0/16"}"#).unwrap();
+    let _agent = node.spawn_ready();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status(&socket).is_ok() || node.ns.sh(&["ip", "link", "show"]).contains("weft-udp") {
+        assert!(Instant::now() < deadline, "the TUN or its forwarder stayed: {}", node.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(node.ns.sh(&["ip", "link", "show"]).contains("weft.1"));
+    assert!(!node.ns.sh(&["ip", "route", "show", "proto", "200"]).contains("weft-udp"));
+    assert!(node.log().contains("removed weft-udp"), "{}", node.log());
+}

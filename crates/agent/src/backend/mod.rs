@@ -15,6 +15,8 @@ mod host_gw;
 mod udp;
 mod vxlan;
 
+pub use udp::DEVICE as UDP_DEVICE;
+
 use std::net::Ipv4Addr;
 use std::path::Path;
 

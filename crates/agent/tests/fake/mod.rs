@@ -141,6 +141,21 @@ impl Kernel for FakeKernel {
         Ok(true)
     }
 
+    fn remove_stale_devices(&mut self, keep: Option<&str>) -> Result<Vec<String>> {
+        let mut k = self.0.borrow_mut();
+        let stale: Vec<String> = k
+            .links
+            .keys()
+            .filter(|n| weft_agent::exec::is_backend_device(n) && Some(n.as_str()) != keep)
+            .cloned()
+            .collect();
+        for name in &stale {
+            k.change(format!("remove {name}"))?;
+            k.delete_link(name);
+        }
+        Ok(stale)
+    }
+
     fn read(&mut self, owner: &Owner, devices: &[u32]) -> Result<Resolved> {
         let k = self.0.borrow();
         Ok(Resolved {
