@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::Etcd;
+use weft_lease::blocks::Blocks;
 use weft_lease::kv::{EtcdKv, FileKv, Kv, KvWatch, Update};
 use weft_lease::{LeaseAttrs, LeaseStore};
 use weft_netconf::NetworkConfig;
@@ -253,6 +254,12 @@ fn racer() {
     };
     let lease = leases.acquire(&config, &attrs, None, None, SystemTime::now(), &mut |_| 0).unwrap();
     println!("leased {}", lease.subnet);
+    // Blocks: every racer claims until the network has none left.
+    let blocks = Blocks::new(kv.as_ref(), "198.19.0.0/24".parse().unwrap(), 28).unwrap();
+    let me = format!("node{}", std::env::var("WEFT_RACER_ID").unwrap());
+    while let Some(block) = blocks.claim(&me).unwrap() {
+        println!("block {block}");
+    }
 }
 
 const RACERS: usize = 4;
@@ -277,6 +284,7 @@ fn racing_writer_processes() {
             .collect();
         let mut won: BTreeMap<String, usize> = BTreeMap::new();
         let mut subnets = HashSet::new();
+        let mut blocks = HashSet::new();
         for child in children {
             let out = child.wait_with_output().unwrap();
             assert!(out.status.success(), "{}: a racer failed", b.spec());
@@ -287,6 +295,9 @@ fn racing_writer_processes() {
                 if let Some(subnet) = line.strip_prefix("leased ") {
                     assert!(subnets.insert(subnet.to_string()), "{}: {subnet} leased twice", b.spec());
                 }
+                if let Some(block) = line.strip_prefix("block ") {
+                    assert!(blocks.insert(block.to_string()), "{}: block {block} claimed twice", b.spec());
+                }
             }
         }
         let total = n_of(&kv.get("counters/c").unwrap().unwrap().value);
@@ -294,5 +305,32 @@ fn racing_writer_processes() {
         assert_eq!(won.len(), CLAIMS, "{}: {won:?}", b.spec());
         assert!(won.values().all(|n| *n == 1), "{}: a key created twice: {won:?}", b.spec());
         assert_eq!(subnets.len(), RACERS, "{}", b.spec());
+        assert_eq!(blocks.len(), 16, "{}: every /28 of the /24 claimed once", b.spec());
+    });
+}
+
+/// IPAM blocks on each store: claimed one after another with affinity to a node, released
+/// only by their holder, none left when the network is used up; an entry that is not a claim
+/// still counts as taken.
+#[test]
+fn blocks_are_claimed_once_and_released_by_their_holder() {
+    conform(|b| {
+        let kv = b.open();
+        assert!(Blocks::new(kv.as_ref(), "198.19.0.0/24".parse().unwrap(), 23).is_err());
+        let blocks = Blocks::new(kv.as_ref(), "198.19.0.0/24".parse().unwrap(), 26).unwrap();
+        let a = blocks.claim("node-a").unwrap().unwrap();
+        let b1 = blocks.claim("node-b").unwrap().unwrap();
+        assert_eq!((a.to_string(), b1.to_string()), ("198.19.0.0/26".into(), "198.19.0.64/26".into()));
+        // Something not a claim where the third block would be: skipped, as taken.
+        kv.create("blocks/198.19.0.128-26", br#"{"garbage": 1}"#, None).unwrap();
+        let a2 = blocks.claim("node-a").unwrap().unwrap();
+        assert_eq!(a2.to_string(), "198.19.0.192/26");
+        assert_eq!(blocks.claim("node-c").unwrap(), None, "exhausted");
+        assert_eq!(blocks.held("node-a").unwrap(), vec![a, a2]);
+        assert!(!blocks.release("node-b", &a).unwrap(), "not b's to release");
+        assert!(blocks.release("node-a", &a).unwrap());
+        assert!(!blocks.release("node-a", &a).unwrap(), "released already");
+        assert_eq!(blocks.claim("node-c").unwrap(), Some(a), "free again");
+        assert_eq!(blocks.held("node-a").unwrap(), vec![a2]);
     });
 }
