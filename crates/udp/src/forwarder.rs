@@ -299,6 +299,8 @@ const UDP_SLOT: usize = 65536;
 const MAX_CONTROL_CONNECTIONS: usize = 16;
 /// The UDP socket's buffers each way.
 const SOCKET_BUFFER: libc::c_int = 8 << 20;
+/// Datagrams in one UDP GSO send at most.
+const MAX_GSO_SEGMENTS: usize = 64;
 /// The most one UDP datagram (or one UDP GSO send) carries.
 const MAX_UDP_PAYLOAD: usize = 65_507;
 
@@ -414,7 +416,8 @@ fn tun_to_udp(tun: &File, udp: &UdpSocket, port: u16, shared: &Shared) -> io::Er
                         continue;
                     };
                     // One UDP GSO send carries at most 65,507 bytes (one IP packet's worth).
-                    let per_send = (MAX_UDP_PAYLOAD / size).max(1) * size;
+                    // and at most 64 datagrams (the kernel's UDP GSO limit on older kernels).
+                    let per_send = (MAX_UDP_PAYLOAD / size).clamp(1, MAX_GSO_SEGMENTS) * size;
                     for part in segments.chunks(per_send) {
                         match sys::send_segments(udp.as_fd(), part, size as u16, peer) {
                             Ok(_) => {

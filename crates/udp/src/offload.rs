@@ -129,7 +129,8 @@ pub fn segment(packet: &[u8], hdr: &VnetHdr, out: &mut Vec<u8>) -> Result<(usize
         return Err(SegmentError::Truncated);
     }
     let count = payload.len().div_ceil(mss).max(1);
-    if count > 128 {
+    // 64 KiB cut at the smallest MSS TCP uses (64 bytes) is at most 1,024 segments.
+    if count > 1024 {
         return Err(SegmentError::TooBig);
     }
     let seq = u32::from_be_bytes([packet[ihl + 4], packet[ihl + 5], packet[ihl + 6], packet[ihl + 7]]);

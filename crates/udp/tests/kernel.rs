@@ -45,7 +45,12 @@ fn tcp_checksum(packet: &[u8]) -> u16 {
 
 /// An IPv4/TCP packet from the peer (REMOTE:80) to LOCAL:`port`, checksums right.
 fn peer_segment(port: u16, seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
-    let len = 40 + payload.len();
+    peer_segment_with(port, seq, ack, flags, &[], payload)
+}
+
+/// The same with TCP options (a multiple of 4 bytes).
+fn peer_segment_with(port: u16, seq: u32, ack: u32, flags: u8, options: &[u8], payload: &[u8]) -> Vec<u8> {
+    let len = 40 + options.len() + payload.len();
     let mut p = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 6, 0, 0];
     p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
     p.extend_from_slice(&REMOTE.octets());
@@ -56,7 +61,8 @@ fn peer_segment(port: u16, seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Vec
     p.extend_from_slice(&port.to_be_bytes());
     p.extend_from_slice(&seq.to_be_bytes());
     p.extend_from_slice(&ack.to_be_bytes());
-    p.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    p.extend_from_slice(&[(5 + options.len() as u8 / 4) << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    p.extend_from_slice(options);
     p.extend_from_slice(payload);
     let c = tcp_checksum(&p);
     p[36..38].copy_from_slice(&c.to_be_bytes());
@@ -115,6 +121,8 @@ fn tso_packets_leave_as_checked_segments_and_gso_datagrams_arrive_joined() {
     // The peer's end of the wire.
     let wire = nb.run(|| UdpSocket::bind("198.18.9.2:8285")).unwrap().unwrap();
     wire.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // Hundreds of small segments arrive at once: room for them (the default buffer drops some).
+    weft_udp::sys::set_buffers(std::os::fd::AsFd::as_fd(&wire), 8 << 20);
     let forwarder = SocketAddrV4::new(Ipv4Addr::new(198, 18, 9, 1), 8285);
     // A TCP client in A: its packets go through the TUN.
     let client = std::thread::spawn(move || {
@@ -133,8 +141,12 @@ fn tso_packets_leave_as_checked_segments_and_gso_datagrams_arrive_joined() {
         .unwrap()
     });
     let mut buf = [0u8; 65536];
+    let status_socket = socket.clone();
     let mut recv = || {
-        let (n, _) = wire.recv_from(&mut buf).unwrap();
+        let (n, _) = wire.recv_from(&mut buf).unwrap_or_else(|e| {
+            let status = weft_udp::forwarder::ask(&status_socket, &json!({"op": "status"}));
+            panic!("nothing on the wire ({e}); the forwarder: {status:?}")
+        });
         buf[..n].to_vec()
     };
     // The handshake, by hand.
@@ -143,7 +155,10 @@ fn tso_packets_leave_as_checked_segments_and_gso_datagrams_arrive_joined() {
     let port = u16::from_be_bytes([syn[20], syn[21]]);
     let client_seq = u32_at(&syn, 24).wrapping_add(1);
     let server_seq = 7_000_000u32;
-    wire.send_to(&peer_segment(port, server_seq, client_seq, 0x12, &[]), forwarder).unwrap();
+    // The peer asks for small segments (MSS 200): a 64 KiB TSO packet is then 300 and more
+    // segments (more than one GSO send may carry).
+    let syn_ack = peer_segment_with(port, server_seq, client_seq, 0x12, &[2, 4, 0, 200], &[]);
+    wire.send_to(&syn_ack, forwarder).unwrap();
     // The data: every datagram one whole packet within the MTU, checksums right; acked.
     let mut stream = Vec::new();
     let mut next = client_seq;
