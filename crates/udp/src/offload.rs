@@ -428,6 +428,17 @@ mod tests {
     }
 
     #[test]
+    fn a_small_mss_makes_hundreds_of_segments() {
+        // 60,000 bytes at MSS 200: 300 segments (refused past 128 before).
+        let big = tcp_packet(60_000);
+        let hdr = VnetHdr { gso_type: GSO_TCPV4, gso_size: 200, ..VnetHdr::default() };
+        let mut out = Vec::new();
+        let (len, count) = segment(&big, &hdr, &mut out).unwrap();
+        assert_eq!((len, count), (252, 300));
+        assert!(out.chunks(252).all(tcp_checksum_ok));
+    }
+
+    #[test]
     fn a_partial_checksum_is_completed() {
         let mut p = tcp_packet(100);
         let len = p.len();
