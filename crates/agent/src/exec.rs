@@ -289,6 +289,14 @@ impl Kernel for NetlinkKernel {
                 let cfg = self.tuns.get(&t.dev).ok_or_else(|| {
                     AgentError::Config(format!("no forwarder known for device {} (peer {})", t.dev, t.subnet))
                 })?;
+                // The TUN gone (or made again under another index) since the batch began: no
+                // forwarder can serve it; the next full pass makes it again.
+                if weft_udp::sys::if_index(&cfg.name) != Some(t.dev) {
+                    let name = cfg.name.clone();
+                    self.tuns.remove(&t.dev);
+                    self.indexes.remove(&name);
+                    return Err(AgentError::Config(format!("{name} is gone; it is made again")));
+                }
                 let ip = matches!(op, Op::PutTunnel(_)).then_some(t.ip);
                 return tun::change(cfg, t.subnet, ip).map(|()| true);
             }

@@ -42,6 +42,8 @@ pub struct Status {
     /// The control socket of the backend's userspace forwarder (`udp`), whose counters
     /// /metrics shows too.
     pub forwarder: Option<std::path::PathBuf>,
+    /// That forwarder does not answer (asked when a probe comes).
+    pub forwarder_down: bool,
 }
 
 impl Default for Status {
@@ -62,6 +64,7 @@ impl Default for Status {
             lease_reacquired: 0,
             damaged_leases: 0,
             forwarder: None,
+            forwarder_down: false,
         }
     }
 }
@@ -78,6 +81,9 @@ impl Status {
         }
         if !self.store_up {
             missing.push("the lease store does not answer");
+        }
+        if self.forwarder_down {
+            missing.push("the udp forwarder does not answer");
         }
         if missing.is_empty() {
             Ok(())
@@ -177,6 +183,9 @@ pub fn forwarder_metrics(status: Option<&serde_json::Value>) -> String {
 
 /// The answer to one request.
 pub fn respond(path: &str, status: &Status) -> (StatusCode, String) {
+    // A userspace forwarder is asked at each probe: the node carries no pod traffic without it.
+    let forwarder = status.forwarder.as_ref().filter(|_| path != "/healthz").map(|s| crate::tun::status(s));
+    let status = &Status { forwarder_down: forwarder.as_ref().is_some_and(Option::is_none), ..status.clone() };
     match path {
         "/healthz" => (StatusCode::OK, "ok\n".into()),
         "/readyz" => match status.readiness() {
@@ -185,8 +194,8 @@ pub fn respond(path: &str, status: &Status) -> (StatusCode, String) {
         },
         "/metrics" => {
             let mut text = status.metrics();
-            if let Some(socket) = &status.forwarder {
-                text.push_str(&forwarder_metrics(crate::tun::status(socket).as_ref()));
+            if let Some(answer) = &forwarder {
+                text.push_str(&forwarder_metrics(answer.as_ref()));
             }
             (StatusCode::OK, text)
         }
@@ -276,6 +285,21 @@ mod tests {
         assert!(metrics.contains("weft_ready 0") && metrics.contains("weft_store_up 0"), "{metrics}");
         assert_eq!(respond("/healthz", &s).0, StatusCode::OK);
         assert_eq!(respond("/nope", &s).0, StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn a_forwarder_that_does_not_answer_makes_the_node_not_ready() {
+        let status = Status {
+            started: true,
+            forwarder: Some(std::env::temp_dir().join("weft-no-such-forwarder.sock")),
+            ..Status::default()
+        };
+        let (code, body) = respond("/readyz", &status);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("udp forwarder"), "{body}");
+        let (_, metrics) = respond("/metrics", &status);
+        assert!(metrics.contains("weft_ready 0") && metrics.contains("weft_udp_forwarder_up 0"), "{metrics}");
+        assert_eq!(respond("/healthz", &status).0, StatusCode::OK);
     }
 
     #[test]

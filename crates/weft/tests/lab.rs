@@ -925,3 +925,36 @@ fn udp_lab_carries_every_pod_pair_and_admits_only_peers() {
     });
     lab.check_ok();
 }
+
+/// The TUN deleted twice in quick succession while the agent replays many peers (the second
+/// delete during the replay of the first): the agent makes it again with its forwarder, every
+/// peer in the table; it had kept starting forwarders for a device it never made again, while
+/// saying ready.
+#[test]
+fn udp_tun_deleted_twice_during_a_replay_comes_back() {
+    let lab = TestLab::up("udp", 2, 1);
+    let store = lab.store();
+    let used: Vec<String> =
+        lab.show()["nodes"].as_array().unwrap().iter().map(|n| n["subnet"].as_str().unwrap().to_string()).collect();
+    let mut added = 0;
+    for x in 0..=255u32 {
+        let subnet = format!("198.19.{x}.0/24");
+        if used.contains(&subnet) || added == 250 {
+            continue;
+        }
+        let mut lease = peer_lease(&subnet, &format!("198.18.1.{}", 1 + added), "0a:00:00:00:00:01");
+        lease.attrs.backend_type = "udp".into();
+        lease.attrs.backend_data = Value::Null;
+        store.put_lease(&lease).unwrap();
+        added += 1;
+    }
+    within(Duration::from_secs(10), "every peer in node1's forwarder", || lab.forwarder_peers("node1").len() == 251);
+    for _ in 0..2 {
+        let _ = Command::new("ip").args(["-n", &lab.ns("node1"), "link", "del", "weft-udp"]).output();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    within(Duration::from_secs(15), "the TUN, its forwarder and every peer back", || {
+        lab.forwarder_peers("node1").len() == 251
+    });
+    lab.check_ok();
+}
