@@ -69,6 +69,7 @@ pub fn ensure_forwarder(cfg: &TunConfig) -> Result<()> {
     let current = match status(&cfg.socket) {
         Some(s) => s,
         None => {
+            end_hung_forwarder(&cfg.socket);
             spawn(cfg)?;
             let deadline = Instant::now() + Duration::from_secs(5);
             loop {
@@ -91,6 +92,29 @@ pub fn ensure_forwarder(cfg: &TunConfig) -> Result<()> {
     Ok(())
 }
 
+/// A forwarder that still runs but does not answer (stopped, hung) holds the TUN queue and the
+/// port a new one needs: it is killed. Recognised by its pid file and its command line (a pid
+/// alone may have been reused).
+fn end_hung_forwarder(socket: &Path) {
+    let pid_file = weft_udp::forwarder::pid_path(socket);
+    let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<i32>().ok()) else { return };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    if cmdline.contains("udp-forwarder") && cmdline.contains(&*socket.to_string_lossy()) {
+        tracing::warn!("the udp forwarder (pid {pid}) does not answer; ending it");
+        let _ = weft_udp::sys::kill(pid);
+        for _ in 0..100 {
+            if !Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let _ = std::fs::remove_file(pid_file);
+}
+
 fn log_path(socket: &Path) -> PathBuf {
     socket.with_extension("log")
 }
@@ -103,7 +127,12 @@ fn spawn(cfg: &TunConfig) -> Result<()> {
     if let Some(dir) = cfg.socket.parent() {
         std::fs::create_dir_all(dir).map_err(|e| forwarder_error("making its directory", &cfg.socket, e))?;
     }
-    let log = std::fs::File::create(log_path(&cfg.socket)).map_err(|e| forwarder_error("its log", &cfg.socket, e))?;
+    // Appended to: a start that fails does not wipe what the running one wrote.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path(&cfg.socket))
+        .map_err(|e| forwarder_error("its log", &cfg.socket, e))?;
     let err = log.try_clone().map_err(|e| forwarder_error("its log", &cfg.socket, e))?;
     let mut child = std::process::Command::new(exe)
         .arg("udp-forwarder")

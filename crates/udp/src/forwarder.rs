@@ -119,6 +119,11 @@ impl<'a> Current<'a> {
     }
 }
 
+/// Where the forwarder serving `socket` writes its process id.
+pub fn pid_path(socket: &Path) -> PathBuf {
+    socket.with_extension("pid")
+}
+
 /// Asks the forwarder on `socket` one request; its JSON answer.
 pub fn ask(socket: &Path, request: &Value) -> io::Result<Value> {
     let mut conn = UnixStream::connect(socket)?;
@@ -167,6 +172,8 @@ pub fn run(config: Config) -> io::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     let control = UnixListener::bind(&config.socket)?;
+    // Who serves the socket, for an agent that finds it not answering (a hung forwarder).
+    let _ = std::fs::write(pid_path(&config.socket), std::process::id().to_string());
     let shared = Arc::new(Shared {
         table: Mutex::new(Arc::new(Table::new(config.subnet, config.network, []))),
         generation: AtomicU64::new(0),
@@ -229,11 +236,11 @@ pub fn run(config: Config) -> io::Result<()> {
 fn serve(conn: UnixStream, shared: &Shared, config: &Config) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
     let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
-    let mut line = String::new();
-    if BufReader::new((&conn).take(64 * 1024)).read_line(&mut line).is_err() {
+    let mut line = Vec::new();
+    if BufReader::new((&conn).take(64 * 1024)).read_until(b'\n', &mut line).is_err() {
         return;
     }
-    let answer = match serde_json::from_str::<Value>(&line) {
+    let answer = match serde_json::from_slice::<Value>(&line) {
         Ok(request) => handle(&request, shared, config).unwrap_or_else(|e| json!({ "error": e })),
         Err(e) => json!({ "error": format!("not JSON: {e}") }),
     };
@@ -380,6 +387,13 @@ fn tun_to_udp(tun: &File, udp: &UdpSocket, port: u16, shared: &Shared) -> io::Er
                 Ok(peer) => SocketAddrV4::new(peer, port),
                 Err(Drop::NoRoute) => {
                     counters.drop(Drop::NoRoute);
+                    // No answer to a broadcast or multicast (RFC 1122 §3.2.2).
+                    let broadcast = header.dst.is_broadcast()
+                        || header.dst.is_multicast()
+                        || table.network.is_some_and(|n| n.broadcast() == header.dst);
+                    if broadcast {
+                        continue;
+                    }
                     let from = table.subnet.map_or(Ipv4Addr::UNSPECIFIED, |s| s.network());
                     if let Some(l) = packet::net_unreachable(packet, &header, from, &mut icmp[VNET_HDR_LEN..]) {
                         if (&*tun).write(&icmp[..VNET_HDR_LEN + l]).is_ok() {
@@ -476,9 +490,18 @@ fn udp_to_tun(tun: &File, udp: &UdpSocket, shared: &Shared) -> io::Error {
                 continue;
             }
             let bytes = &slot[..r.len];
+            if bytes.is_empty() {
+                counters.drop(Drop::Malformed);
+                continue;
+            }
             let chunks = if r.segment.is_some() { bytes.chunks(size) } else { bytes.chunks(bytes.len().max(1)) };
             for datagram in chunks {
-                let Ok(header) = packet::parse(datagram) else {
+                // A header whose checksum is wrong would be dropped by the kernel: not counted
+                // as delivered.
+                let Ok(header) = packet::parse(datagram)
+                    .map_err(drop)
+                    .and_then(|h| (packet::checksum(&datagram[..h.header_len]) == 0).then_some(h).ok_or(()))
+                else {
                     counters.drop(Drop::Malformed);
                     continue;
                 };

@@ -232,7 +232,10 @@ impl Coalescer {
     /// Adds `p`. When it does not continue the packet being built, that packet is finished
     /// first and given to `emit` (its vnet header included).
     pub fn push(&mut self, p: &[u8], emit: &mut dyn FnMut(&[u8])) {
-        let parts = tcp_parts(p);
+        // Only segments whose checksum is right are joined: a joined packet is written with
+        // its checksum left to the kernel, which would bless a damaged one. A damaged segment
+        // goes alone, as it came, for the kernel to check (and drop).
+        let parts = tcp_parts(p).filter(|_| fold(sum(&p[20..], pseudo(p, TCP, p.len() - 20))) == 0xffff);
         if let Some((hl, payload)) = parts {
             if self.continues(p, hl, payload) {
                 self.buf.extend_from_slice(&p[hl..]);
@@ -420,6 +423,13 @@ mod tests {
         let one = run(&[segs[0].clone()]);
         assert_eq!(one[0][..VNET_HDR_LEN], [0; VNET_HDR_LEN]);
         assert_eq!(one[0][VNET_HDR_LEN..], segs[0][..]);
+        // A segment with a wrong checksum is not joined (the kernel checks it alone).
+        let mut bad = segs[1].clone();
+        bad[60] ^= 0xff;
+        let e = run(&[segs[0].clone(), bad.clone(), segs[2].clone()]);
+        assert_eq!(e.len(), 3, "the damaged one alone");
+        assert_eq!(e[1][VNET_HDR_LEN..], bad[..]);
+        assert_eq!(e[1][..VNET_HDR_LEN], [0; VNET_HDR_LEN]);
         // Nothing follows a short segment.
         let mut short = segs[0].clone();
         short.truncate(1052 - 100);

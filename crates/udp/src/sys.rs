@@ -36,6 +36,12 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// SIGKILL to `pid`.
+pub fn kill(pid: i32) -> io::Result<()> {
+    // SAFETY: kill(2) with a plain number and signal.
+    check(unsafe { libc::kill(pid, libc::SIGKILL) }).map(drop)
+}
+
 /// The interface index of `name` in this namespace, if there is such a device.
 pub fn if_index(name: &str) -> Option<u32> {
     let name = std::ffi::CString::new(name).ok()?;

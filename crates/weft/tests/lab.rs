@@ -882,6 +882,9 @@ fn udp_lab_carries_every_pod_pair_and_admits_only_peers() {
     let truncated = inner_udp(node2_pod, target, 7777, b"forged: truncated, forged: truncated");
     from_node2.send_to(&truncated[..40], &node1).unwrap();
     from_node2.send_to(b"forged: not an IP packet at all", &node1).unwrap();
+    let mut bad_checksum = inner_udp(node2_pod, target, 7777, b"forged: bad header checksum");
+    bad_checksum[10] ^= 0xff;
+    from_node2.send_to(&bad_checksum, &node1).unwrap();
     // And one that is fine: node2's pod to node1's pod, from node2.
     from_node2.send_to(&inner_udp(node2_pod, target, 7777, b"genuine"), &node1).unwrap();
     let mut got = Vec::new();
@@ -914,6 +917,13 @@ fn udp_lab_carries_every_pod_pair_and_admits_only_peers() {
     let pid = lab.forwarder("node1")["pid"].as_i64().unwrap() as i32;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
     within(Duration::from_secs(5), "a new forwarder with the table", || {
+        lab.forwarder("node1")["pid"].as_i64().is_some_and(|p| p as i32 != pid) && lab.forwarder_peers("node1") == peers
+    });
+    lab.check_ok();
+    // Stopped (hung): it holds the TUN queue and the port; the agent ends it and starts another.
+    let pid = lab.forwarder("node1")["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    within(Duration::from_secs(10), "a new forwarder instead of the hung one", || {
         lab.forwarder("node1")["pid"].as_i64().is_some_and(|p| p as i32 != pid) && lab.forwarder_peers("node1") == peers
     });
     lab.check_ok();
