@@ -72,7 +72,7 @@ pub enum Action {
     /// (`weft.<VNI>`, `weft-udp`) but `keep`.
     RemoveStaleDevices { keep: Option<String> },
     /// Keep the masquerade and forward rules.
-    Firewall { network: Ipv4Net, masquerade: bool },
+    Firewall { network: Ipv4Net, masquerade: bool, tunnel_port: Option<u16> },
     /// Make the kernel hold exactly `desired` of `owner`: its routes, and the permanent
     /// neighbours and remote FDB entries of `devices`.
     Reconcile { owner: Owner, desired: Desired, devices: Vec<String> },
@@ -449,9 +449,17 @@ impl Core {
             _ => None,
         };
         let keep = device.as_ref().map(|d| d.name().to_string());
+        let tunnel_port = device.as_ref().map(|d| match d {
+            DeviceSpec::Tun { port, .. } => Some(*port),
+            DeviceSpec::Vxlan { .. } => None,
+        });
         let mut actions = vec![Action::RemoveStaleDevices { keep }];
         actions.extend(device.into_iter().map(Action::EnsureDevice));
-        actions.push(Action::Firewall { network: self.settings.network, masquerade: self.settings.ip_masq });
+        actions.push(Action::Firewall {
+            network: self.settings.network,
+            masquerade: self.settings.ip_masq,
+            tunnel_port: tunnel_port.flatten(),
+        });
         actions
     }
 

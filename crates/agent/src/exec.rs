@@ -43,7 +43,7 @@ pub trait Kernel {
     /// left alone: no change).
     fn apply(&mut self, owner: &Owner, op: &Op) -> Result<bool>;
     /// Makes the masquerade and forward rules exactly these.
-    fn firewall(&mut self, network: &Ipv4Net, masquerade: bool) -> Result<()>;
+    fn firewall(&mut self, network: &Ipv4Net, masquerade: bool, tunnel_port: Option<u16>) -> Result<()>;
     /// Writes the subnet file unless it already says this.
     fn write_subnet_file(&mut self, env: &SubnetEnv) -> Result<()>;
 }
@@ -69,7 +69,9 @@ pub fn execute(kernel: &mut dyn Kernel, actions: &[Action]) -> Result<Done> {
                     tracing::info!("removed {name}, a device of another backend or VNI");
                 }
             }
-            Action::Firewall { network, masquerade } => kernel.firewall(network, *masquerade)?,
+            Action::Firewall { network, masquerade, tunnel_port } => {
+                kernel.firewall(network, *masquerade, *tunnel_port)?
+            }
             Action::Reconcile { owner, desired, devices } => {
                 let desired = desired.resolve(|d| resolve(kernel, d))?;
                 let devices = devices.iter().map(|d| resolve(kernel, d)).collect::<Result<Vec<u32>>>()?;
@@ -304,8 +306,8 @@ impl Kernel for NetlinkKernel {
         changed.map(|()| true)
     }
 
-    fn firewall(&mut self, network: &Ipv4Net, masquerade: bool) -> Result<()> {
-        firewall::apply(network, masquerade)
+    fn firewall(&mut self, network: &Ipv4Net, masquerade: bool, tunnel_port: Option<u16>) -> Result<()> {
+        firewall::apply(network, masquerade, tunnel_port)
     }
 
     fn write_subnet_file(&mut self, env: &SubnetEnv) -> Result<()> {

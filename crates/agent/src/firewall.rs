@@ -18,19 +18,20 @@ const POSTROUTING: BaseChain = BaseChain { name: "postrouting", kind: ChainKind:
 /// kube-proxy's masquerade mark: its traffic is left to it.
 const KUBE_PROXY_MARK: u32 = 0x4000;
 
-/// The transaction that makes the table exactly this.
-pub fn commands(network: &Ipv4Net, masquerade: bool) -> Vec<Value> {
+/// The transaction that makes the table exactly this. With a userspace tunnel on
+/// `tunnel_port` (the udp backend), datagrams to that port that this node would forward and
+/// whose source is not a pod are dropped: a pod must not pose as a node on the underlay (with a
+/// peer's address as source) to get packets into other nodes' pods.
+pub fn commands(network: &Ipv4Net, masquerade: bool, tunnel_port: Option<u16>) -> Vec<Value> {
     let net = IpNet::V4(*network);
     let src = |op| Expr::Addr { field: Field::Saddr, op, net };
     let dst = |op| Expr::Addr { field: Field::Daddr, op, net };
     let rule = |chain: &BaseChain, exprs| TABLE.add_rule(&Rule { chain: chain.name, comment: None, exprs });
-    let mut cmds = vec![
-        TABLE.add(),
-        TABLE.flush(),
-        TABLE.add_chain(&FORWARD),
-        rule(&FORWARD, vec![src(Op::Eq), Expr::Accept]),
-        rule(&FORWARD, vec![dst(Op::Eq), Expr::Accept]),
-    ];
+    let mut cmds = vec![TABLE.add(), TABLE.flush(), TABLE.add_chain(&FORWARD)];
+    if let Some(port) = tunnel_port {
+        cmds.push(rule(&FORWARD, vec![Expr::Dport { proto: "udp".into(), port }, src(Op::Ne), Expr::Drop]));
+    }
+    cmds.extend([rule(&FORWARD, vec![src(Op::Eq), Expr::Accept]), rule(&FORWARD, vec![dst(Op::Eq), Expr::Accept])]);
     if masquerade {
         let multicast = Expr::Addr {
             field: Field::Daddr,
@@ -50,8 +51,8 @@ pub fn commands(network: &Ipv4Net, masquerade: bool) -> Vec<Value> {
 }
 
 /// Applies the rules (one transaction).
-pub fn apply(network: &Ipv4Net, masquerade: bool) -> Result<()> {
-    let mut cmds = commands(network, masquerade);
+pub fn apply(network: &Ipv4Net, masquerade: bool, tunnel_port: Option<u16>) -> Result<()> {
+    let mut cmds = commands(network, masquerade, tunnel_port);
     if !masquerade {
         // Deleting a chain that does not exist would fail the transaction: only when present.
         let present = nft::list_table(TABLE.family.as_str(), TABLE.name)

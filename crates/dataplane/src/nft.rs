@@ -140,6 +140,7 @@ pub mod build {
             port: u16,
         },
         Accept,
+        Drop,
         Return,
         Masquerade {
             fully_random: bool,
@@ -177,6 +178,7 @@ pub mod build {
                     json!({"match": {"op": "==", "left": {"payload": {"protocol": proto, "field": "dport"}}, "right": port}})
                 }
                 Expr::Accept => json!({"accept": null}),
+                Expr::Drop => json!({"drop": null}),
                 Expr::Return => json!({"return": null}),
                 Expr::Masquerade { fully_random: true } => json!({"masquerade": {"flags": ["fully-random"]}}),
                 Expr::Masquerade { fully_random: false } => json!({"masquerade": null}),

@@ -899,6 +899,28 @@ fn udp_lab_carries_every_pod_pair_and_admits_only_peers() {
     {
         assert!(drops[reason].as_u64().unwrap() >= at_least, "{reason}: {drops}");
     }
+    // A pod posing as a node on the underlay: a raw datagram from node1's pod with node3's
+    // address as source, to node2's forwarder, carrying a packet "from node3's pod" to node2's
+    // pod. node1 does not forward it (the tunnel port from a source that is no pod).
+    let node2_target = p2["address"].as_str().unwrap();
+    let node2_ns = weft_netns::NetNs::open(weft_netns::named_path(p2["namespace"].as_str().unwrap())).unwrap();
+    let on_node2 = node2_ns.run(|| UdpSocket::bind(format!("{node2_target}:7778"))).unwrap().unwrap();
+    on_node2.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let inner = inner_udp(node3_pod, node2_target, 7778, b"spoofed by a pod");
+    let hex: String = inner.iter().map(|b| format!("{b:02x}")).collect();
+    let script = "import socket,struct,sys\n\
+src,dst,inner=sys.argv[1],sys.argv[2],bytes.fromhex(sys.argv[3])\n\
+udp=struct.pack('!HHHH',40000,8285,8+len(inner),0)+inner\n\
+ip=struct.pack('!BBHHHBBH4s4s',0x45,0,20+len(udp),1,0,64,17,0,socket.inet_aton(src),socket.inet_aton(dst))\n\
+socket.socket(socket.AF_INET,socket.SOCK_RAW,socket.IPPROTO_RAW).sendto(ip+udp,(dst,0))\n";
+    let out = Command::new("ip")
+        .args(["netns", "exec", p1["namespace"].as_str().unwrap(), "python3", "-c", script])
+        .args([address_of("node3").as_str(), address_of("node2").as_str(), hex.as_str()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut buf = [0u8; 256];
+    assert!(on_node2.recv(&mut buf).is_err(), "a pod posed as node3 and reached node2's pod");
     // The same counters in the agent's /metrics, and in `lab show`.
     let (_, metrics) = http_get(&lab, "node1", "/metrics");
     assert!(metrics.contains("weft_udp_forwarder_up 1"), "{metrics}");

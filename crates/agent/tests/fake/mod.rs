@@ -218,7 +218,7 @@ impl Kernel for FakeKernel {
         Ok(true)
     }
 
-    fn firewall(&mut self, network: &Ipv4Net, masquerade: bool) -> Result<()> {
+    fn firewall(&mut self, network: &Ipv4Net, masquerade: bool, _tunnel_port: Option<u16>) -> Result<()> {
         let mut k = self.0.borrow_mut();
         k.change("firewall".into())?;
         k.firewall = Some((*network, masquerade));
