@@ -480,9 +480,9 @@ impl Daemon {
             .copied()
             .filter(|id| {
                 let link = self.links.get(id);
+                // (No paths counts stale ones too: those of a restart it is in the middle of.)
                 link.is_some_and(|l| l.conn.is_none() && l.pending.is_none())
                     && matches!(self.speaker.state(*id), Some(State::Idle | State::Active) | None)
-                    && !self.speaker.rib.has_stale(*id)
                     && self.speaker.rib.count(*id) == 0
             })
             .collect();

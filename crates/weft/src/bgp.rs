@@ -312,9 +312,8 @@ impl RouteSink for KernelSink {
         if repaired > 0 {
             tracing::warn!("the kernel differed from the installed routes: {repaired} put back or removed");
         }
-        let after = self.nl.routes().ok()?;
-        let now: HashSet<IpNet> = after.into_iter().filter(|r| r.protocol == RTPROT_WEFT_BGP).map(|r| r.dst).collect();
-        Some(wanted.iter().filter(|(p, _)| now.contains(p)).count())
+        // What the kernel refused is known (said once, kept in `refused`): no second dump.
+        Some(wanted.iter().filter(|(p, _)| !self.refused.contains(p)).count())
     }
 
     fn next_hops_in_use(&mut self, in_use: &HashSet<IpAddr>) {

@@ -86,11 +86,7 @@ impl Pair {
     }
 
     fn within(&self, what: &str, cond: impl Fn() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !cond() {
-            assert!(Instant::now() < deadline, "not within 20 s: {what}\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for(20, what, cond, || self.log());
     }
 }
 
@@ -249,7 +245,7 @@ fn weft_bgp_run_with_bird_learns_installs_and_cleans_up() {
 #[test]
 fn a_malformed_update_ends_only_its_own_session() {
     use std::io::{Read, Write};
-    use weft_bgp::packet::{self, Codec, Message, Open};
+    use weft_bgp::packet::{self, Codec, Message};
     let mut pair = Pair::new(BIRD);
     pair.bird.sh(&["ip", "addr", "add", "198.18.77.3/24", "dev", "eth0"]);
     pair.weft(&["--neighbor", "198.18.77.2,64513", "--neighbor", "198.18.77.3,64514,passive", "--install"]);
@@ -266,13 +262,7 @@ fn a_malformed_update_ends_only_its_own_session() {
             connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::new(198, 18, 77, 1, 179)).unwrap();
             let mut stream = std::net::TcpStream::from(fd);
             stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            let open = Open {
-                asn: 64514,
-                hold_time: 90,
-                router_id: "198.18.77.3".parse().unwrap(),
-                capabilities: vec![packet::Capability::FourOctetAs(64514)],
-            };
-            stream.write_all(&packet::to_bytes(&Message::Open(open), Codec::default())).unwrap();
+            stream.write_all(&raw_open(64514, 90, "198.18.77.3")).unwrap();
             stream.write_all(&packet::to_bytes(&Message::Keepalive, Codec::default())).unwrap();
             // Its OPEN and KEEPALIVE, then an UPDATE with an unrecognized well-known attribute.
             let mut buf = Vec::new();
@@ -363,16 +353,10 @@ fn with_gobgp(gobgp_as: u32, net: u8) {
         let out = Command::new("gobgp").args(["--target", &api]).args(args).output().unwrap();
         String::from_utf8_lossy(&out.stdout).to_string()
     };
-    let within = |what: &str, cond: &dyn Fn() -> bool| {
-        // GoBGP waits a random 5-10 s before its first connection to a new neighbour; weft
-        // connects itself at once, so this is quick either way.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !cond() {
-            let log = std::fs::read_to_string(dir.path().join("weft.log")).unwrap_or_default();
-            assert!(Instant::now() < deadline, "not within 30 s: {what}\n{log}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
+    let log = || std::fs::read_to_string(dir.path().join("weft.log")).unwrap_or_default();
+    // GoBGP waits a random 5-10 s before its first connection to a new neighbour; weft
+    // connects itself at once, so this is quick either way.
+    let within = |what: &str, cond: &dyn Fn() -> bool| wait_for(30, what, cond, log);
     within("GoBGP's API up", &|| !gobgp_cli(&["neighbor"]).is_empty());
     gobgp_cli(&["global", "rib", "add", "198.19.210.0/24", "nexthop", &gobgp_ip, "-a", "ipv4"]);
     within("the session established", &|| gobgp_cli(&["neighbor"]).contains("Establ"));
@@ -444,14 +428,11 @@ fn with_frr(frr_as: u32, net: u8) {
             .unwrap();
         String::from_utf8_lossy(&out.stdout).to_string()
     };
-    let within = |what: &str, cond: &dyn Fn() -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !cond() {
-            let log = std::fs::read_to_string(dir.path().join("weft.log")).unwrap_or_default();
-            assert!(Instant::now() < deadline, "not within 30 s: {what}\n{log}\n{}", vtysh("show bgp summary"));
-            std::thread::sleep(Duration::from_millis(200));
-        }
+    let log = || {
+        let log = std::fs::read_to_string(dir.path().join("weft.log")).unwrap_or_default();
+        format!("{log}\n{}", vtysh("show bgp summary"))
     };
+    let within = |what: &str, cond: &dyn Fn() -> bool| wait_for(30, what, cond, log);
     within("FRR's prefix in the kernel", &|| {
         weft.sh(&["ip", "route", "show", "198.19.220.0/24"]).contains(&format!("via {frr_ip}"))
     });
@@ -570,13 +551,7 @@ fn route_reflection_with_bird_both_ways() {
     };
     let weft = |ns: &Ns, name: &str, args: &[&str]| spawn_weft(ns, dir.path(), name, args);
     let status = |name: &str| status_at(&dir.path().join(format!("{name}.sock")));
-    let within = |what: &str, cond: &dyn Fn() -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !cond() {
-            assert!(Instant::now() < deadline, "not within 30 s: {what}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
+    let within = |what: &str, cond: &dyn Fn() -> bool| wait_for(30, what, cond, String::new);
     let client = |i: usize, prefix: &str| {
         format!(
             "router id 198.18.{n}.2;
@@ -769,6 +744,23 @@ fn sessions_over_ipv6_transport_with_bird() {
     });
 }
 
+/// A raw neighbour's OPEN (hold time 30 s, 4-octet AS) as bytes.
+fn raw_open(asn: u32, hold_time: u16, router_id: &str) -> Vec<u8> {
+    use weft_bgp::packet::{self, Codec, Message, Open};
+    let capabilities = vec![packet::Capability::FourOctetAs(asn)];
+    let open = Open { asn, hold_time, router_id: router_id.parse().unwrap(), capabilities };
+    packet::to_bytes(&Message::Open(open), Codec::default())
+}
+
+/// Polls `cond` every 50 ms for `secs` seconds; the failure says what and `detail()`.
+fn wait_for(secs: u64, what: &str, cond: impl Fn() -> bool, detail: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "not within {secs} s: {what}\n{}", detail());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Reads BGP messages from `stream` until `until` says stop; every message read, in order.
 fn read_until(
     stream: &mut std::net::TcpStream,
@@ -799,7 +791,7 @@ fn read_until(
 /// (subcode 7), and the session comes up on the one kept.
 fn collision(net: u8, peer_id: &str) {
     use std::io::Write;
-    use weft_bgp::packet::{self, Codec, Message, Open};
+    use weft_bgp::packet::{self, Codec, Message};
     let (weft_ip, peer_ip) = (format!("198.18.{net}.1"), format!("198.18.{net}.2"));
     let (weft, peer) = joined(&weft_ip, &peer_ip);
     let dir = Dir::new("collision");
@@ -824,13 +816,7 @@ fn collision(net: u8, peer_id: &str) {
         })
         .unwrap();
     second.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let open = Open {
-        asn: 64513,
-        hold_time: 30,
-        router_id: peer_id.parse().unwrap(),
-        capabilities: vec![packet::Capability::FourOctetAs(64513)],
-    };
-    let open = packet::to_bytes(&Message::Open(open), Codec::default());
+    let open = raw_open(64513, 30, peer_id);
     second.write_all(&open).unwrap();
     let weft_id: std::net::Ipv4Addr = weft_ip.parse().unwrap();
     let peer_id: std::net::Ipv4Addr = peer_id.parse().unwrap();
@@ -856,12 +842,11 @@ fn collision(net: u8, peer_id: &str) {
     let seen = read_until(&mut kept, |m| matches!(m, Message::Keepalive));
     assert!(!seen.iter().any(|m| matches!(m, Message::Notification(_))), "{seen:?}");
     let status = || status_at(&dir.path().join("weft.sock"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while status()["neighbors"][0]["state"] != "Established" {
+    let established = || status()["neighbors"][0]["state"] == "Established";
+    wait_for(10, "established on the kept connection", established, || {
         let log = std::fs::read_to_string(dir.path().join("weft.log")).unwrap_or_default();
-        assert!(Instant::now() < deadline, "not established on the kept connection: {}\n{log}", status());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        format!("{}\n{log}", status())
+    });
 }
 
 #[test]
@@ -890,11 +875,8 @@ fn two_wefts_connecting_to_each_other_at_once() {
         Kill(vec![speaker(&a, "198.18.85.1", "198.18.85.2", "a"), speaker(&b, "198.18.85.2", "198.18.85.1", "b")]);
     let log = |name: &str| std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap_or_default();
     let status = |name: &str| status_at(&dir.path().join(format!("{name}.sock")));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while ["a", "b"].iter().any(|n| status(n)["neighbors"][0]["prefixes_accepted"] != 1) {
-        assert!(Instant::now() < deadline, "no session:\n{}\n{}", log("a"), log("b"));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let both_up = || ["a", "b"].iter().all(|n| status(n)["neighbors"][0]["prefixes_accepted"] == 1);
+    wait_for(20, "a session with each other's prefix", both_up, || format!("{}\n{}", log("a"), log("b")));
     std::thread::sleep(Duration::from_millis(500));
     for name in ["a", "b"] {
         let log = log(name);
@@ -943,7 +925,7 @@ fn idle_connections_and_descriptor_exhaustion_leave_the_listener_working() {
     let ok = Command::new("prlimit").args(["--pid", &pid.to_string(), "--nofile=1024:"]).status();
     assert!(ok.unwrap().success());
     use std::io::Write;
-    use weft_bgp::packet::{self, Codec, Message, Open};
+    use weft_bgp::packet::{self, Codec, Message};
     let mut session = None;
     let deadline = Instant::now() + Duration::from_secs(5);
     while session.is_none() {
@@ -953,13 +935,7 @@ fn idle_connections_and_descriptor_exhaustion_leave_the_listener_working() {
     }
     let mut session = session.unwrap();
     session.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let open = Open {
-        asn: 64513,
-        hold_time: 30,
-        router_id: "198.18.86.2".parse().unwrap(),
-        capabilities: vec![packet::Capability::FourOctetAs(64513)],
-    };
-    session.write_all(&packet::to_bytes(&Message::Open(open), Codec::default())).unwrap();
+    session.write_all(&raw_open(64513, 30, "198.18.86.2")).unwrap();
     session.write_all(&packet::to_bytes(&Message::Keepalive, Codec::default())).unwrap();
     let seen = read_until(&mut session, |m| matches!(m, Message::Update(_)));
     assert!(matches!(seen.last(), Some(Message::Update(_))), "weft's prefix announced: {seen:?}");
@@ -1027,7 +1003,7 @@ fn second_speakers_leftovers_and_hang_up() {
 #[test]
 fn range_neighbours_are_forgotten_when_their_session_is_over() {
     use std::io::Write;
-    use weft_bgp::packet::{self, Codec, Message, Open};
+    use weft_bgp::packet::{self, Codec, Message};
     let (weft, peer) = joined("198.18.87.1", "198.18.87.2");
     let dir = Dir::new("range");
     let args = ["--local-as", "64512", "--router-id", "198.18.87.1", "--listen", "198.18.87.1"];
@@ -1043,24 +1019,15 @@ fn range_neighbours_are_forgotten_when_their_session_is_over() {
         std::thread::sleep(Duration::from_millis(50));
     };
     session.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let open = Open {
-        asn: 64513,
-        hold_time: 30,
-        router_id: "198.18.87.2".parse().unwrap(),
-        capabilities: vec![packet::Capability::FourOctetAs(64513)],
-    };
-    session.write_all(&packet::to_bytes(&Message::Open(open), Codec::default())).unwrap();
+    session.write_all(&raw_open(64513, 30, "198.18.87.2")).unwrap();
     session.write_all(&packet::to_bytes(&Message::Keepalive, Codec::default())).unwrap();
     read_until(&mut session, |m| matches!(m, Message::Keepalive));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while status()["neighbors"][0]["state"] != "Established" {
-        assert!(Instant::now() < deadline, "{}", status());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(5, "established", || status()["neighbors"][0]["state"] == "Established", || status().to_string());
     drop(session);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while status()["neighbors"].as_array().is_none_or(|n| !n.is_empty()) {
-        assert!(Instant::now() < deadline, "still listed: {}", status());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(
+        5,
+        "the range neighbour forgotten",
+        || status()["neighbors"].as_array().is_some_and(|n| n.is_empty()),
+        || status().to_string(),
+    );
 }
