@@ -19,6 +19,7 @@ use weft_netns::NetNs;
 use crate::attachment_lock::AttachmentLock;
 use crate::common::{
     attachment_key, create_veth, enable_forwarding, kernel, open_netns_for_teardown, prev_result, random_mac, Attach,
+    HostEnd,
 };
 use crate::teardown::retire_container_link;
 use crate::{container, ipam, masq, rules, teardown};
@@ -201,7 +202,7 @@ fn add_steps(
         None => CniResult::default(),
     };
     let bridge = ensure_bridge(hnl, bconf, created)?;
-    let veth = create_veth(hnl, &args.ifname, bconf.mtu, mac, netns, Some(bridge))?;
+    let veth = create_veth(hnl, &args.ifname, bconf.mtu, mac, netns, HostEnd { master: Some(bridge), mac: None })?;
     let host = &veth.host;
     created.host_veth = Some(host.index);
     if bconf.hairpin_mode {

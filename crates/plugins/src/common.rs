@@ -108,15 +108,24 @@ pub fn random_mac() -> [u8; 6] {
     mac
 }
 
-/// The veth pair of an attachment: a random `vethXXXXXXXX` on the host (on `master` when given),
-/// up, and `ifname` in the container's namespace (still down) with `mac`, or a random MAC.
+/// Where the host end of a new veth goes and what it looks like.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostEnd {
+    /// The bridge it joins at creation.
+    pub master: Option<u32>,
+    /// Its MAC (routed mode's fixed `ee:ee:ee:ee:ee:ee`); the kernel picks one otherwise.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// The veth pair of an attachment: a random `vethXXXXXXXX` on the host (as `host` says), up, and
+/// `ifname` in the container's namespace (still down) with `mac`, or a random MAC.
 pub fn create_veth(
     nl: &mut Netlink,
     ifname: &str,
     mtu: Option<u32>,
     mac: Option<[u8; 6]>,
     netns: &NetNs,
-    master: Option<u32>,
+    host: HostEnd,
 ) -> Result<Veth, CniError> {
     // Chosen here rather than by the kernel, so the result needs no second look.
     let container_mac = mac.unwrap_or_else(random_mac);
@@ -127,9 +136,9 @@ pub fn create_veth(
             peer_name: ifname,
             peer_netns: Some(netns),
             mtu,
-            mac: None,
+            mac: host.mac,
             peer_mac: Some(container_mac),
-            master,
+            master: host.master,
             up: true,
             // One queue each, as a veth uses anyway: the kernel's default of one per possible
             // CPU, registered and then mostly removed again, is a third of the creation cost.

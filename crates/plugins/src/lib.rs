@@ -1,5 +1,5 @@
 //! The CNI plugins weft ships, each taking the same JSON as the reference plugin of its name:
-//! `bridge`, `host-local`, `portmap`, `loopback` and `ptp`, and `weft`, the meta plugin that
+//! `bridge`, `host-local`, `portmap`, `loopback`, `ptp` and `routed` (Calico's pod shape), and `weft`, the meta plugin that
 //! delegates to them with the node's subnet. [`by_name`] maps a plugin type (the
 //! name the binary was invoked under) to its implementation.
 
@@ -15,6 +15,7 @@ pub mod masq;
 pub mod meta;
 pub mod portmap;
 pub mod ptp;
+pub mod routed;
 pub mod rules;
 pub mod teardown;
 
@@ -24,7 +25,7 @@ mod fuzz;
 use weft_cni::skel::Plugin;
 
 /// Every plugin type weft implements.
-pub const PLUGIN_NAMES: &[&str] = &["bridge", "host-local", "portmap", "loopback", "ptp", "weft"];
+pub const PLUGIN_NAMES: &[&str] = &["bridge", "host-local", "portmap", "loopback", "ptp", "routed", "weft"];
 
 /// The plugin implementing `name`.
 pub fn by_name(name: &str) -> Option<Box<dyn Plugin>> {
@@ -34,6 +35,7 @@ pub fn by_name(name: &str) -> Option<Box<dyn Plugin>> {
         "portmap" => Box::new(portmap::Portmap),
         "loopback" => Box::new(loopback::Loopback),
         "ptp" => Box::new(ptp::Ptp),
+        "routed" => Box::new(routed::Routed),
         "weft" => Box::new(meta::Meta),
         _ => return None,
     })

@@ -12,7 +12,7 @@ use weft_dataplane::{format_mac, Netlink, RouteSpec};
 
 use crate::attachment_lock::AttachmentLock;
 use crate::common::{
-    attachment_key, create_veth, enable_forwarding, kernel, open_netns_for_teardown, prev_result, Attach,
+    attachment_key, create_veth, enable_forwarding, kernel, open_netns_for_teardown, prev_result, Attach, HostEnd,
 };
 use crate::teardown::retire_container_link;
 use crate::{container, ipam, masq, rules};
@@ -56,7 +56,7 @@ impl Plugin for Ptp {
             if result.ips.is_empty() || result.ips.iter().any(|ip| ip.gateway.is_none()) {
                 return Err(CniError::internal("IPAM plugin returned missing IP config or gateway"));
             }
-            let veth = create_veth(&mut hnl, &args.ifname, pconf.mtu, mac, &netns, None)?;
+            let veth = create_veth(&mut hnl, &args.ifname, pconf.mtu, mac, &netns, HostEnd::default())?;
             let index = veth.host.index;
             host_veth = Some(index);
             setup_container(&mut cnl, veth.container_index, &mut result)?;

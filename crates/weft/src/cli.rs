@@ -7,7 +7,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 /// weft — a container network fabric for Kubernetes-style clusters.
 ///
 /// One binary holds everything. Installed under a CNI plugin's name (bridge, host-local, portmap,
-/// loopback, ptp) it is that plugin, taking the same JSON as the reference plugins. Called by a
+/// loopback, ptp, routed) it is that plugin, taking the same JSON as the reference plugins. Called by a
 /// container runtime as `weft` (CNI_COMMAND set) it is the meta plugin that gives pods an address
 /// in the node's leased subnet. Run by hand it is this command-line tool.
 #[derive(Parser)]
@@ -24,7 +24,7 @@ enum Command {
     Cni(CniCommand),
     /// Run one CNI plugin explicitly (as if invoked under its name): `weft plugin bridge`.
     Plugin {
-        /// The plugin type: bridge, host-local, portmap, loopback, ptp or weft.
+        /// The plugin type: bridge, host-local, portmap, loopback, ptp, routed or weft.
         name: String,
     },
     /// Show weft's plugins giving two containers a network, in namespaces made for the demo

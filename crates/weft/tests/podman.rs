@@ -84,11 +84,12 @@ impl Drop for Podman<'_> {
     }
 }
 
-fn prepare(root: &Path, plugins: &Path, ipam: &Path, bridge: &str) {
+/// The container's network: `main` (bridge or routed, with its IPAM), portmap and loopback.
+fn prepare(root: &Path, plugins: &Path, main: serde_json::Value) {
     let rootfs = root.join("rootfs/bin");
     std::fs::create_dir_all(&rootfs).unwrap();
     std::fs::copy("/usr/bin/busybox", rootfs.join("busybox")).expect("busybox (apt-get install busybox-static)");
-    for tool in ["sh", "nc", "sleep", "echo"] {
+    for tool in ["sh", "nc", "sleep", "echo", "ip"] {
         std::os::unix::fs::symlink("busybox", rootfs.join(tool)).unwrap();
     }
     let netd = root.join("net.d");
@@ -105,8 +106,7 @@ fn prepare(root: &Path, plugins: &Path, ipam: &Path, bridge: &str) {
     let conflist = json!({
         "cniVersion": "1.0.0", "name": "weftnet",
         "plugins": [
-            {"type": "bridge", "bridge": bridge, "isDefaultGateway": true, "ipMasq": true, "hairpinMode": true,
-             "ipam": {"type": "host-local", "dataDir": ipam, "ranges": [[{"subnet": "198.19.80.0/24"}]]}},
+            main,
             {"type": "portmap", "capabilities": {"portMappings": true}},
             {"type": "loopback"}
         ]
@@ -124,7 +124,9 @@ fn podman_runs_two_containers_on_weft() {
     let root = Dir::new("podman");
     let ipam = Dir::new("ipam");
     let bridge = unique("br");
-    prepare(root.path(), plugins.path(), ipam.path(), &bridge);
+    let main = json!({"type": "bridge", "bridge": bridge, "isDefaultGateway": true, "ipMasq": true, "hairpinMode": true,
+                      "ipam": {"type": "host-local", "dataDir": ipam.path(), "ranges": [[{"subnet": "198.19.80.0/24"}]]}});
+    prepare(root.path(), plugins.path(), main);
     let podman = Podman { node: &node, root: root.path() };
 
     podman.run("web", &["-p", "8080:80"], &["sh", "-c", "while true; do echo hello from web | nc -l -p 80; done"]);
@@ -152,6 +154,40 @@ fn podman_runs_two_containers_on_weft() {
     assert_reaped(&node);
     let rules = node.nft();
     assert!(!rules.contains("weftnet/"), "rules left: {rules}");
+}
+
+#[test]
+fn podman_runs_two_containers_on_routed_pods() {
+    let _locks = DefaultLockDir::watch();
+    let node = Ns::new("n");
+    let plugins = weft_plugin_dir();
+    let root = Dir::new("podman");
+    let ipam = Dir::new("ipam");
+    let main = json!({"type": "routed", "mtu": 1400,
+                      "ipam": {"type": "host-local", "dataDir": ipam.path(), "ranges": [[{"subnet": "198.19.81.0/26"}]]}});
+    prepare(root.path(), plugins.path(), main);
+    let podman = Podman { node: &node, root: root.path() };
+
+    podman.run("web", &[], &["sh", "-c", "while true; do echo hello from web | nc -l -p 80; done"]);
+    podman.run("client", &[], &["sleep", "600"]);
+    let ip_of =
+        |name: &str| podman.ok(&["inspect", name, "--format", "{{.NetworkSettings.Networks.weftnet.IPAddress}}"]);
+    let (web_ip, client_ip) = (ip_of("web"), ip_of("client"));
+    assert!(web_ip.starts_with("198.19.81.") && client_ip.starts_with("198.19.81."), "{web_ip} {client_ip}");
+    // No bridge: each pod is a /32 route on the node, through its own veth.
+    let pod_routes: Vec<String> = node.sh(&["ip", "route", "show", "proto", "201"]).lines().map(String::from).collect();
+    assert_eq!(pod_routes.len(), 2, "{pod_routes:?}");
+    assert!(!node.sh(&["ip", "-d", "link"]).contains("bridge "), "a bridge on a routed node");
+    let reply = podman.ok(&["exec", "client", "sh", "-c", &format!("nc {web_ip} 80 </dev/null")]);
+    assert_eq!(reply, "hello from web");
+    let inside = podman.ok(&["exec", "client", "sh", "-c", "ip route; ip addr show eth0"]);
+    assert!(inside.contains("default via 169.254.1.1 dev eth0"), "{inside}");
+    assert!(inside.contains(&format!("inet {client_ip}/32")), "{inside}");
+
+    podman.ok(&["rm", "-f", "-t", "0", "web", "client"]);
+    assert!(reservations(ipam.path(), "weftnet").is_empty(), "addresses not released");
+    eventually("pod routes removed", || node.sh(&["ip", "route", "show", "proto", "201"]).trim().is_empty());
+    assert_reaped(&node);
 }
 
 /// Removes the plugins' default lock directory on drop if it did not exist before (it is empty
