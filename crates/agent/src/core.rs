@@ -240,6 +240,7 @@ impl Core {
             ipmasq: self.settings.ip_masq,
             ipv6_network: None,
             ipv6_subnet: None,
+            routed: None,
         }
     }
 

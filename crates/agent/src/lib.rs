@@ -12,6 +12,7 @@
 
 pub mod agent;
 pub mod backend;
+pub mod bgp_sink;
 pub mod core;
 pub mod exec;
 pub mod firewall;

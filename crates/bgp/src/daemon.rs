@@ -114,7 +114,90 @@ enum Event {
     RestartOver,
     /// Time to tell the sink which next hops are in use.
     Sweep,
+    /// An embedding program's new neighbours and prefixes (see [`Handle::configure`]).
+    Configure(Vec<NeighborSpec>, Vec<IpNet>),
     Shutdown,
+}
+
+/// A speaker run on a thread of its own inside another program (the agent's `bgp` backend):
+/// its neighbours and prefixes are set while it runs; it stops when told (or dropped), not on
+/// signals.
+pub struct Handle {
+    tx: mpsc::UnboundedSender<Event>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Handle {
+    /// From now on the neighbours are exactly `neighbors` (new ones are started; gone ones
+    /// get a Cease and their routes go; one whose AS or role changed is started again) and
+    /// the prefixes announced exactly `announce`.
+    pub fn configure(&self, neighbors: Vec<NeighborSpec>, announce: Vec<IpNet>) {
+        let _ = self.tx.send(Event::Configure(neighbors, announce));
+    }
+
+    /// The status JSON (as `weft bgp status` prints it); `None` when the speaker is gone.
+    pub fn status(&self) -> Option<String> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(Event::Status(reply)).ok()?;
+        answer.blocking_recv().ok()
+    }
+
+    /// Whether the speaker's thread is still running.
+    pub fn running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Stops it as SIGTERM stops `weft bgp run` (Ceases sent, installed routes removed) and
+    /// waits for that.
+    pub fn stop(mut self) {
+        self.stop_and_wait();
+    }
+
+    fn stop_and_wait(&mut self) {
+        let _ = self.tx.send(Event::Shutdown);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.stop_and_wait();
+    }
+}
+
+/// Starts a speaker on a thread of its own (see [`Handle`]); an error when it cannot start
+/// (its port or control socket taken).
+pub fn spawn(config: DaemonConfig, sink: Box<dyn RouteSink + Send>) -> std::io::Result<Handle> {
+    let sink: Box<dyn RouteSink + Send> = sink;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let events = tx.clone();
+    let thread = std::thread::Builder::new().name("bgp".into()).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = started_tx.send(Err(e));
+                return;
+            }
+        };
+        let outcome = rt.block_on(serve_with(config, sink, events, rx, false, Some(started_tx.clone())));
+        if let Err(e) = outcome {
+            let _ = started_tx.send(Err(e));
+        }
+    })?;
+    match started_rx.recv() {
+        Ok(Ok(())) => Ok(Handle { tx, thread: Some(thread) }),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(_) => {
+            let _ = thread.join();
+            Err(std::io::Error::other("the BGP speaker's thread ended at start"))
+        }
+    }
 }
 
 /// The sending side of a connection: bytes queued for its writer task, at most
@@ -155,6 +238,7 @@ struct Pending {
 struct Link {
     address: IpAddr,
     asn: u32,
+    rr_client: bool,
     /// The current connection: its number and its writer.
     conn: Option<(u64, Writer)>,
     /// Whether this speaker opened the current connection.
@@ -168,6 +252,8 @@ struct Link {
 
 struct Daemon {
     config: DaemonConfig,
+    /// The prefixes this speaker announces now.
+    announced: std::collections::BTreeSet<IpNet>,
     speaker: Speaker,
     links: HashMap<PeerId, Link>,
     tx: mpsc::UnboundedSender<Event>,
@@ -190,10 +276,20 @@ struct Daemon {
 /// Runs the daemon until SIGTERM or SIGINT; then the routes it installed are removed.
 pub fn run(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(serve(config, sink))
+    let (tx, rx) = mpsc::unbounded_channel();
+    rt.block_on(serve_with(config, sink, tx, rx, true, None))
 }
 
-async fn serve(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Result<()> {
+type Started = std::sync::mpsc::Sender<std::io::Result<()>>;
+
+async fn serve_with(
+    config: DaemonConfig,
+    sink: Box<dyn RouteSink>,
+    tx: mpsc::UnboundedSender<Event>,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    signals: bool,
+    started: Option<Started>,
+) -> std::io::Result<()> {
     // One speaker per control socket: a second one must not take it over (nor, restarting,
     // the first one's routes).
     if std::os::unix::net::UnixStream::connect(&config.socket).is_ok() {
@@ -215,7 +311,9 @@ async fn serve(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Resul
     }
     let control = UnixListener::bind(&config.socket)?;
     tracing::info!("BGP AS {} router id {} listening on {}", config.local_as, config.router_id, config.listen);
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    if let Some(started) = started {
+        let _ = started.send(Ok(()));
+    }
     let mut rib = Rib::new(config.local_as, config.router_id);
     rib.policy = config.policy.clone();
     // No learned path may lead back to this speaker.
@@ -239,7 +337,9 @@ async fn serve(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Resul
     if restarting {
         speaker.defer_until_end_of_rib();
     }
+    let announced = config.announce.iter().copied().collect();
     let mut daemon = Daemon {
+        announced,
         speaker,
         links: HashMap::new(),
         tx: tx.clone(),
@@ -295,7 +395,7 @@ async fn serve(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Resul
     });
     // Stopping.
     let signal_tx = tx.clone();
-    tokio::spawn(async move {
+    let on_signals = async move {
         use tokio::signal::unix::{signal, SignalKind};
         // A hang-up (the terminal gone, `kill -HUP`) stops it cleanly too: its default would
         // end the process with its routes and socket left behind and no Cease sent.
@@ -310,7 +410,10 @@ async fn serve(config: DaemonConfig, sink: Box<dyn RouteSink>) -> std::io::Resul
             _ = hup.recv() => {}
         }
         let _ = signal_tx.send(Event::Shutdown);
-    });
+    };
+    if signals {
+        tokio::spawn(on_signals);
+    }
     for prefix in daemon.config.announce.clone() {
         let out = daemon.speaker.originate(prefix);
         daemon.carry_out(out);
@@ -364,6 +467,7 @@ impl Daemon {
             Link {
                 address: spec.address,
                 asn: spec.asn,
+                rr_client: spec.rr_client,
                 conn: None,
                 outgoing: false,
                 pending: None,
@@ -466,7 +570,61 @@ impl Daemon {
                     self.in_kernel = self.sink.reconcile(&wanted);
                 }
             }
+            Event::Configure(neighbors, announce) => self.configure(neighbors, announce),
             Event::Shutdown => {}
+        }
+    }
+
+    /// The neighbours and announced prefixes become these (see [`Handle::configure`]).
+    fn configure(&mut self, neighbors: Vec<NeighborSpec>, announce: Vec<IpNet>) {
+        let wanted: std::collections::BTreeSet<IpNet> = announce.into_iter().collect();
+        for prefix in self.announced.difference(&wanted).copied().collect::<Vec<_>>() {
+            let out = self.speaker.withdraw(prefix);
+            self.carry_out(out);
+        }
+        for prefix in wanted.difference(&self.announced).copied().collect::<Vec<_>>() {
+            let out = self.speaker.originate(prefix);
+            self.carry_out(out);
+        }
+        self.announced = wanted;
+        // Configured neighbours (not those of a range) that are not wanted as they are go.
+        let stale: Vec<PeerId> = self
+            .links
+            .iter()
+            .filter(|(id, link)| {
+                !self.dynamic.contains(id)
+                    && !neighbors
+                        .iter()
+                        .any(|n| n.address == link.address && n.asn == link.asn && n.rr_client == link.rr_client)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            if let Some(link) = self.links.get(&id) {
+                tracing::info!("neighbour {} (AS {}) removed", link.address, link.asn);
+            }
+            let out = self.speaker.stop(id);
+            self.carry_out(out);
+            if let Some(link) = self.links.remove(&id) {
+                if let Some((_, writer)) = link.conn {
+                    drop(writer); // what was queued (the Cease) is written, then the socket shut
+                }
+            }
+            self.speaker.remove_neighbor(id);
+            self.removed = true;
+        }
+        for spec in neighbors {
+            let known = self.links.iter().any(|(id, l)| l.address == spec.address && !self.dynamic.contains(id));
+            if !known {
+                // A neighbour that came from a range becomes a configured one.
+                if let Some(id) = self.speaker.neighbor_at(spec.address) {
+                    self.dynamic.remove(&id);
+                    self.links.remove(&id);
+                    self.speaker.remove_neighbor(id);
+                }
+                tracing::info!("neighbour {} (AS {}) added", spec.address, spec.asn);
+                self.add(spec);
+            }
         }
     }
 

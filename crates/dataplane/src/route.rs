@@ -43,6 +43,8 @@ pub struct RouteSpec {
     pub mtu: Option<u32>,
     /// The nexthop object it goes through (`ip route ... nhid N`), instead of a gateway.
     pub nexthop: Option<u32>,
+    /// `ip route add blackhole ...`: packets to it are dropped here.
+    pub blackhole: bool,
 }
 
 impl RouteSpec {
@@ -59,7 +61,14 @@ impl RouteSpec {
             metric: None,
             mtu: None,
             nexthop: None,
+            blackhole: false,
         }
+    }
+
+    /// A blackhole route (no gateway, no device).
+    pub fn blackhole(mut self) -> Self {
+        self.blackhole = true;
+        self
     }
 
     pub fn via(mut self, gateway: IpAddr) -> Self {
@@ -102,7 +111,7 @@ impl RouteSpec {
         msg.header.table = self.table;
         msg.header.protocol = RouteProtocol::from(self.protocol);
         msg.header.scope = if self.link_scope { RouteScope::Link } else { RouteScope::Universe };
-        msg.header.kind = RouteType::Unicast;
+        msg.header.kind = if self.blackhole { RouteType::BlackHole } else { RouteType::Unicast };
         if self.onlink {
             msg.header.flags = RouteFlags::Onlink;
         }
@@ -138,6 +147,7 @@ impl RouteSpec {
             metric: None,
             mtu: None,
             nexthop: None,
+            blackhole: msg.header.kind == RouteType::BlackHole,
         };
         for attr in &msg.attributes {
             match attr {
@@ -254,13 +264,22 @@ impl Netlink {
 
     /// The unicast routes of the main table, both families (`ip route show; ip -6 route show`).
     pub fn routes(&mut self) -> Result<Vec<RouteSpec>> {
+        self.routes_of(RouteType::Unicast)
+    }
+
+    /// The blackhole routes of the main table, both families.
+    pub fn blackholes(&mut self) -> Result<Vec<RouteSpec>> {
+        self.routes_of(RouteType::BlackHole)
+    }
+
+    fn routes_of(&mut self, kind: RouteType) -> Result<Vec<RouteSpec>> {
         let mut out = Vec::new();
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             let mut req = RouteMessage::default();
             req.header.address_family = family;
             for msg in self.dump(RouteNetlinkMessage::GetRoute(req), "dump routes")? {
                 if let RouteNetlinkMessage::NewRoute(r) = msg {
-                    if r.header.kind == RouteType::Unicast && r.header.table == RT_TABLE_MAIN {
+                    if r.header.kind == kind && r.header.table == RT_TABLE_MAIN {
                         out.extend(RouteSpec::from_message(&r));
                     }
                 }

@@ -224,30 +224,92 @@ impl<K: Kv + 'static> Leases<K> {
                     None => continue, // changed meanwhile: look again
                 }
             }
-            // A damaged entry may be another node's lease: its subnet is not handed out.
-            let taken: HashSet<Ipv4Net> = claims
-                .valid
-                .keys()
-                .filter(|s| claims.winner(s, now).is_some())
-                .copied()
-                .chain(claims.damaged_subnets())
-                .collect();
-            let subnet = choose_subnet(config, &taken, previous, random)
-                .ok_or_else(|| LeaseError::Exhausted(config.network.to_string()))?;
-            let key = lease_key(&subnet);
-            // An expired lease there is removed first (the new claim is a new key, not the old
-            // node's).
-            if let Some((_, modified)) = claims.valid.get(&subnet).and_then(|keys| keys.get(&key)) {
-                if !self.kv.delete(&key, Some(*modified))? {
-                    continue;
+            match self.claim_free(config, &claims, &value, ttl, previous, now, random)? {
+                Some((e, subnet)) => return Ok(lease_of(e, subnet)),
+                None if self.is_exhausted(config, &claims, now) => {
+                    return Err(LeaseError::Exhausted(config.network.to_string()))
                 }
+                None => {} // another node was first: list again and pick another
             }
-            if let Some(e) = self.kv.create(&key, &value, ttl)? {
-                return Ok(lease_of(e, subnet));
-            }
-            // Another node was first: list again and pick another.
         }
         Err(LeaseError::Store("no subnet could be leased after 10 tries (too much contention)".into()))
+    }
+
+    /// The subnets no new claim may take: leased ones, and damaged entries' (another node's
+    /// lease, perhaps).
+    fn taken(claims: &Claims, now: SystemTime) -> HashSet<Ipv4Net> {
+        claims
+            .valid
+            .keys()
+            .filter(|s| claims.winner(s, now).is_some())
+            .copied()
+            .chain(claims.damaged_subnets())
+            .collect()
+    }
+
+    fn is_exhausted(&self, config: &NetworkConfig, claims: &Claims, now: SystemTime) -> bool {
+        choose_subnet(config, &Self::taken(claims, now), None, &mut |_| 0).is_none()
+    }
+
+    /// Creates a claim on a free subnet (`previous` if it is free): the entry and its subnet, or
+    /// `None` when none is free or another node was first.
+    #[allow(clippy::too_many_arguments)]
+    fn claim_free(
+        &self,
+        config: &NetworkConfig,
+        claims: &Claims,
+        value: &[u8],
+        ttl: Option<Ttl>,
+        previous: Option<Ipv4Net>,
+        now: SystemTime,
+        random: &mut dyn FnMut(usize) -> usize,
+    ) -> Result<Option<(Entry, Ipv4Net)>> {
+        let Some(subnet) = choose_subnet(config, &Self::taken(claims, now), previous, random) else { return Ok(None) };
+        let key = lease_key(&subnet);
+        // An expired lease there is removed first (the new claim is a new key, not the old
+        // node's).
+        if let Some((_, modified)) = claims.valid.get(&subnet).and_then(|keys| keys.get(&key)) {
+            if !self.kv.delete(&key, Some(*modified))? {
+                return Ok(None);
+            }
+        }
+        Ok(self.kv.create(&key, value, ttl)?.map(|e| (e, subnet)))
+    }
+
+    /// Routed mode: claims one more subnet (an IPAM block) for the node of `attrs`, without a
+    /// TTL (a block is held until released, as Calico's block affinities are). `None` when the
+    /// network has no free subnet left.
+    pub fn claim_block(
+        &self,
+        config: &NetworkConfig,
+        attrs: &LeaseAttrs,
+        now: SystemTime,
+        random: &mut dyn FnMut(usize) -> usize,
+    ) -> Result<Option<Lease>> {
+        let value = Self::value(attrs)?;
+        for _ in 0..10 {
+            let claims = self.claims()?;
+            if let Some((e, subnet)) = self.claim_free(config, &claims, &value, None, None, now, random)? {
+                return Ok(Some(Lease { subnet, attrs: attrs.clone(), expires: None, created: Some(e.created) }));
+            }
+            if self.is_exhausted(config, &claims, now) {
+                return Ok(None);
+            }
+        }
+        Err(LeaseError::Store("no block could be claimed after 10 tries (too much contention)".into()))
+    }
+
+    /// Gives a block back: removed only while the store still holds it for `lease`'s node,
+    /// unchanged since it was read. Whether it was removed.
+    pub fn release_block(&self, lease: &Lease) -> Result<bool> {
+        let key = lease_key(&lease.subnet);
+        let Some(entry) = self.kv.get(&key)? else { return Ok(false) };
+        match decode(&entry) {
+            Some(Ok(held)) if held.attrs.public_ip == lease.attrs.public_ip => {
+                self.kv.delete(&key, Some(entry.modified))
+            }
+            _ => Ok(false),
+        }
     }
 
     /// Extends `lease` by `ttl` from `now`. Fails with `NotFound` when the lease is gone, damaged
@@ -328,6 +390,20 @@ impl<K: Kv + 'static> LeaseStore for Leases<K> {
 
     fn delete(&self, subnet: &Ipv4Net) -> Result<()> {
         Leases::delete(self, subnet)
+    }
+
+    fn claim_block(
+        &self,
+        config: &NetworkConfig,
+        attrs: &LeaseAttrs,
+        now: SystemTime,
+        random: &mut dyn FnMut(usize) -> usize,
+    ) -> Result<Option<Lease>> {
+        Leases::claim_block(self, config, attrs, now, random)
+    }
+
+    fn release_block(&self, lease: &Lease) -> Result<bool> {
+        Leases::release_block(self, lease)
     }
 
     fn watch(&self) -> Result<Box<dyn LeaseWatcher>> {

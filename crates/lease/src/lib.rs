@@ -6,7 +6,6 @@
 //! ([`kv::Kv`]: create-if-absent, compare-and-swap, delete, list and watch from a revision),
 //! implemented once per store; the lease rules and the watch-diff exist once.
 
-pub mod blocks;
 pub mod etcd;
 pub mod file;
 pub mod kv;

@@ -28,6 +28,17 @@ pub trait LeaseStore: Send {
     fn renew(&self, lease: &Lease, ttl: Option<Duration>, now: SystemTime) -> Result<Lease>;
     /// Removes a lease (a missing one is fine).
     fn delete(&self, subnet: &Ipv4Net) -> Result<()>;
+    /// Routed mode: one more subnet (an IPAM block) for the node of `attrs`, held without a
+    /// TTL; `None` when the network has none free. Two nodes never get the same one.
+    fn claim_block(
+        &self,
+        config: &NetworkConfig,
+        attrs: &LeaseAttrs,
+        now: SystemTime,
+        random: &mut dyn FnMut(usize) -> usize,
+    ) -> Result<Option<Lease>>;
+    /// Gives a block back, if the store still holds it for this node unchanged.
+    fn release_block(&self, lease: &Lease) -> Result<bool>;
     /// A watch over every lease, starting with the current ones (reported as added).
     fn watch(&self) -> Result<Box<dyn LeaseWatcher>>;
     /// Where the store is, for humans.

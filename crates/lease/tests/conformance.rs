@@ -12,7 +12,6 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::Etcd;
-use weft_lease::blocks::Blocks;
 use weft_lease::kv::{EtcdKv, FileKv, Kv, KvWatch, Update};
 use weft_lease::{LeaseAttrs, LeaseStore};
 use weft_netconf::NetworkConfig;
@@ -241,10 +240,7 @@ fn racer() {
         }
     }
     // Leases: every racer wants the same subnet first.
-    let leases = match spec.split_once(':').unwrap() {
-        ("file", dir) => Box::new(weft_lease::file::FileStore::open(dir).unwrap()) as Box<dyn LeaseStore>,
-        (_, url) => Box::new(weft_lease::etcd::EtcdStore::connect(&[url.to_string()], "/weft-test").unwrap()),
-    };
+    let leases = lease_store(&spec);
     let config = NetworkConfig::parse(r#"{"Network": "198.19.0.0/16"}"#).unwrap();
     let attrs = LeaseAttrs {
         public_ip: format!("198.18.0.{}", std::env::var("WEFT_RACER_ID").unwrap()).parse().unwrap(),
@@ -254,11 +250,20 @@ fn racer() {
     };
     let lease = leases.acquire(&config, &attrs, None, None, SystemTime::now(), &mut |_| 0).unwrap();
     println!("leased {}", lease.subnet);
-    // Blocks: every racer claims until the network has none left.
-    let blocks = Blocks::new(kv.as_ref(), "198.19.0.0/24".parse().unwrap(), 28).unwrap();
-    let me = format!("node{}", std::env::var("WEFT_RACER_ID").unwrap());
-    while let Some(block) = blocks.claim(&me).unwrap() {
-        println!("block {block}");
+    // IPAM blocks (routed mode): every racer claims until the network has none left.
+    let routed =
+        NetworkConfig::parse(r#"{"Network": "198.19.200.0/24", "Backend": {"Type": "bgp", "BlockSize": 28}}"#).unwrap();
+    let attrs = LeaseAttrs { backend_type: "bgp".into(), ..attrs };
+    while let Some(block) = leases.claim_block(&routed, &attrs, SystemTime::now(), &mut |_| 0).unwrap() {
+        println!("block {}", block.subnet);
+    }
+}
+
+/// The lease store on a backing's spec.
+fn lease_store(spec: &str) -> Box<dyn LeaseStore> {
+    match spec.split_once(':').unwrap() {
+        ("file", dir) => Box::new(weft_lease::file::FileStore::open(dir).unwrap()),
+        (_, url) => Box::new(weft_lease::etcd::EtcdStore::connect(&[url.to_string()], "/weft-test").unwrap()),
     }
 }
 
@@ -309,28 +314,47 @@ fn racing_writer_processes() {
     });
 }
 
-/// IPAM blocks on each store: claimed one after another with affinity to a node, released
-/// only by their holder, none left when the network is used up; an entry that is not a claim
-/// still counts as taken.
+/// IPAM blocks on each store (routed mode): subnets of `BlockSize` claimed without a TTL,
+/// every one of the network usable, released only by their holder and only unchanged, none
+/// left when the network is used up; a damaged entry still counts as taken.
 #[test]
 fn blocks_are_claimed_once_and_released_by_their_holder() {
     conform(|b| {
-        let kv = b.open();
-        assert!(Blocks::new(kv.as_ref(), "198.19.0.0/24".parse().unwrap(), 23).is_err());
-        let blocks = Blocks::new(kv.as_ref(), "198.19.0.0/24".parse().unwrap(), 26).unwrap();
-        let a = blocks.claim("node-a").unwrap().unwrap();
-        let b1 = blocks.claim("node-b").unwrap().unwrap();
-        assert_eq!((a.to_string(), b1.to_string()), ("198.19.0.0/26".into(), "198.19.0.64/26".into()));
-        // Something not a claim where the third block would be: skipped, as taken.
-        kv.create("blocks/198.19.0.128-26", br#"{"garbage": 1}"#, None).unwrap();
-        let a2 = blocks.claim("node-a").unwrap().unwrap();
-        assert_eq!(a2.to_string(), "198.19.0.192/26");
-        assert_eq!(blocks.claim("node-c").unwrap(), None, "exhausted");
-        assert_eq!(blocks.held("node-a").unwrap(), vec![a, a2]);
-        assert!(!blocks.release("node-b", &a).unwrap(), "not b's to release");
-        assert!(blocks.release("node-a", &a).unwrap());
-        assert!(!blocks.release("node-a", &a).unwrap(), "released already");
-        assert_eq!(blocks.claim("node-c").unwrap(), Some(a), "free again");
-        assert_eq!(blocks.held("node-a").unwrap(), vec![a2]);
+        let leases = lease_store(&b.spec());
+        let config =
+            NetworkConfig::parse(r#"{"Network": "198.19.0.0/24", "Backend": {"Type": "bgp", "BlockSize": 26}}"#)
+                .unwrap();
+        let node = |n: u8| LeaseAttrs {
+            public_ip: std::net::Ipv4Addr::new(198, 18, 0, n),
+            public_ipv6: None,
+            backend_type: "bgp".into(),
+            backend_data: serde_json::json!({"AS": 64512}),
+        };
+        let now = SystemTime::now();
+        let first = &mut |_: usize| 0;
+        let a = leases.claim_block(&config, &node(1), now, first).unwrap().unwrap();
+        assert_eq!(a.expires, None, "a block has no TTL");
+        let b1 = leases.claim_block(&config, &node(2), now, first).unwrap().unwrap();
+        assert_eq!((a.subnet.to_string(), b1.subnet.to_string()), ("198.19.0.0/26".into(), "198.19.0.64/26".into()));
+        // Something that is not a lease where the third block would be: skipped, as taken.
+        b.open().create("subnets/198.19.0.128-26", br#"{"garbage": 1}"#, None).unwrap();
+        let a2 = leases.claim_block(&config, &node(1), now, first).unwrap().unwrap();
+        assert_eq!(a2.subnet.to_string(), "198.19.0.192/26");
+        assert_eq!(leases.claim_block(&config, &node(3), now, first).unwrap(), None, "exhausted");
+        let mut held: Vec<String> = leases
+            .list(now)
+            .unwrap()
+            .into_iter()
+            .filter(|l| l.attrs.public_ip == node(1).public_ip)
+            .map(|l| l.subnet.to_string())
+            .collect();
+        held.sort();
+        assert_eq!(held, ["198.19.0.0/26", "198.19.0.192/26"]);
+        let as_b = weft_lease::Lease { attrs: node(2), ..a.clone() };
+        assert!(!leases.release_block(&as_b).unwrap(), "not b's to release");
+        assert!(leases.release_block(&a).unwrap());
+        assert!(!leases.release_block(&a).unwrap(), "released already");
+        let again = leases.claim_block(&config, &node(3), now, first).unwrap().unwrap();
+        assert_eq!(again.subnet, a.subnet, "free again");
     });
 }

@@ -42,6 +42,9 @@ pub struct NetworkConfig {
 }
 
 /// The top-level keys flannel reads; those weft acts on come first.
+/// The routed backend's name (its subnets are IPAM blocks of `BlockSize`).
+pub const BGP: &str = "bgp";
+
 const KEYS: &[&str] = &["Network", "SubnetLen", "SubnetMin", "SubnetMax", "Backend"];
 const FLANNEL_ONLY_KEYS: &[&str] =
     &["EnableIPv4", "EnableIPv6", "IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax", "EnableNFTables"];
@@ -150,7 +153,32 @@ impl NetworkConfig {
         if network.prefix_len() > 28 {
             return Err(invalid(format!("Network {network} is too small: it must be /28 or larger")));
         }
+        let backend = parse_backend(keys.get("Backend"))?;
+        // Routed mode: each node's subnets are IPAM blocks of `BlockSize` bits (26 by default,
+        // as Calico's), every one of them usable (no first subnet kept back).
+        let block_size = if backend.kind == BGP {
+            let size = backend.options().number("BlockSize")?.unwrap_or(26);
+            if !(u64::from(network.prefix_len())..=30).contains(&size) {
+                return Err(invalid(format!(
+                    "BlockSize {size}: a block is between the Network's /{} and /30",
+                    network.prefix_len()
+                )));
+            }
+            match number(keys.get("SubnetLen"), "SubnetLen")? {
+                None | Some(0) => {}
+                Some(n) if n == size => {}
+                Some(n) => {
+                    return Err(invalid(format!(
+                        "SubnetLen {n} differs from the bgp backend's BlockSize {size}: give BlockSize only"
+                    )))
+                }
+            }
+            Some(size as u8)
+        } else {
+            None
+        };
         let subnet_len = match number(keys.get("SubnetLen"), "SubnetLen")? {
+            _ if block_size.is_some() => block_size.unwrap_or(26),
             None | Some(0) if network.prefix_len() <= 22 => 24,
             None | Some(0) => network.prefix_len() + 2,
             Some(n) if n > 30 => return Err(invalid(format!("SubnetLen {n} is too small a subnet: at most 30"))),
@@ -166,7 +194,8 @@ impl NetworkConfig {
         let size = 1u32 << (32 - subnet_len);
         let first = u32::from(network.network());
         let last = u32::from(network.broadcast());
-        let subnet_min = address(keys.get("SubnetMin"), "SubnetMin")?.unwrap_or(Ipv4Addr::from(first + size));
+        let skip_first = if block_size.is_some() { 0 } else { size };
+        let subnet_min = address(keys.get("SubnetMin"), "SubnetMin")?.unwrap_or(Ipv4Addr::from(first + skip_first));
         let subnet_max = address(keys.get("SubnetMax"), "SubnetMax")?.unwrap_or(Ipv4Addr::from(last + 1 - size));
         for (name, ip) in [("SubnetMin", subnet_min), ("SubnetMax", subnet_max)] {
             if !network.contains(&ip) || u32::from(ip) % size != 0 {
@@ -176,7 +205,6 @@ impl NetworkConfig {
         if u32::from(subnet_min) > u32::from(subnet_max) {
             return Err(invalid(format!("SubnetMin {subnet_min} is after SubnetMax {subnet_max}")));
         }
-        let backend = parse_backend(keys.get("Backend"))?;
         Ok(NetworkConfig { network, subnet_len, subnet_min, subnet_max, backend, warnings })
     }
 

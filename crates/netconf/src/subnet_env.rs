@@ -1,6 +1,12 @@
 //! `subnet.env`: `FLANNEL_NETWORK`, `FLANNEL_SUBNET` (the first usable address with the subnet's
 //! prefix), `FLANNEL_MTU`, `FLANNEL_IPMASQ`, and the IPv6 pair when dual stack. Written
 //! atomically by the agent once the node is ready.
+//!
+//! Routed mode (the `bgp` backend) adds weft's own keys, which flannel's plugin ignores:
+//! `WEFT_ROUTED=true`, `WEFT_BLOCKS` (every IPAM block the node holds, comma-separated; the
+//! first is `FLANNEL_SUBNET`'s), `WEFT_IPAM_DIR` (where pods' reservations are kept, so the
+//! agent sees how full its blocks are) and `WEFT_EXHAUSTED=true` when the network has no free
+//! block left for this node.
 
 use std::path::Path;
 
@@ -18,6 +24,16 @@ pub struct SubnetEnv {
     pub ipmasq: bool,
     pub ipv6_network: Option<IpNet>,
     pub ipv6_subnet: Option<IpNet>,
+    /// Routed mode: what the node's pods are given (see the module's documentation).
+    pub routed: Option<Routed>,
+}
+
+/// Routed mode's part of the subnet file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routed {
+    pub blocks: Vec<ipnet::Ipv4Net>,
+    pub ipam_dir: std::path::PathBuf,
+    pub exhausted: bool,
 }
 
 impl SubnetEnv {
@@ -38,7 +54,24 @@ impl SubnetEnv {
             None => 1500,
         };
         let ipmasq = get.get("FLANNEL_IPMASQ").is_some_and(|v| v == "true");
+        let routed = if get.get("WEFT_ROUTED").is_some_and(|v| v == "true") {
+            let text = get.get("WEFT_BLOCKS").map(String::as_str).unwrap_or_default();
+            let blocks = text
+                .split(',')
+                .filter(|b| !b.trim().is_empty())
+                .map(|b| b.trim().parse().map_err(|_| invalid(format!("WEFT_BLOCKS: {b:?} is not an IPv4 CIDR"))))
+                .collect::<Result<Vec<ipnet::Ipv4Net>>>()?;
+            let ipam_dir = get.get("WEFT_IPAM_DIR").ok_or_else(|| invalid("WEFT_IPAM_DIR missing".into()))?;
+            Some(Routed {
+                blocks,
+                ipam_dir: ipam_dir.into(),
+                exhausted: get.get("WEFT_EXHAUSTED").is_some_and(|v| v == "true"),
+            })
+        } else {
+            None
+        };
         Ok(SubnetEnv {
+            routed,
             network,
             subnet,
             mtu,
@@ -64,6 +97,17 @@ impl SubnetEnv {
         );
         if let (Some(n), Some(s)) = (self.ipv6_network, self.ipv6_subnet) {
             out.push_str(&format!("FLANNEL_IPV6_NETWORK={n}\nFLANNEL_IPV6_SUBNET={s}\n"));
+        }
+        if let Some(r) = &self.routed {
+            let blocks: Vec<String> = r.blocks.iter().map(ToString::to_string).collect();
+            out.push_str(&format!(
+                "WEFT_ROUTED=true\nWEFT_BLOCKS={}\nWEFT_IPAM_DIR={}\n",
+                blocks.join(","),
+                r.ipam_dir.display()
+            ));
+            if r.exhausted {
+                out.push_str("WEFT_EXHAUSTED=true\n");
+            }
         }
         out
     }
@@ -103,6 +147,20 @@ mod tests {
         let path = dir.path().join("run/subnet.env");
         env.write(&path).unwrap();
         assert_eq!(SubnetEnv::read(&path).unwrap(), env);
+    }
+
+    #[test]
+    fn routed_keys_round_trip() {
+        let text =
+            "FLANNEL_NETWORK=198.19.0.0/16\nFLANNEL_SUBNET=198.19.0.1/26\nFLANNEL_MTU=1500\nFLANNEL_IPMASQ=false\n\
+                    WEFT_ROUTED=true\nWEFT_BLOCKS=198.19.0.0/26,198.19.0.64/26\nWEFT_IPAM_DIR=/var/lib/weft/ipam\n";
+        let env = SubnetEnv::parse(text).unwrap();
+        let routed = env.routed.clone().unwrap();
+        assert_eq!(routed.blocks.len(), 2);
+        assert!(!routed.exhausted);
+        assert_eq!(env.render(), text);
+        assert!(SubnetEnv::parse(&text.replace("198.19.0.64/26", "nonsense")).is_err());
+        assert!(SubnetEnv::parse(&text.replace("WEFT_IPAM_DIR=/var/lib/weft/ipam\n", "")).is_err());
     }
 
     #[test]
