@@ -41,6 +41,23 @@ pub struct AgentConfig {
     pub lease_ttl: Duration,
     pub resync: Duration,
     pub health: Option<SocketAddr>,
+    /// This node's name (routed mode: `RouteReflectors` and `Peers` name nodes); the host name
+    /// when not given.
+    pub node_name: Option<String>,
+}
+
+impl AgentConfig {
+    /// The node's name: given, or the host name.
+    pub fn node_name(&self) -> String {
+        self.node_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+        })
+    }
+
+    /// Where routed mode's pods keep their address reservations.
+    pub fn ipam_dir(&self) -> PathBuf {
+        self.state_dir.join("ipam")
+    }
 }
 
 /// Where leases live.
@@ -218,6 +235,10 @@ pub struct Loop {
     pub status: Arc<Mutex<Status>>,
     /// Where the backend keeps what must survive restarts.
     pub state_dir: PathBuf,
+    /// This node's name.
+    pub node_name: String,
+    /// Routed mode's speaker, blackholes and block keeper.
+    pub routing: Option<crate::routed::Routing>,
 }
 
 impl Loop {
@@ -248,12 +269,19 @@ impl Loop {
             let actions = self.core.decide(now, event);
             reconcile_seconds += self.carry_out(now, actions);
         }
+        if let Some(routing) = &mut self.routing {
+            routing.turn(&mut self.core, now);
+        }
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         let sum = status.reconcile_seconds_sum + reconcile_seconds;
         let last = if changed { seen.elapsed().as_secs_f64() } else { status.last_event_to_kernel_seconds };
         *status = self.core.status().clone();
         status.reconcile_seconds_sum = sum;
         status.last_event_to_kernel_seconds = last;
+        if let Some(routing) = &self.routing {
+            status.blocks = self.core.own_blocks().len();
+            status.bgp = routing.last_status.clone();
+        }
     }
 
     /// Carries out `actions`; the outcome goes back to the core. Returns the seconds spent.
@@ -262,7 +290,7 @@ impl Loop {
             self.keeper.lost();
         }
         if actions.iter().any(|a| matches!(a, Action::RenewClaim)) {
-            match self.core.renew_claim(&Setup { state_dir: &self.state_dir }) {
+            match self.core.renew_claim(&Setup { state_dir: &self.state_dir, node_name: &self.node_name }) {
                 Ok(Some(attrs)) => self.keeper.publish(attrs),
                 Ok(None) => {}
                 Err(e) => tracing::warn!("making a new claim: {e}"),
@@ -366,8 +394,9 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
             network.network, uplink.name
         )));
     }
+    let node_name = cfg.node_name();
     let (backend, warnings): (Box<dyn Backend>, _) =
-        backend::build(&network.backend, &Setup { state_dir: &cfg.state_dir })?;
+        backend::build(&network.backend, &Setup { state_dir: &cfg.state_dir, node_name: &node_name })?;
     for warning in warnings {
         tracing::warn!("{warning}");
     }
@@ -395,10 +424,33 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     let mut monitor = LinkMonitor::new().map_err(kernel("watching links"))?;
     monitor.follow_mtu(&uplink.name);
     let watcher = store.watch()?;
+    // Routed mode: the speaker, the blackholes and the block keeper (with a store of its own).
+    let routing = match backend.routed() {
+        Some(options) => {
+            let keeper_store = until_the_store_answers("opening the store for the block keeper", &status, || {
+                Ok(cfg.store.open()?)
+            })?;
+            Some(crate::routed::Routing::start(crate::routed::Start {
+                options,
+                network: &network,
+                ip: uplink.ip,
+                state_dir: &cfg.state_dir,
+                ipam_dir: &cfg.ipam_dir(),
+                attrs: &attrs,
+                store: keeper_store,
+            })?)
+        }
+        None => None,
+    };
     let keeper = Renewer::start(store, network.clone(), attrs, lease.clone(), cfg.lease_ttl, random_index)
         .map_err(|e| AgentError::Config(format!("starting the renewer: {e}")))?;
-    let settings =
-        Settings { network: network.network, subnet_len: network.subnet_len, ip_masq: cfg.ip_masq, resync: cfg.resync };
+    let settings = Settings {
+        network: network.network,
+        subnet_len: network.subnet_len,
+        ip_masq: cfg.ip_masq,
+        resync: cfg.resync,
+        ipam_dir: cfg.ipam_dir(),
+    };
     let mut agent = Loop {
         core: Core::new(settings, backend, uplink, lease),
         kernel: Box::new(NetlinkKernel::new(nl, cfg.subnet_file.clone())),
@@ -407,10 +459,28 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         links: Box::new(monitor),
         status,
         state_dir: cfg.state_dir.clone(),
+        node_name,
+        routing,
     };
+    // Routed mode: SIGTERM and SIGINT stop the speaker cleanly (peers withdraw this node's
+    // blocks at once) before the agent ends; a kill leaves everything for a restart.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if agent.routing.is_some() {
+        for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register(signal, stop.clone())
+                .map_err(|e| AgentError::Config(format!("catching signals: {e}")))?;
+        }
+    }
     // The first turn at once (a store that lists synchronously is synced already); then on
     // every change, or every 50 ms for the timers (10 ms until ready).
     loop {
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            if let Some(routing) = agent.routing.take() {
+                tracing::info!("stopping: the BGP sessions end, peers withdraw this node's blocks");
+                routing.stop();
+            }
+            return Ok(());
+        }
         agent.turn(Instant::now(), SystemTime::now());
         agent.wait(Duration::from_millis(if agent.core.status().started { 50 } else { 10 }));
     }

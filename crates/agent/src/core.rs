@@ -101,6 +101,17 @@ pub struct Settings {
     pub subnet_len: u8,
     pub ip_masq: bool,
     pub resync: Duration,
+    /// Routed mode: where pods' address reservations are kept (the subnet file says so).
+    pub ipam_dir: std::path::PathBuf,
+}
+
+/// Routed mode: what the block keeper says of this node's blocks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockState {
+    /// The network has no free block left for this node.
+    pub exhausted: bool,
+    /// Blocks about to be given back: no new pod gets an address in them.
+    pub retiring: BTreeSet<Ipv4Net>,
 }
 
 /// The interface peers are reached through.
@@ -158,6 +169,10 @@ pub struct Core {
     store_polls_ok: bool,
     renewer_ok: bool,
     status: Status,
+    /// Routed mode: the block keeper's last word, and whether the subnet file must say
+    /// something new about the blocks.
+    blocks: BlockState,
+    blocks_dirty: bool,
 }
 
 impl Core {
@@ -188,6 +203,8 @@ impl Core {
             store_polls_ok: true,
             renewer_ok: true,
             status,
+            blocks: BlockState::default(),
+            blocks_dirty: false,
         }
     }
 
@@ -203,6 +220,48 @@ impl Core {
     /// The peers programmed now, by subnet.
     pub fn programmed(&self) -> impl Iterator<Item = &Ipv4Net> {
         self.programmed.keys()
+    }
+
+    /// The peers' leases programmed now.
+    pub fn programmed_leases(&self) -> impl Iterator<Item = &Arc<Lease>> {
+        self.programmed.values()
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
+    }
+
+    /// Routed mode: every block this node holds, its lease's first, then the others the watch
+    /// shows with this node's address, in order.
+    pub fn own_blocks(&self) -> Vec<Ipv4Net> {
+        let mut blocks = vec![self.lease.subnet];
+        if self.backend.holds_several_subnets() {
+            let mut more: Vec<Ipv4Net> = self
+                .leases
+                .values()
+                .filter(|l| self.is_own_block(l) && l.subnet != self.lease.subnet)
+                .map(|l| l.subnet)
+                .collect();
+            more.sort();
+            blocks.extend(more);
+        }
+        blocks
+    }
+
+    fn is_own_block(&self, lease: &Lease) -> bool {
+        lease.attrs.public_ip == self.uplink.ip
+            && lease.attrs.backend_type == self.backend.name()
+            && lease.subnet.prefix_len() == self.settings.subnet_len
+            && self.settings.network.contains(&lease.subnet)
+    }
+
+    /// Routed mode: the block keeper's news (the subnet file is written again if it changes).
+    pub fn set_blocks(&mut self, state: BlockState) {
+        if state != self.blocks {
+            self.blocks = state;
+            self.blocks_dirty = true;
+        }
     }
 
     /// The name of the backend's device, if it has one.
@@ -240,7 +299,11 @@ impl Core {
             ipmasq: self.settings.ip_masq,
             ipv6_network: None,
             ipv6_subnet: None,
-            routed: None,
+            routed: self.backend.routed().map(|_| weft_netconf::Routed {
+                blocks: self.own_blocks().into_iter().filter(|b| !self.blocks.retiring.contains(b)).collect(),
+                ipam_dir: self.settings.ipam_dir.clone(),
+                exhausted: self.blocks.exhausted,
+            }),
         }
     }
 
@@ -300,6 +363,12 @@ impl Core {
             Some(l) => self.leases.insert(subnet, l.clone()),
             None => self.leases.remove(&subnet),
         };
+        // Routed mode: one of this node's blocks came or went.
+        if self.backend.holds_several_subnets()
+            && [&old, &new].into_iter().flatten().any(|l| l.attrs.public_ip == self.uplink.ip)
+        {
+            self.blocks_dirty = true;
+        }
         // What the old and the new lease claim that no two nodes may share (one VTEP MAC):
         // when another node's lease claims it too, which of them counts depends on both, so
         // everything is computed again. (Not looked at when everything is applied again anyway.)
@@ -405,7 +474,7 @@ impl Core {
         let resync = self.next_resync.is_some_and(|t| now >= t);
         if self.replay || !self.status.dataplane_up || !self.status.started {
             actions.extend(self.full(false));
-        } else if !self.dirty.is_empty() {
+        } else if !self.dirty.is_empty() || self.blocks_dirty {
             actions.extend(self.change());
         } else if resync {
             actions.extend(self.full(true));
@@ -469,6 +538,7 @@ impl Core {
         self.prepared = true;
         self.replay = false;
         self.dirty.clear();
+        self.blocks_dirty = false;
         let mut leases: Vec<&Arc<Lease>> = self.leases.values().collect();
         leases.sort_by_key(|l| l.subnet);
         let refs: Vec<&Lease> = leases.iter().map(|l| l.as_ref()).collect();
@@ -505,7 +575,11 @@ impl Core {
         let programmed: HashSet<Ipv4Net> = after.programmed.into_iter().collect();
         let peers = subnets.iter().map(|s| (*s, self.leases.get(s).cloned(), programmed.contains(s))).collect();
         self.in_flight = Some(Batch::Change { peers });
-        vec![Action::Change { owner: PEER_ROUTES, old: before.state, new: after.state }]
+        let mut actions = vec![Action::Change { owner: PEER_ROUTES, old: before.state, new: after.state }];
+        if std::mem::take(&mut self.blocks_dirty) {
+            actions.push(Action::WriteSubnetFile(self.subnet_env()));
+        }
+        actions
     }
 
     fn take_outcome(&mut self, now: Instant, outcome: Result<Done, String>) {

@@ -44,6 +44,9 @@ pub struct Status {
     pub forwarder: Option<std::path::PathBuf>,
     /// That forwarder does not answer (asked when a probe comes).
     pub forwarder_down: bool,
+    /// Routed mode: the blocks this node holds, and its BGP speaker's status.
+    pub blocks: usize,
+    pub bgp: Option<serde_json::Value>,
 }
 
 impl Default for Status {
@@ -65,6 +68,8 @@ impl Default for Status {
             damaged_leases: 0,
             forwarder: None,
             forwarder_down: false,
+            blocks: 0,
+            bgp: None,
         }
     }
 }
@@ -181,6 +186,56 @@ pub fn forwarder_metrics(status: Option<&serde_json::Value>) -> String {
     out
 }
 
+/// The status JSON as Prometheus metrics: the table's, and one series per neighbour.
+pub fn bgp_metrics(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, samples: Vec<(String, String)>| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+        for (labels, value) in samples {
+            out.push_str(&format!("{name}{labels} {value}\n"));
+        }
+    };
+    gauge(
+        "weft_bgp_routes",
+        "Prefixes with a best path (own and learned).",
+        vec![(String::new(), v["routes"].to_string())],
+    );
+    gauge(
+        "weft_bgp_routes_installed",
+        "Learned best routes (what goes into the kernel with --install).",
+        vec![(String::new(), v["installed"].to_string())],
+    );
+    let neighbors = v["neighbors"].as_array().cloned().unwrap_or_default();
+    let per_neighbor = |value: &dyn Fn(&serde_json::Value) -> String| -> Vec<(String, String)> {
+        neighbors
+            .iter()
+            .map(|n| {
+                let labels = format!("{{neighbor=\"{}\",as=\"{}\"}}", n["address"].as_str().unwrap_or("?"), n["as"]);
+                (labels, value(n))
+            })
+            .collect()
+    };
+    gauge(
+        "weft_bgp_session_established",
+        "1 when the session is Established.",
+        per_neighbor(&|n| u8::from(n["state"] == "Established").to_string()),
+    );
+    gauge(
+        "weft_bgp_session_uptime_seconds",
+        "How long the session has been Established.",
+        per_neighbor(&|n| n["uptime_seconds"].to_string()),
+    );
+    for (key, help) in [
+        ("prefixes_received", "Prefixes the neighbour announces."),
+        ("prefixes_accepted", "Of those, the ones the import policy accepted."),
+        ("prefixes_advertised", "Prefixes sent to the neighbour."),
+    ] {
+        gauge(&format!("weft_bgp_{key}"), help, per_neighbor(&|n| n[key].to_string()));
+    }
+    out
+}
+
+
 /// The answer to one request.
 pub fn respond(path: &str, status: &Status) -> (StatusCode, String) {
     // A userspace forwarder is asked at each probe: the node carries no pod traffic without it.
@@ -196,6 +251,13 @@ pub fn respond(path: &str, status: &Status) -> (StatusCode, String) {
             let mut text = status.metrics();
             if let Some(answer) = &forwarder {
                 text.push_str(&forwarder_metrics(answer.as_ref()));
+            }
+            if let Some(bgp) = &status.bgp {
+                text.push_str(&format!(
+                    "# HELP weft_blocks IPAM blocks this node holds.\n# TYPE weft_blocks gauge\nweft_blocks {}\n",
+                    status.blocks
+                ));
+                text.push_str(&bgp_metrics(bgp));
             }
             (StatusCode::OK, text)
         }

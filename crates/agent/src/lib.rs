@@ -20,6 +20,7 @@ pub mod http;
 pub mod log;
 pub mod model;
 pub mod renewer;
+pub mod routed;
 pub mod tun;
 pub mod vtep;
 

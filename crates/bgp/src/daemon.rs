@@ -40,7 +40,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 const RECONCILE_EVERY_SWEEPS: u32 = 2;
 
 /// A configured neighbour.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NeighborSpec {
     pub address: IpAddr,
     pub asn: u32,

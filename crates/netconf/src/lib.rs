@@ -6,8 +6,8 @@
 mod network;
 mod subnet_env;
 
-pub use network::{invalid_option, Backend, NetworkConfig, Options};
-pub use subnet_env::SubnetEnv;
+pub use network::{invalid_option, Backend, NetworkConfig, Options, BGP};
+pub use subnet_env::{Routed, SubnetEnv};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

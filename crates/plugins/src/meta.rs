@@ -77,6 +77,9 @@ impl MetaConf {
 
     /// The delegate config for this node's subnet.
     pub(crate) fn render(&self, env: &SubnetEnv) -> Map<String, Value> {
+        if let Some(routed) = &env.routed {
+            return self.render_routed(env, routed);
+        }
         let mut d = self.delegate.clone().unwrap_or_default();
         d.entry("type").or_insert_with(|| json!("bridge"));
         d.insert("name".into(), json!(self.name));
@@ -99,6 +102,41 @@ impl MetaConf {
             routes.extend(extra.iter().filter(|r| !routes.contains(r)).cloned().collect::<Vec<_>>());
         }
         ipam.insert("routes".into(), json!(routes));
+        d.insert("ipam".into(), Value::Object(ipam));
+        for (key, value) in [("runtimeConfig", &self.runtime_config), ("args", &self.args)] {
+            if let Some(v) = value {
+                d.insert(key.into(), v.clone());
+            }
+        }
+        d
+    }
+
+    /// Routed mode (the agent runs the `bgp` backend): the `routed` plugin, and host-local over
+    /// every block the node holds, its reservations where the agent counts them (a block's
+    /// first address is host-local's gateway and never given out; the last one is, as pods
+    /// have host prefixes).
+    fn render_routed(&self, env: &SubnetEnv, routed: &weft_netconf::Routed) -> Map<String, Value> {
+        let mut d = self.delegate.clone().unwrap_or_default();
+        d.insert("type".into(), json!("routed"));
+        d.insert("name".into(), json!(self.name));
+        d.insert("cniVersion".into(), json!(self.cni_version));
+        d.entry("mtu").or_insert(json!(env.mtu));
+        let ranges: Vec<Value> = routed
+            .blocks
+            .iter()
+            .map(|b| {
+                let start = std::net::Ipv4Addr::from(u32::from(b.network()) + 1);
+                json!({"subnet": b.to_string(), "gateway": b.network().to_string(),
+                       "rangeStart": start.to_string(), "rangeEnd": b.broadcast().to_string()})
+            })
+            .collect();
+        let mut ipam = Map::new();
+        ipam.insert("type".into(), json!("host-local"));
+        ipam.insert("dataDir".into(), json!(routed.ipam_dir));
+        ipam.insert("ranges".into(), json!([ranges]));
+        if let Some(routes) = self.ipam.as_ref().and_then(|i| i.get("routes")) {
+            ipam.insert("routes".into(), routes.clone());
+        }
         d.insert("ipam".into(), Value::Object(ipam));
         for (key, value) in [("runtimeConfig", &self.runtime_config), ("args", &self.args)] {
             if let Some(v) = value {
@@ -143,6 +181,24 @@ impl MetaConf {
             delegate.insert("prevResult".into(), prev.clone());
         }
         Value::Object(delegate)
+    }
+}
+
+/// Routed mode with no free address in this node's blocks: the network is used up (the agent
+/// found no block to claim), or the agent has not claimed the next block yet.
+fn no_block(env: &SubnetEnv) -> CniError {
+    let held = env.routed.as_ref().map_or(0, |r| r.blocks.len());
+    if env.routed.as_ref().is_some_and(|r| r.exhausted) {
+        CniError::internal(format!(
+            "the pod network {} is exhausted: every block is held, and this node's {held} are full \
+             (free addresses on other nodes are not lent; make the Network larger or remove pods)",
+            env.network
+        ))
+    } else {
+        CniError::new(
+            ErrorCode::TryAgainLater,
+            format!("this node's {held} address blocks are full; the weft agent is claiming another one: try again"),
+        )
     }
 }
 
@@ -209,12 +265,19 @@ impl Plugin for Meta {
         let conf = MetaConf::load(&args.stdin)?;
         let _lock = AttachmentLock::take(self.name(), &conf.name, args)?;
         let env = conf.subnet_env()?;
+        if env.routed.as_ref().is_some_and(|r| r.blocks.is_empty()) {
+            return Err(no_block(&env));
+        }
         let delegate = Value::Object(conf.render(&env));
         delegate_type(&delegate)?;
         let path = conf.saved_path(&args.container_id, &args.ifname);
         save(&path, &delegate)?;
         // A failed ADD is followed by the runtime's DEL, which finds the saved config.
-        delegate::run(&delegate_type(&delegate)?, Command::Add, args, &to_bytes(&delegate))?
+        delegate::run(&delegate_type(&delegate)?, Command::Add, args, &to_bytes(&delegate))
+            .map_err(|e| match &env.routed {
+                Some(_) if e.msg.contains("no IP addresses available") => no_block(&env),
+                _ => e,
+            })?
             .ok_or_else(|| CniError::internal("the delegate returned no result"))
     }
 

@@ -233,7 +233,7 @@ pub fn run(args: RunArgs) -> Result<()> {
 }
 
 /// The speaker's status, as JSON, from its control socket.
-fn query(socket: &std::path::Path) -> Result<String> {
+pub(crate) fn query(socket: &std::path::Path) -> Result<String> {
     use std::io::{Read, Write};
     let mut conn = std::os::unix::net::UnixStream::connect(socket)
         .with_context(|| format!("no speaker answers on {} (is `weft bgp run` running?)", socket.display()))?;
@@ -257,60 +257,11 @@ fn health(socket: &std::path::Path, path: &str) -> (StatusCode, String) {
             Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not healthy: {e:#}\n")),
         },
         "/metrics" => match status() {
-            Ok(v) => (StatusCode::OK, metrics(&v)),
+            Ok(v) => (StatusCode::OK, weft_agent::http::bgp_metrics(&v)),
             Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("# the speaker does not answer: {e:#}\n")),
         },
         _ => (StatusCode::NOT_FOUND, "not found: try /healthz or /metrics\n".into()),
     }
-}
-
-/// The status JSON as Prometheus metrics: the table's, and one series per neighbour.
-fn metrics(v: &serde_json::Value) -> String {
-    let mut out = String::new();
-    let mut gauge = |name: &str, help: &str, samples: Vec<(String, String)>| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
-        for (labels, value) in samples {
-            out.push_str(&format!("{name}{labels} {value}\n"));
-        }
-    };
-    gauge(
-        "weft_bgp_routes",
-        "Prefixes with a best path (own and learned).",
-        vec![(String::new(), v["routes"].to_string())],
-    );
-    gauge(
-        "weft_bgp_routes_installed",
-        "Learned best routes (what goes into the kernel with --install).",
-        vec![(String::new(), v["installed"].to_string())],
-    );
-    let neighbors = v["neighbors"].as_array().cloned().unwrap_or_default();
-    let per_neighbor = |value: &dyn Fn(&serde_json::Value) -> String| -> Vec<(String, String)> {
-        neighbors
-            .iter()
-            .map(|n| {
-                let labels = format!("{{neighbor=\"{}\",as=\"{}\"}}", n["address"].as_str().unwrap_or("?"), n["as"]);
-                (labels, value(n))
-            })
-            .collect()
-    };
-    gauge(
-        "weft_bgp_session_established",
-        "1 when the session is Established.",
-        per_neighbor(&|n| u8::from(n["state"] == "Established").to_string()),
-    );
-    gauge(
-        "weft_bgp_session_uptime_seconds",
-        "How long the session has been Established.",
-        per_neighbor(&|n| n["uptime_seconds"].to_string()),
-    );
-    for (key, help) in [
-        ("prefixes_received", "Prefixes the neighbour announces."),
-        ("prefixes_accepted", "Of those, the ones the import policy accepted."),
-        ("prefixes_advertised", "Prefixes sent to the neighbour."),
-    ] {
-        gauge(&format!("weft_bgp_{key}"), help, per_neighbor(&|n| n[key].to_string()));
-    }
-    out
 }
 
 pub fn status(args: StatusArgs) -> Result<()> {
@@ -399,7 +350,7 @@ mod tests {
              "prefixes_received": 4, "prefixes_accepted": 2, "prefixes_advertised": 1},
             {"address": "fd00::2", "as": 64514, "state": "Active", "uptime_seconds": 0,
              "prefixes_received": 0, "prefixes_accepted": 0, "prefixes_advertised": 0}]});
-        let m = metrics(&v);
+        let m = weft_agent::http::bgp_metrics(&v);
         for line in [
             "weft_bgp_routes 3",
             "weft_bgp_routes_installed 2",

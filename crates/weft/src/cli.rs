@@ -120,6 +120,10 @@ struct AgentArgs {
     /// Serve /healthz, /readyz and /metrics on this address (e.g. 127.0.0.1:9901).
     #[arg(long)]
     health: Option<std::net::SocketAddr>,
+    /// This node's name, as the bgp backend's RouteReflectors and Peers name nodes (default:
+    /// the host name).
+    #[arg(long)]
+    node_name: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -273,6 +277,7 @@ pub fn main() -> i32 {
                 lease_ttl: a.lease_ttl,
                 resync: a.resync,
                 health: a.health,
+                node_name: a.node_name,
             })
             .map_err(|e| anyhow::anyhow!("agent: {e}"))
         }

@@ -11,6 +11,7 @@
 //! When a backend's device disappears, the agent makes it again and replays every peer (the
 //! device's neighbours, FDB entries and routes went with it).
 
+pub mod bgp;
 mod host_gw;
 mod udp;
 mod vxlan;
@@ -129,6 +130,15 @@ pub trait Backend: Send + std::fmt::Debug {
     fn renew_claim(&mut self, _setup: &Setup<'_>) -> Result<bool> {
         Ok(false)
     }
+    /// Whether a node holds several subnets (routed mode's IPAM blocks): leases with this
+    /// node's address are its own, not peers.
+    fn holds_several_subnets(&self) -> bool {
+        false
+    }
+    /// Routed mode's options, when this is the `bgp` backend.
+    fn routed(&self) -> Option<&bgp::BgpOptions> {
+        None
+    }
 }
 
 /// The desired state for `peers` (this node's own lease among them is skipped; invalid ones
@@ -136,7 +146,12 @@ pub trait Backend: Send + std::fmt::Debug {
 pub fn desired(backend: &dyn Backend, node: &Node<'_>, peers: &[&Lease]) -> PeerState {
     let mut warnings = Vec::new();
     let mut valid: Vec<&Lease> = Vec::with_capacity(peers.len());
+    let several = backend.holds_several_subnets();
     for peer in peers.iter().copied().filter(|p| !node.is_own(p)) {
+        // Routed mode: this node's other blocks.
+        if several && peer.attrs.public_ip == node.ip && peer.attrs.backend_type == backend.name() {
+            continue;
+        }
         // flannel's rule: a node programs the leases of its own backend only.
         let other_type = (peer.attrs.backend_type != backend.name())
             .then(|| format!("lease {} is a {:?} lease, not {}", peer.subnet, peer.attrs.backend_type, backend.name()));
@@ -156,6 +171,8 @@ pub fn desired(backend: &dyn Backend, node: &Node<'_>, peers: &[&Lease]) -> Peer
 pub struct Setup<'a> {
     /// Where a backend keeps what must survive restarts (the VTEP MAC).
     pub state_dir: &'a Path,
+    /// This node's name (routed mode names nodes: route reflectors, external peers).
+    pub node_name: &'a str,
 }
 
 /// How a backend is built from its net-conf options (warnings for keys it does not know go into
@@ -169,7 +186,8 @@ pub struct Registration {
 }
 
 /// Every backend weft has.
-pub const REGISTRY: &[Registration] = &[vxlan::REGISTRATION, host_gw::REGISTRATION, udp::REGISTRATION];
+pub const REGISTRY: &[Registration] =
+    &[vxlan::REGISTRATION, host_gw::REGISTRATION, udp::REGISTRATION, bgp::REGISTRATION];
 
 /// The `Port` option: a UDP port, `default` when not given.
 fn port(options: &Options<'_>, default: u64) -> Result<u16> {
@@ -234,7 +252,7 @@ pub(crate) mod tests {
     pub fn backend_of(conf: &str) -> (Box<dyn Backend>, Vec<String>) {
         let network = NetworkConfig::parse(conf).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        build(&network.backend, &Setup { state_dir: dir.path() }).unwrap()
+        build(&network.backend, &Setup { state_dir: dir.path(), node_name: "n1" }).unwrap()
     }
 
     #[test]
@@ -278,7 +296,7 @@ pub(crate) mod tests {
         assert_eq!(b.lease_data()["VNI"], 7);
         assert_eq!(warnings.len(), 2, "{warnings:?}");
         let dir = tempfile::tempdir().unwrap();
-        let setup = Setup { state_dir: dir.path() };
+        let setup = Setup { state_dir: dir.path(), node_name: "n1" };
         let err = |conf: &str| {
             let network = NetworkConfig::parse(conf).unwrap();
             build(&network.backend, &setup).unwrap_err().to_string()

@@ -408,7 +408,7 @@ impl Harness {
         let network = NetworkConfig::parse(conf).unwrap();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("vtep-mac"), mac(1)).unwrap();
-        let (backend, _) = backend::build(&network.backend, &Setup { state_dir: dir.path() }).unwrap();
+        let (backend, _) = backend::build(&network.backend, &Setup { state_dir: dir.path(), node_name: "n1" }).unwrap();
         if !kernel.borrow().links.contains_key(UPLINK) {
             kernel.borrow_mut().add_link(UPLINK, 1500);
         }
@@ -431,6 +431,7 @@ impl Harness {
             subnet_len: network.subnet_len,
             ip_masq: true,
             resync: Duration::from_secs(60),
+            ipam_dir: dir.path().join("ipam"),
         };
         let uplink = Uplink {
             name: UPLINK.into(),
@@ -446,6 +447,8 @@ impl Harness {
             links: Box::new(FakeLinks(kernel.clone())),
             status: Arc::new(Mutex::new(Status::default())),
             state_dir: dir.path().to_path_buf(),
+            node_name: "n1".into(),
+            routing: None,
         };
         Harness { agent, kernel, store, keeper, own, t0: Instant::now(), now: Duration::ZERO, _dir: dir }
     }

@@ -291,12 +291,24 @@ pub fn make_pods(lab: &mut Lab, pods: usize, interrupted: &dyn Fn() -> Result<()
             };
             let result =
                 node_ns.run(|| runner.add(&list, &rt))?.map_err(|e| anyhow::anyhow!("creating pod {name}: {e}"))?;
-            let link = pod_link(&result).with_context(|| format!("pod {name}"))?;
+            // Routed pods know their gateway and the node knows them already (the plugin puts
+            // neighbour entries both ways); a bridge's pods are told here.
+            let address = match lab.backend.as_str() {
+                "bgp" => match result.ips.first().map(|ip| ip.address.addr()) {
+                    Some(IpAddr::V4(a)) => a,
+                    _ => bail!("pod {name} got no IPv4 address"),
+                },
+                _ => {
+                    let link = pod_link(&result).with_context(|| format!("pod {name}"))?;
+                    let address = link.address;
+                    links.push((pod_ns, link));
+                    address
+                }
+            };
             if let Some(pod) = lab.pods.last_mut() {
-                pod.address = link.address.to_string();
+                pod.address = address.to_string();
             }
             lab.save()?;
-            links.push((pod_ns, link));
         }
         if !links.is_empty() {
             pod_neighbours(&node_ns, &links)?;

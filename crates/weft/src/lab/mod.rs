@@ -63,13 +63,19 @@ pub struct Recorded {
     pub network: String,
     pub subnet_len: Option<u8>,
     pub direct_routing: bool,
+    #[serde(default)]
+    pub route_reflectors: usize,
+    #[serde(default)]
+    pub block_size: Option<u8>,
+    #[serde(default)]
+    pub peers: Vec<String>,
 }
 
 impl Recorded {
     /// `option: recorded -> asked` for each of `explicit` (the options given on the command
     /// line) that differs.
     pub fn differences(&self, asked: &Recorded, explicit: &[String]) -> Vec<String> {
-        let fields: [(&str, String, String); 8] = [
+        let fields: [(&str, String, String); 11] = [
             ("nodes", self.nodes.to_string(), asked.nodes.to_string()),
             ("pods", self.pods.to_string(), asked.pods.to_string()),
             ("backend", self.backend.clone(), asked.backend.clone()),
@@ -78,6 +84,9 @@ impl Recorded {
             ("network", self.network.clone(), asked.network.clone()),
             ("subnet_len", format!("{:?}", self.subnet_len), format!("{:?}", asked.subnet_len)),
             ("direct_routing", self.direct_routing.to_string(), asked.direct_routing.to_string()),
+            ("route_reflectors", self.route_reflectors.to_string(), asked.route_reflectors.to_string()),
+            ("block_size", format!("{:?}", self.block_size), format!("{:?}", asked.block_size)),
+            ("peers", self.peers.join(" "), asked.peers.join(" ")),
         ];
         fields
             .into_iter()
@@ -188,7 +197,12 @@ impl Lab {
             return Ok(status.and_then(|s| s["peers"].as_array().map(Vec::len)).unwrap_or(0));
         }
         let routes = nl.routes().map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(routes.into_iter().filter(|r| r.protocol == weft_dataplane::route::RTPROT_WEFT).count())
+        // bgp: the blocks learned from peers (each holds one at least).
+        let protocol = match self.backend.as_str() {
+            "bgp" => weft_dataplane::route::RTPROT_WEFT_BGP,
+            _ => weft_dataplane::route::RTPROT_WEFT,
+        };
+        Ok(routes.into_iter().filter(|r| r.protocol == protocol).count())
     }
 
     pub fn node_dir(&self, node: &str) -> PathBuf {
@@ -366,6 +380,9 @@ mod tests {
             network: "198.19.0.0/16".into(),
             subnet_len: None,
             direct_routing: false,
+            route_reflectors: 0,
+            block_size: None,
+            peers: Vec::new(),
         };
         let asked = Recorded { nodes: 5, backend: "host-gw".into(), ..had.clone() };
         assert!(had.differences(&asked, &[]).is_empty());

@@ -14,6 +14,56 @@ fn lease_of(lab: &Lab, node: &super::NodeInfo) -> Option<String> {
     Some(env.subnet_network().to_string())
 }
 
+/// A bgp node's speaker status, if it answers.
+fn bgp_status(lab: &Lab, node: &super::NodeInfo) -> Option<serde_json::Value> {
+    let socket = weft_agent::routed::socket_path(&lab.node_dir(&node.name));
+    crate::bgp::query(&socket).ok().and_then(|t| serde_json::from_str(&t).ok())
+}
+
+/// A bgp node's blocks, as its subnet file says.
+fn blocks_of(lab: &Lab, node: &super::NodeInfo) -> Vec<String> {
+    let env = weft_netconf::SubnetEnv::read(&lab.node_dir(&node.name).join("subnet.env")).ok();
+    env.and_then(|e| e.routed).map(|r| r.blocks.iter().map(ToString::to_string).collect()).unwrap_or_default()
+}
+
+/// Routed mode's part: blocks, pod routes, blackholes, learned routes, BGP sessions.
+fn print_routed(lab: &Lab, node: &super::NodeInfo, nl: &mut Netlink, name_of: &dyn Fn(Option<u32>) -> String) -> Result<()> {
+    use weft_dataplane::route::{RTPROT_WEFT_BGP, RTPROT_WEFT_BLACKHOLE, RTPROT_WEFT_POD};
+    outln!("  blocks: {}", blocks_of(lab, node).join(", "));
+    let routes = nl.routes().map_err(|e| anyhow::anyhow!("{e}"))?;
+    outln!("  pod routes (proto 201):");
+    for r in routes.iter().filter(|r| r.protocol == RTPROT_WEFT_POD) {
+        outln!("    {} dev {}", r.dst, name_of(r.oif));
+    }
+    outln!("  blackholes (proto 203):");
+    for r in nl.blackholes().map_err(|e| anyhow::anyhow!("{e}"))?.iter().filter(|r| r.protocol == RTPROT_WEFT_BLACKHOLE) {
+        outln!("    blackhole {}", r.dst);
+    }
+    outln!("  learned routes (proto 202):");
+    for r in routes.iter().filter(|r| r.protocol == RTPROT_WEFT_BGP) {
+        let via = r.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
+        outln!("    {}{via}{}", r.dst, r.nexthop.map(|id| format!(" nhid {id}")).unwrap_or_default());
+    }
+    match bgp_status(lab, node) {
+        Some(s) => {
+            outln!("  BGP sessions (AS {}, router id {}):", s["as"], s["router_id"].as_str().unwrap_or("?"));
+            for n in s["neighbors"].as_array().into_iter().flatten() {
+                outln!(
+                    "    {:<16} AS {:<10} {:<12} up {:>5} s, received {}, advertised {}",
+                    n["address"].as_str().unwrap_or("?"),
+                    n["as"],
+                    n["state"].as_str().unwrap_or("?"),
+                    n["uptime_seconds"],
+                    n["prefixes_accepted"],
+                    n["prefixes_advertised"]
+                );
+            }
+        }
+        None => outln!("  BGP: no speaker answers"),
+    }
+    Ok(())
+}
+
 fn print_node(lab: &Lab, node: &super::NodeInfo) -> Result<()> {
     let ns = NetNs::open(weft_netns::named_path(&node.namespace))?;
     let mut nl = Netlink::in_netns(&ns).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -28,6 +78,9 @@ fn print_node(lab: &Lab, node: &super::NodeInfo) -> Result<()> {
         lease_of(lab, node).unwrap_or_else(|| "none yet".into()),
         lab.agent_pid(&node.name).map_or("-".into(), |p| p.to_string())
     );
+    if lab.backend == "bgp" {
+        return print_routed(lab, node, &mut nl, &name_of);
+    }
     outln!("  routes (proto weft):");
     for r in nl.routes().map_err(|e| anyhow::anyhow!("{e}"))?.iter().filter(|r| r.protocol == RTPROT_WEFT) {
         let via = r.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
@@ -88,7 +141,9 @@ pub fn show(name: &str, node: Option<&str>, as_json: bool) -> Result<()> {
             json!({"name": n.name, "namespace": n.namespace, "address": n.address,
                    "subnet": lease_of(&lab, n), "agent_pid": lab.agent_pid(&n.name),
                    "health_address": super::supervise::HEALTH_ADDRESS, "pods": pods,
-                   "udp_forwarder": weft_agent::tun::status(&lab.forwarder_socket(&n.name))})
+                   "udp_forwarder": weft_agent::tun::status(&lab.forwarder_socket(&n.name)),
+                   "blocks": blocks_of(&lab, n),
+                   "bgp": (lab.backend == "bgp").then(|| bgp_status(&lab, n)).flatten()})
         };
         if let Some(n) = selected.first().filter(|_| node.is_some()) {
             outln!("{}", serde_json::to_string_pretty(&node_json(n))?);

@@ -32,6 +32,7 @@ fn start(lab: &Lab, node: &super::NodeInfo) -> Result<Child> {
             .arg(dir.join("subnet.env"))
             .arg("--state-dir")
             .arg(&dir)
+            .args(["--node-name", &node.name])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

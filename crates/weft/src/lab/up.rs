@@ -31,8 +31,9 @@ pub struct UpOptions {
     /// Pods per node.
     #[arg(long, default_value_t = 2)]
     pub pods: usize,
-    /// The backend every agent programs.
-    #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw", "udp"])]
+    /// The backend every agent programs (`bgp`: routed mode, pods as /32 routes, nodes
+    /// meshed over BGP).
+    #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw", "udp", "bgp"])]
     pub backend: String,
     /// Where leases live: `file` (the embedded store), `etcd` (a real etcd started inside the
     /// lab on its underlay, http://198.18.0.1:2379 in the switch namespace, as a cluster has
@@ -53,6 +54,18 @@ pub struct UpOptions {
     /// route via their address instead of the overlay.
     #[arg(long)]
     pub direct_routing: bool,
+    /// bgp: the first N nodes are route reflectors (the others peer with them only, not as a
+    /// full mesh).
+    #[arg(long, default_value_t = 0)]
+    pub route_reflectors: usize,
+    /// bgp: the size of the IPAM blocks nodes claim (default 26; a node claims more as its pods
+    /// need them).
+    #[arg(long)]
+    pub block_size: Option<u8>,
+    /// bgp: an external BGP peer every node peers with: ADDRESS,AS (repeatable), e.g. a router
+    /// you attach to the lab's underlay (`weft lab show --json`'s `underlay`).
+    #[arg(long = "peer", value_parser = parse_peer)]
+    pub peers: Vec<String>,
     /// When a lab of this name exists with other options: take it down and build it as asked
     /// (without it, `up` says what differs and changes nothing).
     #[arg(long)]
@@ -70,7 +83,20 @@ impl UpOptions {
             network: self.network.clone(),
             subnet_len: self.subnet_len,
             direct_routing: self.direct_routing,
+            route_reflectors: self.route_reflectors,
+            block_size: self.block_size,
+            peers: self.peers.clone(),
         }
+    }
+}
+
+/// `--peer ADDRESS,AS`.
+fn parse_peer(text: &str) -> std::result::Result<String, String> {
+    let (address, asn) = text.split_once(',').ok_or("ADDRESS,AS, e.g. 198.18.0.250,65000")?;
+    address.parse::<std::net::IpAddr>().map_err(|_| format!("{address:?} is not an IP address"))?;
+    match asn.parse::<u32>() {
+        Ok(n) if n > 0 => Ok(text.to_string()),
+        _ => Err(format!("{asn:?} is not an AS number (1-4294967295)")),
     }
 }
 
@@ -131,6 +157,34 @@ fn validate(opts: &UpOptions) -> Result<String> {
     if opts.direct_routing {
         conf["Backend"]["DirectRouting"] = json!(true);
     }
+    let bgp = opts.backend == "bgp";
+    if !bgp && (opts.route_reflectors > 0 || opts.block_size.is_some() || !opts.peers.is_empty()) {
+        bail!("--route-reflectors, --block-size and --peer are options of --backend bgp");
+    }
+    if bgp {
+        if opts.subnet_len.is_some() {
+            bail!("--subnet-len is not for --backend bgp: nodes claim blocks of --block-size as they need them");
+        }
+        if opts.route_reflectors > opts.nodes {
+            bail!("--route-reflectors {}: the lab has {} nodes", opts.route_reflectors, opts.nodes);
+        }
+        if let Some(size) = opts.block_size {
+            conf["Backend"]["BlockSize"] = json!(size);
+        }
+        if opts.route_reflectors > 0 {
+            let names: Vec<String> = (1..=opts.route_reflectors).map(|i| format!("node{i}")).collect();
+            conf["Backend"]["RouteReflectors"] = json!(names);
+        }
+        let peers: Vec<serde_json::Value> = opts
+            .peers
+            .iter()
+            .filter_map(|p| p.split_once(','))
+            .map(|(a, n)| json!({"Address": a, "AS": n.parse::<u32>().unwrap_or(0)}))
+            .collect();
+        if !peers.is_empty() {
+            conf["Backend"]["Peers"] = json!(peers);
+        }
+    }
     if let Some(len) = opts.subnet_len {
         conf["SubnetLen"] = json!(len);
     }
@@ -138,9 +192,13 @@ fn validate(opts: &UpOptions) -> Result<String> {
     if parsed.subnets().count() < opts.nodes {
         bail!("{} has room for {} node subnets, not {}", opts.network, parsed.subnets().count(), opts.nodes);
     }
-    // host-local hands out a subnet's addresses but its network, gateway and broadcast.
-    let per_node =
-        parsed.subnets().next().map_or(0, |s| (1usize << (32 - u32::from(s.prefix_len()).min(32))).saturating_sub(3));
+    // host-local hands out a subnet's addresses but its network, gateway and broadcast; a bgp
+    // node claims more blocks as its pods need them (all but a block's first address are used).
+    let size = |s: ipnet::Ipv4Net| 1usize << (32 - u32::from(s.prefix_len()).min(32));
+    let per_node = match bgp {
+        true => parsed.subnets().map(|s| size(s) - 1).sum::<usize>() / opts.nodes,
+        false => parsed.subnets().next().map_or(0, |s| size(s).saturating_sub(3)),
+    };
     if opts.pods > per_node {
         bail!("--pods {}: each node's subnet holds {per_node} pods", opts.pods);
     }

@@ -1,0 +1,271 @@
+//! `bgp`: routed mode, Calico's shape. No device and no encapsulation: each node's subnets are
+//! IPAM blocks (leases of `BlockSize`, the first one its lease, more claimed as its pods need
+//! them), its pods are /32 routes to their own veths (the `routed` plugin), and nodes learn each
+//! other's blocks over BGP from the speaker the agent embeds (see [`crate::routed`]). Nothing
+//! is programmed per peer lease here: the peers' leases say who the BGP neighbours are.
+//!
+//! Options (`Backend` in net-conf.json): `AS` (64512), `BlockSize` (26, read with the network),
+//! `NodeToNodeMesh` (true), `RouteReflectors` (node names: those reflect, the others peer only
+//! with them), `Peers` (`[{"Address", "AS", "Nodes"?}]`: external neighbours such as a
+//! top-of-rack router, on every node or the named ones), `BlockReleaseSeconds` (300: how long a
+//! block other than the first stays empty before it is given back).
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use weft_lease::Lease;
+use weft_netconf::{invalid_option, Options};
+
+use super::{Backend, Node, PeerState, Registration, Setup};
+use crate::model::DeviceSpec;
+use crate::Result;
+
+pub const REGISTRATION: Registration = Registration { name: weft_netconf::BGP, build };
+
+/// Calico's default AS.
+pub const DEFAULT_AS: u32 = 64512;
+
+/// An external neighbour (`Peers`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalPeer {
+    pub address: IpAddr,
+    pub asn: u32,
+    /// The nodes that peer with it (all when empty).
+    pub nodes: Vec<String>,
+}
+
+/// What the routed mode is configured with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BgpOptions {
+    pub asn: u32,
+    pub mesh: bool,
+    pub route_reflectors: Vec<String>,
+    pub peers: Vec<ExternalPeer>,
+    pub release_after: Duration,
+    /// This node's name (`--node-name`), as `RouteReflectors` and `Peers` name nodes.
+    pub node: String,
+}
+
+impl BgpOptions {
+    /// Whether this node reflects routes.
+    pub fn is_reflector(&self) -> bool {
+        self.route_reflectors.iter().any(|n| *n == self.node)
+    }
+}
+
+#[derive(Debug)]
+pub struct Bgp {
+    pub options: BgpOptions,
+}
+
+fn asn(value: &Value, what: &str) -> Result<u32> {
+    match value.as_u64() {
+        Some(n) if (1..=u64::from(u32::MAX)).contains(&n) => Ok(n as u32),
+        _ => Err(invalid_option(format!("{what} must be an AS number (1-4294967295), not {value}")).into()),
+    }
+}
+
+fn names(value: Option<&Value>, what: &str) -> Result<Vec<String>> {
+    let Some(value) = value else { return Ok(Vec::new()) };
+    let list = value.as_array().ok_or_else(|| invalid_option(format!("{what} must be a list of node names")))?;
+    list.iter()
+        .map(|v| {
+            v.as_str()
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .ok_or_else(|| invalid_option(format!("{what}: {v} is not a node name")).into())
+        })
+        .collect()
+}
+
+fn build(options: Options<'_>, setup: &Setup<'_>, warnings: &mut Vec<String>) -> Result<Box<dyn Backend>> {
+    options.unknown(
+        &["AS", "BlockSize", "NodeToNodeMesh", "RouteReflectors", "Peers", "BlockReleaseSeconds"],
+        &[],
+        "Backend (bgp)",
+        warnings,
+    );
+    let local = match options.get("AS") {
+        Some(v) => asn(v, "AS")?,
+        None => DEFAULT_AS,
+    };
+    let mut peers = Vec::new();
+    if let Some(list) = options.get("Peers") {
+        let list = list.as_array().ok_or_else(|| invalid_option("Peers must be a list of {\"Address\", \"AS\"}"))?;
+        for p in list {
+            let address = p
+                .get("Address")
+                .and_then(Value::as_str)
+                .and_then(|a| a.parse::<IpAddr>().ok())
+                .ok_or_else(|| invalid_option(format!("Peers: {p} has no Address (an IP address)")))?;
+            let asn = asn(p.get("AS").unwrap_or(&Value::Null), "Peers: AS")?;
+            peers.push(ExternalPeer { address, asn, nodes: names(p.get("Nodes"), "Peers: Nodes")? });
+        }
+    }
+    let route_reflectors = names(options.get("RouteReflectors"), "RouteReflectors")?;
+    let release = options.number("BlockReleaseSeconds")?.unwrap_or(300);
+    Ok(Box::new(Bgp {
+        options: BgpOptions {
+            asn: local,
+            mesh: options.boolean("NodeToNodeMesh")?.unwrap_or(true),
+            route_reflectors,
+            peers,
+            release_after: Duration::from_secs(release),
+            node: setup.node_name.to_string(),
+        },
+    }))
+}
+
+impl Backend for Bgp {
+    fn name(&self) -> &'static str {
+        weft_netconf::BGP
+    }
+
+    fn overhead(&self) -> u32 {
+        0
+    }
+
+    /// The node's AS and name, which its peers need to meet it.
+    fn lease_data(&self) -> Value {
+        json!({"AS": self.options.asn, "Node": self.options.node})
+    }
+
+    fn device(&self, _node: &Node<'_>) -> Option<DeviceSpec> {
+        None
+    }
+
+    fn program(&self, _node: &Node<'_>, peers: &[&Lease]) -> PeerState {
+        let mut out = PeerState::default();
+        for peer in peers {
+            match peer_of(peer) {
+                Some(_) => out.programmed.push(peer.subnet),
+                None => out.ignore(format!(
+                    "ignoring peer {}: its lease {} carries no AS in its BackendData",
+                    peer.attrs.public_ip, peer.subnet
+                )),
+            }
+        }
+        out
+    }
+
+    fn holds_several_subnets(&self) -> bool {
+        true
+    }
+
+    fn routed(&self) -> Option<&BgpOptions> {
+        Some(&self.options)
+    }
+}
+
+/// A node as its lease shows it: address, AS, name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PeerNode {
+    pub address: Ipv4Addr,
+    pub asn: u32,
+    pub name: String,
+}
+
+/// The node a peer's lease is of, if its BackendData says its AS.
+pub fn peer_of(lease: &Lease) -> Option<PeerNode> {
+    let data = &lease.attrs.backend_data;
+    let asn = data.get("AS").and_then(Value::as_u64).and_then(|n| u32::try_from(n).ok()).filter(|n| *n != 0)?;
+    let name = data.get("Node").and_then(Value::as_str).unwrap_or_default().to_string();
+    Some(PeerNode { address: lease.attrs.public_ip, asn, name })
+}
+
+/// A BGP neighbour this node should have.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Neighbour {
+    pub address: IpAddr,
+    pub asn: u32,
+    /// This node reflects routes to it (it is a route reflector, the neighbour a client).
+    pub rr_client: bool,
+}
+
+/// The neighbours of this node given the other nodes (one entry per node): with no route
+/// reflectors, every node when the mesh is on; with reflectors, a reflector peers with every
+/// node (the others as its clients) and a client only with the reflectors; and the external
+/// peers meant for this node.
+pub fn neighbours(options: &BgpOptions, nodes: &[PeerNode]) -> Vec<Neighbour> {
+    let reflector = |name: &str| options.route_reflectors.iter().any(|r| r == name);
+    let mut out: Vec<Neighbour> = Vec::new();
+    for node in nodes {
+        let wanted = if options.route_reflectors.is_empty() {
+            options.mesh
+        } else {
+            options.is_reflector() || reflector(&node.name)
+        };
+        if wanted {
+            let rr_client = options.is_reflector() && !reflector(&node.name) && node.asn == options.asn;
+            out.push(Neighbour { address: IpAddr::V4(node.address), asn: node.asn, rr_client });
+        }
+    }
+    for peer in &options.peers {
+        if (peer.nodes.is_empty() || peer.nodes.contains(&options.node))
+            && !out.iter().any(|n| n.address == peer.address)
+        {
+            out.push(Neighbour { address: peer.address, asn: peer.asn, rr_client: false });
+        }
+    }
+    out.sort();
+    out.dedup_by(|a, b| a.address == b.address);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(node: &str, rrs: &[&str]) -> BgpOptions {
+        BgpOptions {
+            asn: DEFAULT_AS,
+            mesh: true,
+            route_reflectors: rrs.iter().map(|s| s.to_string()).collect(),
+            peers: vec![ExternalPeer {
+                address: "198.18.0.254".parse().unwrap(),
+                asn: 65000,
+                nodes: Vec::new(),
+            }],
+            release_after: Duration::from_secs(300),
+            node: node.into(),
+        }
+    }
+
+    fn nodes(n: u8) -> Vec<PeerNode> {
+        (1..=n)
+            .map(|i| PeerNode { address: Ipv4Addr::new(198, 18, 0, i), asn: DEFAULT_AS, name: format!("n{i}") })
+            .collect()
+    }
+
+    fn addresses(list: &[Neighbour]) -> Vec<String> {
+        list.iter().map(|n| format!("{}{}", n.address, if n.rr_client { " client" } else { "" })).collect()
+    }
+
+    #[test]
+    fn a_mesh_peers_with_every_node_and_the_external_peers() {
+        let others: Vec<PeerNode> = nodes(3).into_iter().filter(|n| n.name != "n1").collect();
+        let got = neighbours(&options("n1", &[]), &others);
+        assert_eq!(addresses(&got), ["198.18.0.2", "198.18.0.3", "198.18.0.254"]);
+        let mut no_mesh = options("n1", &[]);
+        no_mesh.mesh = false;
+        assert_eq!(addresses(&neighbours(&no_mesh, &others)), ["198.18.0.254"]);
+    }
+
+    #[test]
+    fn reflectors_peer_with_all_and_clients_with_the_reflectors_only() {
+        let all = nodes(5);
+        let others = |me: &str| all.iter().filter(|n| n.name != me).cloned().collect::<Vec<_>>();
+        let rr = options("n1", &["n1", "n2"]);
+        assert_eq!(
+            addresses(&neighbours(&rr, &others("n1"))),
+            ["198.18.0.2", "198.18.0.3 client", "198.18.0.4 client", "198.18.0.5 client", "198.18.0.254"]
+        );
+        let client = options("n4", &["n1", "n2"]);
+        assert_eq!(addresses(&neighbours(&client, &others("n4"))), ["198.18.0.1", "198.18.0.2", "198.18.0.254"]);
+        // An external peer meant for other nodes only.
+        let mut only = options("n4", &["n1", "n2"]);
+        only.peers[0].nodes = vec!["n1".into()];
+        assert_eq!(addresses(&neighbours(&only, &others("n4"))), ["198.18.0.1", "198.18.0.2"]);
+    }
+}
