@@ -427,9 +427,8 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     // Routed mode: the speaker, the blackholes and the block keeper (with a store of its own).
     let routing = match backend.routed() {
         Some(options) => {
-            let keeper_store = until_the_store_answers("opening the store for the block keeper", &status, || {
-                Ok(cfg.store.open()?)
-            })?;
+            let keeper_store =
+                until_the_store_answers("opening the store for the block keeper", &status, || cfg.store.open())?;
             Some(crate::routed::Routing::start(crate::routed::Start {
                 options,
                 network: &network,

@@ -235,7 +235,6 @@ pub fn bgp_metrics(v: &serde_json::Value) -> String {
     out
 }
 
-
 /// The answer to one request.
 pub fn respond(path: &str, status: &Status) -> (StatusCode, String) {
     // A userspace forwarder is asked at each probe: the node carries no pod traffic without it.

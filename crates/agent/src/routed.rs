@@ -140,7 +140,13 @@ impl Routing {
         nodes.dedup_by(|a, b| a.address == b.address);
         let neighbors: Vec<NeighborSpec> = bgp::neighbours(&self.options, &nodes)
             .into_iter()
-            .map(|n| NeighborSpec { address: n.address, asn: n.asn, passive: false, rr_client: n.rr_client })
+            .map(|n| NeighborSpec {
+                address: n.address,
+                asn: n.asn,
+                passive: false,
+                rr_client: n.rr_client,
+                originated_only: n.external,
+            })
             .collect();
         let blocks = core.own_blocks();
         let announce: Vec<IpNet> = blocks.iter().map(|b| IpNet::V4(*b)).collect();
@@ -181,7 +187,9 @@ fn reconcile_blackholes(nl: &mut Netlink, blocks: &BTreeSet<Ipv4Net>) -> weft_da
         nl.blackholes()?.into_iter().filter(|r| r.protocol == RTPROT_WEFT_BLACKHOLE).map(|r| r.dst).collect();
     let mut changed = 0;
     for stray in held.iter().filter(|d| !matches!(d, IpNet::V4(b) if blocks.contains(b))) {
-        weft_dataplane::error::ignore_not_found(nl.delete_route(&RouteSpec::new(*stray).blackhole().protocol(RTPROT_WEFT_BLACKHOLE)))?;
+        weft_dataplane::error::ignore_not_found(
+            nl.delete_route(&RouteSpec::new(*stray).blackhole().protocol(RTPROT_WEFT_BLACKHOLE)),
+        )?;
         changed += 1;
     }
     for block in blocks.iter().filter(|b| !held.contains(&IpNet::V4(**b))) {
@@ -318,7 +326,10 @@ impl Keeper {
             self.retiring_since.remove(&b);
         }
         for b in d.retire {
-            tracing::info!("block {b} has been empty for {} s; no new pods there, released soon", self.release_after.as_secs());
+            tracing::info!(
+                "block {b} has been empty for {} s; no new pods there, released soon",
+                self.release_after.as_secs()
+            );
             self.retiring_since.insert(b, now);
         }
         for b in d.release {
@@ -335,7 +346,9 @@ impl Keeper {
         let mut exhausted = false;
         if d.claim {
             match self.store.claim_block(&self.network, &self.attrs, SystemTime::now(), &mut random_index)? {
-                Some(lease) => tracing::info!("claimed block {} (fewer than half a block of addresses free)", lease.subnet),
+                Some(lease) => {
+                    tracing::info!("claimed block {} (fewer than half a block of addresses free)", lease.subnet)
+                }
                 None => {
                     exhausted = true;
                     if !self.state.lock().unwrap_or_else(|e| e.into_inner()).exhausted {

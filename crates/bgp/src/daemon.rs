@@ -28,6 +28,14 @@ async fn pause_after(e: &std::io::Error, what: &str) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
+/// `after` less up to a quarter, at random (the clock's low bits and the process id: enough
+/// to take two speakers out of step).
+fn jitter(after: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let byte = ((nanos >> 10) ^ nanos ^ std::process::id()) as u8;
+    after.mul_f64(0.75 + 0.25 * f64::from(byte) / 255.0)
+}
+
 /// The NOTIFICATION that closes the connection a collision gave up (Cease, subcode 7).
 fn cease_collision() -> Vec<u8> {
     let notification = packet::Notification::new(packet::error::CEASE, packet::error::CEASE_COLLISION, []);
@@ -46,6 +54,8 @@ pub struct NeighborSpec {
     pub asn: u32,
     pub passive: bool,
     pub rr_client: bool,
+    /// Advertise only this speaker's own prefixes to it.
+    pub originated_only: bool,
 }
 
 /// How the daemon runs.
@@ -239,6 +249,7 @@ struct Link {
     address: IpAddr,
     asn: u32,
     rr_client: bool,
+    originated_only: bool,
     /// The current connection: its number and its writer.
     conn: Option<(u64, Writer)>,
     /// Whether this speaker opened the current connection.
@@ -458,6 +469,7 @@ impl Daemon {
         self.next_peer += 1;
         let mut config = Config::new(self.config.local_as, self.config.router_id, spec.asn);
         config.passive = spec.passive;
+        config.originated_only = spec.originated_only;
         config.hold_time = self.config.hold_time;
         config.connect_retry = self.config.connect_retry;
         config.graceful_restart = Some(self.config.restart_time);
@@ -468,6 +480,7 @@ impl Daemon {
                 address: spec.address,
                 asn: spec.asn,
                 rr_client: spec.rr_client,
+                originated_only: spec.originated_only,
                 conn: None,
                 outgoing: false,
                 pending: None,
@@ -490,7 +503,13 @@ impl Daemon {
                     Some(id) => id,
                     None => match self.config.ranges.iter().find(|(net, _)| net.contains(&address)) {
                         Some((_, asn)) => {
-                            let spec = NeighborSpec { address, asn: *asn, passive: true, rr_client: false };
+                            let spec = NeighborSpec {
+                                address,
+                                asn: *asn,
+                                passive: true,
+                                rr_client: false,
+                                originated_only: false,
+                            };
                             let id = self.add(spec);
                             self.dynamic.insert(id);
                             id
@@ -503,21 +522,33 @@ impl Daemon {
                 };
                 self.offer(id, stream, false);
             }
-            Event::Connected(id, stream) => self.offer(id, stream, true),
+            Event::Connected(id, stream) => {
+                tracing::debug!("connected to {id} in {:?}", self.speaker.state(id));
+                self.offer(id, stream, true)
+            }
             Event::ConnectFailed(id) => {
+                tracing::debug!("connecting to {id} failed in {:?}", self.speaker.state(id));
                 let out = self.speaker.transport_lost(id);
                 self.carry_out(out);
             }
             Event::Data(id, conn, bytes) => {
                 if self.current(id, conn) {
+                    let before = self.speaker.state(id);
                     let out = self.speaker.received(id, &bytes);
                     self.carry_out(out);
+                    let after = self.speaker.state(id);
+                    if matches!(before, Some(State::OpenSent | State::OpenConfirm)) && after == Some(State::Idle) {
+                        if let Some(link) = self.links.get(&id) {
+                            tracing::info!("the session with {} failed before it was established", link.address);
+                        }
+                    }
                 } else if let Some(pending) = self.pending_mut(id, conn) {
                     pending.read.extend_from_slice(&bytes);
                     self.resolve(id);
                 }
             }
             Event::Closed(id, conn) => {
+                tracing::debug!("connection {conn} of {id} closed (current: {})", self.current(id, conn));
                 if self.current(id, conn) {
                     if let Some(link) = self.links.get_mut(&id) {
                         link.conn = None;
@@ -536,6 +567,7 @@ impl Daemon {
             }
             Event::Timer(id, timer, generation) => {
                 let live = self.links.get(&id).is_some_and(|l| l.generations.get(&timer) == Some(&generation));
+                tracing::debug!("timer {timer:?} of {id} (live: {live}) in {:?}", self.speaker.state(id));
                 if live {
                     let out = self.speaker.timer(id, timer);
                     self.carry_out(out);
@@ -593,9 +625,12 @@ impl Daemon {
             .iter()
             .filter(|(id, link)| {
                 !self.dynamic.contains(id)
-                    && !neighbors
-                        .iter()
-                        .any(|n| n.address == link.address && n.asn == link.asn && n.rr_client == link.rr_client)
+                    && !neighbors.iter().any(|n| {
+                        n.address == link.address
+                            && n.asn == link.asn
+                            && n.rr_client == link.rr_client
+                            && n.originated_only == link.originated_only
+                    })
             })
             .map(|(id, _)| *id)
             .collect();
@@ -689,8 +724,13 @@ impl Daemon {
                 let (_, writer) = self.spawn_connection(id, stream);
                 let _ = writer.send(cease_collision());
             }
-            // Stopped: refused (dropped, closed).
-            State::Idle => {}
+            // Waiting to start again after an error: the neighbour's connection is taken; stopped:
+            // refused (dropped, closed).
+            State::Idle => {
+                if self.speaker.wake(id) {
+                    self.attach(id, stream, outgoing);
+                }
+            }
         }
     }
 
@@ -843,6 +883,10 @@ impl Daemon {
                 });
             }
             Action::Send(bytes) => {
+                // A NOTIFICATION (type 3 after the 16-byte marker and the length) is news.
+                if bytes.len() >= 21 && bytes[18] == 3 {
+                    tracing::info!("NOTIFICATION {}/{} sent to {}", bytes[19], bytes[20], link.address);
+                }
                 if let Some((conn, writer)) = &link.conn {
                     if !writer.send(bytes) {
                         // It stopped reading: the connection is dropped as if it had closed.
@@ -858,6 +902,9 @@ impl Daemon {
             }
             Action::Close => link.conn = None,
             Action::StartTimer(timer, after) => {
+                // RFC 4271 §10: jitter (a quarter) on the connect retry, so two speakers that
+                // failed together do not keep retrying in step.
+                let after = if timer == Timer::ConnectRetry { jitter(after) } else { after };
                 let generation = link.generations.entry(timer).or_default();
                 *generation += 1;
                 let (generation, tx) = (*generation, self.tx.clone());

@@ -94,6 +94,11 @@ impl Speaker {
         self.members.iter().find(|(_, m)| m.address == address).map(|(id, _)| *id)
     }
 
+    /// See [`Neighbor::wake`].
+    pub fn wake(&mut self, id: PeerId) -> bool {
+        self.members.get_mut(&id).is_some_and(|m| m.session.wake())
+    }
+
     pub fn connected(&mut self, id: PeerId) -> Vec<Output> {
         self.session(id, |n| n.connected())
     }
@@ -209,6 +214,7 @@ impl Speaker {
                             router_id: negotiated.peer_id,
                             ibgp: member.session.config.ibgp(),
                             rr_client: member.rr_client,
+                            originated_only: member.session.config.originated_only,
                         },
                     );
                     // RFC 4724 §4.2: a neighbour back without graceful restart (or not having

@@ -106,7 +106,7 @@ fn neighbor(text: &str) -> Result<NeighborSpec> {
     if address.is_unspecified() || address.is_multicast() {
         bail!("--neighbor {text:?}: not a unicast address");
     }
-    let mut spec = NeighborSpec { address, asn, passive: false, rr_client: false };
+    let mut spec = NeighborSpec { address, asn, passive: false, rr_client: false, originated_only: false };
     for flag in parts {
         match flag {
             "passive" => spec.passive = true,

@@ -296,7 +296,8 @@ fn restart_loses_no_packet(backend: &str) {
     let receiver = ns_b.run(|| UdpSocket::bind(&b_addr)).unwrap().unwrap();
     receiver.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
     let sender = ns_a.run(|| UdpSocket::bind("0.0.0.0:0")).unwrap().unwrap();
-    let before: Vec<_> = lab.nodes().iter().map(|n| (lab.peer_state(n), lab.forwarder_peers(n))).collect();
+    let state = |n: &String| (lab.peer_state(n), lab.forwarder_peers(n), lab.routed_state(n));
+    let before: Vec<_> = lab.nodes().iter().map(state).collect();
     let pids: Vec<i32> = lab.nodes().iter().map(|n| lab.agent_pid(n)).collect();
 
     const N: u32 = 2000;
@@ -328,7 +329,7 @@ fn restart_loses_no_packet(backend: &str) {
         lab.nodes().iter().zip(&pids).all(|(n, p)| lab.agent_pid(n) != *p)
     });
     std::thread::sleep(Duration::from_millis(500));
-    let after: Vec<_> = lab.nodes().iter().map(|n| (lab.peer_state(n), lab.forwarder_peers(n))).collect();
+    let after: Vec<_> = lab.nodes().iter().map(state).collect();
     assert_eq!(after, before, "kernel objects changed across the restart");
 }
 
@@ -989,4 +990,277 @@ fn udp_tun_deleted_twice_during_a_replay_comes_back() {
         lab.forwarder_peers("node1").len() == 251
     });
     lab.check_ok();
+}
+
+/// A bgp node's speaker status from `lab show --json` (Null when none answers).
+fn bgp_of(show: &Value, node: &str) -> Value {
+    show["nodes"].as_array().unwrap().iter().find(|n| n["name"] == node).unwrap()["bgp"].clone()
+}
+
+/// (address, state) of each neighbour of a bgp node, sorted.
+fn sessions(show: &Value, node: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = bgp_of(show, node)["neighbors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| (n["address"].as_str().unwrap().to_string(), n["state"].as_str().unwrap().to_string()))
+        .collect();
+    out.sort();
+    out
+}
+
+fn blocks_of(show: &Value, node: &str) -> Vec<String> {
+    let n = show["nodes"].as_array().unwrap().iter().find(|n| n["name"] == node).unwrap();
+    n["blocks"].as_array().unwrap().iter().map(|b| b.as_str().unwrap().to_string()).collect()
+}
+
+impl TestLab {
+    /// Routed mode's kernel state on a node: pod routes (201), learned routes (202) and
+    /// blackholes (203), as `proto dst via dev`, sorted.
+    fn routed_state(&self, node: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for proto in ["201", "202", "203"] {
+            for r in self.ip(node, &["ip", "route", "show", "proto", proto]).as_array().unwrap() {
+                out.push(format!(
+                    "{proto} {} {} via {} dev {}",
+                    r["type"].as_str().unwrap_or("unicast"),
+                    r["dst"].as_str().unwrap(),
+                    r["gateway"].as_str().unwrap_or("-"),
+                    r["dev"].as_str().unwrap_or("-")
+                ));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// The learned routes of a node (proto 202): "block via gateway", sorted.
+    fn learned(&self, node: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .ip(node, &["ip", "route", "show", "proto", "202"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| format!("{} via {}", r["dst"].as_str().unwrap(), r["gateway"].as_str().unwrap_or("-")))
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn address(&self, node: &str) -> String {
+        let show = self.show();
+        show["nodes"].as_array().unwrap().iter().find(|n| n["name"] == node).unwrap()["address"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// What every other node's blocks look like as routes learned from it.
+    fn expected_learned(&self, node: &str) -> Vec<String> {
+        let show = self.show();
+        let mut out: Vec<String> = self
+            .nodes()
+            .iter()
+            .filter(|n| *n != node)
+            .flat_map(|n| {
+                let address = self.address(n);
+                blocks_of(&show, n).into_iter().map(move |b| format!("{b} via {address}"))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+/// Routed mode, full mesh: every pod reaches every other with no bridge and no encapsulation;
+/// each node has a session to each other node, learns each other node's block via that node's
+/// address, blackholes its own, routes its pods as /32s; /metrics shows sessions and blocks. A
+/// node that leaves (its agent stopped) has its blocks withdrawn everywhere within seconds, and
+/// once its lease is gone the others drop it as a neighbour.
+#[test]
+fn bgp_mesh_lab_routes_blocks_over_bgp() {
+    let lab = TestLab::up("bgp", 3, 2);
+    lab.check_ok();
+    let show = lab.show();
+    let nodes = lab.nodes();
+    for node in &nodes {
+        let others: Vec<(String, String)> = nodes
+            .iter()
+            .filter(|n| *n != node)
+            .map(|n| (lab.address(n), "Established".to_string()))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut want = others.clone();
+        want.sort();
+        within(Duration::from_secs(10), "every session established", || sessions(&lab.show(), node) == want);
+        assert_eq!(lab.learned(node), lab.expected_learned(node), "{node}");
+        let state = lab.routed_state(node);
+        let own = blocks_of(&show, node);
+        assert_eq!(own.len(), 1, "{node}: {own:?}");
+        assert!(state.contains(&format!("203 blackhole {} via - dev -", own[0])), "{node}: {state:?}");
+        assert_eq!(state.iter().filter(|s| s.starts_with("201 unicast")).count(), 2, "{node}: {state:?}");
+        // No bridge and no tunnel device on a routed node.
+        let links = lab.ip(node, &["ip", "link", "show"]);
+        assert!(!links.as_array().unwrap().iter().any(|l| l["ifname"] == "cni0" || l["ifname"] == "weft.1"));
+    }
+    // (The speaker's status behind /metrics is read once a second.)
+    let established =
+        |m: &str| m.lines().filter(|l| l.starts_with("weft_bgp_session_established{") && l.ends_with("} 1")).count();
+    within(Duration::from_secs(3), "metrics show both sessions established", || {
+        established(&http_get(&lab, "node1", "/metrics").1) == 2
+    });
+    let (_, metrics) = http_get(&lab, "node1", "/metrics");
+    assert!(metrics.contains("weft_blocks 1\n"), "{metrics}");
+    assert_eq!(metrics.matches("weft_bgp_session_established{").count(), 2, "{metrics}");
+
+    // node3 leaves: its agent stops (the supervisor stopped first, so it stays stopped).
+    let supervisor = show["supervisor_pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(supervisor), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let node3_block = blocks_of(&show, "node3")[0].clone();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(lab.agent_pid("node3")), nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    let took = within(Duration::from_secs(5), "node3's block withdrawn everywhere", || {
+        ["node1", "node2"].iter().all(|n| !lab.learned(n).iter().any(|r| r.starts_with(&node3_block)))
+    });
+    eprintln!("node3's block withdrawn from both peers in {took:?}");
+    // Its lease removed: the others drop it as a neighbour.
+    let store = lab.store();
+    for lease in store.list(SystemTime::now()).unwrap() {
+        if lease.attrs.public_ip.to_string() == lab.address("node3") {
+            store.delete(&lease.subnet).unwrap();
+        }
+    }
+    within(Duration::from_secs(5), "node3 no neighbour of node1", || sessions(&lab.show(), "node1").len() == 1);
+}
+
+/// Route reflectors: 10 nodes, the first two reflect; clients peer with the reflectors only,
+/// reflectors with every node; every pod still reaches every other.
+#[test]
+fn bgp_lab_with_two_route_reflectors() {
+    let lab = TestLab::up_with(&["--backend", "bgp", "--nodes", "10", "--pods", "1", "--route-reflectors", "2"]);
+    for node in lab.nodes() {
+        let want = if node == "node1" || node == "node2" { 9 } else { 2 };
+        within(Duration::from_secs(20), &format!("{node}: {want} sessions established"), || {
+            let s = sessions(&lab.show(), &node);
+            s.len() == want && s.iter().all(|(_, state)| state == "Established")
+        });
+        if want == 2 {
+            let peers: Vec<String> = sessions(&lab.show(), &node).into_iter().map(|(a, _)| a).collect();
+            assert_eq!(peers, [lab.address("node1"), lab.address("node2")], "{node} peers with the reflectors only");
+        }
+        within(Duration::from_secs(10), &format!("{node} learns all 9 other blocks"), || {
+            lab.learned(&node) == lab.expected_learned(&node)
+        });
+    }
+    lab.check_ok();
+}
+
+/// More pods on a node than half a block leaves free: the node claims a second block ahead of
+/// demand, announces it, and every peer routes it.
+#[test]
+fn bgp_node_claims_and_announces_a_second_block() {
+    let lab = TestLab::up_with(&["--backend", "bgp", "--nodes", "2", "--pods", "10", "--block-size", "28"]);
+    within(Duration::from_secs(10), "each node holds two blocks", || {
+        let show = lab.show();
+        lab.nodes().iter().all(|n| blocks_of(&show, n).len() == 2)
+    });
+    for node in lab.nodes() {
+        within(Duration::from_secs(10), &format!("{node} learns the other node's two blocks"), || {
+            let learned = lab.learned(&node);
+            learned.len() == 2 && learned == lab.expected_learned(&node)
+        });
+        let blackholes = lab.routed_state(&node).iter().filter(|s| s.starts_with("203 blackhole")).count();
+        assert_eq!(blackholes, 2, "{node}");
+    }
+    lab.check_ok();
+}
+
+#[test]
+fn bgp_agent_restart_loses_no_packet() {
+    restart_loses_no_packet("bgp");
+}
+
+/// A BIRD 2 router on the lab's underlay, given to every node as an external peer (`--peer`),
+/// learns every node's block via that node.
+#[test]
+fn bird_on_the_underlay_learns_every_block() {
+    let router = "198.18.255.254";
+    let lab =
+        TestLab::up_with(&["--backend", "bgp", "--nodes", "3", "--pods", "1", "--peer", &format!("{router},65000")]);
+    let show = lab.show();
+    let switch = show["underlay"]["namespace"].as_str().unwrap().to_string();
+    assert_eq!(show["underlay"]["free_address"], router);
+    let ok = Command::new("ip").args(["-n", &switch, "addr", "add", &format!("{router}/16"), "dev", "sw0"]).status();
+    assert!(ok.unwrap().success());
+    let dir = Dir::new("bird");
+    let mut conf = format!("router id {router};\nprotocol device {{}}\n");
+    for node in lab.nodes() {
+        conf.push_str(&format!(
+            "protocol bgp {node} {{ local {router} as 65000; neighbor {} as 64512; ipv4 {{ import all; export none; }}; }}\n",
+            lab.address(&node)
+        ));
+    }
+    std::fs::write(dir.path().join("bird.conf"), conf).unwrap();
+    let socket = dir.path().join("bird.sock");
+    let mut bird = Command::new("ip")
+        .args(["netns", "exec", &switch, "bird", "-f", "-c"])
+        .arg(dir.path().join("bird.conf"))
+        .arg("-s")
+        .arg(&socket)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("bird (apt-get install bird2)");
+    struct KillOnDrop<'a>(&'a mut std::process::Child);
+    impl Drop for KillOnDrop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _bird = KillOnDrop(&mut bird);
+    let birdc = |args: &[&str]| {
+        let out = Command::new("birdc").arg("-s").arg(&socket).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let mut want: Vec<String> = lab
+        .nodes()
+        .iter()
+        .flat_map(|n| {
+            let address = lab.address(n);
+            blocks_of(&show, n).into_iter().map(move |b| format!("{b} via {address}"))
+        })
+        .collect();
+    want.sort();
+    let routes = || {
+        let text = birdc(&["show", "route", "all"]);
+        let mut got = Vec::new();
+        let mut dst = String::new();
+        for line in text.lines() {
+            if let Some(first) = line.split_whitespace().next().filter(|w| w.contains('/')) {
+                dst = first.to_string();
+            }
+            if let Some(rest) = line.trim().strip_prefix("via ") {
+                got.push(format!("{dst} via {}", rest.split_whitespace().next().unwrap_or("")));
+            }
+        }
+        got.sort();
+        got.dedup();
+        got
+    };
+    let start = Instant::now();
+    while routes() != want {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "BIRD learned {:?}, not {want:?}:\n{}",
+            routes(),
+            birdc(&["show", "protocols"])
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for node in lab.nodes() {
+        let s = sessions(&lab.show(), &node);
+        assert!(s.contains(&(router.to_string(), "Established".to_string())), "{node}: {s:?}");
+    }
 }

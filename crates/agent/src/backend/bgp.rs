@@ -50,7 +50,7 @@ pub struct BgpOptions {
 impl BgpOptions {
     /// Whether this node reflects routes.
     pub fn is_reflector(&self) -> bool {
-        self.route_reflectors.iter().any(|n| *n == self.node)
+        self.route_reflectors.contains(&self.node)
     }
 }
 
@@ -181,6 +181,9 @@ pub struct Neighbour {
     pub asn: u32,
     /// This node reflects routes to it (it is a route reflector, the neighbour a client).
     pub rr_client: bool,
+    /// An external peer (`Peers`): it hears this node's own blocks only, so that it reaches
+    /// each block through the node that holds it.
+    pub external: bool,
 }
 
 /// The neighbours of this node given the other nodes (one entry per node): with no route
@@ -198,14 +201,14 @@ pub fn neighbours(options: &BgpOptions, nodes: &[PeerNode]) -> Vec<Neighbour> {
         };
         if wanted {
             let rr_client = options.is_reflector() && !reflector(&node.name) && node.asn == options.asn;
-            out.push(Neighbour { address: IpAddr::V4(node.address), asn: node.asn, rr_client });
+            out.push(Neighbour { address: IpAddr::V4(node.address), asn: node.asn, rr_client, external: false });
         }
     }
     for peer in &options.peers {
         if (peer.nodes.is_empty() || peer.nodes.contains(&options.node))
             && !out.iter().any(|n| n.address == peer.address)
         {
-            out.push(Neighbour { address: peer.address, asn: peer.asn, rr_client: false });
+            out.push(Neighbour { address: peer.address, asn: peer.asn, rr_client: false, external: true });
         }
     }
     out.sort();
@@ -222,11 +225,7 @@ mod tests {
             asn: DEFAULT_AS,
             mesh: true,
             route_reflectors: rrs.iter().map(|s| s.to_string()).collect(),
-            peers: vec![ExternalPeer {
-                address: "198.18.0.254".parse().unwrap(),
-                asn: 65000,
-                nodes: Vec::new(),
-            }],
+            peers: vec![ExternalPeer { address: "198.18.0.254".parse().unwrap(), asn: 65000, nodes: Vec::new() }],
             release_after: Duration::from_secs(300),
             node: node.into(),
         }

@@ -62,6 +62,9 @@ pub struct Config {
     /// restarted and kept its forwarding state.
     pub graceful_restart: Option<u16>,
     pub restarting: bool,
+    /// Advertise only this speaker's own prefixes to the neighbour (routed mode's external
+    /// peers: a top-of-rack router reaches each block through its own node).
+    pub originated_only: bool,
 }
 
 impl Config {
@@ -76,6 +79,7 @@ impl Config {
             families: vec![Family::IPV4_UNICAST, Family::IPV6_UNICAST],
             graceful_restart: Some(120),
             restarting: false,
+            originated_only: false,
         }
     }
 
@@ -219,6 +223,17 @@ impl Neighbor {
             }
             _ => self.end(Reason::Sent(Notification::new(error::CEASE, subcode, []))),
         }
+    }
+
+    /// The neighbour connected while this session waits in Idle to start again after an error
+    /// (not stopped): the session takes that connection instead of refusing it (two speakers
+    /// whose retries keep the same rhythm would otherwise refuse each other for ever). Whether
+    /// it can now take a connection (see [`Neighbor::connected`]).
+    pub fn wake(&mut self) -> bool {
+        if self.state == State::Idle && !self.stopped {
+            self.state = State::Active;
+        }
+        matches!(self.state, State::Connect | State::Active)
     }
 
     /// A transport connection to the neighbour is up (ours, or one it made and the I/O layer

@@ -318,3 +318,24 @@ fn as4_path_for_neighbours_with_two_octet_as_numbers() {
         "from a 4-octet neighbour: dropped"
     );
 }
+
+/// Two speakers whose sessions failed together retry in step: each one's connection reaches
+/// the other while it waits in Idle. A session waiting to start again takes the connection (a
+/// stopped one still refuses it); found in a lab whose three nodes never met.
+#[test]
+fn an_idle_session_waiting_to_restart_takes_an_incoming_connection() {
+    let mut n = Neighbor::new(config(64512));
+    n.start();
+    n.connected();
+    n.transport_lost();
+    assert_eq!(n.state(), State::Idle);
+    assert!(n.wake(), "waiting to restart: the neighbour's connection is taken");
+    let actions = n.connected();
+    assert_eq!(n.state(), State::OpenSent);
+    assert!(matches!(sends(&actions)[..], [Message::Open(_)]));
+    let mut stopped = Neighbor::new(config(64512));
+    stopped.start();
+    stopped.stop();
+    assert!(!stopped.wake(), "stopped: refused");
+    assert_eq!(stopped.state(), State::Idle);
+}

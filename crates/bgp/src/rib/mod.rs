@@ -107,6 +107,8 @@ pub struct Peer {
     pub ibgp: bool,
     /// A route reflection client of this speaker.
     pub rr_client: bool,
+    /// Only this speaker's own paths are advertised to it.
+    pub originated_only: bool,
 }
 
 /// What this speaker accepts from its neighbours.
@@ -496,7 +498,7 @@ impl Rib {
     /// neighbours only by reflection (from a client to everyone, from a non-client to clients).
     pub fn export(&self, path: &Path, to: PeerId, next_hop_self: IpAddr) -> Option<Vec<Attribute>> {
         let target = self.peers.get(&to)?;
-        if path.from == Some(to) {
+        if path.from == Some(to) || (target.originated_only && path.from.is_some()) {
             return None;
         }
         let source = path.from.and_then(|id| self.peers.get(&id));

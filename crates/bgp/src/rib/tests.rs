@@ -25,8 +25,14 @@ fn rib() -> Rib {
         (3, "198.18.0.13", LOCAL_AS, "10.0.0.13", false),
         (4, "198.18.0.14", LOCAL_AS, "10.0.0.14", true),
     ] {
-        let peer =
-            Peer { address: ip(addr), asn, router_id: rid.parse().unwrap(), ibgp: asn == LOCAL_AS, rr_client: rr };
+        let peer = Peer {
+            address: ip(addr),
+            asn,
+            router_id: rid.parse().unwrap(),
+            ibgp: asn == LOCAL_AS,
+            rr_client: rr,
+            originated_only: false,
+        };
         rib.add_peer(id, peer);
     }
     rib
@@ -310,4 +316,27 @@ fn transitive_attributes_and_as_sets_go_on() {
     let mut attrs = attrs;
     attrs[1] = Attribute::AsPath(looped);
     assert_eq!(rib.import(1, &Update::announce(&[net("198.19.14.0/24")], attrs, None)).refused, 1);
+}
+
+/// A neighbour that takes only this speaker's own prefixes (routed mode's external peers)
+/// hears what this speaker originates and nothing it learned.
+#[test]
+fn an_originated_only_neighbour_hears_own_prefixes_only() {
+    let mut rib = rib();
+    let peer = Peer {
+        address: ip("198.18.0.15"),
+        asn: 65000,
+        router_id: "10.0.0.15".parse().unwrap(),
+        ibgp: false,
+        rr_client: false,
+        originated_only: true,
+    };
+    rib.add_peer(5, peer);
+    rib.import(3, &update("198.19.9.0/26", &[], "198.18.0.13", vec![]));
+    rib.originate(net("198.19.1.0/26"), ip("198.18.0.1"));
+    let learned = rib.best(&net("198.19.9.0/26")).unwrap().clone();
+    let own = rib.best(&net("198.19.1.0/26")).unwrap().clone();
+    assert!(rib.export(&learned, 5, ip("198.18.0.1")).is_none(), "a learned path");
+    assert!(rib.export(&own, 5, ip("198.18.0.1")).is_some(), "an own prefix");
+    assert!(rib.export(&learned, 1, ip("198.18.0.1")).is_some(), "another eBGP neighbour hears both");
 }

@@ -27,7 +27,12 @@ fn blocks_of(lab: &Lab, node: &super::NodeInfo) -> Vec<String> {
 }
 
 /// Routed mode's part: blocks, pod routes, blackholes, learned routes, BGP sessions.
-fn print_routed(lab: &Lab, node: &super::NodeInfo, nl: &mut Netlink, name_of: &dyn Fn(Option<u32>) -> String) -> Result<()> {
+fn print_routed(
+    lab: &Lab,
+    node: &super::NodeInfo,
+    nl: &mut Netlink,
+    name_of: &dyn Fn(Option<u32>) -> String,
+) -> Result<()> {
     use weft_dataplane::route::{RTPROT_WEFT_BGP, RTPROT_WEFT_BLACKHOLE, RTPROT_WEFT_POD};
     outln!("  blocks: {}", blocks_of(lab, node).join(", "));
     let routes = nl.routes().map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -36,7 +41,8 @@ fn print_routed(lab: &Lab, node: &super::NodeInfo, nl: &mut Netlink, name_of: &d
         outln!("    {} dev {}", r.dst, name_of(r.oif));
     }
     outln!("  blackholes (proto 203):");
-    for r in nl.blackholes().map_err(|e| anyhow::anyhow!("{e}"))?.iter().filter(|r| r.protocol == RTPROT_WEFT_BLACKHOLE) {
+    for r in nl.blackholes().map_err(|e| anyhow::anyhow!("{e}"))?.iter().filter(|r| r.protocol == RTPROT_WEFT_BLACKHOLE)
+    {
         outln!("    blackhole {}", r.dst);
     }
     outln!("  learned routes (proto 202):");
