@@ -158,3 +158,94 @@ fn a_failed_routed_add_leaves_nothing() {
     assert!(out.stdout.contains("already exists"), "{out:?}");
     assert!(reservations(data.path(), "rtfail").is_empty());
 }
+
+/// A node agent in `ns`, killed when dropped.
+struct AgentProcess(std::process::Child);
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Routed mode across subnets (CrossSubnet): two nodes on different subnets behind a router
+/// mesh over BGP through it, reach each other's blocks through the VXLAN fallback (the BGP
+/// next hop is not on their segment), and their pods talk.
+#[test]
+fn cross_subnet_nodes_reach_each_other_through_vxlan() {
+    let router = Ns::new("r");
+    let (a, b) = (Ns::new("a"), Ns::new("b"));
+    for (node, side, net) in [(&a, "ra", "61"), (&b, "rb", "62")] {
+        router.sh(&["ip", "link", "add", side, "type", "veth", "peer", "name", "eth0", "netns", &node.name]);
+        router.sh(&["ip", "addr", "add", &format!("198.18.{net}.1/24"), "dev", side]);
+        router.sh(&["ip", "link", "set", side, "up"]);
+        node.sh(&["ip", "addr", "add", &format!("198.18.{net}.2/24"), "dev", "eth0"]);
+        node.sh(&["ip", "link", "set", "eth0", "up"]);
+        node.sh(&["ip", "route", "add", "default", "via", &format!("198.18.{net}.1")]);
+    }
+    router.sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    let dir = Dir::new("xs");
+    let conf = dir.path().join("net-conf.json");
+    std::fs::write(&conf, r#"{"Network": "198.19.0.0/16", "Backend": {"Type": "bgp", "CrossSubnet": true}}"#).unwrap();
+    let plugins = weft_plugin_dir();
+    let mut agents = Vec::new();
+    for (node, name) in [(&a, "a"), (&b, "b")] {
+        let state = dir.path().join(name);
+        std::fs::create_dir_all(&state).unwrap();
+        let log = std::fs::File::create(state.join("agent.log")).unwrap();
+        let mut cmd = std::process::Command::new(weft_bin());
+        cmd.args(["agent", "--iface", "eth0", "--node-name", name, "--store"])
+            .arg(dir.path().join("store"))
+            .arg("--net-conf")
+            .arg(&conf)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--subnet-file")
+            .arg(state.join("subnet.env"))
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        agents.push(AgentProcess(node.handle.run(|| cmd.spawn()).unwrap().unwrap()));
+    }
+    let log = |name: &str| std::fs::read_to_string(dir.path().join(name).join("agent.log")).unwrap_or_default();
+    let pod = |node: &Ns, name: &str, id: &str, pod_ns: &Ns| {
+        let state = dir.path().join(name);
+        let subnet_file = state.join("subnet.env");
+        eventually("the agent wrote its subnet file", || subnet_file.exists());
+        let cfg = json!({"cniVersion": "1.0.0", "name": "xs", "type": "weft", "subnetFile": subnet_file,
+                         "dataDir": state.join("cni")});
+        Call::new(plugins.path(), id, &pod_ns.path()).run(node, "weft", "ADD", &cfg.to_string()).ok().json()
+    };
+    let (pa, pb) = (Ns::new("pa"), Ns::new("pb"));
+    let ra = pod(&a, "a", "xa", &pa);
+    let rb = pod(&b, "b", "xb", &pb);
+    assert_eq!(pa.ip_json(&["link", "show", "eth0"])[0]["mtu"], 1450, "pods lose VXLAN's 50 bytes");
+    let addr = |r: &Value| r["ips"][0]["address"].as_str().unwrap().trim_end_matches("/32").to_string();
+    let (a_ip, b_ip) = (addr(&ra), addr(&rb));
+    // Each node routes the other's block through its VTEP, onlink via the block's .0.
+    let start = std::time::Instant::now();
+    while !a.sh(&["ip", "route", "show", "proto", "200"]).contains("dev weft.1 onlink") {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "no VXLAN route on a:\n{}", log("a"));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _server = TcpServer::start(&pb, &b_ip, 7100, "across");
+    let got = (0..50).find_map(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        tcp_get(&pa, &b_ip, 7100).ok()
+    });
+    assert_eq!(got.as_deref(), Some(format!("across to {a_ip}").as_str()), "a:\n{}\nb:\n{}", log("a"), log("b"));
+    // The session runs through the router; its next hop (b's address) is not on a's segment,
+    // so the learned route is not in the kernel: the VXLAN route carries the block.
+    let status = || {
+        let out = std::process::Command::new(weft_bin())
+            .args(["bgp", "status", "--json", "--socket"])
+            .arg(dir.path().join("a").join("bgp.sock"))
+            .output()
+            .unwrap();
+        serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null)
+    };
+    eventually("a's session with b established", || status()["neighbors"][0]["state"] == "Established");
+    assert!(a.sh(&["ip", "route", "show", "proto", "202"]).trim().is_empty());
+    drop(agents);
+}

@@ -8,7 +8,10 @@
 //! `NodeToNodeMesh` (true), `RouteReflectors` (node names: those reflect, the others peer only
 //! with them), `Peers` (`[{"Address", "AS", "Nodes"?}]`: external neighbours such as a
 //! top-of-rack router, on every node or the named ones), `BlockReleaseSeconds` (300: how long a
-//! block other than the first stays empty before it is given back).
+//! block other than the first stays empty before it is given back), `CrossSubnet` (false: a
+//! peer off the uplink's subnet is ignored; true: such peers are reached through VXLAN —
+//! `weft.<VNI>`, `VNI` and `Port` as the vxlan backend's — from their leases in the store, the
+//! way Calico's CrossSubnet mode does with IPIP; pods then get the uplink's MTU less 50).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
@@ -17,6 +20,7 @@ use serde_json::{json, Value};
 use weft_lease::Lease;
 use weft_netconf::{invalid_option, Options};
 
+use super::vxlan::Vxlan;
 use super::{Backend, Node, PeerState, Registration, Setup};
 use crate::model::DeviceSpec;
 use crate::Result;
@@ -57,6 +61,8 @@ impl BgpOptions {
 #[derive(Debug)]
 pub struct Bgp {
     pub options: BgpOptions,
+    /// CrossSubnet: the VXLAN fallback for peers off the uplink's subnet.
+    cross: Option<Vxlan>,
 }
 
 fn asn(value: &Value, what: &str) -> Result<u32> {
@@ -81,7 +87,17 @@ fn names(value: Option<&Value>, what: &str) -> Result<Vec<String>> {
 
 fn build(options: Options<'_>, setup: &Setup<'_>, warnings: &mut Vec<String>) -> Result<Box<dyn Backend>> {
     options.unknown(
-        &["AS", "BlockSize", "NodeToNodeMesh", "RouteReflectors", "Peers", "BlockReleaseSeconds"],
+        &[
+            "AS",
+            "BlockSize",
+            "NodeToNodeMesh",
+            "RouteReflectors",
+            "Peers",
+            "BlockReleaseSeconds",
+            "CrossSubnet",
+            "VNI",
+            "Port",
+        ],
         &[],
         "Backend (bgp)",
         warnings,
@@ -105,7 +121,16 @@ fn build(options: Options<'_>, setup: &Setup<'_>, warnings: &mut Vec<String>) ->
     }
     let route_reflectors = names(options.get("RouteReflectors"), "RouteReflectors")?;
     let release = options.number("BlockReleaseSeconds")?.unwrap_or(300);
+    let cross = match options.boolean("CrossSubnet")?.unwrap_or(false) {
+        true => {
+            let mut vxlan = Vxlan::from_options(&options, setup)?;
+            vxlan.off_link_only = true;
+            Some(vxlan)
+        }
+        false => None,
+    };
     Ok(Box::new(Bgp {
+        cross,
         options: BgpOptions {
             asn: local,
             mesh: options.boolean("NodeToNodeMesh")?.unwrap_or(true),
@@ -123,30 +148,67 @@ impl Backend for Bgp {
     }
 
     fn overhead(&self) -> u32 {
-        0
+        self.cross.as_ref().map_or(0, Backend::overhead)
     }
 
-    /// The node's AS and name, which its peers need to meet it.
+    /// The node's AS and name, which its peers need to meet it (and its VTEP with CrossSubnet).
     fn lease_data(&self) -> Value {
-        json!({"AS": self.options.asn, "Node": self.options.node})
-    }
-
-    fn device(&self, _node: &Node<'_>) -> Option<DeviceSpec> {
-        None
-    }
-
-    fn program(&self, _node: &Node<'_>, peers: &[&Lease]) -> PeerState {
-        let mut out = PeerState::default();
-        for peer in peers {
-            match peer_of(peer) {
-                Some(_) => out.programmed.push(peer.subnet),
-                None => out.ignore(format!(
-                    "ignoring peer {}: its lease {} carries no AS in its BackendData",
-                    peer.attrs.public_ip, peer.subnet
-                )),
+        let mut data = json!({"AS": self.options.asn, "Node": self.options.node});
+        if let (Some(cross), Some(map)) = (&self.cross, data.as_object_mut()) {
+            if let Value::Object(vtep) = cross.lease_data() {
+                map.extend(vtep);
             }
         }
+        data
+    }
+
+    fn device(&self, node: &Node<'_>) -> Option<DeviceSpec> {
+        self.cross.as_ref().and_then(|c| c.device(node))
+    }
+
+    /// Peers on the uplink's subnet are reached over BGP (nothing here); the others through
+    /// the VXLAN fallback with CrossSubnet, or not at all.
+    fn program(&self, node: &Node<'_>, peers: &[&Lease]) -> PeerState {
+        let mut out = PeerState::default();
+        let mut off_link = Vec::new();
+        for peer in peers.iter().copied() {
+            if peer_of(peer).is_none() {
+                out.ignore(format!(
+                    "ignoring peer {}: its lease {} carries no AS in its BackendData",
+                    peer.attrs.public_ip, peer.subnet
+                ));
+            } else if node.on_link(peer.attrs.public_ip) {
+                out.programmed.push(peer.subnet);
+            } else if self.cross.is_some() {
+                off_link.push(peer);
+            } else {
+                out.ignore(format!(
+                    "ignoring peer {} ({}): it is not on the uplink's subnet (set CrossSubnet to reach it through VXLAN)",
+                    peer.attrs.public_ip, peer.subnet
+                ));
+            }
+        }
+        if let Some(cross) = &self.cross {
+            let mut tunnelled = cross.program(node, &off_link);
+            // A node's blocks share its VTEP: one FDB entry for it.
+            tunnelled.state.fdb.sort();
+            tunnelled.state.fdb.dedup();
+            out.state = tunnelled.state;
+            out.programmed.extend(tunnelled.programmed);
+            out.warnings.extend(tunnelled.warnings);
+        }
         out
+    }
+
+    fn claim(&self, lease: &Lease) -> Option<String> {
+        self.cross.as_ref().and_then(|c| c.claim(lease))
+    }
+
+    fn renew_claim(&mut self, setup: &Setup<'_>) -> Result<bool> {
+        match &mut self.cross {
+            Some(c) => c.renew_claim(setup),
+            None => Ok(false),
+        }
     }
 
     fn holds_several_subnets(&self) -> bool {
@@ -239,6 +301,58 @@ mod tests {
 
     fn addresses(list: &[Neighbour]) -> Vec<String> {
         list.iter().map(|n| format!("{}{}", n.address, if n.rr_client { " client" } else { "" })).collect()
+    }
+
+    fn bgp_lease(subnet: &str, ip: &str, mac: &str) -> Lease {
+        let mut l = super::super::tests::lease(subnet, ip, mac);
+        l.attrs.backend_type = "bgp".into();
+        l.attrs.backend_data = json!({"AS": 64512, "Node": ip, "VNI": 1, "VtepMAC": mac});
+        l
+    }
+
+    /// The desired state: nothing for peers on the uplink's subnet (BGP routes them); with
+    /// CrossSubnet, VXLAN for the others, one route per block and one FDB entry per node;
+    /// without it they are ignored; this node's own other blocks are neither.
+    #[test]
+    fn cross_subnet_peers_go_through_vxlan_and_the_others_through_bgp() {
+        use super::super::tests::{backend_of, node};
+        let nets = ["198.18.0.0/24".parse().unwrap()];
+        let peers = [
+            bgp_lease("198.19.0.64/26", "198.18.0.2", "0a:00:00:00:00:02"),
+            bgp_lease("198.19.0.128/26", "198.18.5.3", "0a:00:00:00:00:03"),
+            bgp_lease("198.19.0.192/26", "198.18.5.3", "0a:00:00:00:00:03"),
+            // This node's own second block (node() is 198.18.0.1).
+            bgp_lease("198.19.1.64/26", "198.18.0.1", "0a:00:00:00:00:01"),
+        ];
+        let refs: Vec<&Lease> = peers.iter().collect();
+        let conf = r#"{"Network": "198.19.0.0/16", "Backend": {"Type": "bgp", "CrossSubnet": true}}"#;
+        let (b, warnings) = backend_of(conf);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(b.overhead(), 50);
+        assert!(b.lease_data()["VtepMAC"].is_string() && b.lease_data()["AS"] == 64512);
+        let mut me = node(&nets);
+        me.subnet = "198.19.1.0/26".parse().unwrap();
+        me.subnet_len = 26;
+        let out = super::super::desired(b.as_ref(), &me, &refs);
+        assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+        let routes: Vec<String> =
+            out.state.routes.iter().map(|r| format!("{} via {:?} dev {}", r.dst, r.via, r.dev)).collect();
+        assert_eq!(
+            routes,
+            ["198.19.0.128/26 via Some(198.19.0.128) dev weft.1", "198.19.0.192/26 via Some(198.19.0.192) dev weft.1"]
+        );
+        assert_eq!(out.state.fdb.len(), 1, "one VTEP, one FDB entry");
+        assert_eq!(out.programmed.len(), 3);
+        let Some(DeviceSpec::Vxlan { address, .. }) = b.device(&me) else { panic!("no VTEP") };
+        assert_eq!(address.to_string(), "198.19.1.0/32", "the first block's .0, never a pod's");
+
+        let (plain, _) = backend_of(r#"{"Network": "198.19.0.0/16", "Backend": {"Type": "bgp"}}"#);
+        assert_eq!((plain.overhead(), plain.device(&me).is_none()), (0, true));
+        let out = super::super::desired(plain.as_ref(), &me, &refs);
+        assert!(out.state.routes.is_empty());
+        assert_eq!(out.programmed, ["198.19.0.64/26".parse::<ipnet::Ipv4Net>().unwrap()]);
+        assert_eq!(out.warnings.len(), 2, "{:?}", out.warnings);
+        assert!(out.warnings[0].contains("set CrossSubnet"));
     }
 
     #[test]

@@ -27,6 +27,8 @@ const FLANNEL_ONLY: &[&str] = &["GBP", "Learning", "MTU", "MacPrefix"];
 
 #[derive(Debug)]
 pub struct Vxlan {
+    /// Routed mode's fallback: peers on the uplink's segment are not this backend's.
+    pub(super) off_link_only: bool,
     vni: u32,
     port: u16,
     direct_routing: bool,
@@ -35,14 +37,22 @@ pub struct Vxlan {
 
 fn build(options: Options<'_>, setup: &Setup<'_>, warnings: &mut Vec<String>) -> Result<Box<dyn Backend>> {
     options.unknown(KEYS, FLANNEL_ONLY, "Backend (vxlan)", warnings);
-    let vni = options.number("VNI")?.unwrap_or(1);
-    if vni == 0 || vni >= 1 << 24 {
-        return Err(invalid_option(format!("VNI {vni} out of range 1-16777215")).into());
+    Ok(Box::new(Vxlan::from_options(&options, setup)?))
+}
+
+impl Vxlan {
+    /// The device and claim from `VNI` and `Port` (and `DirectRouting`), the MAC kept in the
+    /// state directory.
+    pub(super) fn from_options(options: &Options<'_>, setup: &Setup<'_>) -> Result<Vxlan> {
+        let vni = options.number("VNI")?.unwrap_or(1);
+        if vni == 0 || vni >= 1 << 24 {
+            return Err(invalid_option(format!("VNI {vni} out of range 1-16777215")).into());
+        }
+        let port = super::port(options, 8472)?;
+        let direct_routing = options.boolean("DirectRouting")?.unwrap_or(false);
+        let mac = vtep::stable_mac(setup.state_dir, vtep::random_mac)?;
+        Ok(Vxlan { off_link_only: false, vni: vni as u32, port, direct_routing, mac })
     }
-    let port = super::port(&options, 8472)?;
-    let direct_routing = options.boolean("DirectRouting")?.unwrap_or(false);
-    let mac = vtep::stable_mac(setup.state_dir, vtep::random_mac)?;
-    Ok(Box::new(Vxlan { vni: vni as u32, port, direct_routing, mac }))
 }
 
 /// A lease's `VtepMAC` as written (read in place: this runs over every lease per event).
@@ -98,6 +108,9 @@ impl Backend for Vxlan {
         for (peer, mac) in peers.iter().copied().zip(&macs) {
             let dst = IpNet::V4(peer.subnet);
             let peer_ip = IpAddr::V4(peer.attrs.public_ip);
+            if self.off_link_only && node.on_link(peer.attrs.public_ip) {
+                continue;
+            }
             if self.direct_routing && node.on_link(peer.attrs.public_ip) {
                 out.state.routes.push(Route {
                     dst,
