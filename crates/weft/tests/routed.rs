@@ -249,3 +249,90 @@ fn cross_subnet_nodes_reach_each_other_through_vxlan() {
     assert!(a.sh(&["ip", "route", "show", "proto", "202"]).trim().is_empty());
     drop(agents);
 }
+
+/// One routed node's lifetime of blocks, on a network of four /28 blocks: the node claims a
+/// block ahead of demand as pods come, every address of the network is used, the next pod gets
+/// a clear error and nothing half-made; pods gone, the emptied blocks are given back (but the
+/// first).
+#[test]
+fn blocks_are_claimed_ahead_used_up_and_given_back() {
+    let node = Ns::new("n");
+    node.sh(&["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]);
+    node.sh(&["ip", "addr", "add", "198.18.63.1/24", "dev", "eth0"]);
+    node.sh(&["ip", "link", "set", "eth0", "up"]);
+    let dir = Dir::new("blocks");
+    let conf = dir.path().join("net-conf.json");
+    std::fs::write(
+        &conf,
+        r#"{"Network": "198.19.63.0/26", "Backend": {"Type": "bgp", "BlockSize": 28, "BlockReleaseSeconds": 1}}"#,
+    )
+    .unwrap();
+    let subnet_file = dir.path().join("subnet.env");
+    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+    let mut cmd = std::process::Command::new(weft_bin());
+    cmd.args(["agent", "--iface", "eth0", "--node-name", "n", "--store"])
+        .arg(dir.path().join("store"))
+        .arg("--net-conf")
+        .arg(&conf)
+        .arg("--state-dir")
+        .arg(dir.path())
+        .arg("--subnet-file")
+        .arg(&subnet_file)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    let _agent = AgentProcess(node.handle.run(|| cmd.spawn()).unwrap().unwrap());
+    eventually("the agent wrote its subnet file", || subnet_file.exists());
+    let blocks = || weft_netconf::SubnetEnv::read(&subnet_file).unwrap().routed.unwrap().blocks.len();
+    assert_eq!(blocks(), 1);
+    let plugins = weft_plugin_dir();
+    let cfg = json!({"cniVersion": "1.0.0", "name": "bl", "type": "weft", "subnetFile": subnet_file,
+                     "dataDir": dir.path().join("cni")})
+    .to_string();
+    let mut pods = Vec::new();
+    let add = |id: &str, pod: &Ns| -> Outcome {
+        // "Full, try again" (11) while the agent claims the next block.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let out = Call::new(plugins.path(), id, &pod.path()).run(&node, "weft", "ADD", &cfg);
+            if out.code == 0 || out.error_code() != 11 || std::time::Instant::now() > deadline {
+                return out;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    // Fifteen addresses a block (its .0 is never a pod's); four blocks: sixty pods.
+    for i in 0..60 {
+        let pod = Ns::new("p");
+        let out = add(&format!("p{i}"), &pod);
+        assert_eq!(out.code, 0, "pod {i}: {out:?}");
+        if i == 9 {
+            eventually("a second block claimed ahead of demand", || blocks() >= 2);
+        }
+        pods.push(pod);
+    }
+    eventually("every block held", || blocks() == 4);
+    let links_before = node.links();
+    let extra = Ns::new("p");
+    let out = add("p60", &extra);
+    assert_ne!(out.code, 0);
+    assert!(out.stdout.contains("is exhausted"), "{out:?}");
+    assert_eq!(extra.links(), ["lo"], "nothing made in the pod");
+    assert_eq!(node.links(), links_before, "nothing made on the node");
+    assert_eq!(reservations(&dir.path().join("ipam"), "bl").len(), 60);
+    // Every pod gone: all blocks but the first are given back (empty a second, then out of
+    // the subnet file for a few seconds, then released).
+    for (i, pod) in pods.iter().enumerate() {
+        Call::new(plugins.path(), &format!("p{i}"), &pod.path()).run(&node, "weft", "DEL", &cfg).ok();
+    }
+    let start = std::time::Instant::now();
+    let held = || {
+        let store = weft_lease::file::FileStore::open(dir.path().join("store")).unwrap();
+        store.list(std::time::SystemTime::now()).unwrap().len()
+    };
+    while blocks() > 1 || held() > 1 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(15), "blocks not given back: {}", blocks());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    eventually("one blackhole left", || node.sh(&["ip", "route", "show", "proto", "203"]).lines().count() == 1);
+}
