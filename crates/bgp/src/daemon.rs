@@ -523,11 +523,11 @@ impl Daemon {
                 self.offer(id, stream, false);
             }
             Event::Connected(id, stream) => {
-                tracing::debug!("connected to {id} in {:?}", self.speaker.state(id));
+                tracing::debug!("connected to {} in {:?}", self.address_of(id), self.speaker.state(id));
                 self.offer(id, stream, true)
             }
             Event::ConnectFailed(id) => {
-                tracing::debug!("connecting to {id} failed in {:?}", self.speaker.state(id));
+                tracing::debug!("connecting to {} failed in {:?}", self.address_of(id), self.speaker.state(id));
                 let out = self.speaker.transport_lost(id);
                 self.carry_out(out);
             }
@@ -548,7 +548,11 @@ impl Daemon {
                 }
             }
             Event::Closed(id, conn) => {
-                tracing::debug!("connection {conn} of {id} closed (current: {})", self.current(id, conn));
+                tracing::debug!(
+                    "connection {conn} of {} closed (current: {})",
+                    self.address_of(id),
+                    self.current(id, conn)
+                );
                 if self.current(id, conn) {
                     if let Some(link) = self.links.get_mut(&id) {
                         link.conn = None;
@@ -567,7 +571,11 @@ impl Daemon {
             }
             Event::Timer(id, timer, generation) => {
                 let live = self.links.get(&id).is_some_and(|l| l.generations.get(&timer) == Some(&generation));
-                tracing::debug!("timer {timer:?} of {id} (live: {live}) in {:?}", self.speaker.state(id));
+                tracing::debug!(
+                    "timer {timer:?} of {} (live: {live}) in {:?}",
+                    self.address_of(id),
+                    self.speaker.state(id)
+                );
                 if live {
                     let out = self.speaker.timer(id, timer);
                     self.carry_out(out);
@@ -696,6 +704,11 @@ impl Daemon {
         self.sink.next_hops_in_use(&in_use);
     }
 
+    /// Neighbour `id`'s address, for the log.
+    fn address_of(&self, id: PeerId) -> String {
+        self.links.get(&id).map_or_else(|| format!("#{id}"), |l| l.address.to_string())
+    }
+
     fn current(&self, id: PeerId, conn: u64) -> bool {
         self.links.get(&id).and_then(|l| l.conn.as_ref()).is_some_and(|(c, _)| *c == conn)
     }
@@ -709,11 +722,17 @@ impl Daemon {
     fn offer(&mut self, id: PeerId, stream: TcpStream, outgoing: bool) {
         let Some(state) = self.speaker.state(id) else { return };
         let has_conn = self.links.get(&id).is_some_and(|l| l.conn.is_some());
+        tracing::debug!(
+            "a connection {} {} in {state:?} (one already: {has_conn})",
+            if outgoing { "to" } else { "from" },
+            self.address_of(id)
+        );
         match state {
             State::Connect | State::Active if !has_conn => self.attach(id, stream, outgoing),
             State::OpenSent | State::OpenConfirm | State::Connect | State::Active => {
                 let Some(open) = self.speaker.open_bytes(id) else { return };
                 let (conn, writer) = self.spawn_connection(id, stream);
+                tracing::debug!("connection {conn} held beside the session's with {}", self.address_of(id));
                 let _ = writer.send(open);
                 if let Some(link) = self.links.get_mut(&id) {
                     // A newer second connection replaces an older one (dropped: closed).
@@ -760,6 +779,13 @@ impl Daemon {
         } else {
             pending.outgoing == neighbor::keep_own_connection(local_id, remote_id)
         };
+        tracing::debug!(
+            "collision with {}: keeping the {} connection (first {:?}, second {})",
+            link.address,
+            if keep_pending { "second" } else { "first" },
+            link.conn.as_ref().map(|(c, _)| *c),
+            pending.conn
+        );
         if keep_pending {
             if let Some((_, writer)) = link.conn.take() {
                 let _ = writer.send(cease_collision());
@@ -790,6 +816,7 @@ impl Daemon {
     /// Takes `stream` as neighbour `id`'s connection.
     fn attach(&mut self, id: PeerId, stream: TcpStream, outgoing: bool) {
         let (conn, writer) = self.spawn_connection(id, stream);
+        tracing::debug!("connection {conn} is the session's with {}", self.address_of(id));
         if let Some(link) = self.links.get_mut(&id) {
             link.conn = Some((conn, writer));
             link.outgoing = outgoing;
@@ -827,10 +854,16 @@ impl Daemon {
         let (wtx, mut wrx) = mpsc::unbounded_channel::<Vec<u8>>();
         let queued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = queued.clone();
+        let broken = self.tx.clone();
         tokio::spawn(async move {
             while let Some(bytes) = wrx.recv().await {
                 counted.fetch_sub(bytes.len(), std::sync::atomic::Ordering::Relaxed);
                 if writer.write_all(&bytes).await.is_err() {
+                    // The connection broke under a write (the neighbour reset it): the session
+                    // is told here, since the reader is stopped below before it may have said
+                    // so — else a session would stay Established on a dead connection until
+                    // its hold timer ran out (found in a 50-node mesh: a few in a thousand).
+                    let _ = broken.send(Event::Closed(id, conn));
                     break;
                 }
             }
