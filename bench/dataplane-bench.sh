@@ -22,16 +22,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# iperf3 from namespace $1 to address $2 (server in namespace $3); prints Gbit/s (median of runs).
-measure() {
-    local client="$1" addr="$2" server="$3" results=()
-    for _ in $(seq "$runs"); do
-        ip netns exec "$server" iperf3 -s -B "$addr" -1 -D >/dev/null 2>&1
-        sleep 0.2
-        results+=("$(ip netns exec "$client" iperf3 -c "$addr" -t "$secs" -J | python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9)')")
-    done
-    printf '%s\n' "${results[@]}" | sort -n | awk '{a[NR]=$1} END {printf "%.2f", a[int((NR+1)/2)]}'
-}
+source bench/lib.sh
 
 # The same two-node path by hand: switch, two nodes, a bridge with one pod each, and the backend.
 hand_built() {
@@ -57,24 +48,7 @@ hand_built() {
         fi
     done
     # The same firewall as weft's agent keeps (forward accept, masquerade leaving the network).
-    for i in 1 2; do
-        ip netns exec "${p}n$i" nft -f - <<'NFT'
-table ip hand {
-    chain forward {
-        type filter hook forward priority 0; policy accept;
-        ip saddr 198.19.0.0/16 accept
-        ip daddr 198.19.0.0/16 accept
-    }
-    chain postrouting {
-        type nat hook postrouting priority 100; policy accept;
-        meta mark & 0x4000 == 0x4000 return
-        ip saddr 198.19.0.0/16 ip daddr 198.19.0.0/16 return
-        ip saddr 198.19.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random
-        ip saddr != 198.19.0.0/16 ip daddr 198.19.0.0/16 masquerade fully-random
-    }
-}
-NFT
-    done
+    for i in 1 2; do hand_firewall "${p}n$i"; done
     for i in 1 2; do
         local n="${p}n$i" j=$((3 - i)); local peer_sub="198.19.$((10 + j))" peer_ip="198.18.0.$((1 + j))"
         if [ "$backend" = vxlan ]; then

@@ -433,7 +433,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
                 options,
                 network: &network,
                 ip: uplink.ip,
-                state_dir: &cfg.state_dir,
+                run_dir: cfg.subnet_file.parent().unwrap_or(&cfg.state_dir),
                 ipam_dir: &cfg.ipam_dir(),
                 attrs: &attrs,
                 store: keeper_store,

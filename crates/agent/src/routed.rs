@@ -44,9 +44,10 @@ const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// The graceful-restart time offered to peers.
 const RESTART_TIME: u16 = 120;
 
-/// The speaker's control socket (`weft bgp status --socket`).
-pub fn socket_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("bgp.sock")
+/// The speaker's control socket, beside the subnet file (`/run/weft/bgp.sock` by default, where
+/// `weft bgp status` asks).
+pub fn socket_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("bgp.sock")
 }
 
 /// What routed mode runs beside the core.
@@ -68,7 +69,8 @@ pub struct Start<'a> {
     pub options: &'a BgpOptions,
     pub network: &'a NetworkConfig,
     pub ip: Ipv4Addr,
-    pub state_dir: &'a Path,
+    /// Where the subnet file is (the control socket goes beside it).
+    pub run_dir: &'a Path,
     pub ipam_dir: &'a Path,
     pub attrs: &'a LeaseAttrs,
     /// A store handle of the block keeper's own.
@@ -93,7 +95,7 @@ impl Routing {
             hold_time: 90,
             connect_retry: Duration::from_secs(2),
             restart_time: RESTART_TIME,
-            socket: socket_path(start.state_dir),
+            socket: socket_path(start.run_dir),
         };
         let speaker = weft_bgp::daemon::spawn(config, Box::new(sink))
             .map_err(|e| AgentError::Config(format!("starting the BGP speaker: {e}")))?;
