@@ -252,6 +252,7 @@ impl Core {
     fn is_own_block(&self, lease: &Lease) -> bool {
         lease.attrs.public_ip == self.uplink.ip
             && lease.attrs.backend_type == self.backend.name()
+            && self.backend.valid_lease(lease)
             && lease.subnet.prefix_len() == self.settings.subnet_len
             && self.settings.network.contains(&lease.subnet)
     }

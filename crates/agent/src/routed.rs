@@ -4,7 +4,9 @@
 //!   this node's blocks; learned blocks go into the kernel as weft's BGP routes (protocol 202)
 //!   via the peer node's address;
 //! - a blackhole route per own block (protocol 203): a packet for a free address of an own
-//!   block is dropped here instead of following a default route away;
+//!   block is dropped here instead of following a default route away; and every 10 s, the host
+//!   route of each routed pod put back if someone deleted it (a pod is a permanent neighbour on
+//!   a veth with the routed plugin's MAC);
 //! - the block keeper, a thread with its own store handle: it counts the reservations in the
 //!   pods' IPAM directory, claims a block while fewer than half a block of addresses are free
 //!   (so a pod's ADD finds an address without waiting for the store), and gives back a block
@@ -12,7 +14,8 @@
 //!   the subnet file (no new pod is put there), and a few seconds later, still empty, it goes.
 //!
 //! The agent killed, the routes stay in the kernel; its peers keep this node's routes for the
-//! graceful-restart time while the speaker comes back. SIGTERM stops it cleanly instead: Ceases
+//! graceful-restart time while the speaker comes back, which advertises again within seconds (it
+//! waits for no restarting peer's End-of-RIB, and for the others at most 5 s). SIGTERM stops it cleanly instead: Ceases
 //! go out and every peer withdraws this node's blocks at once (a node leaving).
 
 use std::collections::{BTreeSet, HashMap};
@@ -24,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime};
 use ipnet::{IpNet, Ipv4Net};
 use weft_bgp::daemon::{DaemonConfig, Handle, NeighborSpec};
 use weft_bgp::rib::Policy;
-use weft_dataplane::route::RTPROT_WEFT_BLACKHOLE;
+use weft_dataplane::route::{RTPROT_WEFT_BLACKHOLE, RTPROT_WEFT_POD};
 use weft_dataplane::{Netlink, RouteSpec};
 use weft_lease::{Lease, LeaseAttrs, LeaseStore};
 use weft_netconf::NetworkConfig;
@@ -43,6 +46,9 @@ const CHECK_EVERY: Duration = Duration::from_secs(10);
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// The graceful-restart time offered to peers.
 const RESTART_TIME: u16 = 120;
+/// After a restart, how long the speaker waits at most for its neighbours' End-of-RIB before it
+/// advertises.
+const SELECTION_DEFERRAL: Duration = Duration::from_secs(5);
 
 /// The speaker's control socket, beside the subnet file (`/run/weft/bgp.sock` by default, where
 /// `weft bgp status` asks).
@@ -54,6 +60,8 @@ pub fn socket_path(run_dir: &Path) -> PathBuf {
 pub struct Routing {
     speaker: Handle,
     options: BgpOptions,
+    /// This node's address.
+    ip: Ipv4Addr,
     configured: Option<(Vec<NeighborSpec>, Vec<IpNet>)>,
     nl: Netlink,
     blackholes: Option<BTreeSet<Ipv4Net>>,
@@ -79,6 +87,7 @@ pub struct Start<'a> {
 
 impl Routing {
     pub fn start(start: Start<'_>) -> Result<Routing> {
+        bgp::check_peers(start.options, start.network.network)?;
         let sink = KernelSink::new().map_err(kernel("opening netlink for BGP routes"))?;
         let net = IpNet::V4(start.network.network);
         let config = DaemonConfig {
@@ -95,15 +104,24 @@ impl Routing {
             hold_time: 90,
             connect_retry: Duration::from_secs(2),
             restart_time: RESTART_TIME,
+            // A node restarted advertises its blocks (a new one among them) within seconds,
+            // even while a neighbour that is down keeps it from hearing every End-of-RIB.
+            selection_deferral: Some(SELECTION_DEFERRAL),
             socket: socket_path(start.run_dir),
         };
         let speaker = weft_bgp::daemon::spawn(config, Box::new(sink))
             .map_err(|e| AgentError::Config(format!("starting the BGP speaker: {e}")))?;
         let keeper = Arc::new(Mutex::new(BlockState::default()));
+        // Blocks claimed beyond the node's lease say so (a block outlives its node; it is never
+        // taken for the node itself).
+        let mut attrs = start.attrs.clone();
+        if let Some(data) = attrs.backend_data.as_object_mut() {
+            data.insert(bgp::BLOCK_KEY.into(), serde_json::Value::Bool(true));
+        }
         let k = Keeper {
             store: start.store,
             network: start.network.clone(),
-            attrs: start.attrs.clone(),
+            attrs,
             ipam_dir: start.ipam_dir.to_path_buf(),
             release_after: start.options.release_after,
             state: keeper.clone(),
@@ -117,6 +135,7 @@ impl Routing {
             .map_err(|e| AgentError::Config(format!("starting the block keeper: {e}")))?;
         let now = Instant::now();
         Ok(Routing {
+            ip: start.ip,
             speaker,
             options: start.options.clone(),
             configured: None,
@@ -137,10 +156,13 @@ impl Routing {
         if !core.status().started {
             return;
         }
-        let mut nodes: Vec<bgp::PeerNode> = core.programmed_leases().filter_map(|l| bgp::peer_of(l)).collect();
+        // Nodes from their leases (with a TTL); blocks outlive a node that is gone for good, and
+        // must not keep it a neighbour.
+        let mut nodes: Vec<bgp::PeerNode> =
+            core.programmed_leases().filter(|l| !bgp::is_block(l)).filter_map(|l| bgp::peer_of(l)).collect();
         nodes.sort();
         nodes.dedup_by(|a, b| a.address == b.address);
-        let neighbors: Vec<NeighborSpec> = bgp::neighbours(&self.options, &nodes)
+        let neighbors: Vec<NeighborSpec> = bgp::neighbours(&self.options, IpAddr::V4(self.ip), &nodes)
             .into_iter()
             .map(|n| NeighborSpec {
                 address: n.address,
@@ -158,6 +180,13 @@ impl Routing {
             self.configured = Some(wanted);
         }
         let blocks: BTreeSet<Ipv4Net> = blocks.into_iter().collect();
+        if now >= self.next_check {
+            match restore_pod_routes(&mut self.nl) {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!("pod routes: {n} missing (deleted by hand?) put back"),
+                Err(e) => tracing::warn!("checking pod routes: {e}"),
+            }
+        }
         if self.blackholes.as_ref() != Some(&blocks) || now >= self.next_check {
             match reconcile_blackholes(&mut self.nl, &blocks) {
                 Ok(changed) => {
@@ -199,6 +228,32 @@ fn reconcile_blackholes(nl: &mut Netlink, blocks: &BTreeSet<Ipv4Net>) -> weft_da
         changed += 1;
     }
     Ok(changed)
+}
+
+/// The host end of every routed pod's veth has this MAC (the `routed` plugin's).
+const POD_VETH_MAC: [u8; 6] = [0xee; 6];
+
+/// Puts back the host route of every routed pod that lost it (the plugin made it; someone
+/// deleted it): a pod is a permanent neighbour on a veth with [`POD_VETH_MAC`], and its route is
+/// a host prefix through that veth (protocol 201). Nothing is removed. How many were put back.
+fn restore_pod_routes(nl: &mut Netlink) -> weft_dataplane::Result<usize> {
+    let routes = nl.routes()?;
+    let mut restored = 0;
+    for link in nl.links()?.into_iter().filter(|l| l.mac.as_slice() == POD_VETH_MAC) {
+        for n in nl.neighbours(Some(link.index))?.into_iter().filter(|n| n.permanent) {
+            let dst = IpNet::from(n.ip);
+            if routes.iter().any(|r| r.dst == dst) {
+                continue;
+            }
+            let route = RouteSpec::new(dst).dev(link.index).link_scope().protocol(RTPROT_WEFT_POD);
+            match nl.add_route(&route) {
+                Ok(()) => restored += 1,
+                Err(e) if e.is_exists() => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(restored)
 }
 
 /// The pods' reservations per address: every file named by an IPv4 address in the IPAM
@@ -299,6 +354,7 @@ impl Keeper {
         lease.attrs.public_ip == self.attrs.public_ip
             && lease.attrs.backend_type == self.attrs.backend_type
             && self.network.is_leasable(&lease.subnet)
+            && bgp::peer_of(lease).is_some()
     }
 
     fn look(&mut self) -> Result<()> {
@@ -306,8 +362,8 @@ impl Keeper {
         let leases: Vec<Lease> = self.store.list(SystemTime::now())?.into_iter().filter(|l| self.own(l)).collect();
         let mut blocks: Vec<Ipv4Net> = leases.iter().map(|l| l.subnet).collect();
         blocks.sort();
-        // The lease (with a TTL) is never given back; the others are blocks claimed for more pods.
-        let fixed: BTreeSet<Ipv4Net> = leases.iter().filter(|l| l.expires.is_some()).map(|l| l.subnet).collect();
+        // The node's lease is never given back; the others are blocks claimed for more pods.
+        let fixed: BTreeSet<Ipv4Net> = leases.iter().filter(|l| !bgp::is_block(l)).map(|l| l.subnet).collect();
         let mut used: HashMap<Ipv4Net, usize> = HashMap::new();
         for ip in reservations(&self.ipam_dir) {
             if let Some(b) = blocks.iter().find(|b| b.contains(&ip)) {

@@ -79,6 +79,10 @@ pub struct DaemonConfig {
     /// it goes away without a word, and how long, after a restart, the routes it had installed
     /// are kept for its neighbours to send again.
     pub restart_time: u16,
+    /// After a restart, how long at most this speaker defers advertising while neighbours send
+    /// their End-of-RIB (RFC 4724's selection deferral; `None`: the restart time). The routes it
+    /// had installed are kept for the whole restart time all the same.
+    pub selection_deferral: Option<Duration>,
     pub socket: PathBuf,
 }
 
@@ -122,6 +126,8 @@ enum Event {
     Status(oneshot::Sender<String>),
     /// The restart time after a restart is over: what no neighbour sent again goes.
     RestartOver,
+    /// The selection deferral of a restart is over: advertise whatever is known.
+    DeferralOver,
     /// Time to tell the sink which next hops are in use.
     Sweep,
     /// An embedding program's new neighbours and prefixes (see [`Handle::configure`]).
@@ -434,8 +440,11 @@ async fn serve_with(
     }
     let restart_tx = tx.clone();
     let restart_time = Duration::from_secs(u64::from(daemon.config.restart_time));
+    let deferral = daemon.config.selection_deferral.unwrap_or(restart_time).min(restart_time);
     tokio::spawn(async move {
-        tokio::time::sleep(restart_time).await;
+        tokio::time::sleep(deferral).await;
+        let _ = restart_tx.send(Event::DeferralOver);
+        tokio::time::sleep(restart_time - deferral).await;
         let _ = restart_tx.send(Event::RestartOver);
     });
     let sweep_tx = tx.clone();
@@ -589,6 +598,10 @@ impl Daemon {
             }
             Event::Status(reply) => {
                 let _ = reply.send(self.status());
+            }
+            Event::DeferralOver => {
+                let out = self.speaker.end_deferral();
+                self.carry_out(out);
             }
             Event::RestartOver => {
                 let out = self.speaker.end_deferral();

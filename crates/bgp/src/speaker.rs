@@ -127,12 +127,15 @@ impl Speaker {
     }
 
     /// Whether every neighbour has sent its End-of-RIB, or is up without graceful restart (it
-    /// sends none to wait for).
+    /// sends none to wait for), or is restarting itself (RFC 4724 §4.1: its Restart State bit
+    /// set; it waits for this speaker's End-of-RIB in turn — two restarting together would
+    /// wait on each other until the deferral timer ran out, advertising nothing meanwhile).
     fn all_ended_their_rib(&self) -> bool {
         self.members.iter().all(|(id, m)| {
+            // (A neighbour not up yet is waited for until the selection deferral ends.)
             self.end_of_rib.contains(id)
                 || m.session.state() == State::Established
-                    && m.session.negotiated().is_some_and(|n| n.peer_restart.is_none())
+                    && m.session.negotiated().is_some_and(|n| n.peer_restart.as_ref().is_none_or(|(_, r, _)| *r))
         })
     }
 

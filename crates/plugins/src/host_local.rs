@@ -144,6 +144,13 @@ fn read_resolv_conf(path: &std::path::Path) -> Result<Dns, CniError> {
 
 /// ADD: reserve one address per range set.
 pub fn add(args: &CmdArgs) -> Result<CniResult, CniError> {
+    // The attachment's index entry is named `<containerID>@<ifname>`: a file name, 255 bytes.
+    if args.container_id.len() + 1 + args.ifname.len() > 255 {
+        return Err(CniError::new(
+            weft_cni::ErrorCode::InvalidEnvironment,
+            format!("containerID too long for host-local: at most {} characters", 254 - args.ifname.len()),
+        ));
+    }
     let loaded = load(&args.stdin)?;
     let stdin: Value = serde_json::from_slice(&args.stdin).unwrap_or_default();
     let requested = requested_ips(args, &stdin)?;

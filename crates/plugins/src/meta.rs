@@ -117,6 +117,8 @@ impl MetaConf {
     /// have host prefixes).
     fn render_routed(&self, env: &SubnetEnv, routed: &weft_netconf::Routed) -> Map<String, Value> {
         let mut d = self.delegate.clone().unwrap_or_default();
+        // A delegate written for the bridge (flannel's defaults) keeps only what routed reads.
+        d.retain(|k, _| !BRIDGE_ONLY.contains(&k.as_str()));
         d.insert("type".into(), json!("routed"));
         d.insert("name".into(), json!(self.name));
         d.insert("cniVersion".into(), json!(self.cni_version));
@@ -183,6 +185,23 @@ impl MetaConf {
         Value::Object(delegate)
     }
 }
+
+/// Delegate keys of the bridge plugin that mean nothing to `routed`.
+const BRIDGE_ONLY: &[&str] = &[
+    "bridge",
+    "isGateway",
+    "isDefaultGateway",
+    "forceAddress",
+    "ipMasq",
+    "hairpinMode",
+    "promiscMode",
+    "vlan",
+    "vlanTrunk",
+    "preserveDefaultVlan",
+    "macspoofchk",
+    "enabledad",
+    "disableContainerInterface",
+];
 
 /// Routed mode with no free address in this node's blocks: the network is used up (the agent
 /// found no block to claim), or the agent has not claimed the next block yet.
@@ -344,5 +363,40 @@ impl Plugin for Meta {
         delegate.insert("cni.dev/valid-attachments".into(), serde_json::to_value(valid).unwrap_or_default());
         let delegate = Value::Object(delegate);
         delegate::run(&delegate_type(&delegate)?, Command::Gc, args, &to_bytes(&delegate)).map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Routed mode: `routed` over host-local on every block the node holds (a block's first
+    /// address kept as host-local's gateway, its last given out), reservations where the agent
+    /// counts them, the bridge's keys dropped.
+    #[test]
+    fn routed_mode_renders_routed_over_every_block() {
+        let conf = MetaConf::load(
+            br#"{"cniVersion": "1.0.0", "name": "lab", "type": "weft",
+                 "delegate": {"bridge": "cni0", "hairpinMode": true, "isDefaultGateway": true}}"#,
+        )
+        .unwrap();
+        let env = SubnetEnv::parse(
+            "FLANNEL_NETWORK=198.19.0.0/16\nFLANNEL_SUBNET=198.19.0.1/26\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n\
+             WEFT_ROUTED=true\nWEFT_BLOCKS=198.19.0.0/26,198.19.7.64/26\nWEFT_IPAM_DIR=/run/weft/ipam\n",
+        )
+        .unwrap();
+        let d = Value::Object(conf.render(&env));
+        assert_eq!(d["type"], "routed");
+        assert_eq!(d["mtu"], 1450);
+        assert!(d.get("bridge").is_none() && d.get("hairpinMode").is_none() && d.get("isDefaultGateway").is_none());
+        assert_eq!(d["ipam"]["type"], "host-local");
+        assert_eq!(d["ipam"]["dataDir"], "/run/weft/ipam");
+        assert_eq!(
+            d["ipam"]["ranges"],
+            json!([[
+                {"subnet": "198.19.0.0/26", "gateway": "198.19.0.0", "rangeStart": "198.19.0.1", "rangeEnd": "198.19.0.63"},
+                {"subnet": "198.19.7.64/26", "gateway": "198.19.7.64", "rangeStart": "198.19.7.65", "rangeEnd": "198.19.7.127"}
+            ]])
+        );
     }
 }

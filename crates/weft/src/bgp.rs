@@ -205,6 +205,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         hold_time: args.hold_time,
         connect_retry: Duration::from_secs(5),
         restart_time: args.restart_time,
+        selection_deferral: None,
         socket: args.socket,
     };
     if let Some(addr) = args.health {

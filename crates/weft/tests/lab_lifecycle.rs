@@ -139,6 +139,14 @@ fn refused_and_failed_ups_leave_nothing() {
         (vec!["--nodes", "0"], "between 1 and 200"),
         (vec!["--nodes", "201"], "between 1 and 200"),
         (vec!["--nodes", "40", "--pods", "30"], "at most 1000"),
+        (vec!["--backend", "bgp", "--block-size", "31"], "BlockSize 31"),
+        (vec!["--backend", "bgp", "--route-reflectors", "4"], "the lab has 3 nodes"),
+        (vec!["--backend", "vxlan", "--block-size", "26"], "options of --backend bgp"),
+        (vec!["--backend", "bgp", "--subnet-len", "24"], "not for --backend bgp"),
+        // A peer must be a router on the underlay, not a node, loopback or a pod address.
+        (vec!["--backend", "bgp", "--peer", "198.18.0.2,64512"], "at an address no node has"),
+        (vec!["--backend", "bgp", "--peer", "127.0.0.1,65000"], "at an address no node has"),
+        (vec!["--backend", "bgp", "--peer", "198.19.0.5,65000"], "at an address no node has"),
     ] {
         let started = Instant::now();
         let mut argv = vec!["up"];

@@ -115,6 +115,15 @@ fn build(options: Options<'_>, setup: &Setup<'_>, warnings: &mut Vec<String>) ->
                 .and_then(Value::as_str)
                 .and_then(|a| a.parse::<IpAddr>().ok())
                 .ok_or_else(|| invalid_option(format!("Peers: {p} has no Address (an IP address)")))?;
+            let unusable = match address {
+                IpAddr::V4(a) => {
+                    a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast() || a.is_link_local()
+                }
+                IpAddr::V6(a) => a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_unicast_link_local(),
+            };
+            if unusable {
+                return Err(invalid_option(format!("Peers: {address} cannot be a BGP neighbour")).into());
+            }
             let asn = asn(p.get("AS").unwrap_or(&Value::Null), "Peers: AS")?;
             peers.push(ExternalPeer { address, asn, nodes: names(p.get("Nodes"), "Peers: Nodes")? });
         }
@@ -174,8 +183,8 @@ impl Backend for Bgp {
         for peer in peers.iter().copied() {
             if peer_of(peer).is_none() {
                 out.ignore(format!(
-                    "ignoring peer {}: its lease {} carries no AS in its BackendData",
-                    peer.attrs.public_ip, peer.subnet
+                    "ignoring lease {} of {}: no AS in its BackendData",
+                    peer.subnet, peer.attrs.public_ip
                 ));
             } else if node.on_link(peer.attrs.public_ip) {
                 out.programmed.push(peer.subnet);
@@ -215,9 +224,32 @@ impl Backend for Bgp {
         true
     }
 
+    fn valid_lease(&self, lease: &Lease) -> bool {
+        peer_of(lease).is_some()
+    }
+
     fn routed(&self) -> Option<&BgpOptions> {
         Some(&self.options)
     }
+}
+
+/// External peers must be routers, not pods: one inside the pod network is refused.
+pub fn check_peers(options: &BgpOptions, network: ipnet::Ipv4Net) -> Result<()> {
+    match options.peers.iter().find(|p| matches!(p.address, IpAddr::V4(a) if network.contains(&a))) {
+        Some(p) => Err(crate::AgentError::Config(format!(
+            "Peers: {} is inside the pod network {network}, not a router's address",
+            p.address
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The BackendData key that marks a block claimed beyond the node's lease.
+pub const BLOCK_KEY: &str = "Block";
+
+/// Whether `lease` is a block claimed beyond its node's lease (not the node's lease itself).
+pub fn is_block(lease: &Lease) -> bool {
+    lease.attrs.backend_data.get(BLOCK_KEY).and_then(Value::as_bool) == Some(true)
 }
 
 /// A node as its lease shows it: address, AS, name.
@@ -248,11 +280,11 @@ pub struct Neighbour {
     pub external: bool,
 }
 
-/// The neighbours of this node given the other nodes (one entry per node): with no route
-/// reflectors, every node when the mesh is on; with reflectors, a reflector peers with every
-/// node (the others as its clients) and a client only with the reflectors; and the external
-/// peers meant for this node.
-pub fn neighbours(options: &BgpOptions, nodes: &[PeerNode]) -> Vec<Neighbour> {
+/// The neighbours of this node (its address `me`) given the other nodes (one entry per node):
+/// with no route reflectors, every node when the mesh is on; with reflectors, a reflector peers
+/// with every node (the others as its clients) and a client only with the reflectors; and the
+/// external peers meant for this node (not itself; a node named as one is a node).
+pub fn neighbours(options: &BgpOptions, me: IpAddr, nodes: &[PeerNode]) -> Vec<Neighbour> {
     let reflector = |name: &str| options.route_reflectors.iter().any(|r| r == name);
     let mut out: Vec<Neighbour> = Vec::new();
     for node in nodes {
@@ -268,6 +300,7 @@ pub fn neighbours(options: &BgpOptions, nodes: &[PeerNode]) -> Vec<Neighbour> {
     }
     for peer in &options.peers {
         if (peer.nodes.is_empty() || peer.nodes.contains(&options.node))
+            && peer.address != me
             && !out.iter().any(|n| n.address == peer.address)
         {
             out.push(Neighbour { address: peer.address, asn: peer.asn, rr_client: false, external: true });
@@ -292,6 +325,9 @@ mod tests {
             node: node.into(),
         }
     }
+
+    /// This node's own address (what `neighbours` leaves out of the external peers).
+    const ME: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 200));
 
     fn nodes(n: u8) -> Vec<PeerNode> {
         (1..=n)
@@ -356,13 +392,36 @@ mod tests {
     }
 
     #[test]
+    fn peers_that_cannot_be_routers_are_refused() {
+        use weft_netconf::NetworkConfig;
+        let dir = tempfile::tempdir().unwrap();
+        let setup = Setup { state_dir: dir.path(), node_name: "n1" };
+        let build_with = |peers: &str| {
+            let conf = format!(r#"{{"Network": "198.19.0.0/16", "Backend": {{"Type": "bgp", "Peers": {peers}}}}}"#);
+            let network = NetworkConfig::parse(&conf).unwrap();
+            super::super::build(&network.backend, &setup).map(|(b, _)| b.routed().cloned())
+        };
+        for bad in ["127.0.0.1", "0.0.0.0", "224.0.0.5", "169.254.1.1", "::1", "fe80::1"] {
+            let err = build_with(&format!(r#"[{{"Address": "{bad}", "AS": 65000}}]"#)).unwrap_err().to_string();
+            assert!(err.contains("cannot be a BGP neighbour"), "{bad}: {err}");
+        }
+        assert!(build_with(r#"[{"Address": "198.18.0.9"}]"#).unwrap_err().to_string().contains("AS number"));
+        let inside = build_with(r#"[{"Address": "198.19.0.5", "AS": 65000}]"#).unwrap().unwrap();
+        let net = "198.19.0.0/16".parse().unwrap();
+        assert!(check_peers(&inside, net).unwrap_err().to_string().contains("inside the pod network"));
+        let router = build_with(r#"[{"Address": "198.18.255.254", "AS": 65000, "Nodes": ["n1"]}]"#).unwrap().unwrap();
+        assert!(check_peers(&router, net).is_ok());
+        assert_eq!(router.peers[0].nodes, ["n1"]);
+    }
+
+    #[test]
     fn a_mesh_peers_with_every_node_and_the_external_peers() {
         let others: Vec<PeerNode> = nodes(3).into_iter().filter(|n| n.name != "n1").collect();
-        let got = neighbours(&options("n1", &[]), &others);
+        let got = neighbours(&options("n1", &[]), ME, &others);
         assert_eq!(addresses(&got), ["198.18.0.2", "198.18.0.3", "198.18.0.254"]);
         let mut no_mesh = options("n1", &[]);
         no_mesh.mesh = false;
-        assert_eq!(addresses(&neighbours(&no_mesh, &others)), ["198.18.0.254"]);
+        assert_eq!(addresses(&neighbours(&no_mesh, ME, &others)), ["198.18.0.254"]);
     }
 
     #[test]
@@ -371,14 +430,18 @@ mod tests {
         let others = |me: &str| all.iter().filter(|n| n.name != me).cloned().collect::<Vec<_>>();
         let rr = options("n1", &["n1", "n2"]);
         assert_eq!(
-            addresses(&neighbours(&rr, &others("n1"))),
+            addresses(&neighbours(&rr, ME, &others("n1"))),
             ["198.18.0.2", "198.18.0.3 client", "198.18.0.4 client", "198.18.0.5 client", "198.18.0.254"]
         );
         let client = options("n4", &["n1", "n2"]);
-        assert_eq!(addresses(&neighbours(&client, &others("n4"))), ["198.18.0.1", "198.18.0.2", "198.18.0.254"]);
+        assert_eq!(addresses(&neighbours(&client, ME, &others("n4"))), ["198.18.0.1", "198.18.0.2", "198.18.0.254"]);
         // An external peer meant for other nodes only.
         let mut only = options("n4", &["n1", "n2"]);
         only.peers[0].nodes = vec!["n1".into()];
-        assert_eq!(addresses(&neighbours(&only, &others("n4"))), ["198.18.0.1", "198.18.0.2"]);
+        assert_eq!(addresses(&neighbours(&only, ME, &others("n4"))), ["198.18.0.1", "198.18.0.2"]);
+        // An external peer with this node's own address is left out.
+        let mut itself = options("n4", &[]);
+        itself.peers[0].address = ME;
+        assert!(!addresses(&neighbours(&itself, ME, &[])).contains(&ME.to_string()));
     }
 }

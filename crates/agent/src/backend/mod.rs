@@ -135,6 +135,11 @@ pub trait Backend: Send + std::fmt::Debug {
     fn holds_several_subnets(&self) -> bool {
         false
     }
+    /// Whether a lease of this backend is whole (routed mode: it names its node's AS); one that
+    /// is not is neither a peer nor, with this node's address, one of its own subnets.
+    fn valid_lease(&self, _lease: &Lease) -> bool {
+        true
+    }
     /// Routed mode's options, when this is the `bgp` backend.
     fn routed(&self) -> Option<&bgp::BgpOptions> {
         None

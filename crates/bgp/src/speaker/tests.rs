@@ -20,6 +20,8 @@ struct World {
     routes: Vec<Vec<(IpNet, Option<IpAddr>)>>,
     stale: Vec<(usize, PeerId, Duration)>,
     sent: Vec<(usize, PeerId, Message)>,
+    /// Sessions linked from now on say they restarted (the Restart State bit).
+    restarting: bool,
 }
 
 impl World {
@@ -34,7 +36,15 @@ impl World {
             })
             .collect();
         let n = speakers.len();
-        World { speakers, links: vec![], wire: VecDeque::new(), routes: vec![vec![]; n], stale: vec![], sent: vec![] }
+        World {
+            speakers,
+            links: vec![],
+            wire: VecDeque::new(),
+            routes: vec![vec![]; n],
+            stale: vec![],
+            sent: vec![],
+            restarting: false,
+        }
     }
 
     /// Neighbours `a` and `b` (`b_is_client`: `b` is `a`'s reflection client).
@@ -47,6 +57,8 @@ impl World {
         ca.families = vec![Family::IPV4_UNICAST, Family::IPV6_UNICAST];
         cb.families = vec![Family::IPV4_UNICAST, Family::IPV6_UNICAST];
         cb.passive = true;
+        ca.restarting = self.restarting;
+        cb.restarting = self.restarting;
         self.links.push(((a, pa), (b, pb)));
         let out_a = self.speakers[a].add_neighbor(pa, IpAddr::V4(id_b), ca, b_is_client);
         let out_b = self.speakers[b].add_neighbor(pb, IpAddr::V4(id_a), cb, false);
@@ -401,4 +413,27 @@ fn the_export_filter_limits_what_is_advertised() {
     assert!(w.route(1, "198.19.1.0/24").is_some());
     assert_eq!(w.route(1, "198.19.2.0/25"), None, "longer than the bound");
     assert_eq!(w.route(1, "10.1.0.0/16"), None, "outside the networks");
+}
+
+/// Two speakers restarting together (RFC 4724 §4.1): each one's Restart State bit excuses it
+/// from the other's wait, so both advertise at once instead of waiting on each other until the
+/// deferral ends (found in a lab whose agents were killed together: new blocks went nowhere
+/// for two minutes).
+#[test]
+fn restarting_speakers_do_not_wait_for_each_other() {
+    let mut w = World::new(&[(64512, "198.18.0.1"), (64513, "198.18.0.2")]);
+    for s in 0..2 {
+        w.speakers[s].defer_until_end_of_rib();
+    }
+    let out = w.speakers[1].originate(net("198.19.2.0/24"));
+    w.handle(1, out);
+    w.restarting = true;
+    w.link(0, 1, false);
+    w.settle();
+    assert_eq!(w.route(0, "198.19.2.0/24"), Some("198.18.0.2".parse().unwrap()));
+    // And what comes later flows too.
+    let out = w.speakers[0].originate(net("198.19.1.0/24"));
+    w.handle(0, out);
+    w.settle();
+    assert_eq!(w.route(1, "198.19.1.0/24"), Some("198.18.0.1".parse().unwrap()));
 }

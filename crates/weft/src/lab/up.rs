@@ -92,7 +92,7 @@ impl UpOptions {
 
 /// `--peer ADDRESS,AS`.
 fn parse_peer(text: &str) -> std::result::Result<String, String> {
-    let (address, asn) = text.split_once(',').ok_or("ADDRESS,AS, e.g. 198.18.0.250,65000")?;
+    let (address, asn) = text.split_once(',').ok_or("ADDRESS,AS, e.g. 198.18.255.254,65000")?;
     address.parse::<std::net::IpAddr>().map_err(|_| format!("{address:?} is not an IP address"))?;
     match asn.parse::<u32>() {
         Ok(n) if n > 0 => Ok(text.to_string()),
@@ -174,6 +174,18 @@ fn validate(opts: &UpOptions) -> Result<String> {
         if opts.route_reflectors > 0 {
             let names: Vec<String> = (1..=opts.route_reflectors).map(|i| format!("node{i}")).collect();
             conf["Backend"]["RouteReflectors"] = json!(names);
+        }
+        for peer in &opts.peers {
+            let address = peer.split_once(',').map_or("", |(a, _)| a);
+            let on_underlay = matches!(address.parse::<std::net::IpAddr>(), Ok(a) if UNDERLAY.parse::<IpNet>().is_ok_and(|u| u.contains(&a)));
+            let taken = (0..=opts.nodes).any(|i| address == build::node_address(i).to_string());
+            if !on_underlay || taken {
+                bail!(
+                    "--peer {peer}: a peer is a router on the lab's underlay {UNDERLAY} at an address no node has \
+                     (e.g. {}, `lab show --json`'s underlay free_address)",
+                    super::FREE_ADDRESS
+                );
+            }
         }
         let peers: Vec<serde_json::Value> = opts
             .peers
