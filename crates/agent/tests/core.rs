@@ -481,3 +481,42 @@ fn devices_other_backends_left_are_removed() {
     }
     assert!(h.reaches(2));
 }
+
+/// Routed mode's desired state on a node: its own blocks are its lease's and the other leases
+/// with its address and an AS (a lease without one is not adopted), written into the subnet
+/// file for the pods and followed as blocks come and go; peers are programmed with no route
+/// (BGP carries them), and nothing is asked of the kernel for them.
+#[test]
+fn routed_mode_own_blocks_follow_the_store_into_the_subnet_file() {
+    let conf = r#"{"Network": "198.19.0.0/16", "Backend": {"Type": "bgp", "BlockSize": 24}}"#;
+    let bgp = |subnet: &str, ip: &str, data: serde_json::Value| weft_lease::Lease {
+        subnet: subnet.parse().unwrap(),
+        attrs: weft_lease::LeaseAttrs {
+            public_ip: ip.parse().unwrap(),
+            public_ipv6: None,
+            backend_type: "bgp".into(),
+            backend_data: data,
+        },
+        expires: None,
+        created: Some(5),
+    };
+    let extra = bgp("198.19.9.0/24", OWN_IP, serde_json::json!({"AS": 64512, "Node": "n1", "Block": true}));
+    let no_as = bgp("198.19.10.0/24", OWN_IP, serde_json::json!({"Node": "n1"}));
+    let peer = bgp("198.19.2.0/24", "198.18.0.2", serde_json::json!({"AS": 64512, "Node": "n2"}));
+    let mut h = Harness::new(conf, &[extra.clone(), no_as, peer]);
+    h.run_for(Duration::from_millis(300));
+    assert!(h.ready());
+    let blocks = |h: &Harness| h.kernel.borrow().subnet_file.clone().unwrap().routed.unwrap().blocks;
+    let names = |b: Vec<ipnet::Ipv4Net>| b.iter().map(ToString::to_string).collect::<Vec<_>>();
+    assert_eq!(names(blocks(&h)), ["198.19.1.0/24", "198.19.9.0/24"]);
+    assert_eq!(names(h.agent.core.own_blocks()), ["198.19.1.0/24", "198.19.9.0/24"]);
+    assert_eq!(h.status().peers, 1, "the peer is programmed (BGP routes it)");
+    assert!(h.kernel.borrow().routes_of(200).is_empty(), "no route for a peer on the segment");
+    // A block claimed and one given back reach the subnet file.
+    h.put(bgp("198.19.11.0/24", OWN_IP, serde_json::json!({"AS": 64512, "Node": "n1", "Block": true})));
+    h.run_for(Duration::from_millis(200));
+    assert_eq!(names(blocks(&h)), ["198.19.1.0/24", "198.19.9.0/24", "198.19.11.0/24"]);
+    h.remove(extra.subnet);
+    h.run_for(Duration::from_millis(200));
+    assert_eq!(names(blocks(&h)), ["198.19.1.0/24", "198.19.11.0/24"]);
+}
