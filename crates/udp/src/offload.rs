@@ -52,16 +52,24 @@ impl VnetHdr {
     }
 }
 
-/// The one's-complement sum of `data` as 16-bit big-endian words, not yet folded.
-fn sum(data: &[u8], mut acc: u64) -> u64 {
-    let mut words = data.chunks_exact(4);
+/// The one's-complement sum of `data` as 16-bit big-endian words, added to `acc`, not yet
+/// folded. The words are summed in the machine's own byte order, eight bytes at a time, and the
+/// folded result swapped once (RFC 1071 §2(B): the sum does not depend on the byte order).
+fn sum(data: &[u8], acc: u64) -> u64 {
+    let mut native: u64 = 0;
+    let mut words = data.chunks_exact(8);
     for w in &mut words {
-        acc += u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
+        let v = u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+        // Two 32-bit halves: 64 KiB of them cannot overflow 64 bits.
+        native += (v & 0xffff_ffff) + (v >> 32);
     }
     let rest = words.remainder();
-    let mut tail = [0u8; 4];
+    let mut tail = [0u8; 8];
     tail[..rest.len()].copy_from_slice(rest);
-    acc + u64::from(u32::from_be_bytes(tail))
+    let v = u64::from_ne_bytes(tail);
+    native += (v & 0xffff_ffff) + (v >> 32);
+    let folded = fold(native);
+    acc + u64::from(if cfg!(target_endian = "little") { folded.swap_bytes() } else { folded })
 }
 
 fn fold(mut acc: u64) -> u16 {
@@ -325,7 +333,7 @@ mod tests {
 
     #[test]
     fn checksums_agree_with_the_simple_one() {
-        for len in [0usize, 1, 2, 3, 5, 20, 1471, 1472] {
+        for len in [0usize, 1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 20, 1471, 1472, 65535] {
             let data: Vec<u8> = (0..len).map(|i| (i * 31 + 7) as u8).collect();
             assert_eq!(!fold(sum(&data, 0)), checksum(&data), "{len}");
         }
