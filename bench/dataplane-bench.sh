@@ -64,14 +64,6 @@ hand_built() {
     for ns in "${p}p1" "${p}p2" "${p}n1" "${p}n2" "${p}sw"; do ip netns delete "$ns"; done
 }
 
-weft_lab() {
-    local backend="$1"
-    "$weft" lab up --name "$lab" --backend "$backend" --nodes 2 --pods 1 >/dev/null
-    local addr; addr=$("$weft" lab show --name "$lab" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["pods"][1]["address"])')
-    measure "$lab-node1-pod1" "$addr" "$lab-node2-pod1"
-    "$weft" lab down --name "$lab" >/dev/null
-}
-
 underlay() {
     "$weft" lab up --name "$lab" --nodes 2 --pods 0 >/dev/null
     measure "$lab-node1" "198.18.0.3" "$lab-node2"

@@ -1,4 +1,4 @@
-# Shared by the benchmark scripts (sourced): needs $runs and $secs.
+# Shared by the benchmark scripts (sourced): needs $runs and $secs ($weft and $lab for weft_lab).
 
 # iperf3 from namespace $1 to address $2 (server in namespace $3); prints Gbit/s (median of runs).
 measure() {
@@ -30,4 +30,13 @@ table ip hand {
     }
 }
 NFT
+}
+
+# A two-node `weft lab` on backend $1 with a pod each: pod-to-pod Gbit/s (median of runs).
+weft_lab() {
+    local backend="$1"
+    "$weft" lab up --name "$lab" --backend "$backend" --nodes 2 --pods 1 >/dev/null
+    local addr; addr=$("$weft" lab show --name "$lab" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["pods"][1]["address"])')
+    measure "$lab-node1-pod1" "$addr" "$lab-node2-pod1"
+    "$weft" lab down --name "$lab" >/dev/null
 }

@@ -63,14 +63,6 @@ hand_built_routed() {
     for ns in "${p}p1" "${p}p2" "${p}n1" "${p}n2" "${p}sw"; do ip netns delete "$ns"; done
 }
 
-weft_lab() {
-    local backend="$1"
-    "$weft" lab up --name "$lab" --backend "$backend" --nodes 2 --pods 1 >/dev/null
-    local addr; addr=$("$weft" lab show --name "$lab" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["pods"][1]["address"])')
-    measure "$lab-node1-pod1" "$addr" "$lab-node2-pod1"
-    "$weft" lab down --name "$lab" >/dev/null
-}
-
 # One pod's ADD (and its DEL, not timed), $runs x 30 pods, for three chains; prints the table.
 add_latency() {
     local bin="$tmp/bin" node="${tag}a"

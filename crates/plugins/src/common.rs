@@ -210,6 +210,29 @@ pub fn enable_forwarding(result: &weft_cni::CniResult) -> Result<(), CniError> {
     Ok(())
 }
 
+/// Undoes a failed ADD of a veth attachment: the host end (the container end goes with it)
+/// and the IPAM reservation.
+pub fn roll_back_veth(hnl: &mut Netlink, host_veth: Option<u32>, ipam_type: &str, args: &weft_cni::args::CmdArgs) {
+    if let Some(index) = host_veth {
+        let _ = hnl.delete_link(index);
+    }
+    let _ = crate::ipam::del(ipam_type, args);
+}
+
+/// DEL of a veth attachment: its IPAM reservation released and its link retired (when the
+/// namespace is still there; the routes and neighbours through it go with it). The errors,
+/// every step tried.
+pub fn del_veth_attachment(conf: &weft_cni::NetConf, args: &weft_cni::args::CmdArgs) -> Vec<CniError> {
+    let mut errors = Vec::new();
+    if let Some(ipam_type) = crate::ipam::ipam_type(conf) {
+        errors.extend(crate::ipam::del(&ipam_type, args).err());
+    }
+    if let Some(netns) = open_netns_for_teardown(&args.netns) {
+        errors.extend(crate::teardown::retire_container_link(&netns, &args.ifname).err());
+    }
+    errors
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,9 +12,9 @@ use weft_dataplane::{format_mac, Netlink, RouteSpec};
 
 use crate::attachment_lock::AttachmentLock;
 use crate::common::{
-    attachment_key, create_veth, enable_forwarding, kernel, open_netns_for_teardown, prev_result, Attach, HostEnd,
+    attachment_key, create_veth, del_veth_attachment, enable_forwarding, kernel, prev_result, roll_back_veth, Attach,
+    HostEnd,
 };
-use crate::teardown::retire_container_link;
 use crate::{container, ipam, masq, rules};
 
 pub struct Ptp;
@@ -80,13 +80,10 @@ impl Plugin for Ptp {
             Ok(())
         })();
         if let Err(e) = outcome {
-            if let Some(index) = host_veth {
-                let _ = hnl.delete_link(index);
-            }
             if pconf.ip_masq {
                 let _ = masq::teardown(&pconf.masq_key(args));
             }
-            let _ = ipam::del(&ipam_type, args);
+            roll_back_veth(&mut hnl, host_veth, &ipam_type, args);
             return Err(e);
         }
         Ok(result)
@@ -95,13 +92,7 @@ impl Plugin for Ptp {
     fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
         let pconf: PtpConf = parse_plugin_conf(&args.stdin)?;
         let lock = AttachmentLock::take(self.name(), &pconf.name, args)?;
-        let mut errors = Vec::new();
-        if let Some(ipam_type) = ipam::ipam_type(conf) {
-            errors.extend(ipam::del(&ipam_type, args).err());
-        }
-        if let Some(netns) = open_netns_for_teardown(&args.netns) {
-            errors.extend(retire_container_link(&netns, &args.ifname).err());
-        }
+        let mut errors = del_veth_attachment(conf, args);
         if pconf.ip_masq {
             errors.extend(masq::teardown(&pconf.masq_key(args)).err());
         }

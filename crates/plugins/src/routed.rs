@@ -22,8 +22,9 @@ use weft_dataplane::route::RTPROT_WEFT_POD;
 use weft_dataplane::{format_mac, Netlink, RouteSpec};
 
 use crate::attachment_lock::AttachmentLock;
-use crate::common::{create_veth, enable_forwarding, kernel, open_netns_for_teardown, prev_result, Attach, HostEnd};
-use crate::teardown::retire_container_link;
+use crate::common::{
+    create_veth, del_veth_attachment, enable_forwarding, kernel, prev_result, roll_back_veth, Attach, HostEnd,
+};
 use crate::{container, ipam};
 
 pub struct Routed;
@@ -130,10 +131,7 @@ impl Plugin for Routed {
             Ok(())
         })();
         if let Err(e) = outcome {
-            if let Some(index) = host_veth {
-                let _ = hnl.delete_link(index);
-            }
-            let _ = ipam::del(&ipam_type, args);
+            roll_back_veth(&mut hnl, host_veth, &ipam_type, args);
             return Err(e);
         }
         Ok(result)
@@ -142,15 +140,8 @@ impl Plugin for Routed {
     fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
         let rconf: RoutedConf = parse_plugin_conf(&args.stdin)?;
         let lock = AttachmentLock::take(self.name(), &rconf.name, args)?;
-        let mut errors = Vec::new();
-        if let Some(ipam_type) = ipam::ipam_type(conf) {
-            errors.extend(ipam::del(&ipam_type, args).err());
-        }
         // The host route and the neighbour entries go with the link.
-        if let Some(netns) = open_netns_for_teardown(&args.netns) {
-            errors.extend(retire_container_link(&netns, &args.ifname).err());
-        }
-        lock.finish_del(errors)
+        lock.finish_del(del_veth_attachment(conf, args))
     }
 
     fn check(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
