@@ -210,6 +210,29 @@ pub fn enable_forwarding(result: &weft_cni::CniResult) -> Result<(), CniError> {
     Ok(())
 }
 
+impl Veth {
+    /// The result's interfaces of a veth attachment: the host end, then the container end in
+    /// its sandbox; and the network's DNS settings, if it has any.
+    pub fn fill_result(
+        &self,
+        result: &mut weft_cni::CniResult,
+        args: &weft_cni::args::CmdArgs,
+        conf: &weft_cni::NetConf,
+    ) {
+        result.interfaces = vec![
+            weft_cni::Interface { name: self.host.name.clone(), mac: self.host.mac_string(), sandbox: String::new() },
+            weft_cni::Interface {
+                name: args.ifname.clone(),
+                mac: weft_dataplane::format_mac(&self.container_mac),
+                sandbox: args.netns.clone(),
+            },
+        ];
+        if let Some(dns) = conf.dns.as_ref().filter(|d| !d.is_empty()) {
+            result.dns = dns.clone();
+        }
+    }
+}
+
 /// Undoes a failed ADD of a veth attachment: the host end (the container end goes with it)
 /// and the IPAM reservation.
 pub fn roll_back_veth(hnl: &mut Netlink, host_veth: Option<u32>, ipam_type: &str, args: &weft_cni::args::CmdArgs) {

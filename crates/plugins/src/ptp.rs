@@ -7,8 +7,8 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use weft_cni::args::CmdArgs;
 use weft_cni::skel::{parse_plugin_conf, Attachment, Plugin};
-use weft_cni::{CniError, CniResult, Interface, NetConf};
-use weft_dataplane::{format_mac, Netlink, RouteSpec};
+use weft_cni::{CniError, CniResult, NetConf};
+use weft_dataplane::{Netlink, RouteSpec};
 
 use crate::attachment_lock::AttachmentLock;
 use crate::common::{
@@ -66,17 +66,7 @@ impl Plugin for Ptp {
                 let nets: Vec<IpNet> = result.ips.iter().map(|ip| ip.address).collect();
                 masq::setup(&pconf.masq_key(args), &nets)?;
             }
-            result.interfaces = vec![
-                Interface { name: veth.host.name.clone(), mac: veth.host.mac_string(), sandbox: String::new() },
-                Interface {
-                    name: args.ifname.clone(),
-                    mac: format_mac(&veth.container_mac),
-                    sandbox: args.netns.clone(),
-                },
-            ];
-            if let Some(dns) = conf.dns.as_ref().filter(|d| !d.is_empty()) {
-                result.dns = dns.clone();
-            }
+            veth.fill_result(&mut result, args, conf);
             Ok(())
         })();
         if let Err(e) = outcome {

@@ -17,9 +17,9 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use weft_cni::args::CmdArgs;
 use weft_cni::skel::{parse_plugin_conf, Attachment, Plugin};
-use weft_cni::{CniError, CniResult, Interface, NetConf};
+use weft_cni::{CniError, CniResult, NetConf};
 use weft_dataplane::route::RTPROT_WEFT_POD;
-use weft_dataplane::{format_mac, Netlink, RouteSpec};
+use weft_dataplane::{Netlink, RouteSpec};
 
 use crate::attachment_lock::AttachmentLock;
 use crate::common::{
@@ -117,17 +117,7 @@ impl Plugin for Routed {
             setup_host(&mut hnl, &veth.host.name, index, &veth.container_mac, &result)?;
             setup_pod(&mut cnl, veth.container_index, &result)?;
             enable_forwarding(&result)?;
-            result.interfaces = vec![
-                Interface { name: veth.host.name.clone(), mac: format_mac(&HOST_MAC), sandbox: String::new() },
-                Interface {
-                    name: args.ifname.clone(),
-                    mac: format_mac(&veth.container_mac),
-                    sandbox: args.netns.clone(),
-                },
-            ];
-            if let Some(dns) = conf.dns.as_ref().filter(|d| !d.is_empty()) {
-                result.dns = dns.clone();
-            }
+            veth.fill_result(&mut result, args, conf);
             Ok(())
         })();
         if let Err(e) = outcome {
