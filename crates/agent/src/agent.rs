@@ -461,25 +461,9 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         node_name,
         routing,
     };
-    // Routed mode: SIGTERM and SIGINT stop the speaker cleanly (peers withdraw this node's
-    // blocks at once) before the agent ends; a kill leaves everything for a restart.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    if agent.routing.is_some() {
-        for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-            signal_hook::flag::register(signal, stop.clone())
-                .map_err(|e| AgentError::Config(format!("catching signals: {e}")))?;
-        }
-    }
     // The first turn at once (a store that lists synchronously is synced already); then on
     // every change, or every 50 ms for the timers (10 ms until ready).
     loop {
-        if stop.load(std::sync::atomic::Ordering::SeqCst) {
-            if let Some(routing) = agent.routing.take() {
-                tracing::info!("stopping: the BGP sessions end, peers withdraw this node's blocks");
-                routing.stop();
-            }
-            return Ok(());
-        }
         agent.turn(Instant::now(), SystemTime::now());
         agent.wait(Duration::from_millis(if agent.core.status().started { 50 } else { 10 }));
     }

@@ -13,10 +13,12 @@
 //!   (never the lease's own) once it has been empty for `BlockReleaseSeconds`: first it leaves
 //!   the subnet file (no new pod is put there), and a few seconds later, still empty, it goes.
 //!
-//! The agent killed, the routes stay in the kernel; its peers keep this node's routes for the
-//! graceful-restart time while the speaker comes back, which advertises again within seconds (it
-//! waits for no restarting peer's End-of-RIB, and for the others at most 5 s). SIGTERM stops it cleanly instead: Ceases
-//! go out and every peer withdraws this node's blocks at once (a node leaving).
+//! The agent stopped (SIGTERM, a kill, a crash) leaves the kernel as it is: its sessions close
+//! without a NOTIFICATION, so its peers keep this node's routes for the graceful-restart time
+//! (RFC 4724) while it comes back; restarted, the speaker takes its routes in the kernel as its
+//! own and advertises again within seconds (it waits for no restarting peer's End-of-RIB, and
+//! for the others at most 5 s). A node leaves the cluster when its leases go: its peers then
+//! drop it as a neighbour and its blocks at once.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -99,8 +101,14 @@ impl Routing {
             neighbors: Vec::new(),
             ranges: Vec::new(),
             announce: Vec::new(),
-            // Only pod blocks are taken and passed on.
-            policy: Policy { accept: vec![(net, 32)], max_prefix: None, export: vec![(net, 32)] },
+            // Only pod blocks are taken and passed on: nothing outside the pod network, nothing
+            // longer than a block (an external router's /32 inside another node's block would
+            // take that pod's traffic away).
+            policy: Policy {
+                accept: vec![(net, start.network.subnet_len)],
+                max_prefix: None,
+                export: vec![(net, start.network.subnet_len)],
+            },
             hold_time: 90,
             connect_retry: Duration::from_secs(2),
             restart_time: RESTART_TIME,
@@ -128,6 +136,7 @@ impl Routing {
             empty_since: HashMap::new(),
             retiring_since: HashMap::new(),
             said: None,
+            said_lost: BTreeSet::new(),
         };
         std::thread::Builder::new()
             .name("blocks".into())
@@ -203,11 +212,6 @@ impl Routing {
             self.last_status = self.speaker.status().and_then(|s| serde_json::from_str(&s).ok());
             self.next_status = now + STATUS_EVERY;
         }
-    }
-
-    /// Stops the speaker cleanly (Ceases sent: peers withdraw this node's blocks).
-    pub fn stop(self) {
-        self.speaker.stop();
     }
 }
 
@@ -332,6 +336,8 @@ struct Keeper {
     empty_since: HashMap<Ipv4Net, Instant>,
     retiring_since: HashMap<Ipv4Net, Instant>,
     said: Option<String>,
+    /// Lost blocks another node holds (said once each).
+    said_lost: BTreeSet<Ipv4Net>,
 }
 
 impl Keeper {
@@ -365,9 +371,22 @@ impl Keeper {
         // The node's lease is never given back; the others are blocks claimed for more pods.
         let fixed: BTreeSet<Ipv4Net> = leases.iter().filter(|l| !bgp::is_block(l)).map(|l| l.subnet).collect();
         let mut used: HashMap<Ipv4Net, usize> = HashMap::new();
+        let mut lost = BTreeSet::new();
         for ip in reservations(&self.ipam_dir) {
-            if let Some(b) = blocks.iter().find(|b| b.contains(&ip)) {
-                *used.entry(*b).or_default() += 1;
+            match blocks.iter().find(|b| b.contains(&ip)) {
+                Some(b) => *used.entry(*b).or_default() += 1,
+                // A pod in no block of this node's: the store lost the block (restored from an
+                // old backup, wiped, an entry deleted by hand).
+                None => lost.extend(Ipv4Net::new(ip, self.network.subnet_len).ok().map(|n| n.trunc())),
+            }
+        }
+        for block in lost.into_iter().filter(|b| self.network.is_leasable(b)) {
+            if self.store.take_back_block(&self.attrs, block, SystemTime::now())? {
+                tracing::warn!("took block {block} back: its pods have addresses there, and the store had lost it");
+            } else if self.said_lost.insert(block) {
+                tracing::error!(
+                    "block {block} holds pods of this node but another node holds it now: their addresses may be taken twice"
+                );
             }
         }
         self.empty_since.retain(|b, _| blocks.contains(b) && !used.contains_key(b));

@@ -262,6 +262,8 @@ struct Link {
     outgoing: bool,
     /// A second connection held while a collision is resolved (RFC 4271 §6.8).
     pending: Option<Pending>,
+    /// The connection being dropped because the neighbour reads nothing.
+    dropping: Option<u64>,
     up_since: Option<Instant>,
     generations: HashMap<Timer, u64>,
     stale_generation: u64,
@@ -493,6 +495,7 @@ impl Daemon {
                 conn: None,
                 outgoing: false,
                 pending: None,
+                dropping: None,
                 up_since: None,
                 generations: HashMap::new(),
                 stale_generation: 0,
@@ -666,7 +669,8 @@ impl Daemon {
                     drop(writer); // what was queued (the Cease) is written, then the socket shut
                 }
             }
-            self.speaker.remove_neighbor(id);
+            let out = self.speaker.remove_neighbor(id);
+            self.carry_out(out);
             self.removed = true;
         }
         for spec in neighbors {
@@ -676,7 +680,8 @@ impl Daemon {
                 if let Some(id) = self.speaker.neighbor_at(spec.address) {
                     self.dynamic.remove(&id);
                     self.links.remove(&id);
-                    self.speaker.remove_neighbor(id);
+                    let out = self.speaker.remove_neighbor(id);
+                    self.carry_out(out);
                 }
                 tracing::info!("neighbour {} (AS {}) added", spec.address, spec.asn);
                 self.add(spec);
@@ -703,7 +708,8 @@ impl Daemon {
         for id in idle {
             self.dynamic.remove(&id);
             self.links.remove(&id);
-            self.speaker.remove_neighbor(id);
+            let out = self.speaker.remove_neighbor(id);
+            self.carry_out(out);
         }
     }
 
@@ -934,15 +940,20 @@ impl Daemon {
                     tracing::info!("NOTIFICATION {}/{} sent to {}", bytes[19], bytes[20], link.address);
                 }
                 if let Some((conn, writer)) = &link.conn {
+                    if link.dropping == Some(*conn) {
+                        return;
+                    }
                     if !writer.send(bytes) {
-                        // It stopped reading: the connection is dropped as if it had closed.
+                        // It stopped reading: the connection is dropped as if it had closed (the
+                        // session hears of it when the event comes round: the connection stays
+                        // the current one until then, so that it counts; nothing more is queued).
                         tracing::warn!(
                             "neighbour {} reads nothing ({} MiB waiting); dropping its connection",
                             link.address,
                             MAX_QUEUED >> 20
                         );
                         let _ = self.tx.send(Event::Closed(id, *conn));
-                        link.conn = None;
+                        link.dropping = Some(*conn);
                     }
                 }
             }

@@ -139,11 +139,15 @@ impl Speaker {
         })
     }
 
-    /// Forgets neighbour `id` (a dynamic one whose session is over, its paths gone).
-    pub fn remove_neighbor(&mut self, id: PeerId) {
+    /// Forgets neighbour `id`: the paths it left (kept stale for a restart it will not finish)
+    /// go too, and where they were best the change goes out.
+    pub fn remove_neighbor(&mut self, id: PeerId) -> Vec<Output> {
+        let changes = self.rib.peer_down(id, false);
+        let out = self.propagate(changes);
         self.members.remove(&id);
         self.sent.remove(&id);
         self.rib.remove_peer(id);
+        out
     }
 
     /// The OPEN neighbour `id`'s session sends (for a second connection during a collision).

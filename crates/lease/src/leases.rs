@@ -299,6 +299,24 @@ impl<K: Kv + 'static> Leases<K> {
         Err(LeaseError::Store("no block could be claimed after 10 tries (too much contention)".into()))
     }
 
+    /// Routed mode: claims `block` again for the node of `attrs` (its pods still have addresses
+    /// there, and the store lost it): only when no other claim holds it. Whether it did.
+    pub fn take_back_block(&self, attrs: &LeaseAttrs, block: Ipv4Net, now: SystemTime) -> Result<bool> {
+        let value = Self::value(attrs)?;
+        let claims = self.claims()?;
+        if Self::taken(&claims, now).contains(&block) {
+            return Ok(false);
+        }
+        let key = lease_key(&block);
+        // An expired lease there is removed first.
+        if let Some((_, modified)) = claims.valid.get(&block).and_then(|keys| keys.get(&key)) {
+            if !self.kv.delete(&key, Some(*modified))? {
+                return Ok(false);
+            }
+        }
+        Ok(self.kv.create(&key, &value, None)?.is_some())
+    }
+
     /// Gives a block back: removed only while the store still holds it for `lease`'s node,
     /// unchanged since it was read. Whether it was removed.
     pub fn release_block(&self, lease: &Lease) -> Result<bool> {
@@ -404,6 +422,10 @@ impl<K: Kv + 'static> LeaseStore for Leases<K> {
 
     fn release_block(&self, lease: &Lease) -> Result<bool> {
         Leases::release_block(self, lease)
+    }
+
+    fn take_back_block(&self, attrs: &LeaseAttrs, block: Ipv4Net, now: SystemTime) -> Result<bool> {
+        Leases::take_back_block(self, attrs, block, now)
     }
 
     fn watch(&self) -> Result<Box<dyn LeaseWatcher>> {

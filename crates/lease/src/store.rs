@@ -39,6 +39,9 @@ pub trait LeaseStore: Send {
     ) -> Result<Option<Lease>>;
     /// Gives a block back, if the store still holds it for this node unchanged.
     fn release_block(&self, lease: &Lease) -> Result<bool>;
+    /// Claims `block` again for this node (the store lost it while pods still use it), unless
+    /// another claim holds it. Whether it did.
+    fn take_back_block(&self, attrs: &LeaseAttrs, block: Ipv4Net, now: SystemTime) -> Result<bool>;
     /// A watch over every lease, starting with the current ones (reported as added).
     fn watch(&self) -> Result<Box<dyn LeaseWatcher>>;
     /// Where the store is, for humans.

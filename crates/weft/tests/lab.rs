@@ -271,20 +271,20 @@ fn vxlan_lab_programs_every_peer_and_follows_the_store() {
 
 #[test]
 fn agent_restart_loses_no_packet() {
-    restart_loses_no_packet("vxlan");
+    restart_loses_no_packet("vxlan", nix::sys::signal::Signal::SIGKILL);
 }
 
 /// The same on `udp`, whose packets go through the forwarder: it is a process of its own that
 /// the agent's death does not stop.
 #[test]
 fn udp_agent_restart_loses_no_packet() {
-    restart_loses_no_packet("udp");
+    restart_loses_no_packet("udp", nix::sys::signal::Signal::SIGKILL);
 }
 
 /// Both nodes' agents SIGKILLed (and started again by the lab's supervisor) while a pod sends
 /// numbered datagrams to a pod on the other node: none lost, and the kernel (and forwarder)
 /// state is what it was.
-fn restart_loses_no_packet(backend: &str) {
+fn restart_loses_no_packet(backend: &str, signal: nix::sys::signal::Signal) {
     let lab = TestLab::up(backend, 2, 1);
     let show = lab.show();
     let pods = show["pods"].as_array().unwrap();
@@ -315,14 +315,14 @@ fn restart_loses_no_packet(backend: &str) {
     for i in 0..N {
         if i == 300 {
             for pid in &pids {
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), signal).unwrap();
             }
         }
         sender.send_to(&i.to_be_bytes(), &b_addr).unwrap();
         std::thread::sleep(Duration::from_micros(1000));
     }
     let lost = recv.join().unwrap();
-    eprintln!("{backend}: {lost} of {N} datagrams lost while both agents were killed and restarted");
+    eprintln!("{backend}: {lost} of {N} datagrams lost while both agents were stopped ({signal}) and restarted");
     assert_eq!(lost, 0, "{lost} of {N} datagrams lost while the agents restarted");
     // The agents came back (new pids), and the kernel holds exactly what it held before.
     within(Duration::from_secs(3), "agents restarted", || {
@@ -1114,23 +1114,30 @@ fn bgp_mesh_lab_routes_blocks_over_bgp() {
     assert!(metrics.contains("weft_blocks 1\n"), "{metrics}");
     assert_eq!(metrics.matches("weft_bgp_session_established{").count(), 2, "{metrics}");
 
-    // node3 leaves: its agent stops (the supervisor stopped first, so it stays stopped).
+    // node3's agent stops (SIGTERM; the supervisor stopped first, so it stays stopped): a
+    // restart as far as its peers know — they keep its block (graceful restart).
     let supervisor = show["supervisor_pid"].as_i64().unwrap() as i32;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(supervisor), nix::sys::signal::Signal::SIGKILL).unwrap();
     let node3_block = blocks_of(&show, "node3")[0].clone();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(lab.agent_pid("node3")), nix::sys::signal::Signal::SIGTERM)
         .unwrap();
-    let took = within(Duration::from_secs(5), "node3's block withdrawn everywhere", || {
-        ["node1", "node2"].iter().all(|n| !lab.learned(n).iter().any(|r| r.starts_with(&node3_block)))
+    within(Duration::from_secs(5), "node1's session with node3 down", || {
+        sessions(&lab.show(), "node1").iter().any(|(a, s)| *a == lab.address("node3") && s != "Established")
     });
-    eprintln!("node3's block withdrawn from both peers in {took:?}");
-    // Its lease removed: the others drop it as a neighbour.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(lab.learned("node1").iter().any(|r| r.starts_with(&node3_block)), "kept for node3's restart");
+    // node3 leaves the cluster (its leases removed): the others drop it as a neighbour, and its
+    // block everywhere, within seconds.
     let store = lab.store();
     for lease in store.list(SystemTime::now()).unwrap() {
         if lease.attrs.public_ip.to_string() == lab.address("node3") {
             store.delete(&lease.subnet).unwrap();
         }
     }
+    let took = within(Duration::from_secs(5), "node3's block withdrawn everywhere", || {
+        ["node1", "node2"].iter().all(|n| !lab.learned(n).iter().any(|r| r.starts_with(&node3_block)))
+    });
+    eprintln!("node3's block withdrawn from both peers in {took:?}");
     within(Duration::from_secs(5), "node3 no neighbour of node1", || sessions(&lab.show(), "node1").len() == 1);
 }
 
@@ -1195,7 +1202,13 @@ fn bgp_nodes_claim_and_announce_second_blocks_on_etcd() {
 
 #[test]
 fn bgp_agent_restart_loses_no_packet() {
-    restart_loses_no_packet("bgp");
+    restart_loses_no_packet("bgp", nix::sys::signal::Signal::SIGKILL);
+}
+
+/// SIGTERM (an upgrade, `systemctl restart`) is a restart too: its peers keep its routes.
+#[test]
+fn bgp_agent_sigterm_restart_loses_no_packet() {
+    restart_loses_no_packet("bgp", nix::sys::signal::Signal::SIGTERM);
 }
 
 /// A BIRD 2 router on the lab's underlay, given to every node as an external peer (`--peer`),
@@ -1211,10 +1224,16 @@ fn bird_on_the_underlay_learns_every_block() {
     let ok = Command::new("ip").args(["-n", &switch, "addr", "add", &format!("{router}/16"), "dev", "sw0"]).status();
     assert!(ok.unwrap().success());
     let dir = Dir::new("bird");
-    let mut conf = format!("router id {router};\nprotocol device {{}}\n");
+    // The router also offers what nodes must not take: a default route, and a /32 inside
+    // node2's block (it would take that pod's traffic from the other nodes).
+    let inside = blocks_of(&show, "node2")[0].parse::<ipnet::Ipv4Net>().unwrap().network();
+    let inside = std::net::Ipv4Addr::from(u32::from(inside) + 1);
+    let mut conf = format!(
+        "router id {router};\nprotocol device {{}}\nprotocol static {{ ipv4; route 0.0.0.0/0 blackhole; route {inside}/32 blackhole; }}\n"
+    );
     for node in lab.nodes() {
         conf.push_str(&format!(
-            "protocol bgp {node} {{ local {router} as 65000; neighbor {} as 64512; ipv4 {{ import all; export none; }}; }}\n",
+            "protocol bgp {node} {{ local {router} as 65000; neighbor {} as 64512; ipv4 {{ import all; export where source = RTS_STATIC; }}; }}\n",
             lab.address(&node)
         ));
     }
@@ -1279,6 +1298,16 @@ fn bird_on_the_underlay_learns_every_block() {
     for node in lab.nodes() {
         let s = sessions(&lab.show(), &node);
         assert!(s.contains(&(router.to_string(), "Established".to_string())), "{node}: {s:?}");
+        // The router's offers were received and refused: nodes route blocks only.
+        let received: u64 = bgp_of(&lab.show(), &node)["neighbors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["address"] == router)
+            .map(|n| n["prefixes_received"].as_u64().unwrap())
+            .sum();
+        assert_eq!(received, 2, "{node}");
+        assert_eq!(lab.learned(&node), lab.expected_learned(&node), "{node}");
     }
 }
 

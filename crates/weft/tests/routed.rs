@@ -312,6 +312,18 @@ fn blocks_are_claimed_ahead_used_up_and_given_back() {
         pods.push(pod);
     }
     eventually("every block held", || blocks() == 4);
+    // The store loses a block its pods still use (an entry deleted, an old backup restored):
+    // the agent takes it back.
+    let store = || weft_lease::file::FileStore::open(dir.path().join("store")).unwrap();
+    let lost = weft_netconf::SubnetEnv::read(&subnet_file).unwrap().routed.unwrap().blocks[2];
+    weft_lease::LeaseStore::delete(&store(), &lost).unwrap();
+    eventually("the lost block taken back", || {
+        weft_lease::LeaseStore::list(&store(), std::time::SystemTime::now()).unwrap().iter().any(|l| l.subnet == lost)
+    });
+    eventually("every block held again", || blocks() == 4);
+    // (Taken back as such: a claim ahead of demand could land on it too, the one free block.)
+    let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
+    assert!(log.contains(&format!("took block {lost} back")), "{log}");
     let links_before = node.links();
     let extra = Ns::new("p");
     let out = add("p60", &extra);

@@ -432,7 +432,7 @@ impl Rib {
                 if let Some(paths) = self.paths.get_mut(&prefix) {
                     paths.iter_mut().filter(|p| p.from == Some(peer)).for_each(|p| p.stale = true);
                 }
-                // Stale paths lose to fresh ones.
+                // (Marked stale, they compete as before; the order is kept up to date all the same.)
                 let mut paths = self.paths.remove(&prefix).unwrap_or_default();
                 let before = paths.first().cloned();
                 paths.sort_by(|a, b| self.compare(a, b));
@@ -466,11 +466,13 @@ impl Rib {
         let (x, y) = (&a.attrs, &b.attrs);
         let peer = |p: &Path| p.from.and_then(|id| self.peers.get(&id));
         let ebgp = |p: &Path| peer(p).is_some_and(|n| !n.ibgp);
-        // This speaker's own paths first; fresh before stale.
+        // This speaker's own paths first. (A stale path competes as it did before its neighbour
+        // went: preferring fresh ones made two speakers that both kept a gone neighbour's path
+        // trade each other's copy of it back and forth — each copy fresh to the other — for
+        // the whole restart time.)
         a.from
             .is_some()
             .cmp(&b.from.is_some())
-            .then(a.stale.cmp(&b.stale))
             // Higher LOCAL_PREF.
             .then_with(|| y.local_pref.unwrap_or(DEFAULT_LOCAL_PREF).cmp(&x.local_pref.unwrap_or(DEFAULT_LOCAL_PREF)))
             // Shorter AS_PATH, lower ORIGIN.

@@ -107,7 +107,10 @@ impl World {
 
     /// Delivers everything in flight.
     fn settle(&mut self) {
+        let mut delivered = 0;
         while let Some((t, q, bytes)) = self.wire.pop_front() {
+            delivered += 1;
+            assert!(delivered < 10_000, "the speakers never settle (an update storm)");
             let out = self.speakers[t].received(q, &bytes);
             self.handle(t, out);
         }
@@ -436,4 +439,52 @@ fn restarting_speakers_do_not_wait_for_each_other() {
     w.handle(0, out);
     w.settle();
     assert_eq!(w.route(1, "198.19.1.0/24"), Some("198.18.0.1".parse().unwrap()));
+}
+
+/// A client of two reflectors goes without a word (graceful restart: its path kept, stale, on
+/// both). Each reflector also has the other's reflected copy of that path; they settle on the
+/// client's own path and send nothing more — before, each preferred the other's fresh copy to
+/// its own stale one, withdrew, took it back, for the whole restart time (an update storm that
+/// grew the write queues to their cap and took the mesh down, in a lab).
+#[test]
+fn reflectors_keeping_a_gone_clients_path_settle() {
+    let mut w = World::new(&[(64512, "198.18.0.1"), (64512, "198.18.0.2"), (64512, "198.18.0.3")]);
+    w.link(0, 2, true);
+    w.link(1, 2, true);
+    w.link(0, 1, false);
+    w.settle();
+    let out = w.speakers[2].originate(net("198.19.3.0/26"));
+    w.handle(2, out);
+    w.settle();
+    for rr in 0..2 {
+        assert_eq!(w.route(rr, "198.19.3.0/26"), Some("198.18.0.3".parse().unwrap()));
+    }
+    // The client's connections break (no NOTIFICATION): both reflectors keep its path.
+    for rr in 0..2 {
+        let out = w.speakers[rr].transport_lost(3);
+        w.handle(rr, out);
+    }
+    let before = w.sent.len();
+    w.settle();
+    assert!(w.sent.len() - before < 10, "{} messages after the client went", w.sent.len() - before);
+    for rr in 0..2 {
+        assert_eq!(w.route(rr, "198.19.3.0/26"), Some("198.18.0.3".parse().unwrap()), "kept for the restart");
+    }
+}
+
+/// A neighbour forgotten while its paths are kept for its restart (a node removed from the
+/// cluster after it went without a word): its paths go with it, from the kernel too.
+#[test]
+fn a_neighbour_removed_takes_its_kept_paths_along() {
+    let mut w = World::new(&[(64512, "198.18.0.1"), (64512, "198.18.0.2")]);
+    w.link(0, 1, false);
+    let out = w.speakers[1].originate(net("198.19.2.0/26"));
+    w.handle(1, out);
+    w.settle();
+    let out = w.speakers[0].transport_lost(2);
+    w.handle(0, out);
+    assert_eq!(w.route(0, "198.19.2.0/26"), Some("198.18.0.2".parse().unwrap()), "kept for its restart");
+    let out = w.speakers[0].remove_neighbor(2);
+    w.handle(0, out);
+    assert_eq!(w.route(0, "198.19.2.0/26"), None);
 }
