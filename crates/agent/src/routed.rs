@@ -44,6 +44,9 @@ use crate::{kernel, AgentError, Result};
 const RETIRE_GRACE: Duration = Duration::from_secs(5);
 /// How often the kernel's blackholes are compared with the blocks.
 const CHECK_EVERY: Duration = Duration::from_secs(10);
+/// How often the block keeper reads the store, and the pods' reservations.
+const LOOK_EVERY: Duration = Duration::from_secs(1);
+const POLL_PODS_EVERY: Duration = Duration::from_millis(100);
 /// How often the speaker's status is read for the health endpoint.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// The graceful-restart time offered to peers.
@@ -342,7 +345,18 @@ struct Keeper {
 
 impl Keeper {
     fn run(mut self) {
+        let mut pods = usize::MAX;
+        let mut looked = Instant::now();
         loop {
+            // The store is read once a second; the pods' reservations (a directory listing)
+            // ten times a second, so a burst of pods gets its next block at once.
+            let now_pods = reservations(&self.ipam_dir).len();
+            if now_pods == pods && looked.elapsed() < LOOK_EVERY {
+                std::thread::sleep(POLL_PODS_EVERY);
+                continue;
+            }
+            pods = now_pods;
+            looked = Instant::now();
             if let Err(e) = self.look() {
                 let line = e.to_string();
                 if self.said.as_ref() != Some(&line) {
@@ -352,7 +366,7 @@ impl Keeper {
             } else {
                 self.said = None;
             }
-            std::thread::sleep(Duration::from_secs(1));
+            std::thread::sleep(POLL_PODS_EVERY);
         }
     }
 
