@@ -433,7 +433,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
                 options,
                 network: &network,
                 ip: uplink.ip,
-                run_dir: cfg.subnet_file.parent().unwrap_or(&cfg.state_dir),
+                subnet_file: &cfg.subnet_file,
                 ipam_dir: &cfg.ipam_dir(),
                 attrs: &attrs,
                 store: keeper_store,

@@ -82,8 +82,8 @@ pub struct Start<'a> {
     pub options: &'a BgpOptions,
     pub network: &'a NetworkConfig,
     pub ip: Ipv4Addr,
-    /// Where the subnet file is (the control socket goes beside it).
-    pub run_dir: &'a Path,
+    /// The subnet file (the control socket goes beside it).
+    pub subnet_file: &'a Path,
     pub ipam_dir: &'a Path,
     pub attrs: &'a LeaseAttrs,
     /// A store handle of the block keeper's own.
@@ -118,21 +118,16 @@ impl Routing {
             // A node restarted advertises its blocks (a new one among them) within seconds,
             // even while a neighbour that is down keeps it from hearing every End-of-RIB.
             selection_deferral: Some(SELECTION_DEFERRAL),
-            socket: socket_path(start.run_dir),
+            socket: socket_path(start.subnet_file.parent().unwrap_or(Path::new("/"))),
         };
         let speaker = weft_bgp::daemon::spawn(config, Box::new(sink))
             .map_err(|e| AgentError::Config(format!("starting the BGP speaker: {e}")))?;
         let keeper = Arc::new(Mutex::new(BlockState::default()));
-        // Blocks claimed beyond the node's lease say so (a block outlives its node; it is never
-        // taken for the node itself).
-        let mut attrs = start.attrs.clone();
-        if let Some(data) = attrs.backend_data.as_object_mut() {
-            data.insert(bgp::BLOCK_KEY.into(), serde_json::Value::Bool(true));
-        }
+        // (Blocks claimed beyond the node's lease say so: the store marks them.)
         let k = Keeper {
             store: start.store,
             network: start.network.clone(),
-            attrs,
+            attrs: start.attrs.clone(),
             ipam_dir: start.ipam_dir.to_path_buf(),
             release_after: start.options.release_after,
             state: keeper.clone(),
@@ -140,6 +135,8 @@ impl Routing {
             retiring_since: HashMap::new(),
             said: None,
             said_lost: BTreeSet::new(),
+            subnet_file: start.subnet_file.to_path_buf(),
+            unlisted_since: HashMap::new(),
         };
         std::thread::Builder::new()
             .name("blocks".into())
@@ -171,7 +168,7 @@ impl Routing {
         // Nodes from their leases (with a TTL); blocks outlive a node that is gone for good, and
         // must not keep it a neighbour.
         let mut nodes: Vec<bgp::PeerNode> =
-            core.programmed_leases().filter(|l| !bgp::is_block(l)).filter_map(|l| bgp::peer_of(l)).collect();
+            core.programmed_leases().filter(|l| !l.is_block()).filter_map(|l| bgp::peer_of(l)).collect();
         nodes.sort();
         nodes.dedup_by(|a, b| a.address == b.address);
         let neighbors: Vec<NeighborSpec> = bgp::neighbours(&self.options, IpAddr::V4(self.ip), &nodes)
@@ -246,17 +243,17 @@ const POD_VETH_MAC: [u8; 6] = [0xee; 6];
 fn restore_pod_routes(nl: &mut Netlink) -> weft_dataplane::Result<usize> {
     let routes = nl.routes()?;
     let mut restored = 0;
+    // (A veth going away meanwhile — a pod's DEL — fails its own steps only.)
     for link in nl.links()?.into_iter().filter(|l| l.mac.as_slice() == POD_VETH_MAC) {
-        for n in nl.neighbours(Some(link.index))?.into_iter().filter(|n| n.permanent) {
+        let Ok(neighbours) = nl.neighbours(Some(link.index)) else { continue };
+        for n in neighbours.into_iter().filter(|n| n.permanent) {
             let dst = IpNet::from(n.ip);
             if routes.iter().any(|r| r.dst == dst) {
                 continue;
             }
             let route = RouteSpec::new(dst).dev(link.index).link_scope().protocol(RTPROT_WEFT_POD);
-            match nl.add_route(&route) {
-                Ok(()) => restored += 1,
-                Err(e) if e.is_exists() => {}
-                Err(e) => return Err(e),
+            if nl.add_route(&route).is_ok() {
+                restored += 1;
             }
         }
     }
@@ -308,14 +305,19 @@ pub fn decide(
     let low = (capacity(first) / 2).max(1);
     let free_in = |b: &Ipv4Net| capacity(b).saturating_sub(used.get(b).copied().unwrap_or(0));
     let mut free: usize = blocks.iter().filter(|b| !retiring_since.contains_key(b)).map(free_in).sum();
+    // Short of addresses: a block on its way out stays rather than another being claimed.
+    let short = free < low;
+    if short {
+        free += blocks.iter().filter(|b| retiring_since.contains_key(b)).map(free_in).sum::<usize>();
+    }
     d.claim = free < low;
     for block in blocks {
         let in_use = used.get(block).copied().unwrap_or(0) > 0;
         match retiring_since.get(block) {
-            Some(_) if in_use => d.keep.push(*block),
+            Some(_) if in_use || short => d.keep.push(*block),
             Some(since) if now.duration_since(*since) >= RETIRE_GRACE => d.release.push(*block),
             Some(_) => {}
-            None if in_use || fixed.contains(block) => {}
+            None if in_use || short || fixed.contains(block) => {}
             None => {
                 let empty_long = empty_since.get(block).is_some_and(|t| now.duration_since(*t) >= release_after);
                 if empty_long && free >= low + capacity(block) {
@@ -341,6 +343,9 @@ struct Keeper {
     said: Option<String>,
     /// Lost blocks another node holds (said once each).
     said_lost: BTreeSet<Ipv4Net>,
+    /// The subnet file, and since when retiring blocks are no longer in it.
+    subnet_file: PathBuf,
+    unlisted_since: HashMap<Ipv4Net, Instant>,
 }
 
 impl Keeper {
@@ -348,8 +353,9 @@ impl Keeper {
         let mut pods = usize::MAX;
         let mut looked = Instant::now();
         loop {
-            // The store is read once a second; the pods' reservations (a directory listing)
-            // ten times a second, so a burst of pods gets its next block at once.
+            // The pods' reservations (a directory listing) are looked at ten times a second and
+            // the store read when they change (at least once a second), so a burst of pods gets
+            // its next block at once.
             let now_pods = reservations(&self.ipam_dir).len();
             if now_pods == pods && looked.elapsed() < LOOK_EVERY {
                 std::thread::sleep(POLL_PODS_EVERY);
@@ -383,7 +389,7 @@ impl Keeper {
         let mut blocks: Vec<Ipv4Net> = leases.iter().map(|l| l.subnet).collect();
         blocks.sort();
         // The node's lease is never given back; the others are blocks claimed for more pods.
-        let fixed: BTreeSet<Ipv4Net> = leases.iter().filter(|l| !bgp::is_block(l)).map(|l| l.subnet).collect();
+        let fixed: BTreeSet<Ipv4Net> = leases.iter().filter(|l| !l.is_block()).map(|l| l.subnet).collect();
         let mut used: HashMap<Ipv4Net, usize> = HashMap::new();
         let mut lost = BTreeSet::new();
         for ip in reservations(&self.ipam_dir) {
@@ -397,7 +403,11 @@ impl Keeper {
         for block in lost.into_iter().filter(|b| self.network.is_leasable(b)) {
             if self.store.take_back_block(&self.attrs, block, SystemTime::now())? {
                 tracing::warn!("took block {block} back: its pods have addresses there, and the store had lost it");
-            } else if self.said_lost.insert(block) {
+                continue;
+            }
+            // Taken meanwhile: by this node (its lease renewed), or by another.
+            let holder = self.store.list(SystemTime::now())?.into_iter().find(|l| l.subnet == block);
+            if holder.is_some_and(|l| l.attrs.public_ip != self.attrs.public_ip) && self.said_lost.insert(block) {
                 tracing::error!(
                     "block {block} holds pods of this node but another node holds it now: their addresses may be taken twice"
                 );
@@ -423,9 +433,24 @@ impl Keeper {
             );
             self.retiring_since.insert(b, now);
         }
+        // A block goes once the subnet file has said so long enough (the core writes it; a
+        // failing dataplane may hold the write up) and it is still empty (a pod may have got
+        // an address from the file as it was).
+        let listed = weft_netconf::SubnetEnv::read(&self.subnet_file)
+            .ok()
+            .and_then(|e| e.routed)
+            .map(|r| r.blocks)
+            .unwrap_or_default();
+        self.unlisted_since.retain(|b, _| !listed.contains(b) && self.retiring_since.contains_key(b));
+        for b in self.retiring_since.keys().filter(|b| !listed.contains(b)) {
+            self.unlisted_since.entry(*b).or_insert(now);
+        }
         for b in d.release {
+            let unlisted_long = self.unlisted_since.get(&b).is_some_and(|t| now.duration_since(*t) >= RETIRE_GRACE);
+            if !unlisted_long {
+                continue;
+            }
             let lease = leases.iter().find(|l| l.subnet == b).cloned();
-            // Still empty (a pod may have got an address from a file read just before).
             let still_empty = !reservations(&self.ipam_dir).iter().any(|ip| b.contains(ip));
             if let (Some(lease), true) = (lease, still_empty) {
                 if self.store.release_block(&lease)? {
@@ -433,6 +458,7 @@ impl Keeper {
                 }
             }
             self.retiring_since.remove(&b);
+            self.unlisted_since.remove(&b);
         }
         let mut exhausted = false;
         if d.claim {
@@ -507,6 +533,10 @@ mod tests {
         assert_eq!(decide(&blocks, &fixed, &used, &empty, &retiring, after, done).release, [b]);
         let busy = HashMap::from([(b, 1)]);
         assert_eq!(decide(&blocks, &fixed, &busy, &empty, &retiring, after, done).keep, [b]);
+        // Short of addresses while a block is on its way out: it stays, nothing is claimed.
+        let busy_a = HashMap::from([(a, 10)]);
+        let d = decide(&blocks, &fixed, &busy_a, &empty, &retiring, after, done);
+        assert_eq!((d.keep.as_slice(), d.release.is_empty(), d.claim), (&[b][..], true, false));
         // A block is not given back when the node would then be short of addresses.
         let full_a = HashMap::from([(a, 12)]);
         assert!(decide(&blocks, &fixed, &full_a, &HashMap::from([(b, t0)]), &none, after, later).retire.is_empty());

@@ -35,6 +35,15 @@ fn subnet_of(key: &str) -> Option<Ipv4Net> {
     parse_key(key.strip_prefix(SUBNETS)?.strip_prefix('/')?).ok()
 }
 
+/// `attrs` marked as a routed-mode block's (`"Block": true` in the BackendData).
+fn as_block(attrs: &LeaseAttrs) -> LeaseAttrs {
+    let mut attrs = attrs.clone();
+    if let Some(data) = attrs.backend_data.as_object_mut() {
+        data.insert(crate::BLOCK_KEY.into(), serde_json::Value::Bool(true));
+    }
+    attrs
+}
+
 /// Warns about a damaged entry once per process and content.
 fn warn_damaged(key: &str, reason: &str) {
     static SEEN: std::sync::Mutex<Option<HashSet<String>>> = std::sync::Mutex::new(None);
@@ -211,11 +220,12 @@ impl<K: Kv + 'static> Leases<K> {
             let own = match on_previous {
                 Some(w) if mine(w.1) => Some(w),
                 _ if previous_free => None,
+                // (Not one of its routed-mode blocks: those stay blocks.)
                 _ => claims
                     .valid
                     .keys()
                     .filter(|s| config.is_leasable(s))
-                    .find_map(|s| claims.winner(s, now).filter(|(_, l, _)| mine(l))),
+                    .find_map(|s| claims.winner(s, now).filter(|(_, l, _)| mine(l) && !l.is_block())),
             };
             if let Some((key, lease, modified)) = own {
                 let subnet = lease.subnet;
@@ -286,6 +296,7 @@ impl<K: Kv + 'static> Leases<K> {
         now: SystemTime,
         random: &mut dyn FnMut(usize) -> usize,
     ) -> Result<Option<Lease>> {
+        let attrs = &as_block(attrs);
         let value = Self::value(attrs)?;
         for _ in 0..10 {
             let claims = self.claims()?;
@@ -302,7 +313,7 @@ impl<K: Kv + 'static> Leases<K> {
     /// Routed mode: claims `block` again for the node of `attrs` (its pods still have addresses
     /// there, and the store lost it): only when no other claim holds it. Whether it did.
     pub fn take_back_block(&self, attrs: &LeaseAttrs, block: Ipv4Net, now: SystemTime) -> Result<bool> {
-        let value = Self::value(attrs)?;
+        let value = Self::value(&as_block(attrs))?;
         let claims = self.claims()?;
         if Self::taken(&claims, now).contains(&block) {
             return Ok(false);
@@ -323,7 +334,8 @@ impl<K: Kv + 'static> Leases<K> {
         let key = lease_key(&lease.subnet);
         let Some(entry) = self.kv.get(&key)? else { return Ok(false) };
         match decode(&entry) {
-            Some(Ok(held)) if held.attrs.public_ip == lease.attrs.public_ip => {
+            // Only a block of this node's, never its lease.
+            Some(Ok(held)) if held.attrs.public_ip == lease.attrs.public_ip && held.is_block() => {
                 self.kv.delete(&key, Some(entry.modified))
             }
             _ => Ok(false),

@@ -15,7 +15,7 @@ mod pick;
 mod store;
 
 pub use leases::{LeaseWatch, Leases};
-pub use model::{Lease, LeaseAttrs, LeaseEvent, VxlanData};
+pub use model::{Lease, LeaseAttrs, LeaseEvent, VxlanData, BLOCK_KEY};
 pub use pick::choose_subnet;
 pub use store::{LeaseStore, LeaseWatcher};
 

@@ -45,7 +45,15 @@ pub struct Lease {
     pub created: Option<i64>,
 }
 
+/// The BackendData key that marks a routed-mode block claimed beyond its node's lease.
+pub const BLOCK_KEY: &str = "Block";
+
 impl Lease {
+    /// A routed-mode block claimed beyond its node's lease (`"Block": true` in its BackendData).
+    pub fn is_block(&self) -> bool {
+        self.attrs.backend_data.get(BLOCK_KEY).and_then(serde_json::Value::as_bool) == Some(true)
+    }
+
     /// The store key: `10.244.1.0-24`.
     pub fn key(&self) -> String {
         subnet_key(&self.subnet)

@@ -356,5 +356,14 @@ fn blocks_are_claimed_once_and_released_by_their_holder() {
         assert!(!leases.release_block(&a).unwrap(), "released already");
         let again = leases.claim_block(&config, &node(3), now, first).unwrap().unwrap();
         assert_eq!(again.subnet, a.subnet, "free again");
+        assert!(again.is_block() && a2.is_block(), "claimed blocks are marked");
+        // node1 leasing (a reboot: no previous subnet known) does not take its block over as
+        // its lease; and its lease is never released as a block.
+        leases.release_block(&again).unwrap();
+        let lease =
+            leases.acquire(&config, &node(1), None, Some(std::time::Duration::from_secs(60)), now, first).unwrap();
+        assert_ne!(lease.subnet, a2.subnet, "a block taken over as the node's lease");
+        assert!(!lease.is_block());
+        assert!(!leases.release_block(&lease).unwrap(), "the node's lease released as a block");
     });
 }

@@ -211,13 +211,15 @@ fn setup_host(
     }
     for ip in &result.ips {
         let addr = ip.address.addr();
-        hnl.replace_neighbour(index, addr, pod_mac).map_err(kernel("adding the pod's neighbour entry"))?;
+        // The route first: the agent puts back the route of a pod it knows by its neighbour
+        // entry, and must not find the entry before the route is made.
         match hnl.add_route(&host_route(addr, index)) {
             Err(e) if e.is_exists() => {
                 return Err(CniError::internal(format!("another route to {addr} exists on this host")))
             }
             other => other.map_err(kernel("adding the host route to the pod"))?,
         }
+        hnl.replace_neighbour(index, addr, pod_mac).map_err(kernel("adding the pod's neighbour entry"))?;
     }
     Ok(())
 }

@@ -124,6 +124,12 @@ fn build(options: Options<'_>, setup: &Setup<'_>, warnings: &mut Vec<String>) ->
             if unusable {
                 return Err(invalid_option(format!("Peers: {address} cannot be a BGP neighbour")).into());
             }
+            if address.is_ipv6() {
+                return Err(invalid_option(format!(
+                    "Peers: {address}: routed mode peers over IPv4 (its speaker listens on 0.0.0.0:179)"
+                ))
+                .into());
+            }
             let asn = asn(p.get("AS").unwrap_or(&Value::Null), "Peers: AS")?;
             peers.push(ExternalPeer { address, asn, nodes: names(p.get("Nodes"), "Peers: Nodes")? });
         }
@@ -242,14 +248,6 @@ pub fn check_peers(options: &BgpOptions, network: ipnet::Ipv4Net) -> Result<()> 
         ))),
         None => Ok(()),
     }
-}
-
-/// The BackendData key that marks a block claimed beyond the node's lease.
-pub const BLOCK_KEY: &str = "Block";
-
-/// Whether `lease` is a block claimed beyond its node's lease (not the node's lease itself).
-pub fn is_block(lease: &Lease) -> bool {
-    lease.attrs.backend_data.get(BLOCK_KEY).and_then(Value::as_bool) == Some(true)
 }
 
 /// A node as its lease shows it: address, AS, name.
@@ -406,6 +404,8 @@ mod tests {
             assert!(err.contains("cannot be a BGP neighbour"), "{bad}: {err}");
         }
         assert!(build_with(r#"[{"Address": "198.18.0.9"}]"#).unwrap_err().to_string().contains("AS number"));
+        let v6 = build_with(r#"[{"Address": "2001:db8::1", "AS": 65000}]"#).unwrap_err().to_string();
+        assert!(v6.contains("over IPv4"), "{v6}");
         let inside = build_with(r#"[{"Address": "198.19.0.5", "AS": 65000}]"#).unwrap().unwrap();
         let net = "198.19.0.0/16".parse().unwrap();
         assert!(check_peers(&inside, net).unwrap_err().to_string().contains("inside the pod network"));

@@ -161,6 +161,8 @@ pub struct Neighbor {
     negotiated: Option<Negotiated>,
     /// Stopped by the operator: no automatic restart.
     stopped: bool,
+    /// Held off until its connect-retry timer (over its prefix limit).
+    held: bool,
 }
 
 /// The hold time while waiting for the neighbour's OPEN (RFC 4271 suggests 4 minutes).
@@ -168,7 +170,7 @@ const OPEN_HOLD: Duration = Duration::from_secs(240);
 
 impl Neighbor {
     pub fn new(config: Config) -> Neighbor {
-        Neighbor { config, state: State::Idle, buffer: Vec::new(), negotiated: None, stopped: true }
+        Neighbor { config, state: State::Idle, buffer: Vec::new(), negotiated: None, stopped: true, held: false }
     }
 
     pub fn state(&self) -> State {
@@ -197,6 +199,7 @@ impl Neighbor {
     }
 
     fn begin(&mut self) -> Vec<Action> {
+        self.held = false;
         self.buffer.clear();
         if self.config.passive {
             self.state = State::Active;
@@ -230,7 +233,7 @@ impl Neighbor {
     /// whose retries keep the same rhythm would otherwise refuse each other for ever). Whether
     /// it can now take a connection (see [`Neighbor::connected`]).
     pub fn wake(&mut self) -> bool {
-        if self.state == State::Idle && !self.stopped {
+        if self.state == State::Idle && !self.stopped && !self.held {
             self.state = State::Active;
         }
         matches!(self.state, State::Connect | State::Active)
@@ -265,6 +268,8 @@ impl Neighbor {
     pub fn cease_for_a_while(&mut self, subcode: u8, after: Duration) -> Vec<Action> {
         let mut actions = self.cease(subcode);
         self.stopped = false;
+        // Not even a connection of the neighbour's own ends the wait ([`Neighbor::wake`]).
+        self.held = true;
         actions.retain(|a| !matches!(a, Action::StopTimer(Timer::ConnectRetry)));
         actions.push(Action::StartTimer(Timer::ConnectRetry, after));
         actions

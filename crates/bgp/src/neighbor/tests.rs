@@ -339,3 +339,16 @@ fn an_idle_session_waiting_to_restart_takes_an_incoming_connection() {
     assert!(!stopped.wake(), "stopped: refused");
     assert_eq!(stopped.state(), State::Idle);
 }
+
+/// Over its prefix limit, a neighbour is held off for a while: its own new connection does not
+/// end the wait (a peer that reconnected at once flooded again and again).
+#[test]
+fn a_neighbour_held_off_for_its_prefix_limit_stays_held() {
+    let mut n = established();
+    n.cease_for_a_while(error::CEASE_MAX_PREFIXES, Duration::from_secs(60));
+    assert_eq!(n.state(), State::Idle);
+    assert!(!n.wake(), "held off: its connection is refused");
+    // The wait over, it is started again (and takes connections).
+    n.timer(Timer::ConnectRetry);
+    assert_eq!(n.state(), State::Connect);
+}
