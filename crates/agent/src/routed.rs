@@ -72,6 +72,8 @@ pub struct Routing {
     blackholes: Option<BTreeSet<Ipv4Net>>,
     next_check: Instant,
     next_status: Instant,
+    /// A status asked for and not answered yet (the loop never waits for the speaker).
+    asked: Option<weft_bgp::daemon::StatusAnswer>,
     keeper: Arc<Mutex<BlockState>>,
     /// The speaker's last status (JSON), for the health endpoint.
     pub last_status: Option<serde_json::Value>,
@@ -152,6 +154,7 @@ impl Routing {
             blackholes: None,
             next_check: now,
             next_status: now,
+            asked: None,
             keeper,
             last_status: None,
         })
@@ -208,8 +211,15 @@ impl Routing {
             }
             self.next_check = now + CHECK_EVERY;
         }
-        if now >= self.next_status {
-            self.last_status = self.speaker.status().and_then(|s| serde_json::from_str(&s).ok());
+        // The speaker's status, asked once a second and taken when it is there: the loop does
+        // not wait behind a burst of route installs.
+        match self.asked.take().map(weft_bgp::daemon::StatusAnswer::take) {
+            Some(Ok(text)) => self.last_status = text.and_then(|s| serde_json::from_str(&s).ok()),
+            Some(Err(waiting)) => self.asked = Some(waiting),
+            None => {}
+        }
+        if now >= self.next_status && self.asked.is_none() {
+            self.asked = self.speaker.ask_status();
             self.next_status = now + STATUS_EVERY;
         }
     }

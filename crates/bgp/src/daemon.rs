@@ -136,7 +136,7 @@ enum Event {
 }
 
 /// A speaker run on a thread of its own inside another program (the agent's `bgp` backend):
-/// its neighbours and prefixes are set while it runs; it stops when told (or dropped), not on
+/// its neighbours and prefixes are set while it runs; it stops when dropped, not on
 /// signals.
 pub struct Handle {
     tx: mpsc::UnboundedSender<Event>,
@@ -151,25 +151,19 @@ impl Handle {
         let _ = self.tx.send(Event::Configure(neighbors, announce));
     }
 
-    /// The status JSON (as `weft bgp status` prints it); `None` when the speaker is gone.
-    pub fn status(&self) -> Option<String> {
+    /// Asks for the status JSON (as `weft bgp status` prints it) without waiting for it: the answer comes when the speaker gets to the
+    /// question (after what is queued before it), to be taken with [`StatusAnswer::take`].
+    pub fn ask_status(&self) -> Option<StatusAnswer> {
         let (reply, answer) = oneshot::channel();
         self.tx.send(Event::Status(reply)).ok()?;
-        answer.blocking_recv().ok()
+        Some(StatusAnswer(answer))
     }
+}
 
-    /// Whether the speaker's thread is still running.
-    pub fn running(&self) -> bool {
-        self.thread.as_ref().is_some_and(|t| !t.is_finished())
-    }
-
-    /// Stops it as SIGTERM stops `weft bgp run` (Ceases sent, installed routes removed) and
-    /// waits for that.
-    pub fn stop(mut self) {
-        self.stop_and_wait();
-    }
-
-    fn stop_and_wait(&mut self) {
+/// Dropped, the speaker stops as SIGTERM stops `weft bgp run` (Ceases sent, installed routes
+/// removed), and the drop waits for that.
+impl Drop for Handle {
+    fn drop(&mut self) {
         let _ = self.tx.send(Event::Shutdown);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -177,9 +171,18 @@ impl Handle {
     }
 }
 
-impl Drop for Handle {
-    fn drop(&mut self) {
-        self.stop_and_wait();
+/// A status asked for with [`Handle::ask_status`].
+pub struct StatusAnswer(oneshot::Receiver<String>);
+
+impl StatusAnswer {
+    /// The status if it is there; `Err(self)` to ask again later, `Ok(None)` when the speaker
+    /// is gone.
+    pub fn take(mut self) -> Result<Option<String>, StatusAnswer> {
+        match self.0.try_recv() {
+            Ok(text) => Ok(Some(text)),
+            Err(oneshot::error::TryRecvError::Empty) => Err(self),
+            Err(oneshot::error::TryRecvError::Closed) => Ok(None),
+        }
     }
 }
 
