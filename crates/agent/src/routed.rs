@@ -366,14 +366,15 @@ impl Keeper {
             // The pods' reservations (a directory listing) are looked at ten times a second and
             // the store read when they change (at least once a second), so a burst of pods gets
             // its next block at once.
-            let now_pods = reservations(&self.ipam_dir).len();
+            let pod_ips = reservations(&self.ipam_dir);
+            let now_pods = pod_ips.len();
             if now_pods == pods && looked.elapsed() < LOOK_EVERY {
                 std::thread::sleep(POLL_PODS_EVERY);
                 continue;
             }
             pods = now_pods;
             looked = Instant::now();
-            if let Err(e) = self.look() {
+            if let Err(e) = self.look(pod_ips) {
                 let line = e.to_string();
                 if self.said.as_ref() != Some(&line) {
                     tracing::warn!("block keeper: {line} (trying again)");
@@ -393,7 +394,8 @@ impl Keeper {
             && bgp::peer_of(lease).is_some()
     }
 
-    fn look(&mut self) -> Result<()> {
+    /// One look at the blocks, given the pods' reservations just read.
+    fn look(&mut self, pod_ips: Vec<Ipv4Addr>) -> Result<()> {
         let now = Instant::now();
         let leases: Vec<Lease> = self.store.list(SystemTime::now())?.into_iter().filter(|l| self.own(l)).collect();
         let mut blocks: Vec<Ipv4Net> = leases.iter().map(|l| l.subnet).collect();
@@ -402,7 +404,7 @@ impl Keeper {
         let fixed: BTreeSet<Ipv4Net> = leases.iter().filter(|l| !l.is_block()).map(|l| l.subnet).collect();
         let mut used: HashMap<Ipv4Net, usize> = HashMap::new();
         let mut lost = BTreeSet::new();
-        for ip in reservations(&self.ipam_dir) {
+        for ip in pod_ips {
             match blocks.iter().find(|b| b.contains(&ip)) {
                 Some(b) => *used.entry(*b).or_default() += 1,
                 // A pod in no block of this node's: the store lost the block (restored from an
