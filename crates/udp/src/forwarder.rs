@@ -1,6 +1,6 @@
-//! The forwarding process: one TUN queue and one UDP socket, a thread each way and a control
-//! socket. Its table is pushed by the agent over the control socket and swapped whole; the
-//! packet threads take the new one between batches. It runs on when the agent is gone (killed,
+//! The forwarding process: one TUN queue and one UDP socket, one thread forwarding both ways,
+//! and a control socket. Its table is pushed by the agent over the control socket and swapped
+//! whole; the packet thread takes the new one between batches. It runs on when the agent is gone (killed,
 //! restarted, upgraded), so pods keep talking, and ends when its TUN device does.
 
 use std::fs::File;
@@ -77,7 +77,7 @@ impl Counters {
     }
 }
 
-/// What the threads share: the current table (swapped whole) and the counters.
+/// What the packet thread and the control threads share: the current table (swapped whole) and the counters.
 struct Shared {
     table: Mutex<Arc<Table>>,
     generation: AtomicU64,
@@ -183,16 +183,9 @@ pub fn run(config: Config) -> io::Result<()> {
     tracing::info!("forwarding between {} and UDP port {}", config.device, config.port);
     let (done_tx, done_rx) = std::sync::mpsc::channel::<io::Error>();
     {
-        let (tun, udp, shared, done) = (tun.clone(), udp.clone(), shared.clone(), done_tx.clone());
-        std::thread::Builder::new().name("tun-to-udp".into()).spawn(move || {
-            let e = tun_to_udp(&tun, &udp, config.port, &shared);
-            let _ = done.send(e);
-        })?;
-    }
-    {
         let (tun, udp, shared, done) = (tun.clone(), udp.clone(), shared.clone(), done_tx);
-        std::thread::Builder::new().name("udp-to-tun".into()).spawn(move || {
-            let e = udp_to_tun(&tun, &udp, &shared);
+        std::thread::Builder::new().name("forward".into()).spawn(move || {
+            let e = forward(&tun, &udp, config.port, &shared);
             let _ = done.send(e);
         })?;
     }
@@ -222,7 +215,7 @@ pub fn run(config: Config) -> io::Result<()> {
             }
         })?;
     }
-    let e = done_rx.recv().unwrap_or_else(|_| io::Error::other("the packet threads ended"));
+    let e = done_rx.recv().unwrap_or_else(|_| io::Error::other("the packet thread ended"));
     let _ = std::fs::remove_file(&config.socket);
     // The device gone (deleted, its namespace going): the forwarder's work is over.
     if e.raw_os_error() == Some(libc::EBADFD) || sys::if_index(&config.device).is_none() {
@@ -348,38 +341,58 @@ fn send_singles(
 /// Pods to peers: packets read from the TUN (as many as are ready, up to a batch). A large
 /// TCP packet the kernel handed over whole (TSO) is cut into the segments TSO would make and
 /// sent in one UDP GSO call; the others go as single datagrams, in one `sendmmsg`, in order.
-fn tun_to_udp(tun: &File, udp: &UdpSocket, port: u16, shared: &Shared) -> io::Error {
-    let mut slots = vec![vec![0u8; TUN_SLOT]; TUN_BATCH];
-    let mut lens = [0usize; TUN_BATCH];
-    let mut icmp = [0u8; VNET_HDR_LEN + 128];
-    let mut segments = Vec::with_capacity(TUN_SLOT + 8192);
-    let mut singles = Vec::with_capacity(TUN_BATCH);
-    let mut batch = Batch::new(TUN_BATCH);
-    let mut current = Current::new(shared);
-    let counters = &shared.counters;
-    let mut reader = tun;
-    loop {
-        if let Err(e) = sys::wait_readable(tun.as_fd()) {
-            return e;
+struct TunToUdp<'a> {
+    tun: &'a File,
+    udp: &'a UdpSocket,
+    port: u16,
+    slots: Vec<Vec<u8>>,
+    lens: [usize; TUN_BATCH],
+    icmp: [u8; VNET_HDR_LEN + 128],
+    segments: Vec<u8>,
+    singles: Vec<(usize, usize, usize, SocketAddrV4)>,
+    batch: Batch,
+    current: Current<'a>,
+}
+
+impl<'a> TunToUdp<'a> {
+    fn new(tun: &'a File, udp: &'a UdpSocket, port: u16, shared: &'a Shared) -> TunToUdp<'a> {
+        TunToUdp {
+            tun,
+            udp,
+            port,
+            slots: vec![vec![0u8; TUN_SLOT]; TUN_BATCH],
+            lens: [0; TUN_BATCH],
+            icmp: [0; VNET_HDR_LEN + 128],
+            segments: Vec::with_capacity(TUN_SLOT + 8192),
+            singles: Vec::with_capacity(TUN_BATCH),
+            batch: Batch::new(TUN_BATCH),
+            current: Current::new(shared),
         }
+    }
+
+    /// Forwards what the TUN has ready (a batch at most) without waiting; how many packets.
+    fn step(&mut self) -> io::Result<usize> {
         let mut n = 0;
+        let mut reader = self.tun;
         while n < TUN_BATCH {
-            match reader.read(&mut slots[n]) {
+            match reader.read(&mut self.slots[n]) {
                 Ok(len) => {
-                    lens[n] = len;
+                    self.lens[n] = len;
                     n += 1;
                 }
                 Err(e) if is_would_block(&e) => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return e,
+                Err(e) => return Err(e),
             }
         }
-        let table = current.refresh();
+        let table = self.current.refresh();
+        let counters = &self.current.shared.counters;
+        let (tun, udp, port) = (self.tun, self.udp, self.port);
         for i in 0..n {
-            let len = lens[i];
+            let len = self.lens[i];
             counters.tun_rx_packets.fetch_add(1, Ordering::Relaxed);
             counters.tun_rx_bytes.fetch_add(len.saturating_sub(VNET_HDR_LEN) as u64, Ordering::Relaxed);
-            let slot = &mut slots[i][..len];
+            let slot = &mut self.slots[i][..len];
             let (Some(hdr), Some(packet)) = (VnetHdr::decode(slot), slot.get_mut(VNET_HDR_LEN..)) else {
                 counters.drop(Drop::Malformed);
                 continue;
@@ -400,6 +413,7 @@ fn tun_to_udp(tun: &File, udp: &UdpSocket, port: u16, shared: &Shared) -> io::Er
                         continue;
                     }
                     let from = table.subnet.map_or(Ipv4Addr::UNSPECIFIED, |s| s.network());
+                    let icmp = &mut self.icmp;
                     if let Some(l) = packet::net_unreachable(packet, &header, from, &mut icmp[VNET_HDR_LEN..]) {
                         if (&*tun).write(&icmp[..VNET_HDR_LEN + l]).is_ok() {
                             counters.icmp_sent.fetch_add(1, Ordering::Relaxed);
@@ -424,20 +438,20 @@ fn tun_to_udp(tun: &File, udp: &UdpSocket, port: u16, shared: &Shared) -> io::Er
                         counters.drop(Drop::Malformed);
                         continue;
                     }
-                    singles.push((i, VNET_HDR_LEN, VNET_HDR_LEN + header.total_len, peer));
+                    self.singles.push((i, VNET_HDR_LEN, VNET_HDR_LEN + header.total_len, peer));
                 }
                 offload::GSO_TCPV4 => {
                     // In order: what came before it goes first.
-                    send_singles(&mut batch, udp, &slots, &mut singles, counters);
-                    let packet = &slots[i][VNET_HDR_LEN..len];
-                    let Ok((size, _)) = offload::segment(packet, &hdr, &mut segments) else {
+                    send_singles(&mut self.batch, udp, &self.slots, &mut self.singles, counters);
+                    let packet = &self.slots[i][VNET_HDR_LEN..len];
+                    let Ok((size, _)) = offload::segment(packet, &hdr, &mut self.segments) else {
                         counters.drop(Drop::Malformed);
                         continue;
                     };
                     // One UDP GSO send carries at most 65,507 bytes (one IP packet's worth).
                     // and at most 64 datagrams (the kernel's UDP GSO limit on older kernels).
                     let per_send = (MAX_UDP_PAYLOAD / size).clamp(1, MAX_GSO_SEGMENTS) * size;
-                    for part in segments.chunks(per_send) {
+                    for part in self.segments.chunks(per_send) {
                         match sys::send_segments(udp.as_fd(), part, size as u16, peer) {
                             Ok(_) => {
                                 counters.udp_tx_packets.fetch_add(part.len().div_ceil(size) as u64, Ordering::Relaxed);
@@ -450,35 +464,58 @@ fn tun_to_udp(tun: &File, udp: &UdpSocket, port: u16, shared: &Shared) -> io::Er
                 _ => counters.drop(Drop::Malformed),
             }
         }
-        send_singles(&mut batch, udp, &slots, &mut singles, counters);
+        send_singles(&mut self.batch, udp, &self.slots, &mut self.singles, counters);
+        Ok(n)
     }
 }
 
 /// Peers to pods: datagrams received a batch at a time (UDP GRO hands several of one flow
 /// joined); each admitted packet goes to the coalescer, which writes runs of one TCP flow to
 /// the TUN as one large packet and the rest one by one.
-fn udp_to_tun(tun: &File, udp: &UdpSocket, shared: &Shared) -> io::Error {
-    let mut slots = vec![vec![0u8; UDP_SLOT]; UDP_BATCH];
-    let mut received = [Received::default(); UDP_BATCH];
-    let mut batch = Batch::new(UDP_BATCH);
-    let mut current = Current::new(shared);
-    let mut coalescer = Coalescer::default();
-    let counters = &shared.counters;
-    let failed: std::cell::Cell<Option<io::Error>> = std::cell::Cell::new(None);
-    let mut write = |bytes: &[u8]| match (&*tun).write(bytes) {
-        Ok(_) => {
-            counters.tun_writes.fetch_add(1, Ordering::Relaxed);
+struct UdpToTun<'a> {
+    tun: &'a File,
+    udp: &'a UdpSocket,
+    slots: Vec<Vec<u8>>,
+    received: [Received; UDP_BATCH],
+    batch: Batch,
+    current: Current<'a>,
+    coalescer: Coalescer,
+}
+
+impl<'a> UdpToTun<'a> {
+    fn new(tun: &'a File, udp: &'a UdpSocket, shared: &'a Shared) -> UdpToTun<'a> {
+        UdpToTun {
+            tun,
+            udp,
+            slots: vec![vec![0u8; UDP_SLOT]; UDP_BATCH],
+            received: [Received::default(); UDP_BATCH],
+            batch: Batch::new(UDP_BATCH),
+            current: Current::new(shared),
+            coalescer: Coalescer::default(),
         }
-        Err(e) if e.raw_os_error() == Some(libc::EBADFD) => failed.set(Some(e)),
-        Err(_) => counters.drop(Drop::IoError),
-    };
-    loop {
-        let n = match batch.recv(udp.as_fd(), &mut slots, &mut received) {
+    }
+
+    /// Delivers what the socket has (a batch at most) without waiting; how many datagrams
+    /// (joined ones counted once).
+    fn step(&mut self) -> io::Result<usize> {
+        let n = match self.batch.recv(self.udp.as_fd(), &mut self.slots, &mut self.received) {
             Ok(n) => n,
-            Err(e) => return e,
+            Err(e) if is_would_block(&e) => return Ok(0),
+            Err(e) => return Err(e),
         };
-        let table = current.refresh();
-        for (slot, r) in slots.iter().zip(&received).take(n) {
+        let table = self.current.refresh();
+        let counters = &self.current.shared.counters;
+        let tun = self.tun;
+        let failed: std::cell::Cell<Option<io::Error>> = std::cell::Cell::new(None);
+        let mut write = |bytes: &[u8]| match (&*tun).write(bytes) {
+            Ok(_) => {
+                counters.tun_writes.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EBADFD) => failed.set(Some(e)),
+            Err(_) => counters.drop(Drop::IoError),
+        };
+        let coalescer = &mut self.coalescer;
+        for (slot, r) in self.slots.iter().zip(&self.received).take(n) {
             let size = usize::from(r.segment.unwrap_or(0)).max(1).min(r.len.max(1));
             let datagrams = if r.segment.is_some() { r.len.div_ceil(size) } else { 1 };
             counters.udp_rx_packets.fetch_add(datagrams as u64, Ordering::Relaxed);
@@ -520,8 +557,33 @@ fn udp_to_tun(tun: &File, udp: &UdpSocket, shared: &Shared) -> io::Error {
             }
         }
         coalescer.flush(&mut write);
-        if let Some(e) = failed.take() {
-            return e;
+        match failed.take() {
+            Some(e) => Err(e),
+            None => Ok(n),
+        }
+    }
+}
+
+/// Both ways on one thread: what either side has is forwarded without waking another thread
+/// (a TUN write often leaves the pod's answer ready to read at once: its ACK, its next
+/// segments); it sleeps only when neither has anything. On two cores this beat a thread each
+/// way (fewer context switches; docs/benchmarks.md).
+fn forward(tun: &File, udp: &UdpSocket, port: u16, shared: &Shared) -> io::Error {
+    let mut out = TunToUdp::new(tun, udp, port, shared);
+    let mut inbound = UdpToTun::new(tun, udp, shared);
+    loop {
+        let sent = match out.step() {
+            Ok(n) => n,
+            Err(e) => return e,
+        };
+        let delivered = match inbound.step() {
+            Ok(n) => n,
+            Err(e) => return e,
+        };
+        if sent == 0 && delivered == 0 {
+            if let Err(e) = sys::wait_readable(&[tun.as_fd(), udp.as_fd()]) {
+                return e;
+            }
         }
     }
 }

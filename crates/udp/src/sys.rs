@@ -159,12 +159,16 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) }).map(drop)
 }
 
-/// Waits until `fd` is readable (or has an error to report).
-pub fn wait_readable(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+/// Waits until one of `fds` is readable (or has an error to report).
+pub fn wait_readable(fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let mut pfds = [libc::pollfd { fd: -1, events: libc::POLLIN, revents: 0 }; 2];
+    let n = fds.len().min(pfds.len());
+    for (p, fd) in pfds.iter_mut().zip(fds) {
+        p.fd = fd.as_raw_fd();
+    }
     loop {
-        // SAFETY: one pollfd that lives across the call.
-        match check(unsafe { libc::poll(&mut pfd, 1, -1) }) {
+        // SAFETY: `n` pollfds that live across the call.
+        match check(unsafe { libc::poll(pfds.as_mut_ptr(), n as libc::nfds_t, -1) }) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             other => return other.map(drop),
         }
@@ -226,7 +230,8 @@ impl Batch {
     }
 
     /// Receives into `buffers` (as many datagrams as there are buffers, at most the batch's
-    /// size), blocking for the first; what each is goes into `out`. How many.
+    /// size) without waiting (`WouldBlock` when there is none); what each is goes into `out`.
+    /// How many.
     pub fn recv(&mut self, fd: BorrowedFd<'_>, buffers: &mut [Vec<u8>], out: &mut [Received]) -> io::Result<usize> {
         let n = buffers.len().min(self.headers.len()).min(out.len());
         for (i, buffer) in buffers.iter_mut().enumerate().take(n) {
@@ -249,7 +254,7 @@ impl Batch {
                     fd.as_raw_fd(),
                     self.headers.as_mut_ptr(),
                     n as libc::c_uint,
-                    libc::MSG_WAITFORONE | libc::MSG_TRUNC,
+                    libc::MSG_TRUNC | libc::MSG_DONTWAIT,
                     std::ptr::null_mut(),
                 )
             };

@@ -1,6 +1,6 @@
 //! The forwarding table, immutable once built: which node holds the subnet of a destination,
 //! and whether a datagram may come in. A change builds a new table that replaces the old one
-//! whole (the packet threads pick it up between batches; no lock on the packet path).
+//! whole (the packet thread picks it up between batches; no lock on the packet path).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
