@@ -18,6 +18,7 @@ packages=(
     etcd-server etcd-client     # a real etcd for the etcd lease store (and etcdctl to read it back)
     protobuf-compiler libprotobuf-dev # building the etcd client
     strace                      # the kill-point tests kill plugins at each system call
+    ethtool                     # offloads off on an uplink, for the udp forwarder's kernel-cut sends
     bird2 gobgpd frr            # BGP peers for the speaker's interop tests
 )
 missing=()

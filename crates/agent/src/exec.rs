@@ -197,7 +197,7 @@ impl Kernel for NetlinkKernel {
                 };
                 Ok(vtep::ensure(&mut self.nl, &cfg)?.1)
             }
-            DeviceSpec::Tun { name, mtu, address, subnet, network, port, socket } => {
+            DeviceSpec::Tun { name, mtu, address, subnet, network, port, socket, kernel_segmentation } => {
                 let cfg = tun::TunConfig {
                     name: name.clone(),
                     mtu: *mtu,
@@ -206,6 +206,7 @@ impl Kernel for NetlinkKernel {
                     network: *network,
                     port: *port,
                     socket: socket.clone(),
+                    kernel_segmentation: *kernel_segmentation,
                 };
                 let (index, created) = tun::ensure_device(&mut self.nl, &cfg)?;
                 tun::ensure_forwarder(&cfg)?;

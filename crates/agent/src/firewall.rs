@@ -21,7 +21,8 @@ const KUBE_PROXY_MARK: u32 = 0x4000;
 /// The transaction that makes the table exactly this. With a userspace tunnel on
 /// `tunnel_port` (the udp backend), datagrams to that port that this node would forward and
 /// whose source is not a pod are dropped: a pod must not pose as a node on the underlay (with a
-/// peer's address as source) to get packets into other nodes' pods.
+/// peer's address as source) to get packets into other nodes' pods. What comes in from the
+/// forwarder's own sending TAP (its large packets, for the kernel to cut) is not.
 pub fn commands(network: &Ipv4Net, masquerade: bool, tunnel_port: Option<u16>) -> Vec<Value> {
     let net = IpNet::V4(*network);
     let src = |op| Expr::Addr { field: Field::Saddr, op, net };
@@ -29,7 +30,16 @@ pub fn commands(network: &Ipv4Net, masquerade: bool, tunnel_port: Option<u16>) -
     let rule = |chain: &BaseChain, exprs| TABLE.add_rule(&Rule { chain: chain.name, comment: None, exprs });
     let mut cmds = vec![TABLE.add(), TABLE.flush(), TABLE.add_chain(&FORWARD)];
     if let Some(port) = tunnel_port {
-        cmds.push(rule(&FORWARD, vec![Expr::Dport { proto: "udp".into(), port }, src(Op::Ne), Expr::Drop]));
+        let tap = weft_udp::forwarder::tap_name(crate::backend::UDP_DEVICE);
+        cmds.push(rule(
+            &FORWARD,
+            vec![
+                Expr::Iifname { op: Op::Ne, name: tap },
+                Expr::Dport { proto: "udp".into(), port },
+                src(Op::Ne),
+                Expr::Drop,
+            ],
+        ));
     }
     cmds.extend([rule(&FORWARD, vec![src(Op::Eq), Expr::Accept]), rule(&FORWARD, vec![dst(Op::Eq), Expr::Accept])]);
     if masquerade {

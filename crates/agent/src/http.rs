@@ -183,6 +183,18 @@ pub fn forwarder_metrics(status: Option<&serde_json::Value>) -> String {
         "# HELP weft_udp_icmp_sent_total ICMP net unreachable sent to pods.\n# TYPE weft_udp_icmp_sent_total counter\n",
     );
     out.push_str(&format!("weft_udp_icmp_sent_total {}\n", c["icmp_sent"]));
+    out.push_str(
+        "# HELP weft_udp_kernel_segmentation 1 when large TCP packets go to the kernel to be cut.\n# TYPE weft_udp_kernel_segmentation gauge\n",
+    );
+    out.push_str(&format!("weft_udp_kernel_segmentation {}\n", u8::from(status["kernel_cut"]["device"].is_string())));
+    out.push_str(
+        "# HELP weft_udp_kernel_cut_total Large TCP packets handed to the kernel to cut.\n# TYPE weft_udp_kernel_cut_total counter\n",
+    );
+    out.push_str(&format!("weft_udp_kernel_cut_total {}\n", c["kernel_cut"]));
+    out.push_str(
+        "# HELP weft_udp_whole_received_total Datagrams that came uncut from a peer's kernel, written whole.\n# TYPE weft_udp_whole_received_total counter\n",
+    );
+    out.push_str(&format!("weft_udp_whole_received_total {}\n", c["whole_received"]));
     out
 }
 
@@ -368,7 +380,8 @@ mod tests {
         assert_eq!(forwarder_metrics(None).lines().last(), Some("weft_udp_forwarder_up 0"));
         let status = serde_json::json!({"counters": {"tun_rx_packets": 5, "tun_rx_bytes": 500, "udp_tx_packets": 4,
             "udp_tx_bytes": 400, "udp_rx_packets": 3, "udp_rx_bytes": 300, "tun_tx_packets": 2, "tun_tx_bytes": 200,
-            "icmp_sent": 1, "drops": {"unknown_source": 7, "malformed": 0}}});
+            "icmp_sent": 1, "kernel_cut": 9, "whole_received": 8, "drops": {"unknown_source": 7, "malformed": 0}},
+            "kernel_cut": {"device": "weft-udp-tx"}});
         let m = forwarder_metrics(Some(&status));
         for line in [
             "weft_udp_forwarder_up 1",
@@ -377,6 +390,9 @@ mod tests {
             "weft_udp_bytes_total{direction=\"tun_out\"} 200",
             "weft_udp_dropped_total{reason=\"unknown_source\"} 7",
             "weft_udp_icmp_sent_total 1",
+            "weft_udp_kernel_segmentation 1",
+            "weft_udp_kernel_cut_total 9",
+            "weft_udp_whole_received_total 8",
         ] {
             assert!(m.lines().any(|l| l == line), "{line} not in\n{m}");
         }

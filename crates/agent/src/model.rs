@@ -242,6 +242,8 @@ pub enum DeviceSpec {
         network: Ipv4Net,
         port: u16,
         socket: std::path::PathBuf,
+        /// Large TCP packets handed to the kernel to cut (through the forwarder's TAP).
+        kernel_segmentation: bool,
     },
 }
 

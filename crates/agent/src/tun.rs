@@ -25,6 +25,7 @@ pub struct TunConfig {
     pub network: Ipv4Net,
     pub port: u16,
     pub socket: PathBuf,
+    pub kernel_segmentation: bool,
 }
 
 /// Makes sure the TUN device exists, persistent, with the MTU and address, up. Its index and
@@ -85,8 +86,13 @@ pub fn ensure_forwarder(cfg: &TunConfig) -> Result<()> {
         }
     };
     let (subnet, network) = (cfg.subnet.to_string(), cfg.network.to_string());
-    if current["subnet"] != subnet.as_str() || current["network"] != network.as_str() {
-        weft_udp::forwarder::ask(&cfg.socket, &json!({"op": "set", "subnet": subnet, "network": network}))
+    if current["subnet"] != subnet.as_str()
+        || current["network"] != network.as_str()
+        || current["kernel_segmentation"] != cfg.kernel_segmentation
+    {
+        let request = json!({"op": "set", "subnet": subnet, "network": network,
+            "kernel_segmentation": cfg.kernel_segmentation});
+        weft_udp::forwarder::ask(&cfg.socket, &request)
             .map_err(|e| forwarder_error("setting the node's subnet", &cfg.socket, e))?;
     }
     Ok(())
@@ -138,6 +144,7 @@ fn spawn(cfg: &TunConfig) -> Result<()> {
         .arg("udp-forwarder")
         .args(["--device", &cfg.name, "--port", &cfg.port.to_string()])
         .args(["--subnet", &cfg.subnet.to_string(), "--network", &cfg.network.to_string()])
+        .args(["--kernel-segmentation", &cfg.kernel_segmentation.to_string()])
         .arg("--socket")
         .arg(&cfg.socket)
         .stdin(std::process::Stdio::null())

@@ -134,6 +134,11 @@ pub mod build {
         },
         /// `fib daddr type local`.
         LocalDestination,
+        /// `meta iifname ==|!= NAME`.
+        Iifname {
+            op: Op,
+            name: String,
+        },
         /// `PROTO dport == PORT`.
         Dport {
             proto: String,
@@ -173,6 +178,9 @@ pub mod build {
                     "right": if *ipv6 { "ipv6" } else { "ipv4" }}}),
                 Expr::LocalDestination => {
                     json!({"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}})
+                }
+                Expr::Iifname { op: o, name } => {
+                    json!({"match": {"op": op(*o), "left": {"meta": {"key": "iifname"}}, "right": name}})
                 }
                 Expr::Dport { proto, port } => {
                     json!({"match": {"op": "==", "left": {"payload": {"protocol": proto, "field": "dport"}}, "right": port}})

@@ -3,6 +3,7 @@
 //! whole; the packet thread takes the new one between batches. It runs on when the agent is gone (killed,
 //! restarted, upgraded), so pods keep talking, and ends when its TUN device does.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
@@ -16,7 +17,7 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 use serde_json::{json, Value};
 
-use crate::offload::{self, Coalescer, VnetHdr, VNET_HDR_LEN};
+use crate::offload::{self, Coalescer, Encap, VnetHdr, ENCAP_PREFIX_LEN, VNET_HDR_LEN};
 use crate::packet;
 use crate::sys::{self, Batch, Received};
 use crate::table::{Drop, Table};
@@ -33,6 +34,9 @@ pub struct Config {
     pub network: Option<Ipv4Net>,
     /// The control socket.
     pub socket: PathBuf,
+    /// Large TCP packets go to the kernel to be cut where it can (also set later over the
+    /// control socket).
+    pub kernel_segmentation: bool,
 }
 
 /// Packets and bytes each way, and drops by reason.
@@ -48,6 +52,10 @@ pub struct Counters {
     pub tun_tx_bytes: AtomicU64,
     /// Writes to the TUN (fewer than packets when segments were joined).
     pub tun_writes: AtomicU64,
+    /// Large TCP packets handed to the kernel to cut (through the sending TAP).
+    pub kernel_cut: AtomicU64,
+    /// Datagrams that came uncut (a peer's kernel-cut send over veth), written whole.
+    pub whole_received: AtomicU64,
     pub icmp_sent: AtomicU64,
     drops: [AtomicU64; Drop::ALL.len()],
 }
@@ -71,6 +79,7 @@ impl Counters {
             "udp_rx_packets": n(&self.udp_rx_packets), "udp_rx_bytes": n(&self.udp_rx_bytes),
             "tun_tx_packets": n(&self.tun_tx_packets), "tun_tx_bytes": n(&self.tun_tx_bytes),
             "tun_writes": n(&self.tun_writes),
+            "kernel_cut": n(&self.kernel_cut), "whole_received": n(&self.whole_received),
             "icmp_sent": n(&self.icmp_sent),
             "drops": drops,
         })
@@ -79,9 +88,85 @@ impl Counters {
 
 /// What the packet thread and the control threads share: the current table (swapped whole) and the counters.
 struct Shared {
+    /// The TUN device's name.
+    device: String,
     table: Mutex<Arc<Table>>,
     generation: AtomicU64,
     counters: Counters,
+    /// Whether large packets are to go to the kernel to be cut; where they go (the TAP's
+    /// name), or why they are cut here.
+    want_cut: std::sync::atomic::AtomicBool,
+    tap: Mutex<TapState>,
+}
+
+/// The sending TAP as the control thread set it up (the packet thread takes it when the table
+/// generation changes), where large packets go or why not, and when to try again.
+struct TapState {
+    tap: Option<Arc<GsoTap>>,
+    cutting: Result<String, String>,
+    again: Option<std::time::Instant>,
+}
+
+impl Shared {
+    fn tap_state(&self) -> std::sync::MutexGuard<'_, TapState> {
+        self.tap.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Opens or closes the sending TAP as asked (at the start, on `set`, and again a while
+    /// after another process held it); the packet thread takes the change with the next
+    /// table generation.
+    fn sync_tap(&self) {
+        let mut state = self.tap_state();
+        state.again = None;
+        let now = if !self.want_cut.load(Ordering::Relaxed) {
+            state.tap = None;
+            Err("off (KernelSegmentation: false)".to_string())
+        } else if let Some(tap) = &state.tap {
+            Ok(tap.name.clone())
+        } else {
+            match open_gso_tap(&self.device) {
+                Ok(tap) => {
+                    let name = tap.name.clone();
+                    state.tap = Some(Arc::new(tap));
+                    Ok(name)
+                }
+                Err(no) => {
+                    if no.again {
+                        state.again = Some(std::time::Instant::now() + TAP_AGAIN);
+                    }
+                    Err(no.why)
+                }
+            }
+        };
+        Self::note(&mut state, now);
+        drop(state);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Tries for the TAP again when it is time.
+    fn sync_tap_when_due(&self) {
+        let due = self.tap_state().again.is_some_and(|t| std::time::Instant::now() >= t);
+        if due {
+            self.sync_tap();
+        }
+    }
+
+    /// The packet thread's TAP was refused a packet: given up (until the next `set`).
+    fn give_up_tap(&self, why: String) {
+        let mut state = self.tap_state();
+        state.tap = None;
+        Self::note(&mut state, Err(why));
+    }
+
+    fn note(state: &mut TapState, now: Result<String, String>) {
+        if state.cutting != now {
+            match &now {
+                Ok(tap) => tracing::info!("large TCP packets go to {tap} for the kernel to cut"),
+                Err(why) => tracing::info!("large TCP packets are cut here: {why}"),
+            }
+            state.cutting = now;
+        }
+    }
 }
 
 impl Shared {
@@ -178,14 +263,18 @@ pub fn run(config: Config) -> io::Result<()> {
         table: Mutex::new(Arc::new(Table::new(config.subnet, config.network, []))),
         generation: AtomicU64::new(0),
         counters: Counters::default(),
+        want_cut: std::sync::atomic::AtomicBool::new(config.kernel_segmentation),
+        tap: Mutex::new(TapState { tap: None, cutting: Err("not yet".into()), again: None }),
+        device: config.device.clone(),
     });
+    shared.sync_tap();
     let (tun, udp) = (Arc::new(tun), Arc::new(udp));
     tracing::info!("forwarding between {} and UDP port {}", config.device, config.port);
     let (done_tx, done_rx) = std::sync::mpsc::channel::<io::Error>();
     {
-        let (tun, udp, shared, done) = (tun.clone(), udp.clone(), shared.clone(), done_tx);
+        let (tun, udp, shared, done, config) = (tun.clone(), udp.clone(), shared.clone(), done_tx, config.clone());
         std::thread::Builder::new().name("forward".into()).spawn(move || {
-            let e = forward(&tun, &udp, config.port, &shared);
+            let e = forward(&tun, &udp, &config, &shared);
             let _ = done.send(e);
         })?;
     }
@@ -217,6 +306,8 @@ pub fn run(config: Config) -> io::Result<()> {
     }
     let e = done_rx.recv().unwrap_or_else(|_| io::Error::other("the packet thread ended"));
     let _ = std::fs::remove_file(&config.socket);
+    // The sending TAP goes with the forwarder (the packet thread has let go of its own).
+    shared.tap_state().tap = None;
     // The device gone (deleted, its namespace going): the forwarder's work is over.
     if e.raw_os_error() == Some(libc::EBADFD) || sys::if_index(&config.device).is_none() {
         tracing::info!("{} is gone; stopping", config.device);
@@ -248,10 +339,19 @@ fn net(request: &Value, key: &str) -> Result<Option<Ipv4Net>, String> {
 }
 
 fn handle(request: &Value, shared: &Shared, config: &Config) -> Result<Value, String> {
+    shared.sync_tap_when_due();
     match request.get("op").and_then(Value::as_str) {
         Some("status") => {}
         Some("set") => {
             let (subnet, network) = (net(request, "subnet")?, net(request, "network")?);
+            match request.get("kernel_segmentation") {
+                None | Some(Value::Null) => {}
+                Some(Value::Bool(b)) => {
+                    shared.want_cut.store(*b, Ordering::Relaxed);
+                    shared.sync_tap();
+                }
+                Some(other) => return Err(format!("kernel_segmentation: {other} is not true or false")),
+            }
             shared.swap(|t| Table::new(subnet, network, t.peers()));
         }
         Some("put") => {
@@ -280,14 +380,75 @@ fn handle(request: &Value, shared: &Shared, config: &Config) -> Result<Value, St
         "subnet": table.subnet.map(|s| s.to_string()),
         "network": table.network.map(|s| s.to_string()),
         "peers": peers,
+        "kernel_segmentation": shared.want_cut.load(Ordering::Relaxed),
+        "kernel_cut": match &shared.tap_state().cutting {
+            Ok(device) => json!({"device": device}),
+            Err(why) => json!({"off": why}),
+        },
         "counters": shared.counters.json(),
     }))
+}
+
+/// The sending TAP: large TCP packets from the TUN go into it with their outer headers in
+/// front, the kernel forwards them to the peer as it does any packet and cuts them into
+/// datagrams where they leave (or lets a NIC do it). Its own to the forwarder: it goes when
+/// the forwarder does.
+struct GsoTap {
+    file: File,
+    name: String,
+    mac: [u8; 6],
+}
+
+/// The name of the sending TAP beside the TUN device `device`.
+pub fn tap_name(device: &str) -> String {
+    format!("{device}-tx")
+}
+
+/// Why the sending TAP could not be had, and whether to try again soon (another forwarder,
+/// being replaced, still holds it).
+struct NoTap {
+    why: String,
+    again: bool,
+}
+
+/// Opens the sending TAP beside `device`, or says why large packets are cut in user space
+/// instead.
+fn open_gso_tap(device: &str) -> Result<GsoTap, NoTap> {
+    let name = tap_name(device);
+    let no = |why: String| NoTap { why, again: false };
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(no(format!("{name:?} is too long a device name")));
+    }
+    // What the node forwards from its own address: strict reverse-path filtering drops it.
+    let sysctl =
+        |key: &str| std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{key}")).map(|v| v.trim().to_string());
+    if sysctl("all/rp_filter").ok().as_deref() == Some("1") {
+        return Err(no("net.ipv4.conf.all.rp_filter is 1 (strict)".into()));
+    }
+    let fd = sys::tap_open_tunnel_gso(&name).map_err(|e| match e.raw_os_error() {
+        Some(libc::EBUSY) => NoTap { why: format!("{name} is held by another process: {e}"), again: true },
+        _ => no(format!("the kernel does not cut packets already in UDP (TUN/TAP, Linux 6.17+): {e}")),
+    })?;
+    let no = |why: String| NoTap { why, again: true };
+    let file = File::from(fd);
+    // Taken as if it came from the TAP: accepted though its source is this node's own address,
+    // and forwarded.
+    for (key, value) in [("accept_local", "1"), ("rp_filter", "0"), ("forwarding", "1")] {
+        std::fs::write(format!("/proc/sys/net/ipv4/conf/{name}/{key}"), value)
+            .map_err(|e| no(format!("net.ipv4.conf.{name}.{key}: {e}")))?;
+    }
+    // No IPv6 on it (no addresses, no router solicitations).
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+    let mac = sys::link_up(&name).map_err(|e| no(format!("{name}: {e}")))?;
+    Ok(GsoTap { file, name, mac })
 }
 
 fn is_would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
 
+/// How soon to try for the sending TAP again when another process held it.
+const TAP_AGAIN: Duration = Duration::from_secs(1);
 /// Reads from the TUN per wake-up at most.
 const TUN_BATCH: usize = 16;
 /// A TUN read: the vnet header and up to 64 KiB of packet.
@@ -352,10 +513,18 @@ struct TunToUdp<'a> {
     singles: Vec<(usize, usize, usize, SocketAddrV4)>,
     batch: Batch,
     current: Current<'a>,
+    /// The sending TAP (taken from the control thread's when the generation changes; it may
+    /// keep one the control thread let go until the next packet comes), and per peer the
+    /// address the kernel sends to it from (looked up again then too).
+    tap: Option<Arc<GsoTap>>,
+    sources: HashMap<Ipv4Addr, Option<Ipv4Addr>>,
+    generation: u64,
+    ip_id: u16,
 }
 
 impl<'a> TunToUdp<'a> {
     fn new(tun: &'a File, udp: &'a UdpSocket, port: u16, shared: &'a Shared) -> TunToUdp<'a> {
+        let current = Current::new(shared);
         TunToUdp {
             tun,
             udp,
@@ -366,7 +535,52 @@ impl<'a> TunToUdp<'a> {
             segments: Vec::with_capacity(TUN_SLOT + 8192),
             singles: Vec::with_capacity(TUN_BATCH),
             batch: Batch::new(TUN_BATCH),
-            current: Current::new(shared),
+            generation: current.generation,
+            tap: shared.tap_state().tap.clone(),
+            current,
+            sources: HashMap::new(),
+            ip_id: 0,
+        }
+    }
+
+    /// Hands the large TCP packet `packet` (read with `hdr`) to the kernel to cut, through the
+    /// TAP; false when it cannot go that way (it is then cut here). A TAP the kernel refuses
+    /// packets from is given up for good.
+    fn kernel_cut(&mut self, packet: &[u8], hdr: &VnetHdr, peer: SocketAddrV4) -> bool {
+        let shared = self.current.shared;
+        if self.tap.is_none() {
+            shared.sync_tap_when_due();
+        }
+        if self.current.generation != self.generation {
+            self.generation = self.current.generation;
+            self.sources.clear();
+            self.tap = shared.tap_state().tap.clone();
+        }
+        let Some(tap) = &self.tap else { return false };
+        let Some(src) = *self.sources.entry(*peer.ip()).or_insert_with(|| sys::source_for(peer)) else {
+            return false;
+        };
+        let encap = Encap { mac: tap.mac, src, dst: *peer.ip(), port: peer.port(), id: self.ip_id };
+        let mut prefix = [0u8; ENCAP_PREFIX_LEN];
+        let Some(datagrams) = offload::encapsulate(packet, hdr, &encap, &mut prefix) else {
+            return false;
+        };
+        let counters = &self.current.shared.counters;
+        match sys::write_two(tap.file.as_fd(), &prefix, packet) {
+            Ok(_) => {
+                self.ip_id = self.ip_id.wrapping_add(datagrams as u16);
+                counters.kernel_cut.fetch_add(1, Ordering::Relaxed);
+                counters.udp_tx_packets.fetch_add(datagrams as u64, Ordering::Relaxed);
+                counters.udp_tx_bytes.fetch_add(packet.len() as u64, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                let why = format!("{} refused a packet: {e}", tap.name);
+                tracing::warn!("{why}");
+                shared.give_up_tap(why);
+                self.tap = None;
+                false
+            }
         }
     }
 
@@ -443,6 +657,13 @@ impl<'a> TunToUdp<'a> {
                 offload::GSO_TCPV4 => {
                     // In order: what came before it goes first.
                     send_singles(&mut self.batch, udp, &self.slots, &mut self.singles, counters);
+                    let slot = std::mem::take(&mut self.slots[i]);
+                    let cut = self.kernel_cut(&slot[VNET_HDR_LEN..len], &hdr, peer);
+                    self.slots[i] = slot;
+                    if cut {
+                        continue;
+                    }
+                    let counters = &self.current.shared.counters;
                     let packet = &self.slots[i][VNET_HDR_LEN..len];
                     let Ok((size, _)) = offload::segment(packet, &hdr, &mut self.segments) else {
                         counters.drop(Drop::Malformed);
@@ -480,17 +701,26 @@ struct UdpToTun<'a> {
     batch: Batch,
     current: Current<'a>,
     coalescer: Coalescer,
+    /// The TUN's name and MTU (read again when the table changes): a datagram longer than the
+    /// MTU that holds one whole TCP packet is a peer's kernel-cut send that came uncut.
+    device: &'a str,
+    mtu: usize,
+    mtu_of: Arc<Table>,
 }
 
 impl<'a> UdpToTun<'a> {
-    fn new(tun: &'a File, udp: &'a UdpSocket, shared: &'a Shared) -> UdpToTun<'a> {
+    fn new(tun: &'a File, udp: &'a UdpSocket, device: &'a str, shared: &'a Shared) -> UdpToTun<'a> {
+        let current = Current::new(shared);
         UdpToTun {
+            device,
+            mtu: sys::mtu(device).unwrap_or(usize::MAX),
+            mtu_of: current.table.clone(),
             tun,
             udp,
             slots: vec![vec![0u8; UDP_SLOT]; UDP_BATCH],
             received: [Received::default(); UDP_BATCH],
             batch: Batch::new(UDP_BATCH),
-            current: Current::new(shared),
+            current,
             coalescer: Coalescer::default(),
         }
     }
@@ -504,6 +734,11 @@ impl<'a> UdpToTun<'a> {
             Err(e) => return Err(e),
         };
         let table = self.current.refresh();
+        if !Arc::ptr_eq(&self.mtu_of, &table) {
+            self.mtu = sys::mtu(self.device).unwrap_or(self.mtu);
+            self.mtu_of = table.clone();
+        }
+        let mtu = self.mtu;
         let counters = &self.current.shared.counters;
         let tun = self.tun;
         let failed: std::cell::Cell<Option<io::Error>> = std::cell::Cell::new(None);
@@ -553,7 +788,22 @@ impl<'a> UdpToTun<'a> {
                 }
                 counters.tun_tx_packets.fetch_add(1, Ordering::Relaxed);
                 counters.tun_tx_bytes.fetch_add(header.total_len as u64, Ordering::Relaxed);
-                coalescer.push(&datagram[..header.total_len], &mut write);
+                let packet = &datagram[..header.total_len];
+                if let Some(whole) = r.segment.is_none().then(|| offload::whole_tcp(packet, mtu)).flatten() {
+                    coalescer.flush(&mut write);
+                    let mut vnet = [0u8; VNET_HDR_LEN];
+                    whole.encode(&mut vnet);
+                    match sys::write_two(tun.as_fd(), &vnet, packet) {
+                        Ok(_) => {
+                            counters.tun_writes.fetch_add(1, Ordering::Relaxed);
+                            counters.whole_received.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) if e.raw_os_error() == Some(libc::EBADFD) => failed.set(Some(e)),
+                        Err(_) => counters.drop(Drop::IoError),
+                    }
+                    continue;
+                }
+                coalescer.push(packet, &mut write);
             }
         }
         coalescer.flush(&mut write);
@@ -568,9 +818,9 @@ impl<'a> UdpToTun<'a> {
 /// (a TUN write often leaves the pod's answer ready to read at once: its ACK, its next
 /// segments); it sleeps only when neither has anything. On two cores this beat a thread each
 /// way (fewer context switches; docs/benchmarks.md).
-fn forward(tun: &File, udp: &UdpSocket, port: u16, shared: &Shared) -> io::Error {
-    let mut out = TunToUdp::new(tun, udp, port, shared);
-    let mut inbound = UdpToTun::new(tun, udp, shared);
+fn forward(tun: &File, udp: &UdpSocket, config: &Config, shared: &Shared) -> io::Error {
+    let mut out = TunToUdp::new(tun, udp, config.port, shared);
+    let mut inbound = UdpToTun::new(tun, udp, &config.device, shared);
     loop {
         let sent = match out.step() {
             Ok(n) => n,

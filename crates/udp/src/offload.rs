@@ -5,6 +5,13 @@
 //! the last: one UDP GSO send). On the way in, consecutive segments of one TCP flow are joined
 //! back into one large packet ([`Coalescer`]) that the kernel takes in one TUN write and
 //! segments again only if it has to.
+//!
+//! Where the kernel can cut packets that are already in UDP (GSO over a UDP tunnel, TUN/TAP
+//! since Linux 6.17), the forwarder cuts nothing: it puts the outer headers before the large
+//! packet ([`encapsulate`]) and writes it to a TAP device of its own; the kernel forwards it
+//! to the peer and cuts it where it leaves the node (or a NIC does), into the same datagrams.
+//! Over a path that never cuts it (veth: the lab, nodes in containers) the peer receives it
+//! whole, its TCP checksum still partial ([`whole_tcp`]), and writes it to its TUN as it is.
 
 /// `struct virtio_net_hdr`: what precedes every packet read from or written to the TUN.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -22,6 +29,15 @@ pub const F_NEEDS_CSUM: u8 = 1;
 pub const GSO_NONE: u8 = 0;
 pub const GSO_TCPV4: u8 = 1;
 pub const GSO_ECN: u8 = 0x80;
+/// `gso_type` bit: the packet is in UDP over IPv4, the GSO type is the inner packet's.
+pub const GSO_UDP_TUNNEL_IPV4: u8 = 0x20;
+/// `struct virtio_net_hdr_v1_hash_tunnel`: the header a TAP queue takes once its size is set to
+/// this (`TUNSETVNETHDRSZ`), with the outer UDP and inner IP headers' offsets at its end.
+pub const TUNNEL_VNET_HDR_LEN: usize = 24;
+const ETH_LEN: usize = 14;
+/// What goes before an inner packet written to the sending TAP: the tunnel vnet header, an
+/// Ethernet header, the outer IPv4 and UDP headers.
+pub const ENCAP_PREFIX_LEN: usize = TUNNEL_VNET_HDR_LEN + ETH_LEN + 20 + 8;
 const TCP: u8 = 6;
 const UDP: u8 = 17;
 const FIN: u8 = 0x01;
@@ -104,6 +120,121 @@ pub fn complete_checksum(packet: &mut [u8], hdr: &VnetHdr) -> bool {
     true
 }
 
+/// Whether the TCP checksum of the IPv4 packet `p` holds only its pseudo-header's sum (left
+/// partial, for a device to complete), as a kernel hands on a packet whose checksum it
+/// offloaded and a virtual device (veth) delivers it: no wire was crossed to damage it.
+pub fn tcp_checksum_partial(p: &[u8]) -> bool {
+    let Some(&first) = p.first() else { return false };
+    let ihl = usize::from(first & 0x0f) * 4;
+    if first >> 4 != 4 || ihl < 20 || p.len() < ihl + 20 || p[9] != TCP {
+        return false;
+    }
+    let field = u16::from_be_bytes([p[ihl + 16], p[ihl + 17]]);
+    let partial = fold(pseudo(p, TCP, p.len() - ihl));
+    // One's complement has two zeros.
+    field == partial || (field | partial == 0xffff && field & partial == 0)
+}
+
+/// The vnet header for writing `p` (an IPv4/TCP packet whose checksum is left partial) alone
+/// to the TUN: the kernel completes its checksum.
+pub fn partial_checksum_header(p: &[u8]) -> VnetHdr {
+    let ihl = usize::from(p[0] & 0x0f) * 4;
+    VnetHdr { flags: F_NEEDS_CSUM, csum_start: ihl as u16, csum_offset: 16, ..VnetHdr::default() }
+}
+
+/// The outer headers of a packet the kernel is to cut: this node's TAP (its MAC), the source
+/// address the kernel would send from, the peer, the port, and the IP id of the first datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Encap {
+    pub mac: [u8; 6],
+    pub src: std::net::Ipv4Addr,
+    pub dst: std::net::Ipv4Addr,
+    pub port: u16,
+    pub id: u16,
+}
+
+/// Fills `out` with what goes before `packet` (an IPv4/TCP packet read from the TUN with `hdr`:
+/// GSO TCPv4, checksum partial) for the kernel to cut it into UDP datagrams to `e.dst`, each
+/// one segment of `hdr.gso_size` bytes of payload in IPv4/UDP, flannel's format: the tunnel
+/// vnet header (GSO over UDP/IPv4, the inner checksum to complete), an Ethernet header to the
+/// TAP itself, the outer IPv4 header (DF, TTL 64, checksum) and the UDP header (no checksum,
+/// as VXLAN's). How many datagrams it makes; `None` when it cannot go this way.
+pub fn encapsulate(packet: &[u8], hdr: &VnetHdr, e: &Encap, out: &mut [u8; ENCAP_PREFIX_LEN]) -> Option<usize> {
+    if packet.len() < 40 || packet[0] >> 4 != 4 || packet[9] != TCP {
+        return None;
+    }
+    let ihl = usize::from(packet[0] & 0x0f) * 4;
+    if ihl < 20 || packet.len() < ihl + 20 {
+        return None;
+    }
+    let thl = usize::from(packet[ihl + 12] >> 4) * 4;
+    let hl = ihl + thl;
+    let mss = usize::from(hdr.gso_size);
+    let partial = hdr.flags & F_NEEDS_CSUM != 0 && usize::from(hdr.csum_start) == ihl && hdr.csum_offset == 16;
+    let outer_len = 28 + packet.len();
+    if thl < 20 || packet.len() <= hl || mss == 0 || !partial || outer_len > 65535 {
+        return None;
+    }
+    out.fill(0);
+    let inner_nh = ETH_LEN + 28;
+    let (v, rest) = out.split_at_mut(TUNNEL_VNET_HDR_LEN);
+    v[0] = F_NEEDS_CSUM;
+    v[1] = GSO_UDP_TUNNEL_IPV4 | (hdr.gso_type & (GSO_TCPV4 | GSO_ECN));
+    v[2..4].copy_from_slice(&((inner_nh + hl) as u16).to_le_bytes());
+    v[4..6].copy_from_slice(&hdr.gso_size.to_le_bytes());
+    v[6..8].copy_from_slice(&((inner_nh + ihl) as u16).to_le_bytes());
+    v[8..10].copy_from_slice(&16u16.to_le_bytes());
+    // num_buffers, hash value, report and padding stay zero; then the two offsets.
+    v[20..22].copy_from_slice(&((ETH_LEN + 20) as u16).to_le_bytes());
+    v[22..24].copy_from_slice(&(inner_nh as u16).to_le_bytes());
+    rest[..6].copy_from_slice(&e.mac);
+    rest[6..12].copy_from_slice(&e.mac);
+    rest[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = &mut rest[ETH_LEN..ETH_LEN + 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&(outer_len as u16).to_be_bytes());
+    ip[4..6].copy_from_slice(&e.id.to_be_bytes());
+    ip[6] = 0x40;
+    ip[8] = 64;
+    ip[9] = UDP;
+    ip[12..16].copy_from_slice(&e.src.octets());
+    ip[16..20].copy_from_slice(&e.dst.octets());
+    set_ip_checksum(ip, 20);
+    let udp = &mut rest[ETH_LEN + 20..];
+    udp[0..2].copy_from_slice(&e.port.to_be_bytes());
+    udp[2..4].copy_from_slice(&e.port.to_be_bytes());
+    udp[4..6].copy_from_slice(&((8 + packet.len()) as u16).to_be_bytes());
+    Some((packet.len() - hl).div_ceil(mss))
+}
+
+/// When the datagram `p` is one whole TCP packet longer than `mtu` with its checksum left
+/// partial — a peer's kernel-cut send that reached this node uncut (over veth) — the vnet
+/// header that has the kernel take it as the segments it stands for (`mtu` is the TUN's: each
+/// segment fits the pods' MTU). Anything else is `None` and goes the usual way.
+pub fn whole_tcp(p: &[u8], mtu: usize) -> Option<VnetHdr> {
+    if p.len() <= mtu || p.len() < 40 || p[0] >> 4 != 4 || p[9] != TCP {
+        return None;
+    }
+    let ihl = usize::from(p[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
+    if ihl < 20 || total != p.len() || p.len() < ihl + 20 {
+        return None;
+    }
+    let thl = usize::from(p[ihl + 12] >> 4) * 4;
+    let hl = ihl + thl;
+    if thl < 20 || p.len() <= hl || mtu <= hl || !tcp_checksum_partial(p) {
+        return None;
+    }
+    Some(VnetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: GSO_TCPV4 | if p[ihl + 13] & CWR != 0 { GSO_ECN } else { 0 },
+        hdr_len: hl as u16,
+        gso_size: (mtu - hl) as u16,
+        csum_start: ihl as u16,
+        csum_offset: 16,
+    })
+}
+
 /// Why a large packet from the TUN cannot be cut into segments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SegmentError {
@@ -184,6 +315,8 @@ pub struct Coalescer {
     mss: usize,
     /// The payload of the last is shorter than `mss` (or it has PSH): nothing may follow.
     closed: bool,
+    /// The first segment's checksum was left partial (it stays so when it goes alone).
+    partial: bool,
 }
 
 /// Most segments joined into one packet.
@@ -191,7 +324,7 @@ const MAX_COALESCE: usize = 64;
 
 impl Default for Coalescer {
     fn default() -> Self {
-        Coalescer { buf: Vec::with_capacity(65536 + VNET_HDR_LEN), count: 0, mss: 0, closed: false }
+        Coalescer { buf: Vec::with_capacity(65536 + VNET_HDR_LEN), count: 0, mss: 0, closed: false, partial: false }
     }
 }
 
@@ -242,8 +375,11 @@ impl Coalescer {
     pub fn push(&mut self, p: &[u8], emit: &mut dyn FnMut(&[u8])) {
         // Only segments whose checksum is right are joined: a joined packet is written with
         // its checksum left to the kernel, which would bless a damaged one. A damaged segment
-        // goes alone, as it came, for the kernel to check (and drop).
-        let parts = tcp_parts(p).filter(|_| fold(sum(&p[20..], pseudo(p, TCP, p.len() - 20))) == 0xffff);
+        // goes alone, as it came, for the kernel to check (and drop). A checksum left partial
+        // (a peer's kernel-cut send over veth, where no wire could damage it) is completed by
+        // the kernel, joined or alone.
+        let right = |p: &[u8]| fold(sum(&p[20..], pseudo(p, TCP, p.len() - 20))) == 0xffff;
+        let parts = tcp_parts(p).filter(|_| right(p) || tcp_checksum_partial(p));
         if let Some((hl, payload)) = parts {
             if self.continues(p, hl, payload) {
                 self.buf.extend_from_slice(&p[hl..]);
@@ -262,11 +398,16 @@ impl Coalescer {
                 self.count = 1;
                 self.mss = payload;
                 self.closed = p[33] & PSH != 0;
+                self.partial = tcp_checksum_partial(p);
             }
-            // Not a data segment: alone, with an empty vnet header.
+            // Not a data segment: alone, with an empty vnet header (or one that has the kernel
+            // complete a partial checksum).
             _ => {
                 self.buf.clear();
                 self.buf.extend_from_slice(&[0; VNET_HDR_LEN]);
+                if tcp_checksum_partial(p) {
+                    partial_checksum_header(p).encode(&mut self.buf);
+                }
                 self.buf.extend_from_slice(p);
                 emit(&self.buf);
                 self.buf.clear();
@@ -297,11 +438,14 @@ impl Coalescer {
                 csum_offset: 16,
             };
             hdr.encode(&mut self.buf[..VNET_HDR_LEN]);
+        } else if self.partial {
+            partial_checksum_header(&self.buf[VNET_HDR_LEN..]).encode(&mut self.buf[..VNET_HDR_LEN]);
         }
         emit(&self.buf);
         self.buf.clear();
         self.count = 0;
         self.closed = false;
+        self.partial = false;
     }
 }
 
@@ -454,6 +598,123 @@ mod tests {
         let (len, count) = segment(&big, &hdr, &mut out).unwrap();
         assert_eq!((len, count), (252, 300));
         assert!(out.chunks(252).all(tcp_checksum_ok));
+    }
+
+    /// `p` with its TCP checksum left partial, as a kernel that offloaded it hands it on.
+    fn partial(mut p: Vec<u8>) -> Vec<u8> {
+        let len = p.len();
+        let c = fold(pseudo(&p, TCP, len - 20));
+        p[36..38].copy_from_slice(&c.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn large_packets_get_the_headers_the_kernel_cuts_them_by() {
+        let big = partial(tcp_packet(8000));
+        let hdr = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4 | GSO_ECN,
+            hdr_len: 52,
+            gso_size: 1420,
+            csum_start: 20,
+            csum_offset: 16,
+        };
+        let e = Encap {
+            mac: [2, 0, 0, 0, 0, 9],
+            src: "198.18.0.2".parse().unwrap(),
+            dst: "198.18.0.3".parse().unwrap(),
+            port: 8285,
+            id: 77,
+        };
+        let mut out = [0u8; ENCAP_PREFIX_LEN];
+        assert_eq!(encapsulate(&big, &hdr, &e, &mut out), Some(6), "8,000 bytes at 1,420 a datagram");
+        let u = |i: usize| u16::from_le_bytes([out[i], out[i + 1]]);
+        // struct virtio_net_hdr_v1_hash_tunnel: offsets from the Ethernet header's start.
+        assert_eq!((out[0], out[1]), (F_NEEDS_CSUM, GSO_UDP_TUNNEL_IPV4 | GSO_TCPV4 | GSO_ECN));
+        assert_eq!((u(2), u(4), u(6), u(8)), (42 + 52, 1420, 42 + 20, 16), "hdr_len, gso_size, csum start/offset");
+        assert_eq!(out[10..20], [0; 10], "num_buffers, hash");
+        assert_eq!((u(20), u(22)), (34, 42), "outer UDP header, inner IP header");
+        let frame = &out[TUNNEL_VNET_HDR_LEN..];
+        assert_eq!((&frame[..6], &frame[6..12], &frame[12..14]), (&e.mac[..], &e.mac[..], &[8u8, 0][..]));
+        let ip = &frame[14..34];
+        assert_eq!(checksum(ip), 0, "outer IP checksum");
+        assert_eq!(usize::from(u16::from_be_bytes([ip[2], ip[3]])), 28 + big.len());
+        assert_eq!((u16::from_be_bytes([ip[4], ip[5]]), ip[6], ip[8], ip[9]), (77, 0x40, 64, UDP), "id, DF, TTL, UDP");
+        assert_eq!((&ip[12..16], &ip[16..20]), (&[198, 18, 0, 2][..], &[198, 18, 0, 3][..]));
+        let udp = &frame[34..42];
+        assert_eq!(udp, [0x20, 0x5d, 0x20, 0x5d, ((8 + big.len()) >> 8) as u8, (8 + big.len()) as u8, 0, 0]);
+        // Not this way: a checksum that is not partial, a packet too long for one outer IP
+        // packet, no MSS, not TCP.
+        assert_eq!(encapsulate(&big, &VnetHdr { flags: 0, ..hdr }, &e, &mut out), None);
+        let huge = partial(tcp_packet(65_535 - 52 - 20));
+        assert_eq!(encapsulate(&huge, &hdr, &e, &mut out), None);
+        assert_eq!(encapsulate(&big, &VnetHdr { gso_size: 0, ..hdr }, &e, &mut out), None);
+        let mut udp_packet = big.clone();
+        udp_packet[9] = UDP;
+        assert_eq!(encapsulate(&udp_packet, &hdr, &e, &mut out), None);
+    }
+
+    #[test]
+    fn an_uncut_datagram_is_taken_whole_only_when_it_is_one_partial_tcp_packet() {
+        let big = partial(tcp_packet(5000));
+        assert!(tcp_checksum_partial(&big));
+        let h = whole_tcp(&big, 1472).unwrap();
+        assert_eq!(
+            (h.flags, h.gso_type, h.hdr_len, h.gso_size, h.csum_start, h.csum_offset),
+            (F_NEEDS_CSUM, GSO_TCPV4, 52, 1472 - 52, 20, 16)
+        );
+        let mut cwr = big.clone();
+        cwr[33] |= CWR;
+        assert_eq!(whole_tcp(&partial(cwr), 1472).unwrap().gso_type, GSO_TCPV4 | GSO_ECN);
+        // Within the MTU, a full checksum (the kernel checks it), another length, not TCP.
+        assert_eq!(whole_tcp(&partial(tcp_packet(1000)), 1472), None);
+        let full = tcp_packet(5000);
+        assert!(!tcp_checksum_partial(&full));
+        assert_eq!(whole_tcp(&full, 1472), None);
+        assert_eq!(whole_tcp(&big[..4000], 1472), None);
+        let mut other = big.clone();
+        other[9] = UDP;
+        assert_eq!(whole_tcp(&other, 1472), None);
+        // The kernel completes it: right once done.
+        let mut done = big.clone();
+        assert!(complete_checksum(&mut done, &h));
+        assert!(tcp_checksum_ok(&done));
+    }
+
+    #[test]
+    fn segments_with_partial_checksums_are_joined_and_completed() {
+        let hdr = VnetHdr { gso_type: GSO_TCPV4, gso_size: 1000, ..VnetHdr::default() };
+        let mut out = Vec::new();
+        segment(&tcp_packet(3000), &hdr, &mut out).unwrap();
+        let segs: Vec<Vec<u8>> = out.chunks(1052).map(|s| partial(s.to_vec())).collect();
+        let mut emitted = Vec::new();
+        let mut c = Coalescer::default();
+        for s in &segs {
+            c.push(s, &mut |x| emitted.push(x.to_vec()));
+        }
+        c.flush(&mut |x| emitted.push(x.to_vec()));
+        assert_eq!(emitted.len(), 1, "joined as right ones are");
+        // Alone, it goes with a header that has the kernel complete it.
+        let mut alone = Vec::new();
+        let mut c = Coalescer::default();
+        c.push(&segs[0], &mut |x| alone.push(x.to_vec()));
+        c.flush(&mut |x| alone.push(x.to_vec()));
+        let h = VnetHdr::decode(&alone[0]).unwrap();
+        assert_eq!((h.flags, h.gso_type, h.csum_start, h.csum_offset), (F_NEEDS_CSUM, GSO_NONE, 20, 16));
+        let mut done = alone[0][VNET_HDR_LEN..].to_vec();
+        assert!(complete_checksum(&mut done, &h));
+        assert!(tcp_checksum_ok(&done));
+        // A right one alone still goes with an empty header; so does one that is neither.
+        let right = tcp_packet(500);
+        let mut bad = right.clone();
+        bad[60] ^= 1;
+        for p in [right, bad] {
+            let mut e = Vec::new();
+            let mut c = Coalescer::default();
+            c.push(&p, &mut |x| e.push(x.to_vec()));
+            c.flush(&mut |x| e.push(x.to_vec()));
+            assert_eq!(e[0][..VNET_HDR_LEN], [0; VNET_HDR_LEN]);
+        }
     }
 
     #[test]

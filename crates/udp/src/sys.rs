@@ -11,12 +11,15 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 const TUNSETIFF: libc::Ioctl = 0x4004_54ca;
 const TUNSETPERSIST: libc::Ioctl = 0x4004_54cb;
 pub const IFF_TUN: libc::c_short = 0x0001;
+pub const IFF_TAP: libc::c_short = 0x0002;
 pub const IFF_NO_PI: libc::c_short = 0x1000;
 pub const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 pub const IFF_VNET_HDR: libc::c_short = 0x4000;
 const TUNSETOFFLOAD: libc::Ioctl = 0x4004_54d0;
 const TUN_F_CSUM: libc::c_ulong = 0x01;
 const TUN_F_TSO4: libc::c_ulong = 0x02;
+const TUN_F_UDP_TUNNEL_GSO: libc::c_ulong = 0x80;
+const TUNSETVNETHDRSZ: libc::Ioctl = 0x4004_54d8;
 const UDP_SEGMENT: libc::c_int = 103;
 const UDP_GRO: libc::c_int = 104;
 
@@ -78,6 +81,82 @@ pub fn set_persist(fd: BorrowedFd<'_>, persist: bool) -> io::Result<()> {
 pub fn tun_offload_tso4(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: TUNSETOFFLOAD takes its flags by value.
     check(unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4) }).map(drop)
+}
+
+/// A queue of the TAP device `name` (made when there is none, gone with its last queue) that
+/// takes packets already in UDP for the kernel to cut (GSO over a UDP tunnel: Linux 6.17 and
+/// later), with the 24-byte vnet header that carries the tunnel's offsets.
+pub fn tap_open_tunnel_gso(name: &str) -> io::Result<OwnedFd> {
+    let fd = tun_open(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)?;
+    let size = crate::offload::TUNNEL_VNET_HDR_LEN as libc::c_int;
+    // SAFETY: TUNSETVNETHDRSZ reads an int through the pointer, which lives across the call.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETVNETHDRSZ, &size as *const libc::c_int) })?;
+    // SAFETY: TUNSETOFFLOAD takes its flags by value.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_UDP_TUNNEL_GSO) })?;
+    Ok(fd)
+}
+
+/// `struct ifreq` for the flag, MTU and hardware address requests.
+#[repr(C)]
+struct IfReqData {
+    name: [u8; libc::IFNAMSIZ],
+    data: [u8; 24],
+}
+
+fn ifreq(name: &str, request: libc::Ioctl, set: Option<[u8; 24]>) -> io::Result<[u8; 24]> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{name:?} is no interface name")));
+    }
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut req = IfReqData { name: [0; libc::IFNAMSIZ], data: set.unwrap_or([0; 24]) };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: the request reads and writes a `struct ifreq`, which `req` is laid out as.
+    check(unsafe { libc::ioctl(socket.as_raw_fd(), request, &mut req as *mut IfReqData) })?;
+    Ok(req.data)
+}
+
+/// Sets the device `name` up; its MAC address.
+pub fn link_up(name: &str) -> io::Result<[u8; 6]> {
+    let mut flags = ifreq(name, libc::SIOCGIFFLAGS, None)?;
+    let up = i16::from_ne_bytes([flags[0], flags[1]]) | libc::IFF_UP as i16;
+    flags[..2].copy_from_slice(&up.to_ne_bytes());
+    ifreq(name, libc::SIOCSIFFLAGS, Some(flags))?;
+    // A `struct sockaddr`: the family, then the address.
+    let hw = ifreq(name, libc::SIOCGIFHWADDR, None)?;
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&hw[2..8]);
+    Ok(mac)
+}
+
+/// The MTU of the device `name`.
+pub fn mtu(name: &str) -> io::Result<usize> {
+    let data = ifreq(name, libc::SIOCGIFMTU, None)?;
+    Ok(i32::from_ne_bytes([data[0], data[1], data[2], data[3]]).max(0) as usize)
+}
+
+/// The address the kernel sends from to `peer` (a route lookup: no packet goes out).
+pub fn source_for(peer: SocketAddrV4) -> Option<Ipv4Addr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect(peer).ok()?;
+    match socket.local_addr().ok()? {
+        std::net::SocketAddr::V4(a) if !a.ip().is_unspecified() => Some(*a.ip()),
+        _ => None,
+    }
+}
+
+/// Writes `head` and `body` to `fd` as one packet (`writev`: the body is not copied here).
+pub fn write_two(fd: BorrowedFd<'_>, head: &[u8], body: &[u8]) -> io::Result<usize> {
+    let iov = [
+        libc::iovec { iov_base: head.as_ptr() as *mut libc::c_void, iov_len: head.len() },
+        libc::iovec { iov_base: body.as_ptr() as *mut libc::c_void, iov_len: body.len() },
+    ];
+    loop {
+        // SAFETY: two iovecs over the callers' slices (only read), alive across the call.
+        match check(unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), 2) } as libc::c_int) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other.map(|n| n as usize),
+        }
+    }
 }
 
 /// Asks the kernel to hand over datagrams of one flow joined (UDP GRO): one receive, many

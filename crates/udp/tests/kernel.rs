@@ -6,6 +6,10 @@
 //! its TUN as they are, and the kernel checks them). The other way, the peer sends its data
 //! with UDP GSO (so the forwarder's socket receives it joined) and the forwarder writes it to the
 //! TUN in fewer writes than segments; the kernel's TCP takes it and the bytes are right.
+//!
+//! Twice: with the forwarder cutting large packets itself, and with the kernel cutting them
+//! (through the forwarder's TAP) on an uplink without offloads, as a NIC without them would:
+//! what reaches the wire must be the same.
 
 #![allow(clippy::unwrap_used)]
 
@@ -75,8 +79,17 @@ fn u32_at(b: &[u8], i: usize) -> u32 {
 
 #[test]
 fn tso_packets_leave_as_checked_segments_and_gso_datagrams_arrive_joined() {
+    through_the_forwarder(false);
+}
+
+#[test]
+fn tso_packets_cut_by_the_kernel_leave_as_the_same_segments() {
+    through_the_forwarder(true);
+}
+
+fn through_the_forwarder(kernel_cut: bool) {
     assert!(nix_is_root(), "needs root");
-    let tag = std::process::id() % 100_000;
+    let tag = std::process::id() % 100_000 * 10 + u32::from(kernel_cut);
     let (a, b) = (Ns(format!("wuk{tag}a")), Ns(format!("wuk{tag}b")));
     let na = weft_netns::create_named(&a.0).unwrap();
     let nb = weft_netns::create_named(&b.0).unwrap();
@@ -88,6 +101,15 @@ fn tso_packets_leave_as_checked_segments_and_gso_datagrams_arrive_joined() {
         ip(ns, &["link", "set", "lo", "up"]);
     }
     ip(&a.0, &["addr", "add", &format!("{LOCAL}/32"), "dev", "lo"]);
+    if kernel_cut {
+        // No offloads on the uplink: the kernel cuts in software and fills every checksum in.
+        let out = Command::new("ip")
+            .args(["netns", "exec", &a.0, "ethtool", "-K", "eth0", "tx", "off", "tx-udp_tnl-segmentation", "off"])
+            .args(["tx-udp_tnl-csum-segmentation", "off"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ethtool: {}", String::from_utf8_lossy(&out.stderr));
+    }
     // The TUN as the agent makes it (persistent, multi-queue), the peer's subnet routed to it.
     na.run(|| {
         let fd = weft_udp::sys::tun_open(
@@ -108,6 +130,7 @@ fn tso_packets_leave_as_checked_segments_and_gso_datagrams_arrive_joined() {
         subnet: Some("198.19.1.0/24".parse().unwrap()),
         network: Some("198.19.0.0/16".parse().unwrap()),
         socket: socket.clone(),
+        kernel_segmentation: kernel_cut,
     };
     let forwarder_ns = weft_netns::NetNs::open(weft_netns::named_path(&a.0)).unwrap();
     std::thread::spawn(move || forwarder_ns.run(|| weft_udp::forwarder::run(config)));
@@ -188,6 +211,13 @@ fn tso_packets_leave_as_checked_segments_and_gso_datagrams_arrive_joined() {
         "the kernel handed over large packets (TSO): {c}"
     );
     assert!(datagrams >= 400_000 / MTU);
+    if kernel_cut {
+        assert_eq!(status["kernel_cut"]["device"], "wt0-tx", "{status}");
+        assert!(c["kernel_cut"].as_u64().unwrap() > 0, "large packets went to the kernel: {c}");
+    } else {
+        assert_eq!(c["kernel_cut"], 0, "{c}");
+        assert!(status["kernel_cut"]["off"].as_str().unwrap().contains("KernelSegmentation: false"), "{status}");
+    }
 
     // The answer: 60,000 bytes in segments of 1,000, sent with UDP GSO (joined on receipt).
     let answer: Vec<u8> = (0..60_000u32).map(|i| (i % 241) as u8).collect();
@@ -212,11 +242,20 @@ fn tso_packets_leave_as_checked_segments_and_gso_datagrams_arrive_joined() {
     let idle: Vec<_> = (0..5).map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap()).collect();
     weft_udp::forwarder::ask(&socket, &json!({"op": "status"})).expect("answered beside idle connections");
     drop(idle);
-    // The device gone: the forwarder ends.
+    // The device gone: the forwarder ends, and its TAP with it.
     ip(&a.0, &["link", "del", "wt0"]);
     let deadline = Instant::now() + Duration::from_secs(5);
     while weft_udp::forwarder::ask(&socket, &json!({"op": "status"})).is_ok() {
         assert!(Instant::now() < deadline, "the forwarder outlived its device");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let links = Command::new("ip").args(["-n", &a.0, "link", "show"]).output().unwrap();
+        if !String::from_utf8_lossy(&links.stdout).contains("wt0-tx") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the TAP outlived the forwarder");
         std::thread::sleep(Duration::from_millis(20));
     }
 }

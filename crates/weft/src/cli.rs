@@ -66,6 +66,10 @@ struct UdpForwarderArgs {
     /// The control socket the agent talks to.
     #[arg(long)]
     socket: PathBuf,
+    /// Large TCP packets go to the kernel to be cut into datagrams (through a TAP device
+    /// beside the TUN) where it can; false: the forwarder cuts them.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    kernel_segmentation: bool,
 }
 
 #[derive(Subcommand)]
@@ -299,6 +303,7 @@ pub fn main() -> i32 {
                 subnet: a.subnet,
                 network: a.network,
                 socket: a.socket,
+                kernel_segmentation: a.kernel_segmentation,
             })
             .map_err(|e| anyhow::anyhow!("udp forwarder: {e}"))
         }

@@ -341,6 +341,12 @@ fn a_node_moved_off_udp_loses_its_tun_and_forwarder() {
     let status = |s: &std::path::Path| weft_udp::forwarder::ask(s, &serde_json::json!({"op": "status"}));
     assert!(status(&socket).is_ok(), "no forwarder: {}", node.log());
     assert!(node.ns.sh(&["ip", "link", "show"]).contains("weft-udp"));
+    // Its sending TAP goes with it too.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !node.ns.sh(&["ip", "link", "show"]).contains("weft-udp-tx") {
+        assert!(Instant::now() < deadline, "no sending TAP: {:?}", status(&socket));
+        std::thread::sleep(Duration::from_millis(50));
+    }
     drop(agent);
     std::fs::remove_file(node.dir.path().join("subnet.env")).unwrap();
     std::fs::write(node.dir.path().join("net-conf.json"), r#"{"Network": "198.19.0.0/16"}"#).unwrap();
@@ -353,4 +359,41 @@ fn a_node_moved_off_udp_loses_its_tun_and_forwarder() {
     assert!(node.ns.sh(&["ip", "link", "show"]).contains("weft.1"));
     assert!(!node.ns.sh(&["ip", "route", "show", "proto", "200"]).contains("weft-udp"));
     assert!(node.log().contains("removed weft-udp"), "{}", node.log());
+}
+
+/// `KernelSegmentation: false`: the forwarder cuts large packets itself and makes no TAP; the
+/// setting turned on and the agent restarted, the running forwarder is told and makes it (no
+/// restart of the forwarder, no gap for the pods).
+#[test]
+fn udp_kernel_segmentation_is_a_setting_the_running_forwarder_follows() {
+    let conf = |on: bool| {
+        format!(r#"{{"Network": "198.19.0.0/16", "Backend": {{"Type": "udp", "KernelSegmentation": {on}}}}}"#)
+    };
+    let node = Node::new(&conf(false));
+    let agent = node.spawn_ready();
+    let socket = node.dir.path().join("udp-forwarder.sock");
+    let status = || weft_udp::forwarder::ask(&socket, &serde_json::json!({"op": "status"})).unwrap();
+    let first = status();
+    assert_eq!(first["kernel_segmentation"], false, "{first}");
+    assert!(first["kernel_cut"]["off"].as_str().unwrap().contains("KernelSegmentation: false"), "{first}");
+    assert!(!node.ns.sh(&["ip", "link", "show"]).contains("weft-udp-tx"));
+    drop(agent);
+    std::fs::write(node.dir.path().join("net-conf.json"), conf(true)).unwrap();
+    let _agent = node.spawn_ready();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = status();
+        if now["kernel_cut"]["device"] == "weft-udp-tx" && node.ns.sh(&["ip", "link", "show"]).contains("weft-udp-tx") {
+            assert_eq!(now["pid"], first["pid"], "the same forwarder");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the forwarder did not take the setting: {now}\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A wrong value is refused, not ignored.
+    let wrong = std::fs::read_to_string(node.dir.path().join("net-conf.json")).unwrap().replace("true", "\"yes\"");
+    std::fs::write(node.dir.path().join("net-conf.json"), wrong).unwrap();
+    let subnet_file = node.dir.path().join("subnet.env");
+    let out = node.run(&["--subnet-file", subnet_file.to_str().unwrap()]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("KernelSegmentation"));
 }

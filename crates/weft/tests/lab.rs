@@ -780,6 +780,31 @@ fn udp_lab_carries_every_pod_pair_and_admits_only_peers() {
     lab.check_ok();
     let show = lab.show();
     let nodes = lab.nodes();
+    // The check's 64 KiB echoes: large packets handed to the kernel to cut, received whole
+    // (over the lab's veth nothing cuts them).
+    let sum = |key: &str| -> u64 { nodes.iter().map(|n| lab.forwarder(n)["counters"][key].as_u64().unwrap()).sum() };
+    assert!(sum("kernel_cut") > 0 && sum("whole_received") > 0, "{}", lab.forwarder("node1"));
+    assert_eq!(lab.forwarder("node1")["kernel_cut"]["device"], "weft-udp-tx");
+    // Uplinks that cannot cut packets already in UDP: the kernel cuts them before the veth,
+    // whose checksum offload leaves every inner TCP checksum partial; the receiving
+    // forwarders have the kernel complete them.
+    let ethtool = |node: &str, on: &str| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &lab.ns(node), "ethtool", "-K", "eth0", "tx-udp_tnl-segmentation", on])
+            .args(["tx-udp_tnl-csum-segmentation", on])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ethtool: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    for node in &nodes {
+        ethtool(node, "off");
+    }
+    let partial_before = sum("tun_writes");
+    lab.check_ok();
+    assert!(sum("tun_writes") > partial_before);
+    for node in &nodes {
+        ethtool(node, "on");
+    }
     let subnet_of = |node: &str| -> String {
         show["nodes"].as_array().unwrap().iter().find(|n| n["name"] == node).unwrap()["subnet"]
             .as_str()
@@ -925,13 +950,17 @@ socket.socket(socket.AF_INET,socket.SOCK_RAW,socket.IPPROTO_RAW).sendto(ip+udp,(
     // The same counters in the agent's /metrics, and in `lab show`.
     let (_, metrics) = http_get(&lab, "node1", "/metrics");
     assert!(metrics.contains("weft_udp_forwarder_up 1"), "{metrics}");
+    assert!(metrics.contains("weft_udp_kernel_segmentation 1"), "{metrics}");
     let line = metrics.lines().find(|l| l.starts_with("weft_udp_dropped_total{reason=\"unknown_source\"}")).unwrap();
     assert!(!line.ends_with(" 0"), "{line}");
     assert!(lab.show()["nodes"][0]["udp_forwarder"]["counters"]["drops"]["malformed"].as_u64().unwrap() >= 2);
     let text = lab.weft(&["show", "node1"]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
-        text.contains("udp forwarder pid") && text.contains("drops: ") && text.contains("unknown_source"),
+        text.contains("udp forwarder pid")
+            && text.contains("drops: ")
+            && text.contains("unknown_source")
+            && text.contains("kernel segmentation through weft-udp-tx"),
         "{text}"
     );
     // The forwarder killed: the agent starts another with the same table; the TUN deleted by
@@ -957,6 +986,11 @@ socket.socket(socket.AF_INET,socket.SOCK_RAW,socket.IPPROTO_RAW).sendto(ip+udp,(
         lab.forwarder("node1")["pid"].as_i64().is_some_and(|p| p != pid) && lab.forwarder_peers("node1") == peers
     });
     lab.check_ok();
+    // The replaced forwarders' TAP came back to the last one (the hung one held it a while).
+    within(Duration::from_secs(5), "the sending TAP back on node1", || {
+        lab.check_ok();
+        lab.forwarder("node1")["kernel_cut"]["device"] == "weft-udp-tx"
+    });
 }
 
 /// The TUN deleted twice in quick succession while the agent replays many peers (the second

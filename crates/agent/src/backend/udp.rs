@@ -23,14 +23,18 @@ pub const DEVICE: &str = "weft-udp";
 #[derive(Debug)]
 pub struct Udp {
     port: u16,
+    /// `KernelSegmentation` (default true): large TCP packets go to the kernel (or the NIC) to
+    /// be cut into datagrams where they leave the node, not cut by the forwarder.
+    kernel_segmentation: bool,
     /// The forwarder's control socket.
     socket: PathBuf,
 }
 
 fn build(options: Options<'_>, setup: &Setup<'_>, warnings: &mut Vec<String>) -> Result<Box<dyn Backend>> {
-    options.unknown(&["Port"], &[], "Backend (udp)", warnings);
+    options.unknown(&["Port", "KernelSegmentation"], &[], "Backend (udp)", warnings);
     let port = super::port(&options, 8285)?;
-    Ok(Box::new(Udp { port, socket: setup.state_dir.join("udp-forwarder.sock") }))
+    let kernel_segmentation = options.boolean("KernelSegmentation")?.unwrap_or(true);
+    Ok(Box::new(Udp { port, kernel_segmentation, socket: setup.state_dir.join("udp-forwarder.sock") }))
 }
 
 impl Backend for Udp {
@@ -55,6 +59,7 @@ impl Backend for Udp {
             network: node.network,
             port: self.port,
             socket: self.socket.clone(),
+            kernel_segmentation: self.kernel_segmentation,
         })
     }
 

@@ -111,6 +111,14 @@ fn print_node(lab: &Lab, node: &super::NodeInfo) -> Result<()> {
                 let drops: Vec<String> =
                     c["drops"].as_object().into_iter().flatten().map(|(reason, n)| format!("{reason} {n}")).collect();
                 outln!("    drops: {}", drops.join(", "));
+                match (f["kernel_cut"]["device"].as_str(), f["kernel_cut"]["off"].as_str()) {
+                    (Some(tap), _) => outln!(
+                        "    kernel segmentation through {tap}: {} large packets sent, {} received whole",
+                        c["kernel_cut"],
+                        c["whole_received"]
+                    ),
+                    (_, why) => outln!("    segmentation in the forwarder: {}", why.unwrap_or("?")),
+                }
             }
             None => outln!("  {}: no udp forwarder answers", tun.name),
         }
