@@ -151,10 +151,12 @@ impl Shared {
         }
     }
 
-    /// The packet thread's TAP was refused a packet: given up (until the next `set`).
-    fn give_up_tap(&self, why: String) {
+    /// The packet thread's TAP was refused a packet or can no longer work: given up, tried
+    /// again a while later (or on the next `set`).
+    fn give_up_tap(&self, why: String, again: Duration) {
         let mut state = self.tap_state();
         state.tap = None;
+        state.again = Some(std::time::Instant::now() + again);
         Self::note(&mut state, Err(why));
     }
 
@@ -419,11 +421,10 @@ fn open_gso_tap(device: &str) -> Result<GsoTap, NoTap> {
     if name.len() >= libc::IFNAMSIZ {
         return Err(no(format!("{name:?} is too long a device name")));
     }
-    // What the node forwards from its own address: strict reverse-path filtering drops it.
-    let sysctl =
-        |key: &str| std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{key}")).map(|v| v.trim().to_string());
-    if sysctl("all/rp_filter").ok().as_deref() == Some("1") {
-        return Err(no("net.ipv4.conf.all.rp_filter is 1 (strict)".into()));
+    // What the node forwards from its own address, through a device with no address of its
+    // own: reverse-path filtering, strict or loose, drops it.
+    if let Some(why) = all_rp_filter() {
+        return Err(NoTap { why, again: true });
     }
     let fd = sys::tap_open_tunnel_gso(&name).map_err(|e| match e.raw_os_error() {
         Some(libc::EBUSY) => NoTap { why: format!("{name} is held by another process: {e}"), again: true },
@@ -440,15 +441,45 @@ fn open_gso_tap(device: &str) -> Result<GsoTap, NoTap> {
     // No IPv6 on it (no addresses, no router solicitations).
     let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
     let mac = sys::link_up(&name).map_err(|e| no(format!("{name}: {e}")))?;
+    if let Some(why) = tap_unusable(&name) {
+        return Err(no(why));
+    }
     Ok(GsoTap { file, name, mac })
+}
+
+fn sysctl(key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{key}")).map(|v| v.trim().to_string()).unwrap_or_default()
+}
+
+/// Why the node's reverse-path filtering would drop what comes in through the TAP, if it would.
+fn all_rp_filter() -> Option<String> {
+    let all = sysctl("all/rp_filter");
+    (all != "0").then(|| format!("net.ipv4.conf.all.rp_filter is {all:?}, not 0"))
+}
+
+/// Why packets written to the TAP `name` would not be forwarded now (a setting changed under
+/// it), if they would not.
+fn tap_unusable(name: &str) -> Option<String> {
+    all_rp_filter().or_else(|| {
+        [("rp_filter", "0"), ("accept_local", "1"), ("forwarding", "1")].into_iter().find_map(|(key, want)| {
+            let now = sysctl(&format!("{name}/{key}"));
+            (now != want).then(|| format!("net.ipv4.conf.{name}.{key} is {now:?}, not {want}"))
+        })
+    })
 }
 
 fn is_would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
 
-/// How soon to try for the sending TAP again when another process held it.
+/// How soon to try for the sending TAP again when another process held it or a setting was
+/// wrong; after it refused a packet (it was taken down, deleted).
 const TAP_AGAIN: Duration = Duration::from_secs(1);
+const TAP_REFUSED_AGAIN: Duration = Duration::from_secs(5);
+/// Destinations whose route MTU is kept at most (emptied when full).
+const MTU_CACHE: usize = 4096;
+/// How often the packet thread looks at the TAP's settings while it uses it.
+const TAP_CHECK: Duration = Duration::from_secs(1);
 /// Reads from the TUN per wake-up at most.
 const TUN_BATCH: usize = 16;
 /// A TUN read: the vnet header and up to 64 KiB of packet.
@@ -520,6 +551,8 @@ struct TunToUdp<'a> {
     sources: HashMap<Ipv4Addr, Option<Ipv4Addr>>,
     generation: u64,
     ip_id: u16,
+    /// When to look at the TAP's settings again (the node's may change under it).
+    check_at: std::time::Instant,
 }
 
 impl<'a> TunToUdp<'a> {
@@ -540,6 +573,7 @@ impl<'a> TunToUdp<'a> {
             current,
             sources: HashMap::new(),
             ip_id: 0,
+            check_at: std::time::Instant::now(),
         }
     }
 
@@ -557,6 +591,15 @@ impl<'a> TunToUdp<'a> {
             self.tap = shared.tap_state().tap.clone();
         }
         let Some(tap) = &self.tap else { return false };
+        let now = std::time::Instant::now();
+        if now >= self.check_at {
+            self.check_at = now + TAP_CHECK;
+            if let Some(why) = tap_unusable(&tap.name) {
+                shared.give_up_tap(why, TAP_AGAIN);
+                self.tap = None;
+                return false;
+            }
+        }
         let Some(src) = *self.sources.entry(*peer.ip()).or_insert_with(|| sys::source_for(peer)) else {
             return false;
         };
@@ -575,9 +618,7 @@ impl<'a> TunToUdp<'a> {
                 true
             }
             Err(e) => {
-                let why = format!("{} refused a packet: {e}", tap.name);
-                tracing::warn!("{why}");
-                shared.give_up_tap(why);
+                shared.give_up_tap(format!("{} refused a packet: {e}", tap.name), TAP_REFUSED_AGAIN);
                 self.tap = None;
                 false
             }
@@ -701,11 +742,13 @@ struct UdpToTun<'a> {
     batch: Batch,
     current: Current<'a>,
     coalescer: Coalescer,
-    /// The TUN's name and MTU (read again when the table changes): a datagram longer than the
-    /// MTU that holds one whole TCP packet is a peer's kernel-cut send that came uncut.
+    /// The TUN's name; its MTU and the MTU of the route to each destination that a peer's
+    /// kernel-cut send came uncut for (what it is taken as segments of), read again each
+    /// second: after the uplink's MTU changed, the pods made before keep theirs.
     device: &'a str,
-    mtu: usize,
-    mtu_of: Arc<Table>,
+    mtus: HashMap<Ipv4Addr, usize>,
+    tun_mtu: usize,
+    mtus_at: std::time::Instant,
 }
 
 impl<'a> UdpToTun<'a> {
@@ -713,8 +756,9 @@ impl<'a> UdpToTun<'a> {
         let current = Current::new(shared);
         UdpToTun {
             device,
-            mtu: sys::mtu(device).unwrap_or(usize::MAX),
-            mtu_of: current.table.clone(),
+            mtus: HashMap::new(),
+            tun_mtu: 0,
+            mtus_at: std::time::Instant::now(),
             tun,
             udp,
             slots: vec![vec![0u8; UDP_SLOT]; UDP_BATCH],
@@ -734,11 +778,6 @@ impl<'a> UdpToTun<'a> {
             Err(e) => return Err(e),
         };
         let table = self.current.refresh();
-        if !Arc::ptr_eq(&self.mtu_of, &table) {
-            self.mtu = sys::mtu(self.device).unwrap_or(self.mtu);
-            self.mtu_of = table.clone();
-        }
-        let mtu = self.mtu;
         let counters = &self.current.shared.counters;
         let tun = self.tun;
         let failed: std::cell::Cell<Option<io::Error>> = std::cell::Cell::new(None);
@@ -789,7 +828,8 @@ impl<'a> UdpToTun<'a> {
                 counters.tun_tx_packets.fetch_add(1, Ordering::Relaxed);
                 counters.tun_tx_bytes.fetch_add(header.total_len as u64, Ordering::Relaxed);
                 let packet = &datagram[..header.total_len];
-                if let Some(whole) = r.segment.is_none().then(|| offload::whole_tcp(packet, mtu)).flatten() {
+                let mtu_for = |dst| route_mtu(&mut self.mtus, &mut self.tun_mtu, &mut self.mtus_at, self.device, dst);
+                if let Some(whole) = r.segment.is_none().then(|| offload::whole_tcp(packet, mtu_for)).flatten() {
                     coalescer.flush(&mut write);
                     let mut vnet = [0u8; VNET_HDR_LEN];
                     whole.encode(&mut vnet);
@@ -812,6 +852,27 @@ impl<'a> UdpToTun<'a> {
             None => Ok(n),
         }
     }
+}
+
+/// The MTU a peer's uncut packet for `dst` is cut at: the smaller of the TUN's and the route's
+/// to `dst` (a pod's bridge may be smaller than the TUN, or larger), from `cache`, emptied
+/// each second.
+fn route_mtu(
+    cache: &mut HashMap<Ipv4Addr, usize>,
+    tun_mtu: &mut usize,
+    at: &mut std::time::Instant,
+    device: &str,
+    dst: Ipv4Addr,
+) -> usize {
+    let now = std::time::Instant::now();
+    if now >= *at || cache.len() >= MTU_CACHE {
+        cache.clear();
+        *tun_mtu = sys::mtu(device).unwrap_or(0);
+        *at = now + Duration::from_secs(1);
+    }
+    let tun_mtu = *tun_mtu;
+    // Unknown: 0, and the packet is not taken whole.
+    *cache.entry(dst).or_insert_with(|| sys::route_mtu(dst).map_or(0, |m| m.min(tun_mtu)))
 }
 
 /// Both ways on one thread: what either side has is forwarded without waking another thread

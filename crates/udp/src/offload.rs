@@ -207,22 +207,28 @@ pub fn encapsulate(packet: &[u8], hdr: &VnetHdr, e: &Encap, out: &mut [u8; ENCAP
     Some((packet.len() - hl).div_ceil(mss))
 }
 
-/// When the datagram `p` is one whole TCP packet longer than `mtu` with its checksum left
-/// partial — a peer's kernel-cut send that reached this node uncut (over veth) — the vnet
-/// header that has the kernel take it as the segments it stands for (`mtu` is the TUN's: each
-/// segment fits the pods' MTU). Anything else is `None` and goes the usual way.
-pub fn whole_tcp(p: &[u8], mtu: usize) -> Option<VnetHdr> {
-    if p.len() <= mtu || p.len() < 40 || p[0] >> 4 != 4 || p[9] != TCP {
+/// When the datagram `p` is one whole TCP packet (no fragment) with its checksum left partial
+/// and longer than the MTU on its way to its destination (`mtu_for`, asked only then) — a
+/// peer's kernel-cut send that reached this node uncut (over veth) — the vnet header that has
+/// the kernel take it as the segments it stands for, each within that MTU. Anything else is
+/// `None` and goes the usual way.
+pub fn whole_tcp(p: &[u8], mtu_for: impl FnOnce(std::net::Ipv4Addr) -> usize) -> Option<VnetHdr> {
+    if p.len() < 40 || p[0] >> 4 != 4 || p[9] != TCP {
         return None;
     }
     let ihl = usize::from(p[0] & 0x0f) * 4;
     let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
-    if ihl < 20 || total != p.len() || p.len() < ihl + 20 {
+    let fragment = u16::from_be_bytes([p[6], p[7]]) & 0x3fff != 0;
+    if ihl < 20 || total != p.len() || p.len() < ihl + 20 || fragment {
         return None;
     }
     let thl = usize::from(p[ihl + 12] >> 4) * 4;
     let hl = ihl + thl;
-    if thl < 20 || p.len() <= hl || mtu <= hl || !tcp_checksum_partial(p) {
+    if thl < 20 || p.len() <= hl || !tcp_checksum_partial(p) {
+        return None;
+    }
+    let mtu = mtu_for(std::net::Ipv4Addr::new(p[16], p[17], p[18], p[19]));
+    if p.len() <= mtu || mtu <= hl {
         return None;
     }
     Some(VnetHdr {
@@ -658,23 +664,37 @@ mod tests {
     fn an_uncut_datagram_is_taken_whole_only_when_it_is_one_partial_tcp_packet() {
         let big = partial(tcp_packet(5000));
         assert!(tcp_checksum_partial(&big));
-        let h = whole_tcp(&big, 1472).unwrap();
+        let h = whole_tcp(&big, |dst| {
+            assert_eq!(dst, std::net::Ipv4Addr::new(198, 19, 2, 7));
+            1472
+        })
+        .unwrap();
         assert_eq!(
             (h.flags, h.gso_type, h.hdr_len, h.gso_size, h.csum_start, h.csum_offset),
             (F_NEEDS_CSUM, GSO_TCPV4, 52, 1472 - 52, 20, 16)
         );
         let mut cwr = big.clone();
         cwr[33] |= CWR;
-        assert_eq!(whole_tcp(&partial(cwr), 1472).unwrap().gso_type, GSO_TCPV4 | GSO_ECN);
-        // Within the MTU, a full checksum (the kernel checks it), another length, not TCP.
-        assert_eq!(whole_tcp(&partial(tcp_packet(1000)), 1472), None);
+        assert_eq!(whole_tcp(&partial(cwr), |_| 1472).unwrap().gso_type, GSO_TCPV4 | GSO_ECN);
+        // Segments as small as the MTU on the way (a pod's bridge smaller than the TUN).
+        assert_eq!(whole_tcp(&big, |_| 1000).unwrap().gso_size, 1000 - 52);
+        // Within the MTU, a full checksum (the kernel checks it), another length, not TCP, a
+        // fragment, an MTU no header fits.
+        assert_eq!(whole_tcp(&partial(tcp_packet(1000)), |_| 1472), None);
         let full = tcp_packet(5000);
         assert!(!tcp_checksum_partial(&full));
-        assert_eq!(whole_tcp(&full, 1472), None);
-        assert_eq!(whole_tcp(&big[..4000], 1472), None);
+        assert_eq!(whole_tcp(&full, |_| 1472), None);
+        assert_eq!(whole_tcp(&big[..4000], |_| 1472), None);
         let mut other = big.clone();
         other[9] = UDP;
-        assert_eq!(whole_tcp(&other, 1472), None);
+        assert_eq!(whole_tcp(&other, |_| 1472), None);
+        for frag in [[0x20, 0], [0, 1]] {
+            let mut f = big.clone();
+            f[6..8].copy_from_slice(&frag);
+            set_ip_checksum(&mut f, 20);
+            assert_eq!(whole_tcp(&f, |_| 1472), None, "{frag:?}");
+        }
+        assert_eq!(whole_tcp(&big, |_| 40), None);
         // The kernel completes it: right once done.
         let mut done = big.clone();
         assert!(complete_checksum(&mut done, &h));

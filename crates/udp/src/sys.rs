@@ -144,6 +144,25 @@ pub fn source_for(peer: SocketAddrV4) -> Option<Ipv4Addr> {
     }
 }
 
+/// The MTU of the route to `dst` (the device's, or the route's own): no packet goes out.
+pub fn route_mtu(dst: Ipv4Addr) -> Option<usize> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect(SocketAddrV4::new(dst, 9)).ok()?;
+    let mut mtu: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: IP_MTU writes an int into `mtu`, whose size `len` gives.
+    let r = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU,
+            (&mut mtu as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && mtu > 0).then_some(mtu as usize)
+}
+
 /// Writes `head` and `body` to `fd` as one packet (`writev`: the body is not copied here).
 pub fn write_two(fd: BorrowedFd<'_>, head: &[u8], body: &[u8]) -> io::Result<usize> {
     let iov = [

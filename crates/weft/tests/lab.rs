@@ -1421,3 +1421,69 @@ fn bgp_agents_killed_together_still_spread_a_new_block() {
     });
     lab.check_ok();
 }
+
+/// The node changing under the udp forwarder's kernel-cut sends: reverse-path filtering turned
+/// on (strict or loose: the TAP has no address, the kernel would drop what it forwards from
+/// there), the TAP deleted by hand, a node whose uplink MTU grew while its pods keep theirs.
+/// Bulk TCP keeps going every time (cut in user space meanwhile) and the TAP comes back when it
+/// can work again.
+#[test]
+fn udp_kernel_cut_follows_the_node_changing_under_it() {
+    let lab = TestLab::up("udp", 2, 1);
+    lab.check_ok();
+    let cutting = |node: &str| lab.forwarder(node)["kernel_cut"].clone();
+    assert_eq!(cutting("node1")["device"], "weft-udp-tx");
+    let sh = |node: &str, args: &[&str]| {
+        let out = Command::new("ip").args(["netns", "exec", &lab.ns(node)]).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    // Loose reverse-path filtering on, the forwarder running: given up within a second of
+    // traffic, every pod pair still talks; off again: the TAP back.
+    for mode in ["2", "1"] {
+        sh("node1", &["sysctl", "-qw", &format!("net.ipv4.conf.all.rp_filter={mode}")]);
+        within(Duration::from_secs(5), "the TAP given up under rp_filter", || {
+            let _ = lab.weft(&["check"]);
+            cutting("node1")["off"].as_str().is_some_and(|why| why.contains("rp_filter"))
+        });
+        lab.check_ok();
+        // A forwarder started under it does not take the TAP either.
+        let pid = lab.forwarder("node1")["pid"].as_i64().unwrap() as i32;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+        within(Duration::from_secs(5), "a new forwarder", || {
+            lab.forwarder("node1")["pid"].as_i64().is_some_and(|p| p as i32 != pid)
+        });
+        assert!(cutting("node1")["off"].as_str().unwrap().contains("rp_filter"), "{}", cutting("node1"));
+        lab.check_ok();
+        sh("node1", &["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"]);
+        within(Duration::from_secs(5), "the TAP back once rp_filter is 0", || {
+            let _ = lab.weft(&["check"]);
+            cutting("node1")["device"] == "weft-udp-tx"
+        });
+    }
+    // The TAP deleted by hand: traffic goes on, the TAP comes back.
+    sh("node1", &["ip", "link", "del", "weft-udp-tx"]);
+    lab.check_ok();
+    within(Duration::from_secs(10), "the TAP made again", || {
+        let _ = lab.weft(&["check"]);
+        let links = Command::new("ip").args(["-n", &lab.ns("node1"), "link", "show"]).output().unwrap();
+        cutting("node1")["device"] == "weft-udp-tx" && String::from_utf8_lossy(&links.stdout).contains("weft-udp-tx")
+    });
+    lab.check_ok();
+    // node2's uplink MTU grows: its TUN follows (new pods would get 8972), its pod keeps 1472.
+    // What comes uncut for that pod is taken as segments that fit the pod's bridge, not the TUN.
+    sh("node2", &["ip", "link", "set", "eth0", "mtu", "9000"]);
+    within(Duration::from_secs(10), "node2's TUN at 8972", || {
+        let link =
+            Command::new("ip").args(["-n", &lab.ns("node2"), "-j", "link", "show", "weft-udp"]).output().unwrap();
+        String::from_utf8_lossy(&link.stdout).contains("\"mtu\":8972")
+    });
+    // A forwarder that starts now reads the new MTU at once.
+    let pid = lab.forwarder("node2")["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    within(Duration::from_secs(5), "a new forwarder on node2", || {
+        lab.forwarder("node2")["pid"].as_i64().is_some_and(|p| p as i32 != pid)
+    });
+    let whole = lab.forwarder("node2")["counters"]["whole_received"].as_u64().unwrap();
+    lab.check_ok();
+    assert!(lab.forwarder("node2")["counters"]["whole_received"].as_u64().unwrap() > whole);
+}
