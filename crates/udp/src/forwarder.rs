@@ -17,7 +17,7 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 use serde_json::{json, Value};
 
-use crate::offload::{self, Coalescer, Encap, VnetHdr, ENCAP_PREFIX_LEN, VNET_HDR_LEN};
+use crate::offload::{self, Coalescer, Encap, Probe, VnetHdr, ENCAP_PREFIX_LEN, VNET_HDR_LEN};
 use crate::packet;
 use crate::sys::{self, Batch, Received};
 use crate::table::{Drop, Table};
@@ -56,6 +56,10 @@ pub struct Counters {
     pub kernel_cut: AtomicU64,
     /// Datagrams that came uncut (a peer's kernel-cut send over veth), written whole.
     pub whole_received: AtomicU64,
+    /// Probes sent through the TAP, answers to them received, answers sent to peers' probes.
+    pub probes_sent: AtomicU64,
+    pub probes_answered: AtomicU64,
+    pub probe_answers_sent: AtomicU64,
     pub icmp_sent: AtomicU64,
     drops: [AtomicU64; Drop::ALL.len()],
 }
@@ -80,6 +84,8 @@ impl Counters {
             "tun_tx_packets": n(&self.tun_tx_packets), "tun_tx_bytes": n(&self.tun_tx_bytes),
             "tun_writes": n(&self.tun_writes),
             "kernel_cut": n(&self.kernel_cut), "whole_received": n(&self.whole_received),
+            "probes_sent": n(&self.probes_sent), "probes_answered": n(&self.probes_answered),
+            "probe_answers_sent": n(&self.probe_answers_sent),
             "icmp_sent": n(&self.icmp_sent),
             "drops": drops,
         })
@@ -97,6 +103,59 @@ struct Shared {
     /// name), or why they are cut here.
     want_cut: std::sync::atomic::AtomicBool,
     tap: Mutex<TapState>,
+    /// Per peer (public address), whether it takes what this node's kernel cuts.
+    peers_cut: Mutex<HashMap<Ipv4Addr, PeerCut>>,
+}
+
+/// Whether a peer takes what this node's kernel cuts: asked with a probe that goes the way
+/// those packets go (through the TAP, the node's forwarding and its firewall) and answered by a
+/// weft forwarder. A flannel node (it would get uncut packets over veth), or a firewall that
+/// drops what the node forwards, never answers: the peer's large packets are cut here. Asked
+/// again every `PROBE_EVERY` while packets go to it (two answers missed in a row and it is
+/// cut here again), every `PROBE_RETRY` while it has not answered.
+#[derive(Debug, Default)]
+struct PeerCut {
+    confirmed: bool,
+    asked: Option<(u64, std::time::Instant)>,
+    misses: u8,
+    next: Option<std::time::Instant>,
+}
+
+impl PeerCut {
+    /// Before a large packet goes to the peer: a probe to send now (its nonce), if one is due,
+    /// and whether the packet may go to the kernel to be cut.
+    fn before_send(&mut self, now: std::time::Instant, nonce: impl FnOnce() -> u64) -> (Option<u64>, bool) {
+        if let Some((_, at)) = self.asked {
+            if now.duration_since(at) >= PROBE_TIMEOUT {
+                self.asked = None;
+                self.misses = self.misses.saturating_add(1);
+                if self.confirmed && self.misses < 2 {
+                    self.next = None;
+                } else {
+                    self.confirmed = false;
+                    self.next = Some(now + PROBE_RETRY);
+                }
+            }
+        }
+        let ask = (self.asked.is_none() && self.next.is_none_or(|t| now >= t)).then(|| {
+            let n = nonce();
+            self.asked = Some((n, now));
+            self.next = Some(now + PROBE_EVERY);
+            n
+        });
+        (ask, self.confirmed)
+    }
+
+    /// An answer: true when it answers the probe asked (the peer is confirmed).
+    fn answered(&mut self, nonce: u64) -> bool {
+        if self.asked.is_some_and(|(n, _)| n == nonce) {
+            self.asked = None;
+            self.misses = 0;
+            self.confirmed = true;
+            return true;
+        }
+        false
+    }
 }
 
 /// The sending TAP as the control thread set it up (the packet thread takes it when the table
@@ -267,6 +326,7 @@ pub fn run(config: Config) -> io::Result<()> {
         counters: Counters::default(),
         want_cut: std::sync::atomic::AtomicBool::new(config.kernel_segmentation),
         tap: Mutex::new(TapState { tap: None, cutting: Err("not yet".into()), again: None }),
+        peers_cut: Mutex::new(HashMap::new()),
         device: config.device.clone(),
     });
     shared.sync_tap();
@@ -384,7 +444,16 @@ fn handle(request: &Value, shared: &Shared, config: &Config) -> Result<Value, St
         "peers": peers,
         "kernel_segmentation": shared.want_cut.load(Ordering::Relaxed),
         "kernel_cut": match &shared.tap_state().cutting {
-            Ok(device) => json!({"device": device}),
+            Ok(device) => {
+                let peers: serde_json::Map<String, Value> = shared
+                    .peers_cut
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .map(|(ip, p)| (ip.to_string(), json!(p.confirmed)))
+                    .collect();
+                json!({"device": device, "peers": peers})
+            }
             Err(why) => json!({"off": why}),
         },
         "counters": shared.counters.json(),
@@ -476,6 +545,11 @@ fn is_would_block(e: &io::Error) -> bool {
 /// wrong; after it refused a packet (it was taken down, deleted).
 const TAP_AGAIN: Duration = Duration::from_secs(1);
 const TAP_REFUSED_AGAIN: Duration = Duration::from_secs(5);
+/// How long a probe waits for its answer; how often a peer that answered is asked again
+/// while packets go to it, one that did not.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+const PROBE_RETRY: Duration = Duration::from_secs(5);
 /// Destinations whose route MTU is kept at most (emptied when full).
 const MTU_CACHE: usize = 4096;
 /// How often the packet thread looks at the TAP's settings while it uses it.
@@ -589,6 +663,8 @@ impl<'a> TunToUdp<'a> {
             self.generation = self.current.generation;
             self.sources.clear();
             self.tap = shared.tap_state().tap.clone();
+            let table = &self.current.table;
+            shared.peers_cut.lock().unwrap_or_else(|e| e.into_inner()).retain(|ip, _| table.knows(*ip));
         }
         let Some(tap) = &self.tap else { return false };
         let now = std::time::Instant::now();
@@ -603,12 +679,38 @@ impl<'a> TunToUdp<'a> {
         let Some(src) = *self.sources.entry(*peer.ip()).or_insert_with(|| sys::source_for(peer)) else {
             return false;
         };
-        let encap = Encap { mac: tap.mac, src, dst: *peer.ip(), port: peer.port(), id: self.ip_id };
+        let mut encap = Encap { mac: tap.mac, src, dst: *peer.ip(), port: peer.port(), id: self.ip_id };
+        let (ask, confirmed) = shared
+            .peers_cut
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(*peer.ip())
+            .or_default()
+            .before_send(now, sys::random_u64);
+        let counters = &shared.counters;
+        if let Some(nonce) = ask {
+            let mut frame = [0u8; offload::TUNNEL_VNET_HDR_LEN + 42 + offload::PROBE_LEN];
+            offload::probe_frame(&encap, Probe::Ask(nonce), &mut frame);
+            self.ip_id = self.ip_id.wrapping_add(1);
+            encap.id = self.ip_id;
+            match sys::write_two(tap.file.as_fd(), &frame, &[]) {
+                Ok(_) => {
+                    counters.probes_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    shared.give_up_tap(format!("{} refused a packet: {e}", tap.name), TAP_REFUSED_AGAIN);
+                    self.tap = None;
+                    return false;
+                }
+            }
+        }
+        if !confirmed {
+            return false;
+        }
         let mut prefix = [0u8; ENCAP_PREFIX_LEN];
         let Some(datagrams) = offload::encapsulate(packet, hdr, &encap, &mut prefix) else {
             return false;
         };
-        let counters = &self.current.shared.counters;
         match sys::write_two(tap.file.as_fd(), &prefix, packet) {
             Ok(_) => {
                 self.ip_id = self.ip_id.wrapping_add(datagrams as u16);
@@ -808,6 +910,23 @@ impl<'a> UdpToTun<'a> {
             let bytes = &slot[..r.len];
             if bytes.is_empty() {
                 counters.drop(Drop::Malformed);
+                continue;
+            }
+            // A peer asking whether it may send what its kernel cuts, or answering this node.
+            if let Some(probe) = r.segment.is_none().then(|| Probe::decode(bytes)).flatten() {
+                match probe {
+                    Probe::Ask(nonce) => {
+                        if self.udp.send_to(&Probe::Answer(nonce).encode(), r.from).is_ok() {
+                            counters.probe_answers_sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Probe::Answer(nonce) => {
+                        let mut peers = self.current.shared.peers_cut.lock().unwrap_or_else(|e| e.into_inner());
+                        if peers.get_mut(r.from.ip()).is_some_and(|p| p.answered(nonce)) {
+                            counters.probes_answered.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
                 continue;
             }
             let chunks = if r.segment.is_some() { bytes.chunks(size) } else { bytes.chunks(bytes.len().max(1)) };

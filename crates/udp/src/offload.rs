@@ -187,12 +187,20 @@ pub fn encapsulate(packet: &[u8], hdr: &VnetHdr, e: &Encap, out: &mut [u8; ENCAP
     // num_buffers, hash value, report and padding stay zero; then the two offsets.
     v[20..22].copy_from_slice(&((ETH_LEN + 20) as u16).to_le_bytes());
     v[22..24].copy_from_slice(&(inner_nh as u16).to_le_bytes());
-    rest[..6].copy_from_slice(&e.mac);
-    rest[6..12].copy_from_slice(&e.mac);
-    rest[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let ip = &mut rest[ETH_LEN..ETH_LEN + 20];
+    outer_headers(e, packet.len(), rest);
+    Some((packet.len() - hl).div_ceil(mss))
+}
+
+/// The Ethernet (to the TAP itself), IPv4 (DF, TTL 64, checksum) and UDP (no checksum)
+/// headers before a payload of `payload` bytes, into `out` (42 bytes).
+fn outer_headers(e: &Encap, payload: usize, out: &mut [u8]) {
+    out[..6].copy_from_slice(&e.mac);
+    out[6..12].copy_from_slice(&e.mac);
+    out[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = &mut out[ETH_LEN..ETH_LEN + 20];
+    ip.fill(0);
     ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&(outer_len as u16).to_be_bytes());
+    ip[2..4].copy_from_slice(&((28 + payload) as u16).to_be_bytes());
     ip[4..6].copy_from_slice(&e.id.to_be_bytes());
     ip[6] = 0x40;
     ip[8] = 64;
@@ -200,11 +208,55 @@ pub fn encapsulate(packet: &[u8], hdr: &VnetHdr, e: &Encap, out: &mut [u8; ENCAP
     ip[12..16].copy_from_slice(&e.src.octets());
     ip[16..20].copy_from_slice(&e.dst.octets());
     set_ip_checksum(ip, 20);
-    let udp = &mut rest[ETH_LEN + 20..];
+    let udp = &mut out[ETH_LEN + 20..ETH_LEN + 28];
     udp[0..2].copy_from_slice(&e.port.to_be_bytes());
     udp[2..4].copy_from_slice(&e.port.to_be_bytes());
-    udp[4..6].copy_from_slice(&((8 + packet.len()) as u16).to_be_bytes());
-    Some((packet.len() - hl).div_ceil(mss))
+    udp[4..6].copy_from_slice(&((8 + payload) as u16).to_be_bytes());
+    udp[6..8].fill(0);
+}
+
+/// A probe's or an answer's length: a tag and a nonce.
+pub const PROBE_LEN: usize = 16;
+/// The tags: the first byte 0 makes neither an IP packet (a flannel node's TUN drops it).
+const PROBE_ASK: [u8; 8] = *b"\0weft-k?";
+const PROBE_ANSWER: [u8; 8] = *b"\0weft-k!";
+
+/// A datagram asking a peer whether it takes what this node's kernel cuts, or its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    Ask(u64),
+    Answer(u64),
+}
+
+impl Probe {
+    pub fn encode(self) -> [u8; PROBE_LEN] {
+        let (tag, nonce) = match self {
+            Probe::Ask(n) => (PROBE_ASK, n),
+            Probe::Answer(n) => (PROBE_ANSWER, n),
+        };
+        let mut out = [0u8; PROBE_LEN];
+        out[..8].copy_from_slice(&tag);
+        out[8..].copy_from_slice(&nonce.to_be_bytes());
+        out
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Probe> {
+        let b: &[u8; PROBE_LEN] = b.try_into().ok()?;
+        let nonce = u64::from_be_bytes(b[8..].try_into().ok()?);
+        match b[..8].try_into().ok()? {
+            PROBE_ASK => Some(Probe::Ask(nonce)),
+            PROBE_ANSWER => Some(Probe::Answer(nonce)),
+            _ => None,
+        }
+    }
+}
+
+/// A probe as a frame for the TAP (no offload: a zero vnet header), so that it takes the way
+/// the kernel-cut packets take, through the node's forwarding and its firewall.
+pub fn probe_frame(e: &Encap, probe: Probe, out: &mut [u8; TUNNEL_VNET_HDR_LEN + ETH_LEN + 28 + PROBE_LEN]) {
+    out[..TUNNEL_VNET_HDR_LEN].fill(0);
+    outer_headers(e, PROBE_LEN, &mut out[TUNNEL_VNET_HDR_LEN..]);
+    out[TUNNEL_VNET_HDR_LEN + ETH_LEN + 28..].copy_from_slice(&probe.encode());
 }
 
 /// When the datagram `p` is one whole TCP packet (no fragment) with its checksum left partial
@@ -658,6 +710,32 @@ mod tests {
         let mut udp_packet = big.clone();
         udp_packet[9] = UDP;
         assert_eq!(encapsulate(&udp_packet, &hdr, &e, &mut out), None);
+    }
+
+    #[test]
+    fn probes_are_no_ip_packets_and_go_as_plain_frames() {
+        for p in [Probe::Ask(7), Probe::Answer(u64::MAX)] {
+            let bytes = p.encode();
+            assert_eq!(Probe::decode(&bytes), Some(p));
+            assert!(crate::packet::parse(&bytes).is_err(), "a TUN would take it for IP");
+        }
+        assert_eq!(Probe::decode(&[0; PROBE_LEN]), None);
+        assert_eq!(Probe::decode(&Probe::Ask(1).encode()[..15]), None);
+        let e = Encap {
+            mac: [2, 0, 0, 0, 0, 9],
+            src: "198.18.0.2".parse().unwrap(),
+            dst: "198.18.0.3".parse().unwrap(),
+            port: 8285,
+            id: 5,
+        };
+        let mut frame = [0xaa; TUNNEL_VNET_HDR_LEN + ETH_LEN + 28 + PROBE_LEN];
+        probe_frame(&e, Probe::Ask(9), &mut frame);
+        assert_eq!(frame[..TUNNEL_VNET_HDR_LEN], [0; TUNNEL_VNET_HDR_LEN], "no offload asked");
+        let ip = &frame[TUNNEL_VNET_HDR_LEN + ETH_LEN..TUNNEL_VNET_HDR_LEN + ETH_LEN + 20];
+        assert_eq!((checksum(ip), u16::from_be_bytes([ip[2], ip[3]])), (0, 44));
+        let udp = &frame[TUNNEL_VNET_HDR_LEN + ETH_LEN + 20..TUNNEL_VNET_HDR_LEN + ETH_LEN + 28];
+        assert_eq!(udp, [0x20, 0x5d, 0x20, 0x5d, 0, 24, 0, 0]);
+        assert_eq!(Probe::decode(&frame[frame.len() - PROBE_LEN..]), Some(Probe::Ask(9)));
     }
 
     #[test]

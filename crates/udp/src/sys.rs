@@ -163,6 +163,18 @@ pub fn route_mtu(dst: Ipv4Addr) -> Option<usize> {
     (r == 0 && mtu > 0).then_some(mtu as usize)
 }
 
+/// A random number from the kernel (probe nonces).
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != 8 {
+        // Unpredictable enough for a nonce only a peer on the path could see anyway.
+        return std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    }
+    u64::from_ne_bytes(b)
+}
+
 /// Writes `head` and `body` to `fd` as one packet (`writev`: the body is not copied here).
 pub fn write_two(fd: BorrowedFd<'_>, head: &[u8], body: &[u8]) -> io::Result<usize> {
     let iov = [

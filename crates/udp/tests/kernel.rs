@@ -7,9 +7,11 @@
 //! with UDP GSO (so the forwarder's socket receives it joined) and the forwarder writes it to the
 //! TUN in fewer writes than segments; the kernel's TCP takes it and the bytes are right.
 //!
-//! Twice: with the forwarder cutting large packets itself, and with the kernel cutting them
-//! (through the forwarder's TAP) on an uplink without offloads, as a NIC without them would:
-//! what reaches the wire must be the same.
+//! Three times: with the forwarder cutting large packets itself; with the kernel cutting them
+//! (through the forwarder's TAP) on an uplink without offloads, as a NIC without them would,
+//! for a peer that answers the forwarder's probe as a weft node does: what reaches the wire
+//! must be the same; and for a peer that never answers (a flannel node) over a veth that would
+//! carry packets uncut: it must get only cut ones.
 
 #![allow(clippy::unwrap_used)]
 
@@ -77,19 +79,35 @@ fn u32_at(b: &[u8], i: usize) -> u32 {
     u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// `KernelSegmentation: false`.
+    Here,
+    /// The kernel cuts, for a peer that answers probes.
+    Kernel,
+    /// Kernel segmentation on, the peer silent (flannel).
+    SilentPeer,
+}
+
 #[test]
 fn tso_packets_leave_as_checked_segments_and_gso_datagrams_arrive_joined() {
-    through_the_forwarder(false);
+    through_the_forwarder(Cut::Here);
 }
 
 #[test]
 fn tso_packets_cut_by_the_kernel_leave_as_the_same_segments() {
-    through_the_forwarder(true);
+    through_the_forwarder(Cut::Kernel);
 }
 
-fn through_the_forwarder(kernel_cut: bool) {
+#[test]
+fn a_peer_that_does_not_answer_gets_only_cut_packets() {
+    through_the_forwarder(Cut::SilentPeer);
+}
+
+fn through_the_forwarder(cut: Cut) {
     assert!(nix_is_root(), "needs root");
-    let tag = std::process::id() % 100_000 * 10 + u32::from(kernel_cut);
+    let tag = std::process::id() % 100_000 * 10 + cut as u32;
+    let kernel_cut = cut == Cut::Kernel;
     let (a, b) = (Ns(format!("wuk{tag}a")), Ns(format!("wuk{tag}b")));
     let na = weft_netns::create_named(&a.0).unwrap();
     let nb = weft_netns::create_named(&b.0).unwrap();
@@ -130,7 +148,7 @@ fn through_the_forwarder(kernel_cut: bool) {
         subnet: Some("198.19.1.0/24".parse().unwrap()),
         network: Some("198.19.0.0/16".parse().unwrap()),
         socket: socket.clone(),
-        kernel_segmentation: kernel_cut,
+        kernel_segmentation: cut != Cut::Here,
     };
     let forwarder_ns = weft_netns::NetNs::open(weft_netns::named_path(&a.0)).unwrap();
     std::thread::spawn(move || forwarder_ns.run(|| weft_udp::forwarder::run(config)));
@@ -165,12 +183,22 @@ fn through_the_forwarder(kernel_cut: bool) {
     });
     let mut buf = [0u8; 65536];
     let status_socket = socket.clone();
-    let mut recv = || {
-        let (n, _) = wire.recv_from(&mut buf).unwrap_or_else(|e| {
+    let mut probes = 0;
+    let mut recv = || loop {
+        let (n, from) = wire.recv_from(&mut buf).unwrap_or_else(|e| {
             let status = weft_udp::forwarder::ask(&status_socket, &json!({"op": "status"}));
             panic!("nothing on the wire ({e}); the forwarder: {status:?}")
         });
-        buf[..n].to_vec()
+        // The forwarder's probe: answered as a weft node does, or not at all (flannel).
+        if let Some(weft_udp::offload::Probe::Ask(nonce)) = weft_udp::offload::Probe::decode(&buf[..n]) {
+            assert_ne!(cut, Cut::Here, "a probe with kernel segmentation off");
+            probes += 1;
+            if cut == Cut::Kernel {
+                wire.send_to(&weft_udp::offload::Probe::Answer(nonce).encode(), from).unwrap();
+            }
+            continue;
+        }
+        return buf[..n].to_vec();
     };
     // The handshake, by hand.
     let syn = recv();
@@ -211,12 +239,22 @@ fn through_the_forwarder(kernel_cut: bool) {
         "the kernel handed over large packets (TSO): {c}"
     );
     assert!(datagrams >= 400_000 / MTU);
-    if kernel_cut {
-        assert_eq!(status["kernel_cut"]["device"], "wt0-tx", "{status}");
-        assert!(c["kernel_cut"].as_u64().unwrap() > 0, "large packets went to the kernel: {c}");
-    } else {
-        assert_eq!(c["kernel_cut"], 0, "{c}");
-        assert!(status["kernel_cut"]["off"].as_str().unwrap().contains("KernelSegmentation: false"), "{status}");
+    match cut {
+        Cut::Kernel => {
+            assert_eq!(status["kernel_cut"]["device"], "wt0-tx", "{status}");
+            assert_eq!(status["kernel_cut"]["peers"]["198.18.9.2"], true, "{status}");
+            assert!(c["kernel_cut"].as_u64().unwrap() > 0, "large packets went to the kernel: {c}");
+            assert!(c["probes_answered"].as_u64().unwrap() > 0, "{c}");
+        }
+        Cut::SilentPeer => {
+            assert_eq!(status["kernel_cut"]["peers"]["198.18.9.2"], false, "{status}");
+            assert_eq!(c["kernel_cut"], 0, "nothing uncut for a peer that never answered: {c}");
+            assert!(c["probes_sent"].as_u64().unwrap() > 0, "{c}");
+        }
+        Cut::Here => {
+            assert_eq!(c["kernel_cut"], 0, "{c}");
+            assert!(status["kernel_cut"]["off"].as_str().unwrap().contains("KernelSegmentation: false"), "{status}");
+        }
     }
 
     // The answer: 60,000 bytes in segments of 1,000, sent with UDP GSO (joined on receipt).

@@ -1433,6 +1433,7 @@ fn udp_kernel_cut_follows_the_node_changing_under_it() {
     lab.check_ok();
     let cutting = |node: &str| lab.forwarder(node)["kernel_cut"].clone();
     assert_eq!(cutting("node1")["device"], "weft-udp-tx");
+    assert_eq!(cutting("node1")["peers"][&show_underlay_address(&lab, "node2")], true, "{}", cutting("node1"));
     let sh = |node: &str, args: &[&str]| {
         let out = Command::new("ip").args(["netns", "exec", &lab.ns(node)]).args(args).output().unwrap();
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -1469,6 +1470,24 @@ fn udp_kernel_cut_follows_the_node_changing_under_it() {
         cutting("node1")["device"] == "weft-udp-tx" && String::from_utf8_lossy(&links.stdout).contains("weft-udp-tx")
     });
     lab.check_ok();
+    // A host firewall whose FORWARD policy drops (Docker's, ufw's) accepting pod traffic only:
+    // what node1 forwards from the TAP would be lost. The probes that go that way are not
+    // answered any more: node1 cuts its packets for node2 itself, and takes the kernel's way
+    // again once the firewall lets them through.
+    let node2_ip = show_underlay_address(&lab, "node2");
+    let ruleset = "add table ip hostfw { chain forward { type filter hook forward priority 10; policy drop; \
+                   ip saddr 198.19.0.0/16 accept; ip daddr 198.19.0.0/16 accept; }; }";
+    sh("node1", &["nft", ruleset]);
+    within(Duration::from_secs(10), "node2 no longer taking node1's kernel-cut packets", || {
+        let _ = lab.weft(&["check"]);
+        cutting("node1")["peers"][&node2_ip] == false
+    });
+    lab.check_ok();
+    sh("node1", &["nft", "delete table ip hostfw"]);
+    within(Duration::from_secs(15), "node2 taking them again", || {
+        let _ = lab.weft(&["check"]);
+        cutting("node1")["peers"][&node2_ip] == true
+    });
     // node2's uplink MTU grows: its TUN follows (new pods would get 8972), its pod keeps 1472.
     // What comes uncut for that pod is taken as segments that fit the pod's bridge, not the TUN.
     sh("node2", &["ip", "link", "set", "eth0", "mtu", "9000"]);
@@ -1486,4 +1505,12 @@ fn udp_kernel_cut_follows_the_node_changing_under_it() {
     let whole = lab.forwarder("node2")["counters"]["whole_received"].as_u64().unwrap();
     lab.check_ok();
     assert!(lab.forwarder("node2")["counters"]["whole_received"].as_u64().unwrap() > whole);
+}
+
+/// The underlay address of `node` in the lab.
+fn show_underlay_address(lab: &TestLab, node: &str) -> String {
+    lab.show()["nodes"].as_array().unwrap().iter().find(|n| n["name"] == node).unwrap()["address"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }

@@ -112,11 +112,17 @@ fn print_node(lab: &Lab, node: &super::NodeInfo) -> Result<()> {
                     c["drops"].as_object().into_iter().flatten().map(|(reason, n)| format!("{reason} {n}")).collect();
                 outln!("    drops: {}", drops.join(", "));
                 match (f["kernel_cut"]["device"].as_str(), f["kernel_cut"]["off"].as_str()) {
-                    (Some(tap), _) => outln!(
-                        "    kernel segmentation through {tap}: {} large packets sent, {} received whole",
-                        c["kernel_cut"],
-                        c["whole_received"]
-                    ),
+                    (Some(tap), _) => {
+                        let peers = f["kernel_cut"]["peers"].as_object();
+                        let taking: Vec<&String> =
+                            peers.into_iter().flatten().filter(|(_, v)| **v == true).map(|(k, _)| k).collect();
+                        outln!(
+                            "    kernel segmentation through {tap}: {} large packets sent, {} received whole; peers that take them: {}",
+                            c["kernel_cut"],
+                            c["whole_received"],
+                            if taking.is_empty() { "none yet".to_string() } else { taking.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ") }
+                        )
+                    }
                     (_, why) => outln!("    segmentation in the forwarder: {}", why.unwrap_or("?")),
                 }
             }
