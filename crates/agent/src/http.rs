@@ -195,6 +195,11 @@ pub fn forwarder_metrics(status: Option<&serde_json::Value>) -> String {
         "# HELP weft_udp_whole_received_total Datagrams that came uncut from a peer's kernel, written whole.\n# TYPE weft_udp_whole_received_total counter\n",
     );
     out.push_str(&format!("weft_udp_whole_received_total {}\n", c["whole_received"]));
+    let taking = status["kernel_cut"]["peers"].as_object().map_or(0, |p| p.values().filter(|v| **v == true).count());
+    out.push_str(
+        "# HELP weft_udp_kernel_cut_peers Peers that answered the probe: they get what the kernel cuts.\n# TYPE weft_udp_kernel_cut_peers gauge\n",
+    );
+    out.push_str(&format!("weft_udp_kernel_cut_peers {taking}\n"));
     out
 }
 
@@ -381,7 +386,7 @@ mod tests {
         let status = serde_json::json!({"counters": {"tun_rx_packets": 5, "tun_rx_bytes": 500, "udp_tx_packets": 4,
             "udp_tx_bytes": 400, "udp_rx_packets": 3, "udp_rx_bytes": 300, "tun_tx_packets": 2, "tun_tx_bytes": 200,
             "icmp_sent": 1, "kernel_cut": 9, "whole_received": 8, "drops": {"unknown_source": 7, "malformed": 0}},
-            "kernel_cut": {"device": "weft-udp-tx"}});
+            "kernel_cut": {"device": "weft-udp-tx", "peers": {"198.18.0.3": true, "198.18.0.4": false}}});
         let m = forwarder_metrics(Some(&status));
         for line in [
             "weft_udp_forwarder_up 1",
@@ -393,6 +398,7 @@ mod tests {
             "weft_udp_kernel_segmentation 1",
             "weft_udp_kernel_cut_total 9",
             "weft_udp_whole_received_total 8",
+            "weft_udp_kernel_cut_peers 1",
         ] {
             assert!(m.lines().any(|l| l == line), "{line} not in\n{m}");
         }
