@@ -1,7 +1,7 @@
 //! The forwarding process: one TUN queue and one UDP socket, one thread forwarding both ways,
 //! and a control socket. Its table is pushed by the agent over the control socket and swapped
-//! whole; the packet thread takes the new one between batches. It runs on when the agent is gone (killed,
-//! restarted, upgraded), so pods keep talking, and ends when its TUN device does.
+//! whole; the packet thread takes the new one between batches. It runs on when the agent is
+//! gone (killed, restarted, upgraded), so pods keep talking, and ends when its TUN device does.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -92,7 +92,8 @@ impl Counters {
     }
 }
 
-/// What the packet thread and the control threads share: the current table (swapped whole) and the counters.
+/// What the packet thread and the control threads share: the current table (swapped whole),
+/// the counters, the sending TAP and what peers take.
 struct Shared {
     /// The TUN device's name.
     device: String,
@@ -912,25 +913,26 @@ impl<'a> UdpToTun<'a> {
                 counters.drop(Drop::Malformed);
                 continue;
             }
-            // A peer asking whether it may send what its kernel cuts, or answering this node.
-            if let Some(probe) = r.segment.is_none().then(|| Probe::decode(bytes)).flatten() {
-                match probe {
-                    Probe::Ask(nonce) => {
-                        if self.udp.send_to(&Probe::Answer(nonce).encode(), r.from).is_ok() {
-                            counters.probe_answers_sent.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    Probe::Answer(nonce) => {
-                        let mut peers = self.current.shared.peers_cut.lock().unwrap_or_else(|e| e.into_inner());
-                        if peers.get_mut(r.from.ip()).is_some_and(|p| p.answered(nonce)) {
-                            counters.probes_answered.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-                continue;
-            }
             let chunks = if r.segment.is_some() { bytes.chunks(size) } else { bytes.chunks(bytes.len().max(1)) };
             for datagram in chunks {
+                // A peer asking whether it may send what its kernel cuts, or answering this
+                // node (alone, or the short last of datagrams GRO joined).
+                if let Some(probe) = Probe::decode(datagram) {
+                    match probe {
+                        Probe::Ask(nonce) => {
+                            if self.udp.send_to(&Probe::Answer(nonce).encode(), r.from).is_ok() {
+                                counters.probe_answers_sent.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Probe::Answer(nonce) => {
+                            let mut peers = self.current.shared.peers_cut.lock().unwrap_or_else(|e| e.into_inner());
+                            if peers.get_mut(r.from.ip()).is_some_and(|p| p.answered(nonce)) {
+                                counters.probes_answered.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    continue;
+                }
                 // A header whose checksum is wrong would be dropped by the kernel: not counted
                 // as delivered.
                 let Ok(header) = packet::parse(datagram)

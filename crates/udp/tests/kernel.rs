@@ -274,6 +274,15 @@ fn through_the_forwarder(cut: Cut) {
     let after = weft_udp::forwarder::ask(&socket, &json!({"op": "status"})).unwrap()["counters"].clone();
     let delta = |key: &str| after[key].as_u64().unwrap() - before[key].as_u64().unwrap();
     assert_eq!(delta("tun_tx_packets"), 60, "{before} {after}");
+    // A probe that GRO joined after datagrams of the same flow (the short last one) is
+    // answered, to the address it came from, whatever this forwarder's own setting.
+    let mut with_probe = joined[..1040 * 2].to_vec();
+    with_probe.extend(weft_udp::offload::Probe::Ask(77).encode());
+    weft_udp::sys::send_segments(std::os::fd::AsFd::as_fd(&sender), &with_probe, 1040, forwarder).unwrap();
+    sender.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut answer_buf = [0u8; 64];
+    let n = sender.recv(&mut answer_buf).expect("the probe answered");
+    assert_eq!(weft_udp::offload::Probe::decode(&answer_buf[..n]), Some(weft_udp::offload::Probe::Answer(77)));
     assert!(delta("tun_writes") <= 4, "60 segments joined into a few writes: {before} {after}");
     // Connections to the control socket that say nothing do not hold up the agent's requests
     // (each would have held the socket for its 2 s read timeout).
