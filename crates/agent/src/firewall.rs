@@ -19,10 +19,13 @@ const POSTROUTING: BaseChain = BaseChain { name: "postrouting", kind: ChainKind:
 const KUBE_PROXY_MARK: u32 = 0x4000;
 
 /// The transaction that makes the table exactly this. With a userspace tunnel on
-/// `tunnel_port` (the udp backend), datagrams to that port that this node would forward and
-/// whose source is not a pod are dropped: a pod must not pose as a node on the underlay (with a
-/// peer's address as source) to get packets into other nodes' pods. What comes in from the
-/// forwarder's own sending TAP (its large packets, for the kernel to cut) is not.
+/// `tunnel_port` (the udp backend), datagrams to that port that this node would forward out of
+/// the pod network are dropped, whatever their source: a pod must not reach another node's
+/// forwarder, neither posing as a node (a node's address as source) nor as itself (masqueraded
+/// to this node's address, which the peer takes for this node's forwarder), to get packets
+/// into other nodes' pods. What comes in from the forwarder's own sending TAP (its large
+/// packets, for the kernel to cut) is not. Pods cannot reach a service on that UDP port
+/// outside the cluster.
 pub fn commands(network: &Ipv4Net, masquerade: bool, tunnel_port: Option<u16>) -> Vec<Value> {
     let net = IpNet::V4(*network);
     let src = |op| Expr::Addr { field: Field::Saddr, op, net };
@@ -35,8 +38,8 @@ pub fn commands(network: &Ipv4Net, masquerade: bool, tunnel_port: Option<u16>) -
             &FORWARD,
             vec![
                 Expr::Iifname { op: Op::Ne, name: tap },
+                dst(Op::Ne),
                 Expr::Dport { proto: "udp".into(), port },
-                src(Op::Ne),
                 Expr::Drop,
             ],
         ));

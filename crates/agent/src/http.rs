@@ -200,6 +200,17 @@ pub fn forwarder_metrics(status: Option<&serde_json::Value>) -> String {
         "# HELP weft_udp_kernel_cut_peers Peers that answered the probe: they get what the kernel cuts.\n# TYPE weft_udp_kernel_cut_peers gauge\n",
     );
     out.push_str(&format!("weft_udp_kernel_cut_peers {taking}\n"));
+    out.push_str(
+        "# HELP weft_udp_probes_total Probes for kernel-cut sends: sent, answered; peers' probes answered, withheld (over the limit).\n# TYPE weft_udp_probes_total counter\n",
+    );
+    for (what, key) in [
+        ("sent", "probes_sent"),
+        ("answered", "probes_answered"),
+        ("answers_sent", "probe_answers_sent"),
+        ("answers_withheld", "probe_answers_withheld"),
+    ] {
+        out.push_str(&format!("weft_udp_probes_total{{what=\"{what}\"}} {}\n", c[key].as_u64().unwrap_or(0)));
+    }
     out
 }
 
@@ -385,7 +396,7 @@ mod tests {
         assert_eq!(forwarder_metrics(None).lines().last(), Some("weft_udp_forwarder_up 0"));
         let status = serde_json::json!({"counters": {"tun_rx_packets": 5, "tun_rx_bytes": 500, "udp_tx_packets": 4,
             "udp_tx_bytes": 400, "udp_rx_packets": 3, "udp_rx_bytes": 300, "tun_tx_packets": 2, "tun_tx_bytes": 200,
-            "icmp_sent": 1, "kernel_cut": 9, "whole_received": 8, "drops": {"unknown_source": 7, "malformed": 0}},
+            "icmp_sent": 1, "kernel_cut": 9, "whole_received": 8, "probe_answers_withheld": 6, "drops": {"unknown_source": 7, "malformed": 0}},
             "kernel_cut": {"device": "weft-udp-tx", "peers": {"198.18.0.3": true, "198.18.0.4": false}}});
         let m = forwarder_metrics(Some(&status));
         for line in [
@@ -399,6 +410,7 @@ mod tests {
             "weft_udp_kernel_cut_total 9",
             "weft_udp_whole_received_total 8",
             "weft_udp_kernel_cut_peers 1",
+            "weft_udp_probes_total{what=\"answers_withheld\"} 6",
         ] {
             assert!(m.lines().any(|l| l == line), "{line} not in\n{m}");
         }

@@ -60,6 +60,8 @@ pub struct Counters {
     pub probes_sent: AtomicU64,
     pub probes_answered: AtomicU64,
     pub probe_answers_sent: AtomicU64,
+    /// Probes not answered: more than `ANSWERS_PER_SECOND` from one peer.
+    pub probe_answers_withheld: AtomicU64,
     pub icmp_sent: AtomicU64,
     drops: [AtomicU64; Drop::ALL.len()],
 }
@@ -86,6 +88,7 @@ impl Counters {
             "kernel_cut": n(&self.kernel_cut), "whole_received": n(&self.whole_received),
             "probes_sent": n(&self.probes_sent), "probes_answered": n(&self.probes_answered),
             "probe_answers_sent": n(&self.probe_answers_sent),
+            "probe_answers_withheld": n(&self.probe_answers_withheld),
             "icmp_sent": n(&self.icmp_sent),
             "drops": drops,
         })
@@ -111,51 +114,70 @@ struct Shared {
 /// Whether a peer takes what this node's kernel cuts: asked with a probe that goes the way
 /// those packets go (through the TAP, the node's forwarding and its firewall) and answered by a
 /// weft forwarder. A flannel node (it would get uncut packets over veth), or a firewall that
-/// drops what the node forwards, never answers: the peer's large packets are cut here. Asked
-/// again every `PROBE_EVERY` while packets go to it (two answers missed in a row and it is
-/// cut here again), every `PROBE_RETRY` while it has not answered.
+/// drops what the node forwards, never answers: the peer's large packets are cut here. Only a
+/// fresh answer counts (one within `CONFIRMED_FOR`): a peer is asked every `PROBE_EVERY`
+/// while packets go to it, and a probe unanswered after `PROBE_PATIENCE` (answers take well
+/// under a millisecond) sends them the safe way until it is answered; one never answered
+/// (`PROBE_TIMEOUT`) ends the confirmation, and the peer is asked again `PROBE_RETRY` later.
 #[derive(Debug, Default)]
 struct PeerCut {
-    confirmed: bool,
+    answered_at: Option<std::time::Instant>,
     asked: Option<(u64, std::time::Instant)>,
-    misses: u8,
-    next: Option<std::time::Instant>,
+    next_ask: Option<std::time::Instant>,
 }
 
 impl PeerCut {
     /// Before a large packet goes to the peer: a probe to send now (its nonce), if one is due,
     /// and whether the packet may go to the kernel to be cut.
     fn before_send(&mut self, now: std::time::Instant, nonce: impl FnOnce() -> u64) -> (Option<u64>, bool) {
-        if let Some((_, at)) = self.asked {
-            if now.duration_since(at) >= PROBE_TIMEOUT {
-                self.asked = None;
-                self.misses = self.misses.saturating_add(1);
-                if self.confirmed && self.misses < 2 {
-                    self.next = None;
-                } else {
-                    self.confirmed = false;
-                    self.next = Some(now + PROBE_RETRY);
-                }
-            }
+        if self.asked.is_some_and(|(_, at)| now.duration_since(at) >= PROBE_TIMEOUT) {
+            self.asked = None;
+            self.answered_at = None;
+            self.next_ask = Some(now + PROBE_RETRY);
         }
-        let ask = (self.asked.is_none() && self.next.is_none_or(|t| now >= t)).then(|| {
+        let ask = (self.asked.is_none() && self.next_ask.is_none_or(|t| now >= t)).then(|| {
             let n = nonce();
             self.asked = Some((n, now));
-            self.next = Some(now + PROBE_EVERY);
+            self.next_ask = Some(now + PROBE_EVERY);
             n
         });
-        (ask, self.confirmed)
+        (ask, self.taking(now))
     }
 
-    /// An answer: true when it answers the probe asked (the peer is confirmed).
-    fn answered(&mut self, nonce: u64) -> bool {
+    /// Whether it takes kernel-cut packets now: answered lately, and no probe waiting long.
+    fn taking(&self, now: std::time::Instant) -> bool {
+        let fresh = self.answered_at.is_some_and(|t| now.duration_since(t) < CONFIRMED_FOR);
+        let waiting = self.asked.is_some_and(|(_, at)| now.duration_since(at) > PROBE_PATIENCE);
+        fresh && !waiting
+    }
+
+    /// An answer: true when it answers the probe asked.
+    fn answered(&mut self, nonce: u64, now: std::time::Instant) -> bool {
         if self.asked.is_some_and(|(n, _)| n == nonce) {
             self.asked = None;
-            self.misses = 0;
-            self.confirmed = true;
+            self.answered_at = Some(now);
             return true;
         }
         false
+    }
+}
+
+/// Answers to one peer's probes, at most `ANSWERS_PER_SECOND` a second: a flood of probes (or
+/// of datagrams posing as a peer's) costs a little and is not reflected.
+#[derive(Debug, Default)]
+struct AnswerLimit {
+    window: Option<std::time::Instant>,
+    sent: u32,
+}
+
+impl AnswerLimit {
+    fn allow(&mut self, now: std::time::Instant) -> bool {
+        if self.window.is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1)) {
+            self.window = Some(now);
+            self.sent = 0;
+        }
+        self.sent += 1;
+        self.sent <= ANSWERS_PER_SECOND
     }
 }
 
@@ -203,10 +225,18 @@ impl Shared {
         self.generation.fetch_add(1, Ordering::Release);
     }
 
-    /// Tries for the TAP again when it is time.
+    /// Tries for the TAP again when it is time; gives it up when a setting of the node's changed
+    /// under it (also while no packet goes: the status says so).
     fn sync_tap_when_due(&self) {
-        let due = self.tap_state().again.is_some_and(|t| std::time::Instant::now() >= t);
-        if due {
+        let (due, unusable) = {
+            let state = self.tap_state();
+            let due = state.again.is_some_and(|t| std::time::Instant::now() >= t);
+            (due, state.tap.as_ref().and_then(|tap| tap_unusable(&tap.name)))
+        };
+        if let Some(why) = unusable {
+            self.give_up_tap(why, TAP_AGAIN);
+            self.generation.fetch_add(1, Ordering::Release);
+        } else if due {
             self.sync_tap();
         }
     }
@@ -433,6 +463,7 @@ fn handle(request: &Value, shared: &Shared, config: &Config) -> Result<Value, St
         other => return Err(format!("unknown op {other:?} (status, set, put, del)")),
     }
     let table = shared.table();
+    let now = std::time::Instant::now();
     let peers: Vec<Value> =
         table.peers().map(|(s, ip)| json!({"subnet": s.to_string(), "ip": ip.to_string()})).collect();
     Ok(json!({
@@ -451,7 +482,7 @@ fn handle(request: &Value, shared: &Shared, config: &Config) -> Result<Value, St
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .iter()
-                    .map(|(ip, p)| (ip.to_string(), json!(p.confirmed)))
+                    .map(|(ip, p)| (ip.to_string(), json!(p.taking(now))))
                     .collect();
                 json!({"device": device, "peers": peers})
             }
@@ -546,11 +577,16 @@ fn is_would_block(e: &io::Error) -> bool {
 /// wrong; after it refused a packet (it was taken down, deleted).
 const TAP_AGAIN: Duration = Duration::from_secs(1);
 const TAP_REFUSED_AGAIN: Duration = Duration::from_secs(5);
-/// How long a probe waits for its answer; how often a peer that answered is asked again
-/// while packets go to it, one that did not.
+/// Probing a peer (see `PeerCut`): how long an answer counts, how often a peer is asked while
+/// packets go to it, how long kernel-cut packets go on while a probe waits, when a probe counts
+/// as unanswered and how long a peer that did not answer waits to be asked again.
+const CONFIRMED_FOR: Duration = Duration::from_secs(3);
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+const PROBE_PATIENCE: Duration = Duration::from_millis(100);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-const PROBE_EVERY: Duration = Duration::from_secs(2);
-const PROBE_RETRY: Duration = Duration::from_secs(5);
+const PROBE_RETRY: Duration = Duration::from_secs(2);
+/// Answers to one peer's probes a second at most.
+const ANSWERS_PER_SECOND: u32 = 20;
 /// Destinations whose route MTU is kept at most (emptied when full).
 const MTU_CACHE: usize = 4096;
 /// How often the packet thread looks at the TAP's settings while it uses it.
@@ -849,6 +885,8 @@ struct UdpToTun<'a> {
     /// kernel-cut send came uncut for (what it is taken as segments of), read again each
     /// second: after the uplink's MTU changed, the pods made before keep theirs.
     device: &'a str,
+    /// Answers to each peer's probes lately.
+    answer_limits: HashMap<Ipv4Addr, AnswerLimit>,
     mtus: HashMap<Ipv4Addr, usize>,
     tun_mtu: usize,
     mtus_at: std::time::Instant,
@@ -859,6 +897,7 @@ impl<'a> UdpToTun<'a> {
         let current = Current::new(shared);
         UdpToTun {
             device,
+            answer_limits: HashMap::new(),
             mtus: HashMap::new(),
             tun_mtu: 0,
             mtus_at: std::time::Instant::now(),
@@ -920,13 +959,20 @@ impl<'a> UdpToTun<'a> {
                 if let Some(probe) = Probe::decode(datagram) {
                     match probe {
                         Probe::Ask(nonce) => {
-                            if self.udp.send_to(&Probe::Answer(nonce).encode(), r.from).is_ok() {
+                            let now = std::time::Instant::now();
+                            if self.answer_limits.len() > MTU_CACHE {
+                                self.answer_limits.clear();
+                            }
+                            if !self.answer_limits.entry(*r.from.ip()).or_default().allow(now) {
+                                counters.probe_answers_withheld.fetch_add(1, Ordering::Relaxed);
+                            } else if self.udp.send_to(&Probe::Answer(nonce).encode(), r.from).is_ok() {
                                 counters.probe_answers_sent.fetch_add(1, Ordering::Relaxed);
                             }
                         }
                         Probe::Answer(nonce) => {
+                            let now = std::time::Instant::now();
                             let mut peers = self.current.shared.peers_cut.lock().unwrap_or_else(|e| e.into_inner());
-                            if peers.get_mut(r.from.ip()).is_some_and(|p| p.answered(nonce)) {
+                            if peers.get_mut(r.from.ip()).is_some_and(|p| p.answered(nonce, now)) {
                                 counters.probes_answered.fetch_add(1, Ordering::Relaxed);
                             }
                         }
@@ -1017,5 +1063,47 @@ fn forward(tun: &File, udp: &UdpSocket, config: &Config, shared: &Shared) -> io:
                 return e;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn a_peer_takes_kernel_cut_packets_only_on_a_fresh_answer() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut p = PeerCut::default();
+        // First packet: a probe goes, the packet is cut here.
+        assert_eq!(p.before_send(ms(0), || 7), (Some(7), false));
+        assert!(!p.answered(8, ms(1)), "another nonce");
+        assert!(p.answered(7, ms(1)));
+        assert_eq!(p.before_send(ms(2), || 9), (None, true));
+        // Asked again a second later; meanwhile still taking, until the probe waits too long.
+        assert_eq!(p.before_send(ms(1001), || 9), (Some(9), true));
+        assert_eq!(p.before_send(ms(1050), || 0), (None, true));
+        assert_eq!(p.before_send(ms(1150), || 0), (None, false), "unanswered past the patience");
+        assert!(p.answered(9, ms(1160)));
+        assert_eq!(p.before_send(ms(1170), || 0), (None, true));
+        // Nothing sent for a while: the answer is stale; the next packet asks first.
+        assert_eq!(p.before_send(ms(5000), || 11), (Some(11), false));
+        // Never answered: confirmation over, asked again only after the retry time.
+        assert_eq!(p.before_send(ms(6001), || 12), (None, false));
+        assert_eq!(p.before_send(ms(7000), || 12), (None, false));
+        assert_eq!(p.before_send(ms(8001), || 12), (Some(12), false));
+        assert!(!p.answered(11, ms(8002)), "a late answer to an old probe");
+        assert!(p.answered(12, ms(8002)));
+        assert!(p.taking(ms(8003)));
+    }
+
+    #[test]
+    fn answers_to_one_peer_are_limited_per_second() {
+        let t0 = Instant::now();
+        let mut limit = AnswerLimit::default();
+        let allowed = (0..100).filter(|_| limit.allow(t0)).count();
+        assert_eq!(allowed, ANSWERS_PER_SECOND as usize);
+        assert!(limit.allow(t0 + Duration::from_secs(1)), "a new second");
     }
 }

@@ -120,7 +120,7 @@ fn print_node(lab: &Lab, node: &super::NodeInfo) -> Result<()> {
                             "    kernel segmentation through {tap}: {} large packets sent, {} received whole; peers that take them: {}",
                             c["kernel_cut"],
                             c["whole_received"],
-                            if taking.is_empty() { "none yet".to_string() } else { taking.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ") }
+                            if taking.is_empty() { "none".to_string() } else { taking.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ") }
                         )
                     }
                     (_, why) => outln!("    segmentation in the forwarder: {}", why.unwrap_or("?")),
