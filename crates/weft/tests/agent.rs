@@ -17,6 +17,20 @@ struct Node {
     dir: Dir,
 }
 
+impl Drop for Node {
+    /// A udp forwarder the agent started outlives it (and keeps the namespace alive, its TUN
+    /// with it): ended here, whatever the test did.
+    fn drop(&mut self) {
+        let pid_file = weft_udp::forwarder::pid_path(&self.dir.path().join("udp-forwarder.sock"));
+        if let Some(pid) = std::fs::read_to_string(pid_file).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains("udp-forwarder") {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
 impl Node {
     fn new(net_conf: &str) -> Node {
         let ns = Ns::new("n");
