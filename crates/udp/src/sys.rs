@@ -107,7 +107,8 @@ fn ifreq(name: &str, request: libc::Ioctl, set: Option<[u8; 24]>) -> io::Result<
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{name:?} is no interface name")));
     }
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    // Any socket serves for the request (bound to no address: loopback may be down).
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
     let mut req = IfReqData { name: [0; libc::IFNAMSIZ], data: set.unwrap_or([0; 24]) };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: the request reads and writes a `struct ifreq`, which `req` is laid out as.
