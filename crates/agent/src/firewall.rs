@@ -14,6 +14,7 @@ use crate::{AgentError, Result};
 pub const TABLE: Table = Table { family: Family::Ip, name: "weft-agent" };
 const FORWARD: BaseChain = BaseChain { name: "forward", kind: ChainKind::Filter, hook: "forward", prio: 0 };
 const POSTROUTING: BaseChain = BaseChain { name: "postrouting", kind: ChainKind::Nat, hook: "postrouting", prio: 100 };
+const INPUT: BaseChain = BaseChain { name: "input", kind: ChainKind::Filter, hook: "input", prio: 0 };
 
 /// kube-proxy's masquerade mark: its traffic is left to it.
 const KUBE_PROXY_MARK: u32 = 0x4000;
@@ -25,7 +26,10 @@ const KUBE_PROXY_MARK: u32 = 0x4000;
 /// to this node's address, which the peer takes for this node's forwarder), to get packets
 /// into other nodes' pods. What comes in from the forwarder's own sending TAP (its large
 /// packets, for the kernel to cut) is not. Pods cannot reach a service on that UDP port
-/// outside the cluster.
+/// outside the cluster. Nor this node's own forwarder: datagrams to the port that come in on an
+/// interface the way back to their source does not leave by (a pod posing as a node, its
+/// packets from the pods' side) and those whose destination was translated (a Service or
+/// NodePort pointed at the port) are dropped on input.
 pub fn commands(network: &Ipv4Net, masquerade: bool, tunnel_port: Option<u16>) -> Vec<Value> {
     let net = IpNet::V4(*network);
     let src = |op| Expr::Addr { field: Field::Saddr, op, net };
@@ -45,6 +49,15 @@ pub fn commands(network: &Ipv4Net, masquerade: bool, tunnel_port: Option<u16>) -
         ));
     }
     cmds.extend([rule(&FORWARD, vec![src(Op::Eq), Expr::Accept]), rule(&FORWARD, vec![dst(Op::Eq), Expr::Accept])]);
+    match tunnel_port {
+        Some(port) => {
+            let udp = || Expr::Dport { proto: "udp".into(), port };
+            cmds.push(TABLE.add_chain(&INPUT));
+            cmds.push(rule(&INPUT, vec![udp(), Expr::CtDnat, Expr::Drop]));
+            cmds.push(rule(&INPUT, vec![udp(), Expr::NoRouteBack, Expr::Drop]));
+        }
+        None => cmds.push(TABLE.delete_chain(INPUT.name)),
+    }
     if masquerade {
         let multicast = Expr::Addr {
             field: Field::Daddr,
@@ -66,14 +79,11 @@ pub fn commands(network: &Ipv4Net, masquerade: bool, tunnel_port: Option<u16>) -
 /// Applies the rules (one transaction).
 pub fn apply(network: &Ipv4Net, masquerade: bool, tunnel_port: Option<u16>) -> Result<()> {
     let mut cmds = commands(network, masquerade, tunnel_port);
-    if !masquerade {
-        // Deleting a chain that does not exist would fail the transaction: only when present.
-        let present = nft::list_table(TABLE.family.as_str(), TABLE.name)
-            .map_err(|e| AgentError::Config(format!("nftables: {e}")))?
-            .is_some_and(|objs| nft::chains_of(&objs).any(|c| c == POSTROUTING.name));
-        if !present {
-            cmds.pop();
-        }
-    }
+    // Deleting a chain that does not exist would fail the transaction: only those present.
+    let present: Vec<String> = nft::list_table(TABLE.family.as_str(), TABLE.name)
+        .map_err(|e| AgentError::Config(format!("nftables: {e}")))?
+        .map(|objs| nft::chains_of(&objs).map(str::to_string).collect())
+        .unwrap_or_default();
+    cmds.retain(|c| c["delete"]["chain"]["name"].as_str().is_none_or(|name| present.iter().any(|p| p == name)));
     nft::apply(cmds).map_err(|e| AgentError::Config(format!("nftables: {e}")))
 }

@@ -134,6 +134,11 @@ pub mod build {
         },
         /// `fib daddr type local`.
         LocalDestination,
+        /// `ct status dnat`: the connection's destination was translated.
+        CtDnat,
+        /// `fib saddr . iif oif missing`: no route back to the source through the interface it
+        /// came in on (strict reverse-path filtering, for one rule).
+        NoRouteBack,
         /// `meta iifname ==|!= NAME`.
         Iifname {
             op: Op,
@@ -179,6 +184,9 @@ pub mod build {
                 Expr::LocalDestination => {
                     json!({"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}})
                 }
+                Expr::CtDnat => json!({"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}),
+                Expr::NoRouteBack => json!({"match": {"op": "==",
+                    "left": {"fib": {"result": "oif", "flags": ["saddr", "iif"]}}, "right": false}}),
                 Expr::Iifname { op: o, name } => {
                     json!({"match": {"op": op(*o), "left": {"meta": {"key": "iifname"}}, "right": name}})
                 }

@@ -561,6 +561,9 @@ fn all_rp_filter() -> Option<String> {
 /// Why packets written to the TAP `name` would not be forwarded now (a setting changed under
 /// it), if they would not.
 fn tap_unusable(name: &str) -> Option<String> {
+    if !std::path::Path::new(&format!("/proc/sys/net/ipv4/conf/{name}")).exists() {
+        return Some(format!("{name} is gone"));
+    }
     all_rp_filter().or_else(|| {
         [("rp_filter", "0"), ("accept_local", "1"), ("forwarding", "1")].into_iter().find_map(|(key, want)| {
             let now = sysctl(&format!("{name}/{key}"));

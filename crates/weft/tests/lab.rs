@@ -965,6 +965,41 @@ try:\n    s.recvfrom(100); print('answered')\nexcept OSError: print('silent')\n"
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "silent", "node2's forwarder answered a pod");
     assert!(on_node2.recv(&mut buf).is_err(), "a pod's datagram reached node2's pod as node1's");
+    // Nor through its own node's forwarder, posing as node3 (raw socket, node3's address as
+    // source, to node1's own address: delivered locally, never forwarded).
+    let target_listener = target_ns.run(|| UdpSocket::bind(format!("{target}:7779"))).unwrap().unwrap();
+    target_listener.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let inner = inner_udp(node3_pod, target, 7779, b"spoofed into its own node");
+    let hex: String = inner.iter().map(|b| format!("{b:02x}")).collect();
+    let raw = "import socket,struct,sys\n\
+src,dst,inner=sys.argv[1],sys.argv[2],bytes.fromhex(sys.argv[3])\n\
+udp=struct.pack('!HHHH',8285,8285,8+len(inner),0)+inner\n\
+ip=struct.pack('!BBHHHBBH4s4s',0x45,0,20+len(udp),1,0,64,17,0,socket.inet_aton(src),socket.inet_aton(dst))\n\
+socket.socket(socket.AF_INET,socket.SOCK_RAW,socket.IPPROTO_RAW).sendto(ip+udp,(dst,0))\n";
+    let out = Command::new("ip")
+        .args(["netns", "exec", p1["namespace"].as_str().unwrap(), "python3", "-c", raw])
+        .args([address_of("node3").as_str(), address_of("node1").as_str(), hex.as_str()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(target_listener.recv(&mut buf).is_err(), "a pod posed as node3 to its own node's forwarder");
+    // Nor through a translated port (a Service or NodePort pointed at node2's forwarder).
+    let dnat = "add table ip svc { chain pre { type nat hook prerouting priority -100; \
+                udp dport 30085 dnat to :8285; }; }";
+    let out = Command::new("ip").args(["netns", "exec", &lab.ns("node2"), "nft", dnat]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let inner = inner_udp(p1["address"].as_str().unwrap(), node2_target, 7778, b"through a node port");
+    let hex: String = inner.iter().map(|b| format!("{b:02x}")).collect();
+    let via_port = script.replace("8285", "30085");
+    let out = Command::new("ip")
+        .args(["netns", "exec", p1["namespace"].as_str().unwrap(), "python3", "-c", &via_port])
+        .args([address_of("node2").as_str(), hex.as_str()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "silent", "a probe through a node port was answered");
+    assert!(on_node2.recv(&mut buf).is_err(), "a pod reached node2's pod through a node port");
+    let _ = Command::new("ip").args(["netns", "exec", &lab.ns("node2"), "nft", "delete table ip svc"]).output();
     // The same counters in the agent's /metrics, and in `lab show`.
     let (_, metrics) = http_get(&lab, "node1", "/metrics");
     assert!(metrics.contains("weft_udp_forwarder_up 1"), "{metrics}");

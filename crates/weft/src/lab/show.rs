@@ -125,6 +125,13 @@ fn print_node(lab: &Lab, node: &super::NodeInfo) -> Result<()> {
                     }
                     (_, why) => outln!("    segmentation in the forwarder: {}", why.unwrap_or("?")),
                 }
+                outln!(
+                    "    probes: {} sent, {} answered; peers' probes: {} answered, {} withheld",
+                    c["probes_sent"],
+                    c["probes_answered"],
+                    c["probe_answers_sent"],
+                    c["probe_answers_withheld"]
+                );
             }
             None => outln!("  {}: no udp forwarder answers", tun.name),
         }
