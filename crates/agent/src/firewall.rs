@@ -27,9 +27,10 @@ const KUBE_PROXY_MARK: u32 = 0x4000;
 /// into other nodes' pods. What comes in from the forwarder's own sending TAP (its large
 /// packets, for the kernel to cut) is not. Pods cannot reach a service on that UDP port
 /// outside the cluster. Nor this node's own forwarder: datagrams to the port that come in on an
-/// interface the way back to their source does not leave by (a pod posing as a node, its
-/// packets from the pods' side) and those whose destination was translated (a Service or
-/// NodePort pointed at the port) are dropped on input.
+/// interface of the kinds pods attach by (bridge, veth, tun) that the way back to their source
+/// does not leave by (a pod posing as a node, its packets from the pods' side; a physical,
+/// bond or VLAN uplink may route asymmetrically) and those whose destination was translated (a
+/// Service or NodePort pointed at the port) are dropped on input.
 pub fn commands(network: &Ipv4Net, masquerade: bool, tunnel_port: Option<u16>) -> Vec<Value> {
     let net = IpNet::V4(*network);
     let src = |op| Expr::Addr { field: Field::Saddr, op, net };
@@ -54,7 +55,8 @@ pub fn commands(network: &Ipv4Net, masquerade: bool, tunnel_port: Option<u16>) -
             let udp = || Expr::Dport { proto: "udp".into(), port };
             cmds.push(TABLE.add_chain(&INPUT));
             cmds.push(rule(&INPUT, vec![udp(), Expr::CtDnat, Expr::Drop]));
-            cmds.push(rule(&INPUT, vec![udp(), Expr::NoRouteBack, Expr::Drop]));
+            let pods_side = Expr::IifKinds(["bridge", "veth", "tun"].map(String::from).to_vec());
+            cmds.push(rule(&INPUT, vec![udp(), pods_side, Expr::NoRouteBack, Expr::Drop]));
         }
         None => cmds.push(TABLE.delete_chain(INPUT.name)),
     }

@@ -139,6 +139,8 @@ pub mod build {
         /// `fib saddr . iif oif missing`: no route back to the source through the interface it
         /// came in on (strict reverse-path filtering, for one rule).
         NoRouteBack,
+        /// `meta iifkind { KIND, ... }`: the input interface is of one of these kinds.
+        IifKinds(Vec<String>),
         /// `meta iifname ==|!= NAME`.
         Iifname {
             op: Op,
@@ -187,6 +189,9 @@ pub mod build {
                 Expr::CtDnat => json!({"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}),
                 Expr::NoRouteBack => json!({"match": {"op": "==",
                     "left": {"fib": {"result": "oif", "flags": ["saddr", "iif"]}}, "right": false}}),
+                Expr::IifKinds(kinds) => {
+                    json!({"match": {"op": "==", "left": {"meta": {"key": "iifkind"}}, "right": {"set": kinds}}})
+                }
                 Expr::Iifname { op: o, name } => {
                     json!({"match": {"op": op(*o), "left": {"meta": {"key": "iifname"}}, "right": name}})
                 }
