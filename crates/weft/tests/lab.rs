@@ -934,17 +934,22 @@ fn udp_lab_carries_every_pod_pair_and_admits_only_peers() {
     on_node2.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
     let inner = inner_udp(node3_pod, node2_target, 7778, b"spoofed by a pod");
     let hex: String = inner.iter().map(|b| format!("{b:02x}")).collect();
-    let script = "import socket,struct,sys\n\
+    let raw = "import socket,struct,sys\n\
 src,dst,inner=sys.argv[1],sys.argv[2],bytes.fromhex(sys.argv[3])\n\
 udp=struct.pack('!HHHH',40000,8285,8+len(inner),0)+inner\n\
 ip=struct.pack('!BBHHHBBH4s4s',0x45,0,20+len(udp),1,0,64,17,0,socket.inet_aton(src),socket.inet_aton(dst))\n\
 socket.socket(socket.AF_INET,socket.SOCK_RAW,socket.IPPROTO_RAW).sendto(ip+udp,(dst,0))\n";
-    let out = Command::new("ip")
-        .args(["netns", "exec", p1["namespace"].as_str().unwrap(), "python3", "-c", script])
-        .args([address_of("node3").as_str(), address_of("node2").as_str(), hex.as_str()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A Python script run in node1's pod: what it printed.
+    let in_pod1 = |script: &str, args: &[&str]| -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", p1["namespace"].as_str().unwrap(), "python3", "-c", script])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    in_pod1(raw, &[address_of("node3").as_str(), address_of("node2").as_str(), hex.as_str()]);
     let mut buf = [0u8; 256];
     assert!(on_node2.recv(&mut buf).is_err(), "a pod posed as node3 and reached node2's pod");
     // A pod as itself, with a plain UDP socket (no privilege): masqueraded to node1's address,
@@ -957,13 +962,7 @@ s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(0.5)\n\
 s.sendto(bytes.fromhex(sys.argv[2]),(sys.argv[1],8285))\n\
 s.sendto(b'\\0weft-k?'+bytes(8),(sys.argv[1],8285))\n\
 try:\n    s.recvfrom(100); print('answered')\nexcept OSError: print('silent')\n";
-    let out = Command::new("ip")
-        .args(["netns", "exec", p1["namespace"].as_str().unwrap(), "python3", "-c", script])
-        .args([address_of("node2").as_str(), hex.as_str()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "silent", "node2's forwarder answered a pod");
+    assert_eq!(in_pod1(script, &[address_of("node2").as_str(), hex.as_str()]), "silent", "node2 answered a pod");
     assert!(on_node2.recv(&mut buf).is_err(), "a pod's datagram reached node2's pod as node1's");
     // Nor through its own node's forwarder, posing as node3 (raw socket, node3's address as
     // source, to node1's own address: delivered locally, never forwarded).
@@ -971,17 +970,7 @@ try:\n    s.recvfrom(100); print('answered')\nexcept OSError: print('silent')\n"
     target_listener.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
     let inner = inner_udp(node3_pod, target, 7779, b"spoofed into its own node");
     let hex: String = inner.iter().map(|b| format!("{b:02x}")).collect();
-    let raw = "import socket,struct,sys\n\
-src,dst,inner=sys.argv[1],sys.argv[2],bytes.fromhex(sys.argv[3])\n\
-udp=struct.pack('!HHHH',8285,8285,8+len(inner),0)+inner\n\
-ip=struct.pack('!BBHHHBBH4s4s',0x45,0,20+len(udp),1,0,64,17,0,socket.inet_aton(src),socket.inet_aton(dst))\n\
-socket.socket(socket.AF_INET,socket.SOCK_RAW,socket.IPPROTO_RAW).sendto(ip+udp,(dst,0))\n";
-    let out = Command::new("ip")
-        .args(["netns", "exec", p1["namespace"].as_str().unwrap(), "python3", "-c", raw])
-        .args([address_of("node3").as_str(), address_of("node1").as_str(), hex.as_str()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    in_pod1(raw, &[address_of("node3").as_str(), address_of("node1").as_str(), hex.as_str()]);
     assert!(target_listener.recv(&mut buf).is_err(), "a pod posed as node3 to its own node's forwarder");
     // Nor through a translated port (a Service or NodePort pointed at node2's forwarder).
     let dnat = "add table ip svc { chain pre { type nat hook prerouting priority -100; \
@@ -991,13 +980,8 @@ socket.socket(socket.AF_INET,socket.SOCK_RAW,socket.IPPROTO_RAW).sendto(ip+udp,(
     let inner = inner_udp(p1["address"].as_str().unwrap(), node2_target, 7778, b"through a node port");
     let hex: String = inner.iter().map(|b| format!("{b:02x}")).collect();
     let via_port = script.replace("8285", "30085");
-    let out = Command::new("ip")
-        .args(["netns", "exec", p1["namespace"].as_str().unwrap(), "python3", "-c", &via_port])
-        .args([address_of("node2").as_str(), hex.as_str()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "silent", "a probe through a node port was answered");
+    let answer = in_pod1(&via_port, &[address_of("node2").as_str(), hex.as_str()]);
+    assert_eq!(answer, "silent", "a probe through a node port was answered");
     assert!(on_node2.recv(&mut buf).is_err(), "a pod reached node2's pod through a node port");
     let _ = Command::new("ip").args(["netns", "exec", &lab.ns("node2"), "nft", "delete table ip svc"]).output();
     // The same counters in the agent's /metrics, and in `lab show`.
