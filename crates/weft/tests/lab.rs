@@ -333,13 +333,18 @@ fn restart_loses_no_packet(backend: &str, signal: nix::sys::signal::Signal) {
     assert_eq!(after, before, "kernel objects changed across the restart");
 }
 
-/// `GET path` on the agent's health listener inside a node: (status line, body).
+/// `GET path` on the agent's health listener inside a node: (status line, body). An agent not
+/// listening (yet: just restarted) answers "no answer: ..." with no body, so that a test can wait
+/// for it.
 fn http_get(lab: &TestLab, node: &str, path: &str) -> (String, String) {
     use std::io::{Read, Write};
     let ns = weft_netns::NetNs::open(weft_netns::named_path(&lab.ns(node))).unwrap();
     let text = ns
         .run(|| {
-            let mut conn = std::net::TcpStream::connect("127.0.0.1:9901").unwrap();
+            let mut conn = match std::net::TcpStream::connect("127.0.0.1:9901") {
+                Ok(conn) => conn,
+                Err(e) => return format!("no answer: {e}\r\n\r\n"),
+            };
             write!(conn, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
             let mut text = String::new();
             conn.read_to_string(&mut text).unwrap();
