@@ -692,8 +692,9 @@ impl<'a> TunToUdp<'a> {
     }
 
     /// Hands the large TCP packet `packet` (read with `hdr`) to the kernel to cut, through the
-    /// TAP; false when it cannot go that way (it is then cut here). A TAP the kernel refuses
-    /// packets from is given up for good.
+    /// TAP; false when it cannot go that way (it is then cut here): no TAP, a setting of the
+    /// node's in the way, a peer that has not answered a probe lately (one is sent when due). A
+    /// TAP the kernel refuses packets from is given up, and taken again a while later.
     fn kernel_cut(&mut self, packet: &[u8], hdr: &VnetHdr, peer: SocketAddrV4) -> bool {
         let shared = self.current.shared;
         if self.tap.is_none() {
