@@ -27,14 +27,9 @@ source bench/lib.sh
 # The same two-node path by hand: switch, two nodes, a bridge with one pod each, and the backend.
 hand_built() {
     local backend="$1" p="${tag}h"
-    ip netns add "${p}sw"; ip -n "${p}sw" link add sw0 type bridge; ip -n "${p}sw" link set sw0 up
+    hand_nodes "$p"
     for i in 1 2; do
         local n="${p}n$i" pod="${p}p$i" sub="198.19.$((10 + i))"
-        ip netns add "$n"; ip netns add "$pod"
-        ip -n "${p}sw" link add "s$i" type veth peer name eth0 netns "$n"
-        ip -n "${p}sw" link set "s$i" master sw0 up
-        ip -n "$n" addr add "198.18.0.$((1 + i))/16" dev eth0; ip -n "$n" link set eth0 up; ip -n "$n" link set lo up
-        ip netns exec "$n" sysctl -qw net.ipv4.ip_forward=1
         local mtu=1500
         [ "$backend" = vxlan ] && mtu=1450
         ip -n "$n" link add cni0 mtu "$mtu" type bridge; ip -n "$n" addr add "$sub.1/24" dev cni0; ip -n "$n" link set cni0 up
@@ -61,7 +56,7 @@ hand_built() {
         fi
     done
     measure "${p}p1" "198.19.12.2" "${p}p2"
-    for ns in "${p}p1" "${p}p2" "${p}n1" "${p}n2" "${p}sw"; do ip netns delete "$ns"; done
+    hand_nodes_down "$p"
 }
 
 underlay() {

@@ -40,3 +40,22 @@ weft_lab() {
     measure "$lab-node1-pod1" "$addr" "$lab-node2-pod1"
     "$weft" lab down --name "$lab" >/dev/null
 }
+
+# Two nodes by hand on a switch: namespaces $1sw (bridge sw0), $1n1 and $1n2 (eth0 at 198.18.0.2
+# and .3, forwarding on) and empty pod namespaces $1p1 and $1p2; hand_nodes_down removes them.
+hand_nodes() {
+    local p="$1"
+    ip netns add "${p}sw"; ip -n "${p}sw" link add sw0 type bridge; ip -n "${p}sw" link set sw0 up
+    for i in 1 2; do
+        local n="${p}n$i"
+        ip netns add "$n"; ip netns add "${p}p$i"
+        ip -n "${p}sw" link add "s$i" type veth peer name eth0 netns "$n"
+        ip -n "${p}sw" link set "s$i" master sw0 up
+        ip -n "$n" addr add "198.18.0.$((1 + i))/16" dev eth0; ip -n "$n" link set eth0 up; ip -n "$n" link set lo up
+        ip netns exec "$n" sysctl -qw net.ipv4.ip_forward=1
+    done
+}
+
+hand_nodes_down() {
+    for ns in "$1p1" "$1p2" "$1n1" "$1n2" "$1sw"; do ip netns delete "$ns"; done
+}

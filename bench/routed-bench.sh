@@ -36,14 +36,9 @@ source bench/lib.sh
 # MAC and proxy ARP, the pod's /32 routed to it, the peer's block routed via the peer.
 hand_built_routed() {
     local p="${tag}h"
-    ip netns add "${p}sw"; ip -n "${p}sw" link add sw0 type bridge; ip -n "${p}sw" link set sw0 up
+    hand_nodes "$p"
     for i in 1 2; do
         local n="${p}n$i" pod="${p}p$i" ip="198.19.$((10 + i)).2"
-        ip netns add "$n"; ip netns add "$pod"
-        ip -n "${p}sw" link add "s$i" type veth peer name eth0 netns "$n"
-        ip -n "${p}sw" link set "s$i" master sw0 up
-        ip -n "$n" addr add "198.18.0.$((1 + i))/16" dev eth0; ip -n "$n" link set eth0 up; ip -n "$n" link set lo up
-        ip netns exec "$n" sysctl -qw net.ipv4.ip_forward=1
         ip -n "$n" link add veth0 address ee:ee:ee:ee:ee:ee type veth peer name eth0 netns "$pod"
         ip -n "$n" link set veth0 up
         ip netns exec "$n" sysctl -qw net.ipv4.conf.veth0.proxy_arp=1
@@ -60,7 +55,7 @@ hand_built_routed() {
     ip -n "${p}n1" route add 198.19.12.0/26 via 198.18.0.3
     ip -n "${p}n2" route add 198.19.11.0/26 via 198.18.0.2
     measure "${p}p1" "198.19.12.2" "${p}p2"
-    for ns in "${p}p1" "${p}p2" "${p}n1" "${p}n2" "${p}sw"; do ip netns delete "$ns"; done
+    hand_nodes_down "$p"
 }
 
 # One pod's ADD (and its DEL, not timed), $runs x 30 pods, for three chains; prints the table.
