@@ -58,7 +58,7 @@ pub fn commands(network: &Ipv4Net, masquerade: bool, tunnel_port: Option<u16>) -
             let pods_side = Expr::IifKinds(["bridge", "veth", "tun"].map(String::from).to_vec());
             cmds.push(rule(&INPUT, vec![udp(), pods_side, Expr::NoRouteBack, Expr::Drop]));
         }
-        None => cmds.push(TABLE.delete_chain(INPUT.name)),
+        None => cmds.extend(gone(&INPUT)),
     }
     if masquerade {
         let multicast = Expr::Addr {
@@ -73,19 +73,19 @@ pub fn commands(network: &Ipv4Net, masquerade: bool, tunnel_port: Option<u16>) -
         cmds.push(rule(&POSTROUTING, vec![src(Op::Eq), multicast, masq.clone()]));
         cmds.push(rule(&POSTROUTING, vec![src(Op::Ne), dst(Op::Eq), masq]));
     } else {
-        cmds.push(TABLE.delete_chain(POSTROUTING.name));
+        cmds.extend(gone(&POSTROUTING));
     }
     cmds
 }
 
+/// The chain `chain` removed whether it is there or not: made (if missing), then deleted (it is
+/// empty: the table was flushed), in the same transaction — no listing first.
+fn gone(chain: &BaseChain) -> [Value; 2] {
+    [TABLE.add_chain(chain), TABLE.delete_chain(chain.name)]
+}
+
 /// Applies the rules (one transaction).
 pub fn apply(network: &Ipv4Net, masquerade: bool, tunnel_port: Option<u16>) -> Result<()> {
-    let mut cmds = commands(network, masquerade, tunnel_port);
-    // Deleting a chain that does not exist would fail the transaction: only those present.
-    let present: Vec<String> = nft::list_table(TABLE.family.as_str(), TABLE.name)
-        .map_err(|e| AgentError::Config(format!("nftables: {e}")))?
-        .map(|objs| nft::chains_of(&objs).map(str::to_string).collect())
-        .unwrap_or_default();
-    cmds.retain(|c| c["delete"]["chain"]["name"].as_str().is_none_or(|name| present.iter().any(|p| p == name)));
+    let cmds = commands(network, masquerade, tunnel_port);
     nft::apply(cmds).map_err(|e| AgentError::Config(format!("nftables: {e}")))
 }

@@ -354,6 +354,7 @@ fn a_node_moved_off_udp_loses_its_tun_and_forwarder() {
     let socket = node.dir.path().join("udp-forwarder.sock");
     let status = |s: &std::path::Path| weft_udp::forwarder::ask(s, &serde_json::json!({"op": "status"}));
     assert!(status(&socket).is_ok(), "no forwarder: {}", node.log());
+    assert!(node.ns.sh(&["nft", "list", "table", "ip", "weft-agent"]).contains("chain input"));
     assert!(node.ns.sh(&["ip", "link", "show"]).contains("weft-udp"));
     // Its sending TAP goes with it too.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -372,6 +373,9 @@ fn a_node_moved_off_udp_loses_its_tun_and_forwarder() {
     }
     assert!(node.ns.sh(&["ip", "link", "show"]).contains("weft.1"));
     assert!(!node.ns.sh(&["ip", "route", "show", "proto", "200"]).contains("weft-udp"));
+    // The tunnel port's rules went with it (the input chain only the udp backend has).
+    let rules = node.ns.sh(&["nft", "list", "table", "ip", "weft-agent"]);
+    assert!(!rules.contains("chain input") && !rules.contains("8285"), "{rules}");
     assert!(node.log().contains("removed weft-udp"), "{}", node.log());
 }
 
