@@ -885,26 +885,17 @@ struct UdpToTun<'a> {
     batch: Batch,
     current: Current<'a>,
     coalescer: Coalescer,
-    /// The TUN's name; its MTU and the MTU of the route to each destination that a peer's
-    /// kernel-cut send came uncut for (what it is taken as segments of), read again each
-    /// second: after the uplink's MTU changed, the pods made before keep theirs.
-    device: &'a str,
     /// Answers to each peer's probes lately.
     answer_limits: HashMap<Ipv4Addr, AnswerLimit>,
-    mtus: HashMap<Ipv4Addr, usize>,
-    tun_mtu: usize,
-    mtus_at: std::time::Instant,
+    mtus: Mtus<'a>,
 }
 
 impl<'a> UdpToTun<'a> {
     fn new(tun: &'a File, udp: &'a UdpSocket, device: &'a str, shared: &'a Shared) -> UdpToTun<'a> {
         let current = Current::new(shared);
         UdpToTun {
-            device,
             answer_limits: HashMap::new(),
-            mtus: HashMap::new(),
-            tun_mtu: 0,
-            mtus_at: std::time::Instant::now(),
+            mtus: Mtus { device, by_dst: HashMap::new(), tun: 0, until: std::time::Instant::now() },
             tun,
             udp,
             slots: vec![vec![0u8; UDP_SLOT]; UDP_BATCH],
@@ -999,7 +990,7 @@ impl<'a> UdpToTun<'a> {
                 counters.tun_tx_packets.fetch_add(1, Ordering::Relaxed);
                 counters.tun_tx_bytes.fetch_add(header.total_len as u64, Ordering::Relaxed);
                 let packet = &datagram[..header.total_len];
-                let mtu_for = |dst| route_mtu(&mut self.mtus, &mut self.tun_mtu, &mut self.mtus_at, self.device, dst);
+                let mtu_for = |dst| self.mtus.to(dst);
                 if let Some(whole) = r.segment.is_none().then(|| offload::whole_tcp(packet, mtu_for)).flatten() {
                     coalescer.flush(&mut write);
                     let mut vnet = [0u8; VNET_HDR_LEN];
@@ -1025,25 +1016,30 @@ impl<'a> UdpToTun<'a> {
     }
 }
 
-/// The MTU a peer's uncut packet for `dst` is cut at: the smaller of the TUN's and the route's
-/// to `dst` (a pod's bridge may be smaller than the TUN, or larger), from `cache`, emptied
-/// each second.
-fn route_mtu(
-    cache: &mut HashMap<Ipv4Addr, usize>,
-    tun_mtu: &mut usize,
-    at: &mut std::time::Instant,
-    device: &str,
-    dst: Ipv4Addr,
-) -> usize {
-    let now = std::time::Instant::now();
-    if now >= *at || cache.len() >= MTU_CACHE {
-        cache.clear();
-        *tun_mtu = sys::mtu(device).unwrap_or(0);
-        *at = now + Duration::from_secs(1);
+/// What a peer's kernel-cut send that came uncut is taken as segments of: the smaller of the
+/// TUN's MTU and the route's to its destination (a pod's bridge may be smaller than the TUN, or
+/// larger), both read again each second: after the uplink's MTU changed, the pods made before
+/// keep theirs.
+struct Mtus<'a> {
+    /// The TUN device.
+    device: &'a str,
+    by_dst: HashMap<Ipv4Addr, usize>,
+    tun: usize,
+    until: std::time::Instant,
+}
+
+impl Mtus<'_> {
+    /// The MTU for `dst` (0, unknown: the packet is not taken whole).
+    fn to(&mut self, dst: Ipv4Addr) -> usize {
+        let now = std::time::Instant::now();
+        if now >= self.until || self.by_dst.len() >= MTU_CACHE {
+            self.by_dst.clear();
+            self.tun = sys::mtu(self.device).unwrap_or(0);
+            self.until = now + Duration::from_secs(1);
+        }
+        let tun = self.tun;
+        *self.by_dst.entry(dst).or_insert_with(|| sys::route_mtu(dst).map_or(0, |m| m.min(tun)))
     }
-    let tun_mtu = *tun_mtu;
-    // Unknown: 0, and the packet is not taken whole.
-    *cache.entry(dst).or_insert_with(|| sys::route_mtu(dst).map_or(0, |m| m.min(tun_mtu)))
 }
 
 /// Both ways on one thread: what either side has is forwarded without waking another thread
